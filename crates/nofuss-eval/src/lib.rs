@@ -1,0 +1,171 @@
+//! Evaluation of embeddings on unseen classes: Recall@K and NMI, as in the
+//! metric-learning literature (Song et al. 2016; Movshovitz-Attias et al. 2017, section 5).
+//!
+//! Works on plain row-major `&[f32]` slices, so embeddings from any framework can be
+//! evaluated. Nearest neighbours are exact, computed tile by tile with a running
+//! top-K per query (memory `O(N·K)`, never the `N×N` distance matrix), in parallel
+//! with rayon.
+//!
+//! ```
+//! use nofuss_eval::{recall_at_k, Metric};
+//! // Four 2-D points, two classes; each point's nearest neighbour shares its class.
+//! let emb = [0.0f32, 0.0, 0.1, 0.0, 5.0, 5.0, 5.1, 5.0];
+//! let labels = [0u32, 0, 1, 1];
+//! let r = recall_at_k(&emb, 2, &labels, &[1, 2], Metric::Euclidean)?;
+//! assert_eq!(r, vec![(1, 1.0), (2, 1.0)]);
+//! # Ok::<(), nofuss_eval::EvalError>(())
+//! ```
+
+mod error;
+mod kmeans;
+mod knn;
+mod nmi;
+
+pub use error::{EvalError, Result};
+pub use kmeans::{kmeans, KMeans, KMeansConfig};
+pub use knn::{knn, recall_at_k, recall_from_neighbors, Metric, Neighbors};
+pub use nmi::{nmi, NmiNormalization};
+
+/// What [`evaluate`] computes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    /// The K of Recall@K.
+    pub ks: Vec<usize>,
+    /// Distance for retrieval.
+    pub metric: Metric,
+    /// Whether to cluster with k-means (k = number of classes) and report NMI.
+    pub nmi: bool,
+    /// k-means settings (its `k` is ignored: the number of classes is used).
+    pub kmeans: KMeansConfig,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            ks: vec![1, 2, 4, 8],
+            metric: Metric::Euclidean,
+            nmi: true,
+            kmeans: KMeansConfig::default(),
+        }
+    }
+}
+
+/// The metrics of one evaluation.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EvalReport {
+    /// `(K, Recall@K)` in the order asked.
+    pub recall: Vec<(usize, f64)>,
+    /// NMI of k-means clusters against the classes, when asked for.
+    pub nmi: Option<f64>,
+}
+
+impl EvalReport {
+    /// Recall@K for one K, if it was computed.
+    pub fn recall_at(&self, k: usize) -> Option<f64> {
+        self.recall.iter().find(|(kk, _)| *kk == k).map(|(_, r)| *r)
+    }
+}
+
+/// Recall@K (and NMI, if configured) of `embeddings` (`[N, dim]` row-major) with `labels`.
+pub fn evaluate(
+    embeddings: &[f32],
+    dim: usize,
+    labels: &[u32],
+    cfg: &EvalConfig,
+) -> Result<EvalReport> {
+    let recall = recall_at_k(embeddings, dim, labels, &cfg.ks, cfg.metric)?;
+    let nmi = if cfg.nmi {
+        let mut classes: Vec<u32> = labels.to_vec();
+        classes.sort_unstable();
+        classes.dedup();
+        let km = kmeans(
+            embeddings,
+            dim,
+            &KMeansConfig {
+                k: classes.len(),
+                ..cfg.kmeans.clone()
+            },
+        )?;
+        Some(nmi::nmi(
+            labels,
+            &km.assignments,
+            NmiNormalization::Arithmetic,
+        )?)
+    } else {
+        None
+    };
+    Ok(EvalReport { recall, nmi })
+}
+
+/// Checks the common shape contract: `embeddings.len() == labels.len() * dim`, finite values.
+pub(crate) fn check_embeddings(
+    embeddings: &[f32],
+    dim: usize,
+    n_labels: Option<usize>,
+) -> Result<usize> {
+    if dim == 0 {
+        return Err(EvalError::Shape("embedding dimension is 0".into()));
+    }
+    if embeddings.len() % dim != 0 {
+        return Err(EvalError::Shape(format!(
+            "{} values do not form rows of dimension {dim}",
+            embeddings.len()
+        )));
+    }
+    let n = embeddings.len() / dim;
+    if let Some(l) = n_labels {
+        if l != n {
+            return Err(EvalError::Shape(format!("{n} embeddings but {l} labels")));
+        }
+    }
+    if let Some(i) = embeddings.iter().position(|v| !v.is_finite()) {
+        return Err(EvalError::NonFinite { row: i / dim });
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evaluate_reports_both_metrics() {
+        let emb = [
+            0.0f32, 0.0, 0.1, 0.0, 5.0, 5.0, 5.1, 5.0, 0.0, 0.2, 5.0, 5.2,
+        ];
+        let labels = [0u32, 0, 1, 1, 0, 1];
+        let cfg = EvalConfig {
+            ks: vec![1, 2],
+            ..Default::default()
+        };
+        let r = evaluate(&emb, 2, &labels, &cfg).unwrap();
+        assert!(matches!(
+            evaluate(&emb, 2, &labels, &EvalConfig::default()),
+            Err(EvalError::KTooLarge { k: 8, n: 6 })
+        ));
+        assert_eq!(r.recall_at(1), Some(1.0));
+        assert_eq!(r.recall_at(3), None);
+        assert!((r.nmi.unwrap() - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn shape_errors() {
+        assert!(matches!(
+            check_embeddings(&[1.0; 5], 2, None),
+            Err(EvalError::Shape(_))
+        ));
+        assert!(matches!(
+            check_embeddings(&[1.0; 4], 2, Some(3)),
+            Err(EvalError::Shape(_))
+        ));
+        assert!(matches!(
+            check_embeddings(&[1.0, f32::NAN, 0.0, 0.0], 2, None),
+            Err(EvalError::NonFinite { row: 0 })
+        ));
+        assert!(matches!(
+            check_embeddings(&[], 0, None),
+            Err(EvalError::Shape(_))
+        ));
+    }
+}

@@ -1,0 +1,136 @@
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::Device;
+
+use crate::{Error, Result};
+
+/// Where to run: parsed from `cpu`, `cuda`, `cuda:N` or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// The CPU (multi-threaded through candle's gemm and rayon).
+    Cpu,
+    /// CUDA device with this ordinal.
+    Cuda(usize),
+    /// CUDA device 0 when built with `cuda` and a GPU answers, else the CPU.
+    #[default]
+    Auto,
+}
+
+impl FromStr for DeviceSpec {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "auto" => Ok(Self::Auto),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            _ => t
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| Error::BadDeviceSpec(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Auto => write!(f, "auto"),
+        }
+    }
+}
+
+/// A device picked from a [`DeviceSpec`], with a human-readable account of the choice.
+#[derive(Debug, Clone)]
+pub struct SelectedDevice {
+    /// The candle device.
+    pub device: Device,
+    /// What was picked and why, e.g. `cpu (auto: built without CUDA)`.
+    pub description: String,
+}
+
+impl DeviceSpec {
+    /// Opens the device. `Cuda(n)` fails with a clear error when CUDA is not compiled in
+    /// or device `n` does not answer; `Auto` falls back to the CPU and says why.
+    pub fn select(self) -> Result<SelectedDevice> {
+        match self {
+            Self::Cpu => Ok(cpu("cpu".into())),
+            Self::Cuda(n) => {
+                if !crate::cuda_compiled() {
+                    return Err(Error::CudaNotCompiled(n));
+                }
+                let device = Device::new_cuda(n)?;
+                Ok(SelectedDevice {
+                    device,
+                    description: format!("cuda:{n}"),
+                })
+            }
+            Self::Auto => {
+                if !crate::cuda_compiled() {
+                    return Ok(cpu("cpu (auto: built without CUDA)".into()));
+                }
+                match Device::new_cuda(0) {
+                    Ok(device) => Ok(SelectedDevice {
+                        device,
+                        description: "cuda:0 (auto)".into(),
+                    }),
+                    Err(e) => Ok(cpu(format!("cpu (auto: no usable GPU: {e})"))),
+                }
+            }
+        }
+    }
+}
+
+fn cpu(description: String) -> SelectedDevice {
+    SelectedDevice {
+        device: Device::Cpu,
+        description,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_form() {
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!(" CUDA ".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        assert_eq!("auto".parse::<DeviceSpec>().unwrap(), DeviceSpec::Auto);
+        for bad in ["", "tpu", "cuda:", "cuda:x", "cuda:-1"] {
+            let err = bad.parse::<DeviceSpec>().unwrap_err();
+            assert!(err.to_string().contains("unknown device"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for s in [DeviceSpec::Cpu, DeviceSpec::Cuda(2), DeviceSpec::Auto] {
+            assert_eq!(s.to_string().parse::<DeviceSpec>().unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn cpu_and_auto_select_without_gpu() {
+        assert!(DeviceSpec::Cpu.select().unwrap().device.is_cpu());
+        let auto = DeviceSpec::Auto.select().unwrap();
+        if !crate::cuda_compiled() {
+            assert!(auto.device.is_cpu());
+            assert!(auto.description.contains("without CUDA"));
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_feature_is_a_clear_error() {
+        let err = DeviceSpec::Cuda(1).select().unwrap_err();
+        assert!(matches!(err, Error::CudaNotCompiled(1)));
+        assert!(err.to_string().contains("--features cuda"));
+    }
+}

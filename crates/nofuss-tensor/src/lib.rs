@@ -1,0 +1,39 @@
+//! The tensor core of nofuss: where computations run and how parameters are made.
+//!
+//! Everything above this crate is device-generic candle code; this crate decides
+//! *which* device ([`DeviceSpec`]), *which* precision ([`Precision`]) and gives
+//! reproducible parameter initialisation ([`SeededVarMap`]), which candle's CPU
+//! backend cannot seed on its own. With the `cuda` feature it forwards CUDA
+//! support to candle; building and testing without a GPU needs nothing CUDA-specific.
+//!
+//! ```
+//! use nofuss_tensor::{DeviceSpec, SeededVarMap};
+//! use candle_core::DType;
+//!
+//! let spec: DeviceSpec = "auto".parse()?;
+//! let picked = spec.select()?;             // CPU here, a GPU when built with `cuda` and one is present
+//! let params = SeededVarMap::new(42);
+//! let vb = params.var_builder(DType::F32, &picked.device);
+//! let w = vb.get_with_hints((4, 3), "w", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+//! assert_eq!(w.dims(), &[4, 3]);
+//! // The same seed and name give the same values, whatever else was created before.
+//! let again = SeededVarMap::new(42).var_builder(DType::F32, &picked.device)
+//!     .get_with_hints((4, 3), "w", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+//! assert_eq!(w.to_vec2::<f32>()?, again.to_vec2::<f32>()?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod device;
+mod error;
+mod init;
+mod precision;
+
+pub use device::{DeviceSpec, SelectedDevice};
+pub use error::{Error, Result};
+pub use init::SeededVarMap;
+pub use precision::Precision;
+
+/// Whether this build of nofuss can use CUDA (the `cuda` feature).
+pub fn cuda_compiled() -> bool {
+    cfg!(feature = "cuda")
+}
