@@ -1,1 +1,33 @@
-//! nofuss-data
+//! Data for zero-shot deep metric learning: datasets on disk, the class split used by
+//! the literature, image decoding and batches ready for a candle model.
+//!
+//! - [`cub`]: the CUB-200-2011 layout (`images.txt`, `image_class_labels.txt`,
+//!   `classes.txt`, `images/`), which real datasets and the embedded default share.
+//! - [`glyphs`]: the embedded default dataset, generated offline from the fonts under
+//!   `data/fonts/` (one class per character, several fonts, random affine distortions),
+//!   written in the CUB layout.
+//! - [`ZeroShotSplit`]: train on the first half of the classes, test on the unseen rest.
+//! - [`ImageBank`] decodes images in parallel; [`Batches`] yields shuffled, augmented,
+//!   normalised `[B,C,H,W]` tensors with their labels.
+//!
+//! ```no_run
+//! use nofuss_data::{cub, ZeroShotSplit, ImageBank, ImageSpec};
+//! let ds = cub::load("data/glyphs")?;
+//! let (train, test) = ZeroShotSplit::Halves.apply(&ds)?;
+//! let bank = ImageBank::load(&ds, &train, ImageSpec { channels: 1, height: 32, width: 32 })?;
+//! println!("{} training images of {} classes", bank.len(), train.num_classes());
+//! # let _ = test;
+//! # Ok::<(), nofuss_data::DataError>(())
+//! ```
+
+pub mod cub;
+mod dataset;
+mod error;
+pub mod glyphs;
+mod images;
+mod loader;
+
+pub use dataset::{ImageDataset, ImageRecord, Subset, ZeroShotSplit};
+pub use error::{DataError, Result};
+pub use images::{ImageBank, ImageSpec};
+pub use loader::{Augment, Batch, Batches};

@@ -26,11 +26,13 @@
 mod device;
 mod error;
 mod init;
+mod normalization;
 mod precision;
 
 pub use device::{DeviceSpec, SelectedDevice};
 pub use error::{Error, Result};
 pub use init::SeededVarMap;
+pub use normalization::{ChannelOrder, Normalization};
 pub use precision::Precision;
 
 /// Whether this build of nofuss can use CUDA (the `cuda` feature).

@@ -1,0 +1,173 @@
+use std::path::PathBuf;
+
+use crate::{DataError, Result};
+
+/// One image of a dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRecord {
+    /// The dataset's own image id (1-based in CUB).
+    pub id: u32,
+    /// Path relative to [`ImageDataset::images_dir`].
+    pub path: PathBuf,
+    /// 0-based class index into [`ImageDataset::class_names`].
+    pub class: u32,
+}
+
+/// A labelled image dataset: records sorted by id and the class names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageDataset {
+    /// The dataset's root directory.
+    pub root: PathBuf,
+    /// Where record paths are relative to.
+    pub images_dir: PathBuf,
+    /// All images, sorted by id.
+    pub records: Vec<ImageRecord>,
+    /// Class names, indexed by class.
+    pub class_names: Vec<String>,
+}
+
+impl ImageDataset {
+    /// Number of classes.
+    pub fn num_classes(&self) -> usize {
+        self.class_names.len()
+    }
+}
+
+/// A subset of a dataset's images with labels renumbered `0..num_classes()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subset {
+    /// Indices into [`ImageDataset::records`].
+    pub indices: Vec<usize>,
+    /// Label of each selected image, `0..num_classes()`, in the order of `indices`.
+    pub labels: Vec<u32>,
+    /// The original class index of each new label.
+    pub classes: Vec<u32>,
+}
+
+impl Subset {
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    /// Whether the subset holds no image.
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+
+    /// Number of classes.
+    pub fn num_classes(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// The images of the given original classes (in the given order), relabelled.
+    pub fn of_classes(ds: &ImageDataset, classes: &[u32]) -> Self {
+        let mut new_label = vec![u32::MAX; ds.num_classes()];
+        for (i, &c) in classes.iter().enumerate() {
+            new_label[c as usize] = i as u32;
+        }
+        let (indices, labels) = ds
+            .records
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| new_label[r.class as usize] != u32::MAX)
+            .map(|(i, r)| (i, new_label[r.class as usize]))
+            .unzip();
+        Self {
+            indices,
+            labels,
+            classes: classes.to_vec(),
+        }
+    }
+}
+
+/// How classes are divided between training and the zero-shot test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ZeroShotSplit {
+    /// The literature's split: the first half of the classes (in class order) for
+    /// training, the second half for testing (CUB-200-2011: 1-100 / 101-200; Cars196:
+    /// 1-98 / 99-196). With an odd count the test half gets the extra class.
+    #[default]
+    Halves,
+    /// The first `n` classes for training, the rest for testing.
+    FirstN(usize),
+}
+
+impl ZeroShotSplit {
+    /// Splits `ds` into (train, test) subsets with disjoint classes.
+    pub fn apply(self, ds: &ImageDataset) -> Result<(Subset, Subset)> {
+        let n = ds.num_classes();
+        let cut = match self {
+            Self::Halves => n / 2,
+            Self::FirstN(k) => k,
+        };
+        if n < 2 || cut == 0 || cut >= n {
+            return Err(DataError::Config(format!(
+                "a zero-shot split needs classes on both sides: {n} classes, {cut} for training"
+            )));
+        }
+        let train: Vec<u32> = (0..cut as u32).collect();
+        let test: Vec<u32> = (cut as u32..n as u32).collect();
+        let (a, b) = (
+            Subset::of_classes(ds, &train),
+            Subset::of_classes(ds, &test),
+        );
+        for (s, name) in [(&a, "training"), (&b, "test")] {
+            if s.is_empty() {
+                return Err(DataError::Config(format!(
+                    "the {name} split holds no image"
+                )));
+            }
+        }
+        Ok((a, b))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ds(classes: &[u32]) -> ImageDataset {
+        ImageDataset {
+            root: "r".into(),
+            images_dir: "r/images".into(),
+            records: classes
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| ImageRecord {
+                    id: i as u32 + 1,
+                    path: format!("{i}.png").into(),
+                    class: c,
+                })
+                .collect(),
+            class_names: (0..=*classes.iter().max().unwrap())
+                .map(|c| format!("c{c}"))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn halves_are_disjoint_and_relabelled() {
+        let d = ds(&[0, 1, 2, 3, 3, 2, 1, 0, 4]);
+        let (tr, te) = ZeroShotSplit::Halves.apply(&d).unwrap();
+        assert_eq!(tr.classes, vec![0, 1]);
+        assert_eq!(te.classes, vec![2, 3, 4]);
+        assert_eq!(tr.indices, vec![0, 1, 6, 7]);
+        assert_eq!(tr.labels, vec![0, 1, 1, 0]);
+        assert_eq!(te.labels, vec![0, 1, 1, 0, 2]);
+    }
+
+    #[test]
+    fn impossible_splits_are_errors() {
+        assert!(ZeroShotSplit::Halves.apply(&ds(&[0, 0])).is_err());
+        assert!(ZeroShotSplit::FirstN(3).apply(&ds(&[0, 1, 2])).is_err());
+        assert_eq!(
+            ZeroShotSplit::FirstN(1)
+                .apply(&ds(&[0, 1, 2]))
+                .unwrap()
+                .1
+                .classes,
+            vec![1, 2]
+        );
+    }
+}

@@ -1,0 +1,258 @@
+//! The `nofuss` command line. `main.rs` only calls [`run`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use nofuss_losses::ProxyNcaForm;
+
+use crate::config::{DatasetKind, TrainConfig};
+use crate::train::{summary_table, train, TrainOptions};
+use crate::Result;
+
+/// No Fuss distance metric learning with proxies.
+#[derive(Debug, Parser)]
+#[command(name = "nofuss", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train an embedding with Proxy-NCA and evaluate it on unseen classes.
+    ///
+    /// With no option, trains the small CNN on the embedded glyph dataset (generated
+    /// into data/glyphs on first use) and writes runs/<name>/. Settings come from the
+    /// defaults, then --config FILE, then the flags below (flags win).
+    Train(TrainArgs),
+    /// Print the default configuration as TOML (a starting point for --config).
+    DefaultConfig,
+}
+
+/// Options of `nofuss train`; every flag overrides the configuration file.
+#[derive(Debug, Args, Default)]
+pub struct TrainArgs {
+    /// TOML configuration file (see `nofuss default-config`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Dataset kind.
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetKind>,
+    /// Dataset root (CUB-200-2011 layout); the glyph dataset is generated here if absent.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Images are resized to SIZE x SIZE.
+    #[arg(long, value_name = "SIZE")]
+    pub image_size: Option<usize>,
+    /// Image channels: 1 (grayscale) or 3 (RGB).
+    #[arg(long)]
+    pub channels: Option<usize>,
+    /// Glyph dataset: keep only the first N classes (quick experiments).
+    #[arg(long, value_name = "N")]
+    pub max_classes: Option<usize>,
+    /// Glyph dataset: distorted renders per character and font.
+    #[arg(long, value_name = "N")]
+    pub renders_per_font: Option<usize>,
+    /// Small CNN block widths, e.g. 16,32,64.
+    #[arg(long, value_delimiter = ',', value_name = "W,W,...")]
+    pub widths: Option<Vec<usize>>,
+    /// Embedding dimension.
+    #[arg(long, value_name = "D")]
+    pub embedding_dim: Option<usize>,
+    /// Proxy-NCA form: paper (positive excluded from the denominator) or softmax.
+    #[arg(long, value_parser = parse_form)]
+    pub loss_form: Option<ProxyNcaForm>,
+    /// Scale of the normalised embeddings and proxies (inverse temperature).
+    #[arg(long, value_name = "S")]
+    pub loss_scale: Option<f64>,
+    /// Label smoothing (softmax form only).
+    #[arg(long, value_name = "EPS")]
+    pub label_smoothing: Option<f64>,
+    /// Training epochs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Images per step.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Learning rate of the backbone and head.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Learning rate of the proxies.
+    #[arg(long)]
+    pub proxy_lr: Option<f64>,
+    /// Weight decay of the backbone and head.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// The K of Recall@K, e.g. 1,2,4,8.
+    #[arg(long, value_delimiter = ',', value_name = "K,K,...")]
+    pub eval_k: Option<Vec<usize>>,
+    /// Skip k-means and NMI.
+    #[arg(long)]
+    pub no_nmi: bool,
+    /// Seed of parameters, proxies, shuffling, augmentation and k-means.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Device: auto, cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Parent folder of run directories.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    /// Run name (default: <dataset>-<UTC time>); an existing run with finished epochs is refused.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Print only the final summary.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn parse_form(s: &str) -> std::result::Result<ProxyNcaForm, String> {
+    match s {
+        "paper" => Ok(ProxyNcaForm::Paper),
+        "softmax" => Ok(ProxyNcaForm::Softmax),
+        _ => Err(format!(
+            "'{s}' is not a Proxy-NCA form: use paper or softmax"
+        )),
+    }
+}
+
+impl TrainArgs {
+    /// The configuration: defaults, then `--config`, then flags.
+    pub fn resolve(&self) -> Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(p) => TrainConfig::from_file(p)?,
+            None => TrainConfig::default(),
+        };
+        macro_rules! set {
+            ($field:expr, $opt:expr) => {
+                if let Some(v) = $opt.clone() {
+                    $field = v;
+                }
+            };
+        }
+        set!(c.data.dataset, self.dataset);
+        set!(c.data.dir, self.data_dir);
+        set!(c.data.image_size, self.image_size);
+        set!(c.data.channels, self.channels);
+        if self.max_classes.is_some() {
+            c.data.glyphs.max_classes = self.max_classes;
+        }
+        set!(c.data.glyphs.renders_per_font, self.renders_per_font);
+        set!(c.model.small_cnn.widths, self.widths);
+        set!(c.model.head.dim, self.embedding_dim);
+        set!(c.loss.proxy_nca.form, self.loss_form);
+        if let Some(s) = self.loss_scale {
+            c.loss.proxy_nca.embedding_scale = s;
+            c.loss.proxy_nca.proxy_scale = s;
+        }
+        set!(c.loss.proxy_nca.label_smoothing, self.label_smoothing);
+        set!(c.optim.epochs, self.epochs);
+        set!(c.optim.batch_size, self.batch_size);
+        set!(c.optim.lr, self.lr);
+        set!(c.optim.proxy_lr, self.proxy_lr);
+        set!(c.optim.weight_decay, self.weight_decay);
+        set!(c.eval.ks, self.eval_k);
+        if self.no_nmi {
+            c.eval.nmi = false;
+        }
+        set!(c.seed, self.seed);
+        set!(c.device, self.device);
+        set!(c.run.out_dir, self.out_dir);
+        if self.name.is_some() {
+            c.run.name = self.name.clone();
+        }
+        c.check()?;
+        Ok(c)
+    }
+}
+
+/// Runs the command line `cli`.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(args) => {
+            let cfg = args.resolve()?;
+            let opts = TrainOptions {
+                verbose: !args.quiet,
+                progress: !args.quiet,
+            };
+            let summary = train(&cfg, &opts)?;
+            println!("\n{}", summary_table(&summary));
+            Ok(())
+        }
+        Command::DefaultConfig => {
+            print!("{}", TrainConfig::default().to_toml()?);
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> TrainArgs {
+        let cli =
+            Cli::try_parse_from(std::iter::once("nofuss").chain(args.iter().copied())).unwrap();
+        match cli.command {
+            Command::Train(a) => a,
+            _ => panic!("not train"),
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        std::fs::write(&p, "seed = 3\n[optim]\nepochs = 9\nlr = 0.5\n").unwrap();
+        let c = parse(&[
+            "train",
+            "--config",
+            p.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--eval-k",
+            "1,5",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!((c.seed, c.optim.epochs, c.optim.lr), (3, 2, 0.5));
+        assert_eq!(c.eval.ks, vec![1, 5]);
+        let c = parse(&[
+            "train",
+            "--loss-form",
+            "softmax",
+            "--label-smoothing",
+            "0.1",
+            "--no-nmi",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(c.loss.proxy_nca.form, ProxyNcaForm::Softmax);
+        assert!(!c.eval.nmi);
+    }
+
+    #[test]
+    fn bad_options_are_rejected() {
+        assert!(Cli::try_parse_from(["nofuss", "train", "--epoch", "3"]).is_err());
+        assert!(Cli::try_parse_from(["nofuss", "train", "--loss-form", "nope"]).is_err());
+        let e = parse(&["train", "--label-smoothing", "0.1"])
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().contains("softmax"), "{e}");
+        assert!(parse(&["train", "--device", "tpu"]).resolve().is_err());
+    }
+
+    #[test]
+    fn every_flag_is_documented() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let train = cmd.find_subcommand("train").unwrap();
+        for a in train.get_arguments() {
+            if a.get_id() != "help" {
+                assert!(a.get_help().is_some(), "--{} has no help", a.get_id());
+            }
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! The configuration of a training run: defaults, a TOML file, and command-line
+//! overrides, in that order of precedence (flags win).
+
+use std::path::{Path, PathBuf};
+
+use nofuss_backbone::{HeadConfig, SmallCnnConfig};
+use nofuss_data::glyphs::GlyphConfig;
+use nofuss_eval::EvalConfig;
+use nofuss_losses::{ProxyInit, ProxyNcaConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, TrainError};
+
+/// Which dataset to train on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    /// The embedded default: glyphs generated offline into `data.dir` if absent.
+    #[default]
+    Glyphs,
+    /// Any dataset in the CUB-200-2011 layout (CUB itself, or your own).
+    Cub,
+}
+
+/// Data settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Dataset kind.
+    pub dataset: DatasetKind,
+    /// Dataset root (generated there for `glyphs`).
+    pub dir: PathBuf,
+    /// Images are resized to `image_size` x `image_size`.
+    pub image_size: usize,
+    /// 1 (grayscale) or 3 (RGB).
+    pub channels: usize,
+    /// Random translation at training time, in pixels.
+    pub max_shift: usize,
+    /// Random horizontal flips at training time.
+    pub hflip: bool,
+    /// How the glyph dataset is generated.
+    pub glyphs: GlyphConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: DatasetKind::Glyphs,
+            dir: PathBuf::from("data/glyphs"),
+            image_size: 32,
+            channels: 1,
+            max_shift: 2,
+            hflip: false,
+            glyphs: GlyphConfig::default(),
+        }
+    }
+}
+
+/// Model settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Backbone name (`small-cnn`; `bn-inception` comes with its own issue).
+    pub backbone: String,
+    /// Small CNN settings (`in_channels` and `input_size` follow the data settings).
+    pub small_cnn: SmallCnnConfig,
+    /// Embedding head.
+    pub head: HeadConfig,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            backbone: "small-cnn".into(),
+            small_cnn: SmallCnnConfig::default(),
+            head: HeadConfig::default(),
+        }
+    }
+}
+
+/// Loss settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LossConfig {
+    /// Loss name (`proxy-nca`).
+    pub name: String,
+    /// Proxy initialisation.
+    pub proxy_init: ProxyInit,
+    /// Proxy-NCA settings.
+    pub proxy_nca: ProxyNcaConfig,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self {
+            name: "proxy-nca".into(),
+            proxy_init: ProxyInit::Normal,
+            proxy_nca: ProxyNcaConfig::default(),
+        }
+    }
+}
+
+/// Optimisation settings (Adam; the paper's RMSprop recipe comes with its own issue).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Training epochs.
+    pub epochs: usize,
+    /// Images per step.
+    pub batch_size: usize,
+    /// Learning rate of the backbone and the head.
+    pub lr: f64,
+    /// Learning rate of the proxies (their own optimiser).
+    pub proxy_lr: f64,
+    /// Decoupled weight decay of the backbone and head (AdamW); none on proxies.
+    pub weight_decay: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 6,
+            batch_size: 64,
+            lr: 3e-3,
+            proxy_lr: 3e-2,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Where results go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Parent of run directories.
+    pub out_dir: PathBuf,
+    /// Run name (a fresh timestamped name when absent).
+    pub name: Option<String>,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            out_dir: PathBuf::from("runs"),
+            name: None,
+        }
+    }
+}
+
+/// Everything a training run needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Seed of parameters, proxies, shuffling, augmentation and k-means.
+    pub seed: u64,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Data.
+    pub data: DataConfig,
+    /// Model.
+    pub model: ModelConfig,
+    /// Loss.
+    pub loss: LossConfig,
+    /// Optimisation.
+    pub optim: OptimConfig,
+    /// Evaluation on the unseen classes.
+    pub eval: EvalConfig,
+    /// Output.
+    pub run: RunConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            device: "auto".into(),
+            data: DataConfig::default(),
+            model: ModelConfig::default(),
+            loss: LossConfig::default(),
+            optim: OptimConfig::default(),
+            eval: EvalConfig::default(),
+            run: RunConfig::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML file; missing keys take their defaults, unknown keys are errors.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::ConfigFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| TrainError::ConfigFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The configuration as TOML.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| TrainError::Config(e.to_string()))
+    }
+
+    /// Checks values and cross-section consistency.
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        self.device.parse::<nofuss_tensor::DeviceSpec>()?;
+        if self.model.backbone != "small-cnn" {
+            return bad(format!(
+                "unknown backbone '{}': available: small-cnn",
+                self.model.backbone
+            ));
+        }
+        if self.loss.name != "proxy-nca" {
+            return bad(format!(
+                "unknown loss '{}': available: proxy-nca",
+                self.loss.name
+            ));
+        }
+        self.loss.proxy_nca.check()?;
+        let o = &self.optim;
+        if o.batch_size < 2 {
+            return bad(format!(
+                "batch_size must be at least 2 (batch normalisation), got {}",
+                o.batch_size
+            ));
+        }
+        for (name, v) in [("lr", o.lr), ("proxy_lr", o.proxy_lr)] {
+            if !(v > 0.0 && v.is_finite()) {
+                return bad(format!("{name} must be a positive number, got {v}"));
+            }
+        }
+        if !(o.weight_decay >= 0.0 && o.weight_decay.is_finite()) {
+            return bad(format!("weight_decay must be >= 0, got {}", o.weight_decay));
+        }
+        if !matches!(self.data.channels, 1 | 3) {
+            return bad(format!(
+                "channels must be 1 or 3, got {}",
+                self.data.channels
+            ));
+        }
+        if self.data.dataset == DatasetKind::Glyphs && self.data.channels != 1 {
+            return bad("the glyph dataset is grayscale: channels must be 1".into());
+        }
+        if self.eval.ks.is_empty() || self.eval.ks.contains(&0) {
+            return bad(format!(
+                "eval.ks must be a non-empty list of K >= 1, got {:?}",
+                self.eval.ks
+            ));
+        }
+        if let Some(name) = &self.run.name {
+            if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
+                return bad(format!("run name '{name}' must be a plain folder name"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let c = TrainConfig::default();
+        let again: TrainConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
+        assert_eq!(again, c);
+        c.check().unwrap();
+    }
+
+    #[test]
+    fn partial_files_and_unknown_keys() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        std::fs::write(&p, "seed = 5\n[optim]\nepochs = 2\n").unwrap();
+        let c = TrainConfig::from_file(&p).unwrap();
+        assert_eq!((c.seed, c.optim.epochs, c.optim.batch_size), (5, 2, 64));
+        std::fs::write(&p, "[optim]\nepoch = 2\n").unwrap();
+        let e = TrainConfig::from_file(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("c.toml") && e.contains("epoch") && e.contains("line 2"),
+            "{e}"
+        );
+        let e = TrainConfig::from_file(&d.path().join("missing.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values() {
+        let mut c = TrainConfig::default();
+        c.optim.batch_size = 1;
+        assert!(c.check().is_err());
+        let mut c = TrainConfig::default();
+        c.device = "tpu".into();
+        assert!(c.check().unwrap_err().to_string().contains("tpu"));
+        let mut c = TrainConfig::default();
+        c.run.name = Some("../x".into());
+        assert!(c.check().is_err());
+        let mut c = TrainConfig::default();
+        c.optim.lr = f64::NAN;
+        assert!(c.check().is_err());
+        let mut c = TrainConfig::default();
+        c.model.backbone = "resnet".into();
+        assert!(c.check().unwrap_err().to_string().contains("small-cnn"));
+    }
+}

@@ -1,0 +1,75 @@
+use std::path::PathBuf;
+
+/// Errors of a training run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// An invalid or inconsistent setting.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A configuration file that cannot be read or parsed.
+    #[error("{path}: {message}")]
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (with line and column for parse errors).
+        message: String,
+    },
+    /// A run directory that already holds finished work.
+    #[error("run directory {path} already holds {epochs} finished epoch(s); choose another --name or remove it")]
+    RunExists {
+        /// The directory.
+        path: PathBuf,
+        /// Epochs recorded in its metrics.
+        epochs: usize,
+    },
+    /// The loss (or a gradient) became NaN or infinite.
+    #[error("non-finite loss {loss} at epoch {epoch}, step {step}; the last good checkpoint and metrics are kept in {run_dir}. Try a lower learning rate (--lr, --proxy-lr) or a smaller loss scale")]
+    NonFinite {
+        /// 1-based epoch.
+        epoch: usize,
+        /// 1-based step within the epoch.
+        step: usize,
+        /// The value seen.
+        loss: f32,
+        /// Where finished work is.
+        run_dir: PathBuf,
+    },
+    /// File output.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// From the data layer.
+    #[error(transparent)]
+    Data(#[from] nofuss_data::DataError),
+    /// From the loss.
+    #[error(transparent)]
+    Loss(#[from] nofuss_losses::LossError),
+    /// From the evaluation.
+    #[error(transparent)]
+    Eval(#[from] nofuss_eval::EvalError),
+    /// From the model.
+    #[error(transparent)]
+    Backbone(#[from] nofuss_backbone::BackboneError),
+    /// From the tensor core.
+    #[error(transparent)]
+    Tensor(#[from] nofuss_tensor::Error),
+    /// From candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl TrainError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, TrainError>;

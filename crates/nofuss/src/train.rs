@@ -1,0 +1,503 @@
+//! The training loop: Proxy-NCA on the training classes, Recall@K and NMI on the
+//! unseen test classes before training and after every epoch.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use indicatif::{ProgressBar, ProgressStyle};
+use nofuss_backbone::{Backbone, Embedder, EmbeddingHead, SmallCnn, SmallCnnConfig};
+use nofuss_data::{cub, glyphs, Augment, Batches, ImageBank, ImageSpec, ZeroShotSplit};
+use nofuss_eval::{EvalConfig, EvalReport, KMeansConfig};
+use nofuss_losses::{LossError, ProxyNca};
+use nofuss_tensor::{DeviceSpec, SeededVarMap};
+use serde::Serialize;
+
+use crate::config::{DatasetKind, TrainConfig};
+use crate::{run_dir, Result, TrainError};
+
+/// How much a run reports while it works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TrainOptions {
+    /// Print a line per stage and per epoch to stdout.
+    pub verbose: bool,
+    /// Show progress bars (on a terminal only).
+    pub progress: bool,
+}
+
+/// The metrics of one evaluation point.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EpochMetrics {
+    /// 0 is the untrained network.
+    pub epoch: usize,
+    /// Mean training loss of the epoch (none for epoch 0).
+    pub train_loss: Option<f64>,
+    /// Recall@K on the unseen classes.
+    pub recall: Vec<(usize, f64)>,
+    /// NMI on the unseen classes.
+    pub nmi: Option<f64>,
+    /// Training throughput of the epoch.
+    pub images_per_sec: Option<f64>,
+    /// Wall time of the epoch (training and evaluation).
+    pub seconds: f64,
+}
+
+impl EpochMetrics {
+    /// Recall@K for one K.
+    pub fn recall_at(&self, k: usize) -> Option<f64> {
+        self.recall.iter().find(|(kk, _)| *kk == k).map(|(_, r)| *r)
+    }
+
+    /// The `metrics.jsonl` line: fixed keys `epoch`, `train_loss`, `recall@K`, `nmi`,
+    /// `images_per_sec`, `epoch_seconds`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        m.insert("epoch".into(), self.epoch.into());
+        m.insert("train_loss".into(), self.train_loss.into());
+        for (k, r) in &self.recall {
+            m.insert(format!("recall@{k}"), (*r).into());
+        }
+        m.insert("nmi".into(), self.nmi.into());
+        m.insert("images_per_sec".into(), self.images_per_sec.into());
+        m.insert("epoch_seconds".into(), self.seconds.into());
+        serde_json::Value::Object(m)
+    }
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// The device used, as described by [`DeviceSpec::select`].
+    pub device: String,
+    /// Classes and images used for training.
+    pub train_classes: usize,
+    /// Training images.
+    pub train_images: usize,
+    /// Unseen test classes.
+    pub test_classes: usize,
+    /// Test images.
+    pub test_images: usize,
+    /// Metrics of epoch 0 (untrained) and every epoch.
+    pub history: Vec<EpochMetrics>,
+    /// Total wall time, data preparation included.
+    pub seconds: f64,
+}
+
+/// A model with its parameters and proxies.
+pub struct Model {
+    /// The embedding network.
+    pub embedder: Embedder,
+    /// Backbone and head parameters.
+    pub params: SeededVarMap,
+    /// The loss with its proxies.
+    pub loss: ProxyNca,
+    /// The proxies' own parameter map.
+    pub proxy_params: SeededVarMap,
+}
+
+impl Model {
+    /// Builds the model of `cfg` for `num_classes` training classes on `device`.
+    pub fn new(cfg: &TrainConfig, num_classes: usize, device: &Device) -> Result<Self> {
+        let params = SeededVarMap::new(cfg.seed);
+        let vb = params.var_builder(DType::F32, device);
+        let cnn_cfg = SmallCnnConfig {
+            in_channels: cfg.data.channels,
+            input_size: cfg.data.image_size,
+            ..cfg.model.small_cnn.clone()
+        };
+        let cnn = SmallCnn::new(&cnn_cfg, vb.pp("backbone"))?;
+        let head = EmbeddingHead::new(cnn.out_channels(), &cfg.model.head, vb.pp("head"))?;
+        let proxy_params = SeededVarMap::new(cfg.seed ^ 0x5EED_0F_9A0C1E5);
+        let loss = ProxyNca::new(
+            num_classes,
+            cfg.model.head.dim,
+            cfg.loss.proxy_init,
+            cfg.loss.proxy_nca,
+            proxy_params.var_builder(DType::F32, device),
+        )?;
+        Ok(Self {
+            embedder: Embedder::new(Box::new(cnn), head),
+            params,
+            loss,
+            proxy_params,
+        })
+    }
+
+    /// All tensors to checkpoint: model parameters and BN statistics by name, and
+    /// `proxies`.
+    pub fn state(&self) -> HashMap<String, Tensor> {
+        let mut m: HashMap<String, Tensor> = self
+            .params
+            .named_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        m.insert("proxies".into(), self.loss.proxies().clone());
+        m
+    }
+
+    /// Embeddings `[N, D]` of every image in `bank`, in order (evaluation mode).
+    pub fn embed(&self, bank: &ImageBank, device: &Device) -> Result<Vec<f32>> {
+        let labels = vec![0u32; bank.len()];
+        let norm = self.embedder.backbone().input().normalization;
+        let mut out = Vec::with_capacity(bank.len() * self.embedder.head().config().dim);
+        for batch in Batches::eval(bank, &labels, 256, &norm, device)? {
+            let e = self.embedder.forward(&batch?.images, false)?;
+            out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    }
+}
+
+/// Saves `state` as safetensors atomically.
+pub fn save_checkpoint(path: &Path, state: &HashMap<String, Tensor>) -> Result<()> {
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(state, &tmp)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| TrainError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+}
+
+fn say(opts: &TrainOptions, s: impl AsRef<str>) {
+    if opts.verbose {
+        println!("{}", s.as_ref());
+    }
+}
+
+fn evaluate(
+    model: &Model,
+    bank: &ImageBank,
+    labels: &[u32],
+    cfg: &TrainConfig,
+    device: &Device,
+) -> Result<EvalReport> {
+    let emb = model.embed(bank, device)?;
+    let eval_cfg = EvalConfig {
+        kmeans: KMeansConfig {
+            seed: cfg.seed,
+            ..cfg.eval.kmeans.clone()
+        },
+        ..cfg.eval.clone()
+    };
+    Ok(nofuss_eval::evaluate(
+        &emb,
+        cfg.model.head.dim,
+        labels,
+        &eval_cfg,
+    )?)
+}
+
+/// Runs the experiment of `cfg`: prepares the data, trains, evaluates after every
+/// epoch, and writes the run directory.
+pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
+    let start = Instant::now();
+    cfg.check()?;
+    let picked = cfg.device.parse::<DeviceSpec>()?.select()?;
+    let device = picked.device.clone();
+    say(opts, format!("device: {}", picked.description));
+
+    if cfg.data.dataset == DatasetKind::Glyphs {
+        let p = glyphs::prepare(&cfg.data.dir, &cfg.data.glyphs)?;
+        say(
+            opts,
+            format!(
+                "dataset: {} glyph classes, {} images in {} ({})",
+                p.num_classes,
+                p.num_images,
+                p.root.display(),
+                if p.generated {
+                    "generated"
+                } else {
+                    "already there"
+                }
+            ),
+        );
+    }
+    let ds = cub::load(&cfg.data.dir)?;
+    let (train_set, test_set) = ZeroShotSplit::Halves.apply(&ds)?;
+    let spec = ImageSpec {
+        channels: cfg.data.channels,
+        height: cfg.data.image_size,
+        width: cfg.data.image_size,
+    };
+    let train_bank = ImageBank::load(&ds, &train_set, spec)?;
+    let test_bank = ImageBank::load(&ds, &test_set, spec)?;
+    say(
+        opts,
+        format!(
+            "zero-shot split: train {} classes / {} images, test {} unseen classes / {} images",
+            train_set.num_classes(),
+            train_bank.len(),
+            test_set.num_classes(),
+            test_bank.len()
+        ),
+    );
+    if train_bank.len() < cfg.optim.batch_size {
+        return Err(TrainError::Config(format!(
+            "{} training images cannot fill one batch of {}",
+            train_bank.len(),
+            cfg.optim.batch_size
+        )));
+    }
+
+    let prefix = match cfg.data.dataset {
+        DatasetKind::Glyphs => "glyphs",
+        DatasetKind::Cub => "cub",
+    };
+    let dir = run_dir::create(&cfg.run.out_dir, cfg.run.name.as_deref(), prefix)?;
+    run_dir::write_atomic(&dir.join(run_dir::CONFIG), cfg.to_toml()?.as_bytes())?;
+    say(opts, format!("run directory: {}", dir.display()));
+
+    let model = Model::new(cfg, train_set.num_classes(), &device)?;
+    let model_vars: Vec<_> = model
+        .params
+        .named_vars()
+        .into_iter()
+        .filter(|(n, _)| !n.contains("running_"))
+        .map(|(_, v)| v)
+        .collect();
+    let mut opt = AdamW::new(
+        model_vars,
+        ParamsAdamW {
+            lr: cfg.optim.lr,
+            weight_decay: cfg.optim.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let mut proxy_opt = AdamW::new(
+        model.proxy_params.var_map().all_vars(),
+        ParamsAdamW {
+            lr: cfg.optim.proxy_lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+    let norm = model.embedder.backbone().input().normalization;
+    let augment = Augment {
+        max_shift: cfg.data.max_shift,
+        hflip: cfg.data.hflip,
+    };
+
+    let mut history = Vec::new();
+    let t0 = Instant::now();
+    let report = evaluate(&model, &test_bank, &test_set.labels, cfg, &device)?;
+    let m0 = EpochMetrics {
+        epoch: 0,
+        train_loss: None,
+        recall: report.recall,
+        nmi: report.nmi,
+        images_per_sec: None,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    say(opts, epoch_line(&m0));
+    run_dir::append_metrics(&dir, &m0.to_json())?;
+    history.push(m0);
+
+    for epoch in 1..=cfg.optim.epochs {
+        let t_epoch = Instant::now();
+        let batches = Batches::train(
+            &train_bank,
+            &train_set.labels,
+            cfg.optim.batch_size,
+            cfg.seed,
+            epoch as u64,
+            augment,
+            &norm,
+            &device,
+        )?;
+        let pb = if opts.progress {
+            ProgressBar::new(batches.num_batches() as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        pb.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix:>3} [{bar:30}] {pos}/{len} {msg} ({elapsed})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        pb.set_prefix(format!("{epoch}/{}", cfg.optim.epochs));
+        let (mut loss_sum, mut steps, mut images) = (0.0f64, 0usize, 0usize);
+        let t_train = Instant::now();
+        for (i, batch) in batches.enumerate() {
+            let step = i + 1;
+            let batch = batch?;
+            let emb = model.embedder.forward(&batch.images, true)?;
+            let loss = match model.loss.loss(&emb, &batch.labels) {
+                Ok(l) => l,
+                Err(LossError::NonFinite(_)) => {
+                    return Err(TrainError::NonFinite {
+                        epoch,
+                        step,
+                        loss: f32::NAN,
+                        run_dir: dir,
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let value = loss.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite {
+                    epoch,
+                    step,
+                    loss: value,
+                    run_dir: dir,
+                });
+            }
+            let grads = loss.backward()?;
+            opt.step(&grads)?;
+            proxy_opt.step(&grads)?;
+            loss_sum += value as f64;
+            steps += 1;
+            images += batch.indices.len();
+            let rate = images as f64 / t_train.elapsed().as_secs_f64().max(1e-9);
+            pb.set_message(format!(
+                "loss {:.4} | {rate:.0} img/s",
+                loss_sum / steps as f64
+            ));
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        let train_secs = t_train.elapsed().as_secs_f64();
+        let report = evaluate(&model, &test_bank, &test_set.labels, cfg, &device)?;
+        let m = EpochMetrics {
+            epoch,
+            train_loss: Some(loss_sum / steps.max(1) as f64),
+            recall: report.recall,
+            nmi: report.nmi,
+            images_per_sec: Some(images as f64 / train_secs.max(1e-9)),
+            seconds: t_epoch.elapsed().as_secs_f64(),
+        };
+        say(opts, epoch_line(&m));
+        // Checkpoint first, then the metrics line that declares the epoch finished.
+        save_checkpoint(&dir.join(run_dir::LAST_CHECKPOINT), &model.state())?;
+        run_dir::append_metrics(&dir, &m.to_json())?;
+        history.push(m);
+        write_plot(&dir, &history)?;
+    }
+    save_checkpoint(&dir.join(run_dir::FINAL_CHECKPOINT), &model.state())?;
+    write_plot(&dir, &history)?;
+    Ok(RunSummary {
+        run_dir: dir,
+        device: picked.description,
+        train_classes: train_set.num_classes(),
+        train_images: train_bank.len(),
+        test_classes: test_set.num_classes(),
+        test_images: test_bank.len(),
+        history,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn write_plot(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
+    let loss: Vec<(f64, f64)> = history
+        .iter()
+        .filter_map(|m| m.train_loss.map(|l| (m.epoch as f64, l)))
+        .collect();
+    let r1: Vec<(f64, f64)> = history
+        .iter()
+        .filter_map(|m| m.recall.first().map(|&(_, r)| (m.epoch as f64, r)))
+        .collect();
+    let k = history
+        .first()
+        .and_then(|m| m.recall.first())
+        .map(|r| r.0)
+        .unwrap_or(1);
+    let title = format!("Recall@{k}, unseen classes");
+    crate::plot::plot(
+        &dir.join(run_dir::PLOT),
+        "epoch",
+        &[
+            crate::plot::Series {
+                title: "training loss (Proxy-NCA)",
+                points: &loss,
+            },
+            crate::plot::Series {
+                title: &title,
+                points: &r1,
+            },
+        ],
+    )
+}
+
+fn epoch_line(m: &EpochMetrics) -> String {
+    let recall: Vec<String> = m
+        .recall
+        .iter()
+        .map(|(k, r)| format!("R@{k} {:.4}", r))
+        .collect();
+    let loss = m
+        .train_loss
+        .map(|l| format!("loss {l:.4} | "))
+        .unwrap_or_else(|| "untrained | ".into());
+    let nmi = m.nmi.map(|n| format!(" | NMI {n:.4}")).unwrap_or_default();
+    let rate = m
+        .images_per_sec
+        .map(|r| format!(" | {r:.0} img/s"))
+        .unwrap_or_default();
+    format!(
+        "epoch {:>2}: {loss}{}{nmi}{rate} | {:.1}s",
+        m.epoch,
+        recall.join(" "),
+        m.seconds
+    )
+}
+
+/// The final summary table of a run.
+pub fn summary_table(s: &RunSummary) -> String {
+    let mut out = String::new();
+    let ks: Vec<usize> = s
+        .history
+        .first()
+        .map(|m| m.recall.iter().map(|r| r.0).collect())
+        .unwrap_or_default();
+    out.push_str(&format!("{:>5}  {:>8}", "epoch", "loss"));
+    for k in &ks {
+        out.push_str(&format!("  {:>6}", format!("R@{k}")));
+    }
+    out.push_str(&format!("  {:>6}\n", "NMI"));
+    for m in &s.history {
+        out.push_str(&format!(
+            "{:>5}  {:>8}",
+            m.epoch,
+            m.train_loss
+                .map(|l| format!("{l:.4}"))
+                .unwrap_or_else(|| "-".into())
+        ));
+        for (_, r) in &m.recall {
+            out.push_str(&format!("  {r:>6.4}"));
+        }
+        out.push_str(&format!(
+            "  {:>6}\n",
+            m.nmi
+                .map(|n| format!("{n:.4}"))
+                .unwrap_or_else(|| "-".into())
+        ));
+    }
+    if let (Some(first), Some(last)) = (s.history.first(), s.history.last()) {
+        let k = ks.first().copied().unwrap_or(1);
+        out.push_str(&format!(
+            "\nRecall@{k} on {} unseen classes ({} images): {:.4} untrained -> {:.4} after {} epoch(s)\n",
+            s.test_classes,
+            s.test_images,
+            first.recall_at(k).unwrap_or(f64::NAN),
+            last.recall_at(k).unwrap_or(f64::NAN),
+            last.epoch
+        ));
+    }
+    out.push_str(&format!(
+        "trained on {} classes / {} images, device {}, {:.1}s in all\nrun directory: {}\n",
+        s.train_classes,
+        s.train_images,
+        s.device,
+        s.seconds,
+        s.run_dir.display()
+    ));
+    out
+}
