@@ -23,7 +23,7 @@ pub enum TrainError {
         epochs: usize,
     },
     /// The loss (or a gradient) became NaN or infinite.
-    #[error("non-finite loss {loss} at epoch {epoch}, step {step}; the last good checkpoint and metrics are kept in {run_dir}. Try a lower learning rate (--lr, --proxy-lr) or a smaller loss scale")]
+    #[error("non-finite loss {loss} at epoch {epoch}, step {step}; stopped. {finished} finished epoch(s) are kept in {run_dir} (metrics.jsonl, last.safetensors). Try a lower learning rate (--lr, --proxy-lr) or a smaller loss scale (--loss-scale)")]
     NonFinite {
         /// 1-based epoch.
         epoch: usize,
@@ -33,6 +33,8 @@ pub enum TrainError {
         loss: f32,
         /// Where finished work is.
         run_dir: PathBuf,
+        /// Epochs finished (and saved) before the failure.
+        finished: usize,
     },
     /// File output.
     #[error("{path}: {source}")]

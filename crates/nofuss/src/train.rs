@@ -337,6 +337,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
                         step,
                         loss: f32::NAN,
                         run_dir: dir,
+                        finished: epoch - 1,
                     });
                 }
                 Err(e) => return Err(e.into()),
@@ -348,6 +349,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
                     step,
                     loss: value,
                     run_dir: dir,
+                    finished: epoch - 1,
                 });
             }
             let grads = loss.backward()?;

@@ -1,0 +1,54 @@
+//! Parity with scikit-learn: fixtures written by `tests/reference/eval_sklearn.py`.
+
+use nofuss_eval::{nmi, recall_at_k, Metric, NmiNormalization};
+use serde_json::Value;
+
+fn fixture() -> Value {
+    serde_json::from_str(include_str!(
+        "../../../tests/reference/fixtures/eval_sklearn.json"
+    ))
+    .unwrap()
+}
+
+fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn nmi_matches_sklearn() {
+    for case in fixture()["nmi"].as_array().unwrap() {
+        let (a, b) = (u32s(&case["a"]), u32s(&case["b"]));
+        for (norm, key) in [
+            (NmiNormalization::Arithmetic, "arithmetic"),
+            (NmiNormalization::Geometric, "geometric"),
+        ] {
+            let want = case[key].as_f64().unwrap();
+            let got = nmi(&a, &b, norm).unwrap();
+            assert!((got - want).abs() < 1e-10, "{key}: {got} vs sklearn {want}");
+        }
+    }
+}
+
+#[test]
+fn recall_matches_sklearn_brute_force_neighbours() {
+    for case in fixture()["recall"].as_array().unwrap() {
+        let dim = case["dim"].as_u64().unwrap() as usize;
+        let emb: Vec<f32> = case["embeddings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let labels = u32s(&case["labels"]);
+        let want = case["recall"].as_object().unwrap();
+        let ks: Vec<usize> = want.keys().map(|k| k.parse().unwrap()).collect();
+        for (k, r) in recall_at_k(&emb, dim, &labels, &ks, Metric::Euclidean).unwrap() {
+            let w = want[&k.to_string()].as_f64().unwrap();
+            assert_eq!(r, w, "Recall@{k} (dim {dim})");
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! End-to-end tests of the `nofuss` binary on tiny generated datasets.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn nofuss(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nofuss"))
+        .args(args)
+        .output()
+        .expect("run nofuss")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A quick run on 8 glyph classes (4 train, 4 unseen), 2 renders per font.
+fn tiny_run(tmp: &Path, name: &str, seed: &str, extra: &[&str]) -> Output {
+    let data = tmp.join("glyphs");
+    let runs = tmp.join("runs");
+    let mut args = vec![
+        "train",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--max-classes",
+        "8",
+        "--renders-per-font",
+        "2",
+        "--widths",
+        "8,16",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--eval-k",
+        "1,2",
+        "--out-dir",
+        runs.to_str().unwrap(),
+        "--name",
+        name,
+        "--seed",
+        seed,
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    nofuss(&args)
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Metrics without wall-clock fields.
+fn scores(dir: &Path) -> Vec<serde_json::Value> {
+    metrics(dir)
+        .into_iter()
+        .map(|mut v| {
+            let o = v.as_object_mut().unwrap();
+            o.remove("images_per_sec");
+            o.remove("epoch_seconds");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_writes_config_metrics_checkpoint_and_plot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_run(tmp.path(), "t", "1", &[]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("Recall@1 on 4 unseen classes"), "{stdout}");
+    let dir = tmp.path().join("runs/t");
+
+    let cfg: nofuss::config::TrainConfig =
+        toml::from_str(&std::fs::read_to_string(dir.join("config.toml")).unwrap()).unwrap();
+    assert_eq!(
+        (cfg.optim.epochs, cfg.optim.batch_size, cfg.seed),
+        (2, 16, 1)
+    );
+    assert_eq!(cfg.model.small_cnn.widths, vec![8, 16]);
+
+    let m = metrics(&dir);
+    assert_eq!(m.len(), 3);
+    for (i, line) in m.iter().enumerate() {
+        assert_eq!(line["epoch"], i);
+        for key in ["recall@1", "recall@2", "nmi"] {
+            let v = line[key].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&v), "{key} = {v}");
+        }
+    }
+    assert!(m[0]["train_loss"].is_null());
+    assert!(m[2]["train_loss"].as_f64().unwrap().is_finite());
+
+    let ckpt =
+        candle_core::safetensors::load(dir.join("final.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert_eq!(ckpt["proxies"].dims(), &[4, 64]);
+    assert_eq!(ckpt["backbone.blocks.1.conv.weight"].dims(), &[16, 8, 3, 3]);
+    assert_eq!(ckpt["head.embedding.weight"].dims(), &[64, 16]);
+    assert!(ckpt.contains_key("backbone.blocks.0.bn.running_mean"));
+    assert!(dir.join("last.safetensors").exists());
+    let plot = image::open(dir.join("plot.png")).unwrap();
+    assert!(plot.width() > 100);
+}
+
+#[test]
+fn finished_runs_are_never_overwritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(tiny_run(tmp.path(), "keep", "1", &[]).status.success());
+    let dir = tmp.path().join("runs/keep");
+    let before = std::fs::read(dir.join("metrics.jsonl")).unwrap();
+    let again = tiny_run(tmp.path(), "keep", "2", &[]);
+    assert!(!again.status.success());
+    let err = text(&again.stderr);
+    assert!(
+        err.contains("already holds 2 finished epoch(s)") && err.contains("keep"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(dir.join("metrics.jsonl")).unwrap(), before);
+}
+
+#[test]
+fn the_same_seed_gives_the_same_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, seed) in [("a", "7"), ("b", "7"), ("c", "8")] {
+        let out = tiny_run(tmp.path(), name, seed, &[]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let runs = tmp.path().join("runs");
+    assert_eq!(scores(&runs.join("a")), scores(&runs.join("b")));
+    assert_ne!(scores(&runs.join("a")), scores(&runs.join("c")));
+}
+
+#[test]
+fn training_improves_unseen_class_retrieval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("glyphs");
+    let runs = tmp.path().join("runs");
+    let out = nofuss(&[
+        "train",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--max-classes",
+        "24",
+        "--renders-per-font",
+        "3",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "32",
+        "--out-dir",
+        runs.to_str().unwrap(),
+        "--name",
+        "learn",
+        "--quiet",
+        "--no-nmi",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let m = metrics(&runs.join("learn"));
+    let r1 = |i: usize| m[i]["recall@1"].as_f64().unwrap();
+    let loss = |i: usize| m[i]["train_loss"].as_f64().unwrap();
+    assert!(loss(4) < loss(1), "loss {} -> {}", loss(1), loss(4));
+    assert!(r1(4) > r1(0) + 0.15, "Recall@1 {} -> {}", r1(0), r1(4));
+}
+
+fn write_cub(root: &Path, images: &str) {
+    std::fs::create_dir_all(root.join("images/a")).unwrap();
+    std::fs::create_dir_all(root.join("images/b")).unwrap();
+    std::fs::write(root.join("classes.txt"), "1 a\n2 b\n").unwrap();
+    std::fs::write(root.join("images.txt"), images).unwrap();
+    std::fs::write(root.join("image_class_labels.txt"), "1 1\n2 2\n").unwrap();
+    for p in ["a/1.png", "b/2.png"] {
+        image::GrayImage::from_pixel(8, 8, image::Luma([9]))
+            .save(root.join("images").join(p))
+            .unwrap();
+    }
+}
+
+#[test]
+fn malformed_annotations_are_reported_with_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("cub");
+    write_cub(&root, "1 a/1.png\ntwo b/2.png\n");
+    let out = nofuss(&[
+        "train",
+        "--dataset",
+        "cub",
+        "--data-dir",
+        root.to_str().unwrap(),
+        "--out-dir",
+        tmp.path().join("runs").to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("images.txt:2") && err.contains("'two'"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn unreadable_images_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("cub");
+    write_cub(&root, "1 a/1.png\n2 b/2.png\n");
+    std::fs::write(root.join("images/b/2.png"), b"\x89PNG garbage").unwrap();
+    let out = nofuss(&[
+        "train",
+        "--dataset",
+        "cub",
+        "--data-dir",
+        root.to_str().unwrap(),
+        "--out-dir",
+        tmp.path().join("runs").to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("b/2.png"), "{err}");
+    let missing = nofuss(&[
+        "train",
+        "--dataset",
+        "cub",
+        "--data-dir",
+        tmp.path().join("nowhere").to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(text(&missing.stderr).contains("nowhere"));
+    assert!(!missing.status.success());
+}
+
+#[test]
+fn unknown_options_and_bad_values_fail_cleanly() {
+    let out = nofuss(&["train", "--epoch", "3"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--epoch"));
+    let out = nofuss(&["train", "--batch-size", "1", "--quiet"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("batch_size"));
+    let out = nofuss(&["train", "--help"]);
+    assert!(out.status.success());
+    for flag in [
+        "--config",
+        "--data-dir",
+        "--epochs",
+        "--proxy-lr",
+        "--seed",
+        "--device",
+        "--name",
+    ] {
+        assert!(text(&out.stdout).contains(flag), "{flag} not in --help");
+    }
+}
+
+#[test]
+fn default_config_is_a_valid_config_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = nofuss(&["default-config"]);
+    assert!(out.status.success());
+    let path = tmp.path().join("c.toml");
+    std::fs::write(&path, &out.stdout).unwrap();
+    let cfg = nofuss::config::TrainConfig::from_file(&path).unwrap();
+    assert_eq!(cfg, nofuss::config::TrainConfig::default());
+}
+
+#[test]
+fn a_diverging_run_stops_with_the_step_and_keeps_its_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_run(
+        tmp.path(),
+        "nan",
+        "1",
+        &["--lr", "1e30", "--proxy-lr", "1e30"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("non-finite loss") && err.contains("epoch 1, step"),
+        "{err}"
+    );
+    assert!(
+        err.contains("0 finished epoch(s)") && err.contains("--lr"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"));
+    // The untrained evaluation is kept; no epoch is claimed as finished.
+    let m = metrics(&tmp.path().join("runs/nan"));
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0]["epoch"], 0);
+}
