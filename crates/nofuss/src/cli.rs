@@ -26,7 +26,7 @@ pub enum Command {
     /// With no option, trains the small CNN on the embedded glyph dataset (generated
     /// into data/glyphs on first use) and writes runs/<name>/. Settings come from the
     /// defaults, then --config FILE, then the flags below (flags win).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Print the default configuration as TOML (a starting point for --config).
     DefaultConfig,
 }
@@ -196,7 +196,7 @@ mod tests {
         let cli =
             Cli::try_parse_from(std::iter::once("nofuss").chain(args.iter().copied())).unwrap();
         match cli.command {
-            Command::Train(a) => a,
+            Command::Train(a) => *a,
             _ => panic!("not train"),
         }
     }

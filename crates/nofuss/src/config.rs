@@ -291,19 +291,22 @@ mod tests {
 
     #[test]
     fn invalid_values() {
-        let mut c = TrainConfig::default();
+        let base = TrainConfig::default;
+        let mut c = base();
         c.optim.batch_size = 1;
         assert!(c.check().is_err());
-        let mut c = TrainConfig::default();
-        c.device = "tpu".into();
+        let c = TrainConfig {
+            device: "tpu".into(),
+            ..base()
+        };
         assert!(c.check().unwrap_err().to_string().contains("tpu"));
-        let mut c = TrainConfig::default();
+        let mut c = base();
         c.run.name = Some("../x".into());
         assert!(c.check().is_err());
-        let mut c = TrainConfig::default();
+        let mut c = base();
         c.optim.lr = f64::NAN;
         assert!(c.check().is_err());
-        let mut c = TrainConfig::default();
+        let mut c = base();
         c.model.backbone = "resnet".into();
         assert!(c.check().unwrap_err().to_string().contains("small-cnn"));
     }

@@ -111,7 +111,7 @@ impl Model {
         };
         let cnn = SmallCnn::new(&cnn_cfg, vb.pp("backbone"))?;
         let head = EmbeddingHead::new(cnn.out_channels(), &cfg.model.head, vb.pp("head"))?;
-        let proxy_params = SeededVarMap::new(cfg.seed ^ 0x5EED_0F_9A0C1E5);
+        let proxy_params = SeededVarMap::new(cfg.seed ^ 0x0005_EED0_F9A0_C1E5);
         let loss = ProxyNca::new(
             num_classes,
             cfg.model.head.dim,
