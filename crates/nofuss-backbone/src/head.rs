@@ -86,12 +86,7 @@ impl EmbeddingHead {
         let pooled = self.cfg.pooling.apply(map)?;
         let e = self.linear.forward(&pooled)?;
         if self.cfg.l2_normalize {
-            let norm = e
-                .sqr()?
-                .sum_keepdim(1)?
-                .sqrt()?
-                .clamp(1e-12, f64::INFINITY)?;
-            Ok(e.broadcast_div(&norm)?)
+            Ok(nofuss_tensor::ops::l2_normalize_rows(&e)?)
         } else {
             Ok(e)
         }

@@ -104,12 +104,7 @@ pub fn pairwise_squared_distances(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = x
-        .sqr()?
-        .sum_keepdim(1)?
-        .sqrt()?
-        .clamp(1e-12, f64::INFINITY)?;
-    Ok(x.broadcast_div(&norm)?)
+    Ok(nofuss_tensor::ops::l2_normalize_rows(x)?)
 }
 
 /// Reads labels to the host and checks them against the number of proxies.

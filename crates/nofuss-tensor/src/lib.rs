@@ -27,6 +27,7 @@ mod device;
 mod error;
 mod init;
 mod normalization;
+pub mod ops;
 mod precision;
 
 pub use device::{DeviceSpec, SelectedDevice};

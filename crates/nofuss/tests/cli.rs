@@ -181,21 +181,27 @@ fn write_cub(root: &Path, images: &str) {
     }
 }
 
-#[test]
-fn malformed_annotations_are_reported_with_file_and_line() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("cub");
-    write_cub(&root, "1 a/1.png\ntwo b/2.png\n");
-    let out = nofuss(&[
+/// `nofuss train` on the CUB-layout dataset at `root`, runs under `tmp`.
+fn train_cub(root: &Path, tmp: &Path) -> Output {
+    let runs = tmp.join("runs");
+    nofuss(&[
         "train",
         "--dataset",
         "cub",
         "--data-dir",
         root.to_str().unwrap(),
         "--out-dir",
-        tmp.path().join("runs").to_str().unwrap(),
+        runs.to_str().unwrap(),
         "--quiet",
-    ]);
+    ])
+}
+
+#[test]
+fn malformed_annotations_are_reported_with_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("cub");
+    write_cub(&root, "1 a/1.png\ntwo b/2.png\n");
+    let out = train_cub(&root, tmp.path());
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(
@@ -211,27 +217,11 @@ fn unreadable_images_are_named() {
     let root = tmp.path().join("cub");
     write_cub(&root, "1 a/1.png\n2 b/2.png\n");
     std::fs::write(root.join("images/b/2.png"), b"\x89PNG garbage").unwrap();
-    let out = nofuss(&[
-        "train",
-        "--dataset",
-        "cub",
-        "--data-dir",
-        root.to_str().unwrap(),
-        "--out-dir",
-        tmp.path().join("runs").to_str().unwrap(),
-        "--quiet",
-    ]);
+    let out = train_cub(&root, tmp.path());
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains("b/2.png"), "{err}");
-    let missing = nofuss(&[
-        "train",
-        "--dataset",
-        "cub",
-        "--data-dir",
-        tmp.path().join("nowhere").to_str().unwrap(),
-        "--quiet",
-    ]);
+    let missing = train_cub(&tmp.path().join("nowhere"), tmp.path());
     assert!(text(&missing.stderr).contains("nowhere"));
     assert!(!missing.status.success());
 }
