@@ -1,17 +1,22 @@
 //! `cargo xtask <task>`: project automation written in Rust (matklad's xtask pattern).
 //!
 //! - `cargo xtask ci`: the checks CI runs (`cargo fmt --check`, clippy with warnings as
-//!   errors, the test suite), in that order, stopping at the first failure.
+//!   errors, the test suite), stopping at the first failure.
 //! - `cargo xtask glyphs [--dir DIR]`: generates the embedded default dataset (the
 //!   trainer also does this on first use).
-//!
-//! Dataset and weight downloads (`fetch-data`, `fetch-weights`) arrive with their own issue.
+//! - `cargo xtask fetch-data [--dataset cub|cars|sop|all] ...`: downloads the benchmarks,
+//!   verified and resumable (see `xtask::fetch`).
+//! - `cargo xtask fetch-weights bn-inception`: the ImageNet BN-Inception weights.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use xtask::catalog::{catalog, find};
+use xtask::fetch::{fetch, DownloadOptions, FetchOptions};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "nofuss project automation")]
@@ -30,6 +35,60 @@ enum Task {
         #[arg(long, default_value = "data/glyphs")]
         dir: PathBuf,
     },
+    /// Download a benchmark dataset, verify it and unpack it under --dest.
+    FetchData {
+        /// Which dataset.
+        #[arg(long, value_enum, default_value = "all")]
+        dataset: Which,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Download pretrained weights and verify them.
+    FetchWeights {
+        /// Which weights.
+        #[arg(value_enum)]
+        model: Model,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Which {
+    Cub,
+    Cars,
+    Sop,
+    All,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Model {
+    BnInception,
+}
+
+#[derive(Args)]
+struct Common {
+    /// Parent folder of the datasets.
+    #[arg(long, default_value = "data")]
+    dest: PathBuf,
+    /// Base URL of a mirror serving the same files (checked against the official checksums).
+    #[arg(long, value_name = "URL")]
+    mirror: Option<String>,
+    /// Use a local copy of a file instead of downloading it (repeat for several files).
+    #[arg(long, value_name = "PATH")]
+    from_archive: Vec<PathBuf>,
+    /// Show sources, sizes and the target, then stop.
+    #[arg(long)]
+    dry_run: bool,
+    /// Accept the dataset's terms without asking (needed when not on a terminal).
+    #[arg(long)]
+    accept_terms: bool,
+    /// Retries after a failed transfer (each resumes where the last stopped).
+    #[arg(long, default_value_t = 5)]
+    retries: u32,
+    /// Connect/read timeout in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
@@ -45,8 +104,48 @@ fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().task {
+fn run_fetch(keys: &[&str], c: &Common) -> Result<()> {
+    let opts = FetchOptions {
+        dest: c.dest.clone(),
+        mirror: c.mirror.clone(),
+        from_archive: c.from_archive.clone(),
+        dry_run: c.dry_run,
+        accept_terms: c.accept_terms,
+        interactive: std::io::stdin().is_terminal(),
+        download: DownloadOptions {
+            retries: c.retries,
+            timeout: Duration::from_secs(c.timeout),
+            progress: std::io::stderr().is_terminal(),
+            ..Default::default()
+        },
+    };
+    let table = catalog();
+    let mut failed = Vec::new();
+    for key in keys {
+        let ds = find(&table, key).with_context(|| format!("unknown dataset {key}"))?;
+        if let Err(e) = fetch(&ds, &opts, &mut std::io::stdout()) {
+            eprintln!("error: {}: {e}", ds.key);
+            failed.push(ds.key);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("could not fetch: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.task {
         Task::Ci => {
             cargo(&["fmt", "--all", "--check"])?;
             cargo(&[
@@ -73,6 +172,19 @@ fn main() -> Result<()> {
                 }
             );
         }
+        Task::FetchData { dataset, common } => {
+            let keys: &[&str] = match dataset {
+                Which::Cub => &["cub"],
+                Which::Cars => &["cars"],
+                Which::Sop => &["sop"],
+                Which::All => &["cub", "cars", "sop"],
+            };
+            run_fetch(keys, &common)?;
+        }
+        Task::FetchWeights {
+            model: Model::BnInception,
+            common,
+        } => run_fetch(&["bn-inception"], &common)?,
     }
     Ok(())
 }
