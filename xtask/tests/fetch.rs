@@ -224,6 +224,8 @@ fn full_fetch_then_a_second_run_does_nothing() {
         tmp.path(),
     );
     let dest = tmp.path().join("data");
+    // An interrupted earlier run left its temporary folder behind.
+    std::fs::create_dir_all(dest.join(".test.tmp-99999/half")).unwrap();
     let (r, out) = run(&ds, &opts(&dest));
     assert_eq!(r.unwrap(), Outcome::Fetched(dest.join("test")));
     assert_eq!(

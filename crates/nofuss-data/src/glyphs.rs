@@ -332,16 +332,22 @@ pub fn prepare(root: impl AsRef<Path>, cfg: &GlyphConfig) -> Result<Prepared> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
-    let tmp = parent.join(format!(
-        ".{}.tmp-{}",
+    let tmp_prefix = format!(
+        ".{}.tmp-",
         root.file_name()
             .and_then(|n| n.to_str())
-            .unwrap_or("glyphs"),
-        std::process::id()
-    ));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| DataError::io(&tmp, e))?;
+            .unwrap_or("glyphs")
+    );
+    // Leftovers of interrupted generations: ours by name, never complete.
+    for e in fs::read_dir(parent)
+        .map_err(|e| DataError::io(parent, e))?
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with(&tmp_prefix) {
+            fs::remove_dir_all(e.path()).map_err(|err| DataError::io(e.path(), err))?;
+        }
     }
+    let tmp = parent.join(format!("{tmp_prefix}{}", std::process::id()));
     let result = generate_into(&tmp, cfg);
     let marker = match result {
         Ok(m) => m,
@@ -486,6 +492,8 @@ mod tests {
             max_classes: Some(6),
             ..Default::default()
         };
+        // An interrupted earlier generation left its temporary folder behind.
+        fs::create_dir_all(d.path().join(".glyphs.tmp-99999/images")).unwrap();
         let p = prepare(&root, &cfg).unwrap();
         assert!(p.generated);
         assert_eq!((p.num_classes, p.num_images), (6, 6 * FONTS.len()));

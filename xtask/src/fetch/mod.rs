@@ -297,14 +297,19 @@ pub fn fetch(ds: &Dataset, opts: &FetchOptions, out: &mut dyn Write) -> Result<O
         });
         files.push(path);
     }
-    let tmp = opts.dest.join(format!(
-        ".{}.tmp-{}",
-        ds.folder.replace('/', "_"),
-        std::process::id()
-    ));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| FetchError::io(&tmp, e))?;
+    let tmp_prefix = format!(".{}.tmp-", ds.folder.replace('/', "_"));
+    // Temporary folders of earlier runs that were interrupted: ours by name, never complete.
+    for e in fs::read_dir(&opts.dest)
+        .map_err(|e| FetchError::io(&opts.dest, e))?
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with(&tmp_prefix) {
+            fs::remove_dir_all(e.path()).map_err(|err| FetchError::io(e.path(), err))?;
+        }
     }
+    let tmp = opts
+        .dest
+        .join(format!("{tmp_prefix}{}", std::process::id()));
     fs::create_dir_all(&tmp).map_err(|e| FetchError::io(&tmp, e))?;
     let mut unpack = || -> Result<()> {
         for (a, f) in ds.artifacts.iter().zip(&files) {
