@@ -7,6 +7,7 @@
 //! - `cargo xtask fetch-data [--dataset cub|cars|sop|all] ...`: downloads the benchmarks,
 //!   verified and resumable (see `xtask::fetch`).
 //! - `cargo xtask fetch-weights bn-inception`: the ImageNet BN-Inception weights.
+//! - `cargo xtask bench train-step`: nofuss and PyTorch training steps side by side.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -43,6 +44,24 @@ enum Task {
         #[command(flatten)]
         common: Common,
     },
+    /// Run a benchmark side by side with its PyTorch reference and print a table row.
+    Bench {
+        /// Which benchmark.
+        #[arg(value_enum)]
+        which: Bench,
+        /// Images per step.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Timed steps per run.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Runs of each side, alternating; the median run is reported.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Python with PyTorch installed.
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
     /// Download pretrained weights and verify them.
     FetchWeights {
         /// Which weights.
@@ -59,6 +78,12 @@ enum Which {
     Cars,
     Sop,
     All,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Bench {
+    /// One training step of the default model (small CNN, Proxy-NCA, Adam) on the CPU.
+    TrainStep,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -101,6 +126,47 @@ fn cargo(args: &[&str]) -> Result<()> {
     if !status.success() {
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }
+    Ok(())
+}
+
+/// Runs `cmd`, returns the last stdout line that parses as a JSON object.
+fn json_line(cmd: &mut Command) -> Result<serde_json::Value> {
+    let out = cmd.output().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().filter(|v| v.is_object()))
+        .with_context(|| format!("{cmd:?} printed no JSON line"))
+}
+
+fn bench_train_step(batch: usize, steps: usize, repeats: usize, python: &str) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let (b, s) = (batch.to_string(), steps.to_string());
+    let build = Command::new(&cargo).args(["bench", "-p", "nofuss", "--bench", "train_step", "--no-run"]).status()?;
+    if !build.success() {
+        bail!("building the benchmark failed");
+    }
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for r in 0..repeats.max(1) {
+        ours.push(json_line(Command::new(&cargo).args(["bench", "-q", "-p", "nofuss", "--bench", "train_step", "--", &b, &s]))?);
+        theirs.push(json_line(Command::new(python).args(["crates/nofuss/benches/torch_train_step.py", &b, &s]))?);
+        eprintln!("run {}: {} | {}", r + 1, ours[r], theirs[r]);
+    }
+    let median = |v: &mut Vec<serde_json::Value>| -> serde_json::Value {
+        v.sort_by(|a, b| a["images_per_sec"].as_f64().partial_cmp(&b["images_per_sec"].as_f64()).unwrap_or(std::cmp::Ordering::Equal));
+        v[v.len() / 2].clone()
+    };
+    let (o, t) = (median(&mut ours), median(&mut theirs));
+    let (oi, ti) = (o["images_per_sec"].as_f64().unwrap_or(0.0), t["images_per_sec"].as_f64().unwrap_or(f64::NAN));
+    println!("| benchmark | batch | nofuss img/s | reference | reference img/s | ratio |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| train step, small CNN + Proxy-NCA + Adam, CPU | {batch} | {oi:.0} ({} ms) | {} ({} threads) | {ti:.0} ({} ms) | {:.2}x |",
+        o["median_ms"], t["impl"].as_str().unwrap_or("?"), t["threads"], t["median_ms"], oi / ti
+    );
     Ok(())
 }
 
@@ -185,6 +251,13 @@ fn run(cli: Cli) -> Result<()> {
             model: Model::BnInception,
             common,
         } => run_fetch(&["bn-inception"], &common)?,
+        Task::Bench {
+            which: Bench::TrainStep,
+            batch,
+            steps,
+            repeats,
+            python,
+        } => bench_train_step(batch, steps, repeats, &python)?,
     }
     Ok(())
 }
