@@ -131,36 +131,66 @@ fn cargo(args: &[&str]) -> Result<()> {
 
 /// Runs `cmd`, returns the last stdout line that parses as a JSON object.
 fn json_line(cmd: &mut Command) -> Result<serde_json::Value> {
-    let out = cmd.output().with_context(|| format!("cannot start {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .rev()
-        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().filter(|v| v.is_object()))
+        .find_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .filter(|v| v.is_object())
+        })
         .with_context(|| format!("{cmd:?} printed no JSON line"))
 }
 
 fn bench_train_step(batch: usize, steps: usize, repeats: usize, python: &str) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let (b, s) = (batch.to_string(), steps.to_string());
-    let build = Command::new(&cargo).args(["bench", "-p", "nofuss", "--bench", "train_step", "--no-run"]).status()?;
+    let build = Command::new(&cargo)
+        .args(["bench", "-p", "nofuss", "--bench", "train_step", "--no-run"])
+        .status()?;
     if !build.success() {
         bail!("building the benchmark failed");
     }
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for r in 0..repeats.max(1) {
-        ours.push(json_line(Command::new(&cargo).args(["bench", "-q", "-p", "nofuss", "--bench", "train_step", "--", &b, &s]))?);
-        theirs.push(json_line(Command::new(python).args(["crates/nofuss/benches/torch_train_step.py", &b, &s]))?);
+        ours.push(json_line(Command::new(&cargo).args([
+            "bench",
+            "-q",
+            "-p",
+            "nofuss",
+            "--bench",
+            "train_step",
+            "--",
+            &b,
+            &s,
+        ]))?);
+        theirs.push(json_line(Command::new(python).args([
+            "crates/nofuss/benches/torch_train_step.py",
+            &b,
+            &s,
+        ]))?);
         eprintln!("run {}: {} | {}", r + 1, ours[r], theirs[r]);
     }
     let median = |v: &mut Vec<serde_json::Value>| -> serde_json::Value {
-        v.sort_by(|a, b| a["images_per_sec"].as_f64().partial_cmp(&b["images_per_sec"].as_f64()).unwrap_or(std::cmp::Ordering::Equal));
+        v.sort_by(|a, b| {
+            a["images_per_sec"]
+                .as_f64()
+                .partial_cmp(&b["images_per_sec"].as_f64())
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
         v[v.len() / 2].clone()
     };
     let (o, t) = (median(&mut ours), median(&mut theirs));
-    let (oi, ti) = (o["images_per_sec"].as_f64().unwrap_or(0.0), t["images_per_sec"].as_f64().unwrap_or(f64::NAN));
+    let (oi, ti) = (
+        o["images_per_sec"].as_f64().unwrap_or(0.0),
+        t["images_per_sec"].as_f64().unwrap_or(f64::NAN),
+    );
     println!("| benchmark | batch | nofuss img/s | reference | reference img/s | ratio |");
     println!("| --- | --- | --- | --- | --- | --- |");
     println!(

@@ -8,32 +8,30 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::Optimizer;
 use nofuss::config::TrainConfig;
 use nofuss::train::Model;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `cargo bench` passes `--bench`; keep only numbers.
-    let nums: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let nums: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let batch = nums.first().copied().unwrap_or(64);
     let steps = nums.get(1).copied().unwrap_or(20);
     let cfg = TrainConfig::default();
     let classes = 124; // training classes of the default dataset
     let dev = Device::Cpu;
     let model = Model::new(&cfg, classes, &dev)?;
-    let vars: Vec<_> = model
-        .params
-        .named_vars()
-        .into_iter()
-        .filter(|(n, _)| !n.contains("running_"))
-        .map(|(_, v)| v)
-        .collect();
-    let adam = |lr| ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() };
-    let mut opt = AdamW::new(vars, adam(cfg.optim.lr))?;
-    let mut popt = AdamW::new(model.proxy_params.var_map().all_vars(), adam(cfg.optim.proxy_lr))?;
+    let (mut opt, mut popt) = model.optimizers(&cfg.optim)?;
     let size = cfg.data.image_size;
     let x = Tensor::randn(0f32, 1.0, (batch, 1, size, size), &dev)?;
-    let y = Tensor::from_vec((0..batch as u32).map(|i| i % classes as u32).collect(), batch, &dev)?;
+    let y = Tensor::from_vec(
+        (0..batch as u32).map(|i| i % classes as u32).collect(),
+        batch,
+        &dev,
+    )?;
     let mut times = Vec::new();
     for i in 0..steps + 3 {
         let t = Instant::now();
@@ -48,11 +46,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
-    println!(
-        "{{\"impl\": \"nofuss (candle {})\", \"batch\": {batch}, \"steps\": {steps}, \"median_ms\": {:.2}, \"images_per_sec\": {:.1}}}",
-        "0.11.1",
-        med * 1e3,
-        batch as f64 / med
-    );
+    let line = serde_json::json!({
+        "impl": "nofuss (candle 0.11.1)",
+        "batch": batch,
+        "steps": steps,
+        "median_ms": (med * 1e5).round() / 100.0,
+        "images_per_sec": (batch as f64 / med * 10.0).round() / 10.0,
+    });
+    println!("{line}");
     Ok(())
 }

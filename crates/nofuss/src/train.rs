@@ -15,7 +15,7 @@ use nofuss_losses::{LossError, ProxyNca};
 use nofuss_tensor::{DeviceSpec, SeededVarMap};
 use serde::Serialize;
 
-use crate::config::{DatasetKind, TrainConfig};
+use crate::config::{DatasetKind, OptimConfig, TrainConfig};
 use crate::{run_dir, Result, TrainError};
 
 /// How much a run reports while it works.
@@ -125,6 +125,31 @@ impl Model {
             loss,
             proxy_params,
         })
+    }
+
+    /// The optimisers of a run: AdamW on the backbone and head (batch-norm running
+    /// statistics excluded) with `lr` and `weight_decay`, and Adam on the proxies with
+    /// their own `proxy_lr` and no decay.
+    pub fn optimizers(&self, o: &OptimConfig) -> Result<(AdamW, AdamW)> {
+        let model_vars: Vec<_> = self
+            .params
+            .named_vars()
+            .into_iter()
+            .filter(|(n, _)| !n.contains("running_"))
+            .map(|(_, v)| v)
+            .collect();
+        let params = |lr, weight_decay| ParamsAdamW {
+            lr,
+            weight_decay,
+            ..Default::default()
+        };
+        Ok((
+            AdamW::new(model_vars, params(o.lr, o.weight_decay))?,
+            AdamW::new(
+                self.proxy_params.var_map().all_vars(),
+                params(o.proxy_lr, 0.0),
+            )?,
+        ))
     }
 
     /// All tensors to checkpoint: model parameters and BN statistics by name, and
@@ -254,29 +279,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     say(opts, format!("run directory: {}", dir.display()));
 
     let model = Model::new(cfg, train_set.num_classes(), &device)?;
-    let model_vars: Vec<_> = model
-        .params
-        .named_vars()
-        .into_iter()
-        .filter(|(n, _)| !n.contains("running_"))
-        .map(|(_, v)| v)
-        .collect();
-    let mut opt = AdamW::new(
-        model_vars,
-        ParamsAdamW {
-            lr: cfg.optim.lr,
-            weight_decay: cfg.optim.weight_decay,
-            ..Default::default()
-        },
-    )?;
-    let mut proxy_opt = AdamW::new(
-        model.proxy_params.var_map().all_vars(),
-        ParamsAdamW {
-            lr: cfg.optim.proxy_lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let (mut opt, mut proxy_opt) = model.optimizers(&cfg.optim)?;
     let norm = model.embedder.backbone().input().normalization;
     let augment = Augment {
         max_shift: cfg.data.max_shift,
