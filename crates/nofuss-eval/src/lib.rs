@@ -1,5 +1,6 @@
 //! Evaluation of embeddings on unseen classes: Recall@K and NMI, as in the
-//! metric-learning literature (Song et al. 2016; Movshovitz-Attias et al. 2017, section 5).
+//! metric-learning literature (Song et al. 2016; Movshovitz-Attias et al. 2017, section 5),
+//! and MAP@R / R-Precision (Musgrave et al. 2020).
 //!
 //! Works on plain row-major `&[f32]` slices, so embeddings from any framework can be
 //! evaluated. Nearest neighbours are exact, computed tile by tile with a running
@@ -19,11 +20,13 @@
 mod error;
 mod kmeans;
 mod knn;
+mod map_at_r;
 mod nmi;
 
 pub use error::{EvalError, Result};
 pub use kmeans::{kmeans, KMeans, KMeansConfig};
 pub use knn::{knn, recall_at_k, recall_from_neighbors, Metric, Neighbors};
+pub use map_at_r::{map_at_r, map_at_r_from_neighbors, max_r, MapAtR};
 pub use nmi::{nmi, NmiNormalization};
 
 /// What [`evaluate`] computes.
@@ -36,6 +39,8 @@ pub struct EvalConfig {
     pub metric: Metric,
     /// Whether to cluster with k-means (k = number of classes) and report NMI.
     pub nmi: bool,
+    /// Whether to report MAP@R and R-Precision.
+    pub map_at_r: bool,
     /// k-means settings (its `k` is ignored: the number of classes is used).
     pub kmeans: KMeansConfig,
 }
@@ -46,6 +51,7 @@ impl Default for EvalConfig {
             ks: vec![1, 2, 4, 8],
             metric: Metric::Euclidean,
             nmi: true,
+            map_at_r: false,
             kmeans: KMeansConfig::default(),
         }
     }
@@ -58,6 +64,8 @@ pub struct EvalReport {
     pub recall: Vec<(usize, f64)>,
     /// NMI of k-means clusters against the classes, when asked for.
     pub nmi: Option<f64>,
+    /// MAP@R and R-Precision, when asked for.
+    pub map_at_r: Option<MapAtR>,
 }
 
 impl EvalReport {
@@ -67,14 +75,33 @@ impl EvalReport {
     }
 }
 
-/// Recall@K (and NMI, if configured) of `embeddings` (`[N, dim]` row-major) with `labels`.
+/// Recall@K (and NMI, MAP@R, if configured) of `embeddings` (`[N, dim]` row-major) with
+/// `labels`. One neighbour search serves Recall@K and MAP@R.
 pub fn evaluate(
     embeddings: &[f32],
     dim: usize,
     labels: &[u32],
     cfg: &EvalConfig,
 ) -> Result<EvalReport> {
-    let recall = recall_at_k(embeddings, dim, labels, &cfg.ks, cfg.metric)?;
+    check_embeddings(embeddings, dim, Some(labels.len()))?;
+    let kmax = cfg
+        .ks
+        .iter()
+        .copied()
+        .max()
+        .ok_or_else(|| EvalError::Config("no K given".into()))?;
+    let k = if cfg.map_at_r {
+        kmax.max(max_r(labels))
+    } else {
+        kmax
+    };
+    let nb = knn(embeddings, dim, k, cfg.metric)?;
+    let recall = recall_from_neighbors(&nb, labels, &cfg.ks)?;
+    let map_at_r = if cfg.map_at_r {
+        Some(map_at_r_from_neighbors(&nb, labels)?)
+    } else {
+        None
+    };
     let nmi = if cfg.nmi {
         let mut classes: Vec<u32> = labels.to_vec();
         classes.sort_unstable();
@@ -95,7 +122,11 @@ pub fn evaluate(
     } else {
         None
     };
-    Ok(EvalReport { recall, nmi })
+    Ok(EvalReport {
+        recall,
+        nmi,
+        map_at_r,
+    })
 }
 
 /// Checks the common shape contract: `embeddings.len() == labels.len() * dim`, finite values.
@@ -147,6 +178,26 @@ mod tests {
         assert_eq!(r.recall_at(1), Some(1.0));
         assert_eq!(r.recall_at(3), None);
         assert!((r.nmi.unwrap() - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn evaluate_shares_one_neighbour_search_for_map_at_r() {
+        let emb = [0.0f32, 1.0, 1.6, 5.0, 6.0];
+        let labels = [0u32, 0, 1, 0, 1];
+        let cfg = EvalConfig {
+            ks: vec![1],
+            nmi: false,
+            map_at_r: true,
+            ..Default::default()
+        };
+        let r = evaluate(&emb, 1, &labels, &cfg).unwrap();
+        assert_eq!(
+            r.map_at_r,
+            Some(map_at_r(&emb, 1, &labels, Metric::Euclidean).unwrap())
+        );
+        assert_eq!(r.nmi, None);
+        // Only point 0 has a same-class nearest neighbour (point 1).
+        assert_eq!(r.recall, vec![(1, 0.2)]);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Parity with scikit-learn: fixtures written by `tests/reference/eval_sklearn.py`.
+//! Parity with reference implementations: scikit-learn (`tests/reference/eval_sklearn.py`)
+//! and pytorch-metric-learning (`tests/reference/eval_pml.py`), through their fixtures.
 
 use nofuss_eval::{nmi, recall_at_k, Metric, NmiNormalization};
 use serde_json::Value;
@@ -50,5 +51,43 @@ fn recall_matches_sklearn_brute_force_neighbours() {
             let w = want[&k.to_string()].as_f64().unwrap();
             assert_eq!(r, w, "Recall@{k} (dim {dim})");
         }
+    }
+}
+
+#[test]
+fn map_at_r_matches_pytorch_metric_learning() {
+    let fx: Value = serde_json::from_str(include_str!(
+        "../../../tests/reference/fixtures/eval_pml.json"
+    ))
+    .unwrap();
+    for case in fx["cases"].as_array().unwrap() {
+        let dim = case["dim"].as_u64().unwrap() as usize;
+        let emb: Vec<f32> = case["embeddings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let labels = u32s(&case["labels"]);
+        let m = nofuss_eval::map_at_r(&emb, dim, &labels, Metric::Euclidean).unwrap();
+        let (want_map, want_rp) = (
+            case["map_at_r"].as_f64().unwrap(),
+            case["r_precision"].as_f64().unwrap(),
+        );
+        assert!(
+            (m.map_at_r - want_map).abs() < 1e-9,
+            "MAP@R {} vs PML {want_map}",
+            m.map_at_r
+        );
+        assert!(
+            (m.r_precision - want_rp).abs() < 1e-9,
+            "R-Precision {} vs PML {want_rp}",
+            m.r_precision
+        );
+        let p1 = recall_at_k(&emb, dim, &labels, &[1], Metric::Euclidean).unwrap()[0].1;
+        assert!(
+            (p1 - case["precision_at_1"].as_f64().unwrap()).abs() < 1e-12,
+            "Precision@1 = Recall@1"
+        );
     }
 }
