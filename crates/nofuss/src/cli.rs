@@ -29,6 +29,12 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Print the default configuration as TOML (a starting point for --config).
     DefaultConfig,
+    /// Evaluate embeddings of any model: Recall@K, and optionally NMI and MAP@R.
+    ///
+    /// Reads a safetensors file holding `embeddings` (float [N,D]) and `labels` (integer
+    /// [N]), or EMBEDDINGS.npy with --labels LABELS.npy. Every point is a query against all
+    /// the others.
+    Eval(EvalArgs),
 }
 
 /// Options of `nofuss train`; every flag overrides the configuration file.
@@ -91,6 +97,9 @@ pub struct TrainArgs {
     /// Skip k-means and NMI.
     #[arg(long)]
     pub no_nmi: bool,
+    /// Also report MAP@R and R-Precision on the unseen classes.
+    #[arg(long)]
+    pub map_at_r: bool,
     /// Seed of parameters, proxies, shuffling, augmentation and k-means.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -106,6 +115,48 @@ pub struct TrainArgs {
     /// Print only the final summary.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// Options of `nofuss eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Embeddings: a .safetensors file with `embeddings` and `labels`, or a .npy file.
+    #[arg(long, value_name = "FILE")]
+    pub embeddings: PathBuf,
+    /// Labels as .npy (only with .npy embeddings).
+    #[arg(long, value_name = "FILE")]
+    pub labels: Option<PathBuf>,
+    /// The K of Recall@K.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,2,4,8",
+        value_name = "K,K,..."
+    )]
+    pub k: Vec<usize>,
+    /// Also cluster with k-means (k = number of classes) and report NMI.
+    #[arg(long)]
+    pub nmi: bool,
+    /// Also report MAP@R and R-Precision.
+    #[arg(long)]
+    pub map_at_r: bool,
+    /// Distance: euclidean or cosine.
+    #[arg(long, default_value = "euclidean", value_parser = parse_metric)]
+    pub metric: nofuss_eval::Metric,
+    /// Seed of k-means.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print JSON (keys recall@K, nmi, map@r, r_precision) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_metric(s: &str) -> std::result::Result<nofuss_eval::Metric, String> {
+    match s {
+        "euclidean" => Ok(nofuss_eval::Metric::Euclidean),
+        "cosine" => Ok(nofuss_eval::Metric::Cosine),
+        _ => Err(format!("'{s}' is not a metric: use euclidean or cosine")),
+    }
 }
 
 fn parse_form(s: &str) -> std::result::Result<ProxyNcaForm, String> {
@@ -157,6 +208,9 @@ impl TrainArgs {
         if self.no_nmi {
             c.eval.nmi = false;
         }
+        if self.map_at_r {
+            c.eval.map_at_r = true;
+        }
         set!(c.seed, self.seed);
         set!(c.device, self.device);
         set!(c.run.out_dir, self.out_dir);
@@ -179,6 +233,27 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let summary = train(&cfg, &opts)?;
             println!("\n{}", summary_table(&summary));
+            Ok(())
+        }
+        Command::Eval(a) => {
+            let e = crate::eval_cmd::load(&a.embeddings, a.labels.as_deref())?;
+            let cfg = nofuss_eval::EvalConfig {
+                ks: a.k.clone(),
+                metric: a.metric,
+                nmi: a.nmi,
+                map_at_r: a.map_at_r,
+                kmeans: nofuss_eval::KMeansConfig {
+                    seed: a.seed,
+                    ..Default::default()
+                },
+            };
+            let report = nofuss_eval::evaluate(&e.data, e.dim, &e.labels, &cfg)?;
+            if a.json {
+                println!("{}", crate::eval_cmd::report_json(&report));
+            } else {
+                println!("{} embeddings of dimension {}", e.labels.len(), e.dim);
+                print!("{}", crate::eval_cmd::report_table(&report));
+            }
             Ok(())
         }
         Command::DefaultConfig => {

@@ -14,6 +14,14 @@ pub enum TrainError {
         /// What is wrong (with line and column for parse errors).
         message: String,
     },
+    /// An input file (embeddings, labels) that cannot be used.
+    #[error("{path}: {message}")]
+    Input {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A run directory that already holds finished work.
     #[error("run directory {path} already holds {epochs} finished epoch(s); choose another --name or remove it")]
     RunExists {

@@ -17,6 +17,7 @@
 pub mod cli;
 pub mod config;
 mod error;
+pub mod eval_cmd;
 pub mod plot;
 pub mod run_dir;
 pub mod train;

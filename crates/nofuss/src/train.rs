@@ -38,6 +38,8 @@ pub struct EpochMetrics {
     pub recall: Vec<(usize, f64)>,
     /// NMI on the unseen classes.
     pub nmi: Option<f64>,
+    /// MAP@R and R-Precision on the unseen classes (with `eval.map_at_r`).
+    pub map_at_r: Option<nofuss_eval::MapAtR>,
     /// Training throughput of the epoch.
     pub images_per_sec: Option<f64>,
     /// Wall time of the epoch (training and evaluation).
@@ -51,7 +53,7 @@ impl EpochMetrics {
     }
 
     /// The `metrics.jsonl` line: fixed keys `epoch`, `train_loss`, `recall@K`, `nmi`,
-    /// `images_per_sec`, `epoch_seconds`.
+    /// `map@r`, `r_precision` (null when not computed), `images_per_sec`, `epoch_seconds`.
     pub fn to_json(&self) -> serde_json::Value {
         let mut m = serde_json::Map::new();
         m.insert("epoch".into(), self.epoch.into());
@@ -60,6 +62,11 @@ impl EpochMetrics {
             m.insert(format!("recall@{k}"), (*r).into());
         }
         m.insert("nmi".into(), self.nmi.into());
+        m.insert("map@r".into(), self.map_at_r.map(|x| x.map_at_r).into());
+        m.insert(
+            "r_precision".into(),
+            self.map_at_r.map(|x| x.r_precision).into(),
+        );
         m.insert("images_per_sec".into(), self.images_per_sec.into());
         m.insert("epoch_seconds".into(), self.seconds.into());
         serde_json::Value::Object(m)
@@ -294,6 +301,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         train_loss: None,
         recall: report.recall,
         nmi: report.nmi,
+        map_at_r: report.map_at_r,
         images_per_sec: None,
         seconds: t0.elapsed().as_secs_f64(),
     };
@@ -376,6 +384,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             train_loss: Some(loss_sum / steps.max(1) as f64),
             recall: report.recall,
             nmi: report.nmi,
+            map_at_r: report.map_at_r,
             images_per_sec: Some(images as f64 / train_secs.max(1e-9)),
             seconds: t_epoch.elapsed().as_secs_f64(),
         };
@@ -442,6 +451,10 @@ fn epoch_line(m: &EpochMetrics) -> String {
         .map(|l| format!("loss {l:.4} | "))
         .unwrap_or_else(|| "untrained | ".into());
     let nmi = m.nmi.map(|n| format!(" | NMI {n:.4}")).unwrap_or_default();
+    let nmi = match m.map_at_r {
+        Some(x) => format!("{nmi} | MAP@R {:.4}", x.map_at_r),
+        None => nmi,
+    };
     let rate = m
         .images_per_sec
         .map(|r| format!(" | {r:.0} img/s"))

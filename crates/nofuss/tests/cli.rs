@@ -70,7 +70,7 @@ fn scores(dir: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn a_run_writes_config_metrics_checkpoint_and_plot() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = tiny_run(tmp.path(), "t", "1", &[]);
+    let out = tiny_run(tmp.path(), "t", "1", &["--map-at-r"]);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("Recall@1 on 4 unseen classes"), "{stdout}");
@@ -88,7 +88,7 @@ fn a_run_writes_config_metrics_checkpoint_and_plot() {
     assert_eq!(m.len(), 3);
     for (i, line) in m.iter().enumerate() {
         assert_eq!(line["epoch"], i);
-        for key in ["recall@1", "recall@2", "nmi"] {
+        for key in ["recall@1", "recall@2", "nmi", "map@r", "r_precision"] {
             let v = line[key].as_f64().unwrap();
             assert!((0.0..=1.0).contains(&v), "{key} = {v}");
         }
@@ -284,4 +284,112 @@ fn a_diverging_run_stops_with_the_step_and_keeps_its_metrics() {
     let m = metrics(&tmp.path().join("runs/nan"));
     assert_eq!(m.len(), 1);
     assert_eq!(m[0]["epoch"], 0);
+}
+
+#[test]
+fn eval_scores_embeddings_from_safetensors_and_npy() {
+    use candle_core::{Device, Tensor};
+    let tmp = tempfile::tempdir().unwrap();
+    // Two tight clusters and a stray point of class 0 near class 1.
+    let emb: Vec<f32> = vec![0.0, 0.0, 0.1, 0.0, 0.0, 0.1, 5.0, 5.0, 5.1, 5.0, 4.9, 5.0];
+    let labels: Vec<u32> = vec![0, 0, 0, 1, 1, 0];
+    let e = Tensor::from_vec(emb.clone(), (6, 2), &Device::Cpu).unwrap();
+    let l = Tensor::from_vec(labels.clone(), 6, &Device::Cpu).unwrap();
+    let st = tmp.path().join("emb.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("embeddings", e.clone()), ("labels", l.clone())]),
+        &st,
+    )
+    .unwrap();
+    let out = nofuss(&[
+        "eval",
+        "--embeddings",
+        st.to_str().unwrap(),
+        "--k",
+        "1,2",
+        "--nmi",
+        "--map-at-r",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    let cfg = nofuss_eval::EvalConfig {
+        ks: vec![1, 2],
+        nmi: true,
+        map_at_r: true,
+        ..Default::default()
+    };
+    let want = nofuss_eval::evaluate(&emb, 2, &labels, &cfg).unwrap();
+    assert_eq!(got, nofuss::eval_cmd::report_json(&want));
+    assert!(
+        (got["recall@1"].as_f64().unwrap() - 5.0 / 6.0).abs() < 1e-12,
+        "{got}"
+    );
+    // The same data as a pair of .npy files, printed as a table.
+    let (en, ln) = (tmp.path().join("e.npy"), tmp.path().join("l.npy"));
+    e.write_npy(&en).unwrap();
+    l.to_dtype(candle_core::DType::I64)
+        .unwrap()
+        .write_npy(&ln)
+        .unwrap();
+    let out = nofuss(&[
+        "eval",
+        "--embeddings",
+        en.to_str().unwrap(),
+        "--labels",
+        ln.to_str().unwrap(),
+        "--k",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("Recall@1     0.8333"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn eval_rejects_bad_inputs_with_the_file_named() {
+    use candle_core::{Device, Tensor};
+    let tmp = tempfile::tempdir().unwrap();
+    let e = Tensor::zeros((3, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let only = tmp.path().join("only.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("embeddings", e.clone())]),
+        &only,
+    )
+    .unwrap();
+    let out = nofuss(&["eval", "--embeddings", only.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("only.safetensors") && text(&out.stderr).contains("`labels`"),
+        "{}",
+        text(&out.stderr)
+    );
+    let fl = tmp.path().join("float-labels.safetensors");
+    let l = Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("embeddings", e.clone()), ("labels", l)]),
+        &fl,
+    )
+    .unwrap();
+    let err = text(&nofuss(&["eval", "--embeddings", fl.to_str().unwrap()]).stderr);
+    assert!(err.contains("labels must be integers"), "{err}");
+    let nan = tmp.path().join("nan.safetensors");
+    let bad = Tensor::new(&[[0f32, 1.0], [f32::NAN, 0.0], [1.0, 1.0]], &Device::Cpu).unwrap();
+    let l = Tensor::new(&[0u32, 0, 1], &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("embeddings", bad), ("labels", l)]),
+        &nan,
+    )
+    .unwrap();
+    let err = text(&nofuss(&["eval", "--embeddings", nan.to_str().unwrap(), "--k", "1"]).stderr);
+    assert!(err.contains("row 1") && err.contains("NaN"), "{err}");
+    let missing = nofuss(&[
+        "eval",
+        "--embeddings",
+        tmp.path().join("none.safetensors").to_str().unwrap(),
+    ]);
+    assert!(text(&missing.stderr).contains("none.safetensors") && !missing.status.success());
 }
