@@ -34,10 +34,15 @@ impl Neighbors {
     }
 }
 
-const QUERY_BLOCK: usize = 32;
-const DB_TILE: usize = 512;
+const QUERY_BLOCK: usize = 64;
+const DB_TILE: usize = 1024;
 
 /// Exact K nearest neighbours of every row of `embeddings` (`[N, dim]`) among the others.
+///
+/// Works tile by tile: a block of queries times a tile of the database is one matrix
+/// product (the `gemm` crate), distances follow as `|q|² + |x|² - 2 q·x`, and each query
+/// keeps a bounded max-heap of its best K. Memory is `O(N·K)` plus one tile per thread;
+/// the `N×N` matrix never exists. Query blocks run in parallel (rayon).
 ///
 /// Ties are broken deterministically: among equal distances the lower index comes first.
 /// A point never counts as its own neighbour, but an exact duplicate of it does.
@@ -64,7 +69,10 @@ pub fn knn(embeddings: &[f32], dim: usize, k: usize, metric: Metric) -> Result<N
             &normalised
         }
     };
-    let sq_norms: Vec<f32> = data.chunks_exact(dim).map(|r| dot(r, r)).collect();
+    let sq_norms: Vec<f32> = data
+        .chunks_exact(dim)
+        .map(|r| r.iter().map(|v| v * v).sum())
+        .collect();
     let mut indices = vec![0u32; n * k];
     let mut distances = vec![0f32; n * k];
     indices
@@ -75,16 +83,19 @@ pub fn knn(embeddings: &[f32], dim: usize, k: usize, metric: Metric) -> Result<N
             let q0 = block * QUERY_BLOCK;
             let nq = idx_out.len() / k;
             let mut tops: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
-            let mut tile = vec![0f32; DB_TILE];
+            let mut tile = vec![0f32; QUERY_BLOCK * DB_TILE];
             for t0 in (0..n).step_by(DB_TILE) {
-                let t1 = (t0 + DB_TILE).min(n);
+                let nt = DB_TILE.min(n - t0);
+                dot_tile(
+                    &data[q0 * dim..(q0 + nq) * dim],
+                    &data[t0 * dim..(t0 + nt) * dim],
+                    dim,
+                    &mut tile[..nq * nt],
+                );
                 for (qi, top) in tops.iter_mut().enumerate() {
                     let q = q0 + qi;
-                    let qv = &data[q * dim..(q + 1) * dim];
-                    for (j, slot) in (t0..t1).zip(tile.iter_mut()) {
-                        *slot = dot(qv, &data[j * dim..(j + 1) * dim]);
-                    }
-                    for (j, &d) in (t0..t1).zip(tile.iter()) {
+                    for (jj, &d) in tile[qi * nt..(qi + 1) * nt].iter().enumerate() {
+                        let j = t0 + jj;
                         if j == q {
                             continue;
                         }
@@ -97,7 +108,7 @@ pub fn knn(embeddings: &[f32], dim: usize, k: usize, metric: Metric) -> Result<N
                 }
             }
             for (qi, top) in tops.into_iter().enumerate() {
-                for (slot, (d, i)) in top.items.into_iter().enumerate() {
+                for (slot, (d, i)) in top.into_sorted().into_iter().enumerate() {
                     dist_out[qi * k + slot] = d;
                     idx_out[qi * k + slot] = i;
                 }
@@ -108,6 +119,37 @@ pub fn knn(embeddings: &[f32], dim: usize, k: usize, metric: Metric) -> Result<N
         indices,
         distances,
     })
+}
+
+/// `out[i][j] = q_i · x_j` for the row-major blocks `q` (`[nq, dim]`) and `x` (`[nt, dim]`).
+fn dot_tile(q: &[f32], x: &[f32], dim: usize, out: &mut [f32]) {
+    let (nq, nt) = (q.len() / dim, x.len() / dim);
+    debug_assert_eq!(out.len(), nq * nt);
+    // SAFETY: the pointers cover `nq*nt`, `nq*dim` and `nt*dim` elements, exactly the
+    // extents described by the sizes and strides below; `out` does not alias the inputs.
+    unsafe {
+        gemm::gemm(
+            nq,
+            nt,
+            dim,
+            out.as_mut_ptr(),
+            1,
+            nt as isize,
+            false,
+            q.as_ptr(),
+            1,
+            dim as isize,
+            x.as_ptr(),
+            dim as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 /// Recall@K: the fraction of queries with at least one same-class point among their K
@@ -168,48 +210,58 @@ pub fn recall_from_neighbors(
         .collect()
 }
 
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators let the compiler vectorise without reassociation.
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
+/// A candidate ordered by (distance, index): total, so ties break by index.
+#[derive(Clone, Copy, PartialEq)]
+struct Candidate(f32, u32);
+
+impl Eq for Candidate {}
+
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
-    let mut s = acc.iter().sum::<f32>();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
-    }
-    s
 }
 
-/// Sorted bounded list of the best (distance, index) pairs: (distance, index) ascending.
+impl Ord for Candidate {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0).then(self.1.cmp(&other.1))
+    }
+}
+
+/// The best K (distance, index) pairs seen: a max-heap whose top is the worst kept, so
+/// a candidate that cannot enter is rejected with one comparison.
 struct TopK {
     k: usize,
-    items: Vec<(f32, u32)>,
+    heap: std::collections::BinaryHeap<Candidate>,
 }
 
 impl TopK {
     fn new(k: usize) -> Self {
         Self {
             k,
-            items: Vec::with_capacity(k + 1),
+            heap: std::collections::BinaryHeap::with_capacity(k + 1),
         }
     }
 
     #[inline]
     fn push(&mut self, d: f32, i: u32) {
-        if self.items.len() == self.k {
-            let (wd, wi) = self.items[self.k - 1];
-            if (d, i) >= (wd, wi) {
-                return;
+        let c = Candidate(d, i);
+        if self.heap.len() < self.k {
+            self.heap.push(c);
+        } else if let Some(mut worst) = self.heap.peek_mut() {
+            if c < *worst {
+                *worst = c;
             }
         }
-        let pos = self.items.partition_point(|&(od, oi)| (od, oi) < (d, i));
-        self.items.insert(pos, (d, i));
-        self.items.truncate(self.k);
+    }
+
+    /// The kept pairs, nearest first.
+    fn into_sorted(self) -> Vec<(f32, u32)> {
+        self.heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|c| (c.0, c.1))
+            .collect()
     }
 }
 
@@ -234,25 +286,28 @@ mod tests {
 
     #[test]
     fn matches_brute_force_across_tiles() {
-        // 700 points so both query blocks and database tiles are split, with ragged ends.
+        // 2,100 points: three database tiles (the last ragged) and a ragged last query
+        // block; K = 6 and K = 150 (many heap replacements).
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        let (dim, k) = (5, 6);
-        let emb: Vec<f32> = (0..700 * dim).map(|_| rng.gen::<f32>()).collect();
-        let nb = knn(&emb, dim, k, Metric::Euclidean).unwrap();
-        for i in 0..700 {
-            let want = brute_distances(&emb, dim, i);
-            // The true distances of the neighbours we chose are the k smallest, in order.
-            for (slot, &j) in nb.of(i).iter().enumerate() {
-                assert_ne!(j as usize, i);
-                let d: f32 = (0..dim)
-                    .map(|t| (emb[i * dim + t] - emb[j as usize * dim + t]).powi(2))
-                    .sum();
-                assert!(
-                    (d - want[slot]).abs() < 1e-5,
-                    "row {i} slot {slot}: {d} vs {}",
-                    want[slot]
-                );
+        let (n, dim) = (2100, 5);
+        let emb: Vec<f32> = (0..n * dim).map(|_| rng.gen::<f32>()).collect();
+        for k in [6, 150] {
+            let nb = knn(&emb, dim, k, Metric::Euclidean).unwrap();
+            for i in (0..n).step_by(7) {
+                let want = brute_distances(&emb, dim, i);
+                // The true distances of the neighbours we chose are the k smallest, in order.
+                for (slot, &j) in nb.of(i).iter().enumerate() {
+                    assert_ne!(j as usize, i);
+                    let d: f32 = (0..dim)
+                        .map(|t| (emb[i * dim + t] - emb[j as usize * dim + t]).powi(2))
+                        .sum();
+                    assert!(
+                        (d - want[slot]).abs() < 1e-5,
+                        "k {k} row {i} slot {slot}: {d} vs {}",
+                        want[slot]
+                    );
+                }
             }
         }
     }
