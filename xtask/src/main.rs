@@ -58,9 +58,12 @@ enum Task {
         /// Runs of each side, alternating; the median run is reported.
         #[arg(long, default_value_t = 3)]
         repeats: usize,
-        /// Python with PyTorch installed.
+        /// Python with the reference installed (PyTorch for train-step, faiss-cpu for knn).
         #[arg(long, default_value = "python3")]
         python: String,
+        /// knn: embedding dimension.
+        #[arg(long, default_value_t = 64)]
+        dim: usize,
     },
     /// Download pretrained weights and verify them.
     FetchWeights {
@@ -84,6 +87,8 @@ enum Which {
 enum Bench {
     /// One training step of the default model (small CNN, Proxy-NCA, Adam) on the CPU.
     TrainStep,
+    /// Exact kNN (K = 1,000) + Recall@K at SOP scale against faiss IndexFlatL2.
+    Knn,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -200,6 +205,61 @@ fn bench_train_step(batch: usize, steps: usize, repeats: usize, python: &str) ->
     Ok(())
 }
 
+fn bench_knn(dim: usize, repeats: usize, python: &str) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let dir = std::env::current_dir()?.join("target/bench-knn");
+    let (emb, lab) = (dir.join("emb.npy"), dir.join("labels.npy"));
+    let r = repeats.max(1).to_string();
+    let d = dim.to_string();
+    let theirs = json_line(Command::new(python).args([
+        "crates/nofuss-eval/benches/faiss_knn.py",
+        dir.to_str().unwrap_or("."),
+        "60502",
+        &d,
+        "11316",
+        &r,
+    ]))?;
+    eprintln!("{theirs}");
+    let ours = json_line(Command::new(&cargo).args([
+        "bench",
+        "-q",
+        "-p",
+        "nofuss-eval",
+        "--bench",
+        "knn",
+        "--",
+        emb.to_str().unwrap_or(""),
+        lab.to_str().unwrap_or(""),
+        &r,
+    ]))?;
+    eprintln!("{ours}");
+    for k in [1, 10, 100, 1000] {
+        let key = format!("recall@{k}");
+        let (a, b) = (
+            ours[&key].as_f64().unwrap_or(-1.0),
+            theirs[&key].as_f64().unwrap_or(-2.0),
+        );
+        if (a - b).abs() > 1e-4 {
+            bail!("{key} differs: nofuss {a}, faiss {b}");
+        }
+    }
+    let (os, ts) = (
+        ours["seconds"].as_f64().unwrap_or(f64::NAN),
+        theirs["seconds"].as_f64().unwrap_or(f64::NAN),
+    );
+    println!(
+        "| benchmark | N x D | nofuss s | reference | reference s | speed ratio | recalls equal |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| exact kNN K=1000 + Recall@{{1,10,100,1000}}, CPU | 60502 x {dim} | {os:.2} | {} ({} threads) | {ts:.2} | {:.2}x | yes |",
+        theirs["impl"].as_str().unwrap_or("?"),
+        theirs["threads"],
+        ts / os
+    );
+    Ok(())
+}
+
 fn run_fetch(keys: &[&str], c: &Common) -> Result<()> {
     let opts = FetchOptions {
         dest: c.dest.clone(),
@@ -287,7 +347,15 @@ fn run(cli: Cli) -> Result<()> {
             steps,
             repeats,
             python,
+            ..
         } => bench_train_step(batch, steps, repeats, &python)?,
+        Task::Bench {
+            which: Bench::Knn,
+            repeats,
+            python,
+            dim,
+            ..
+        } => bench_knn(dim, repeats, &python)?,
     }
     Ok(())
 }

@@ -34,7 +34,7 @@ impl Neighbors {
     }
 }
 
-const QUERY_BLOCK: usize = 64;
+const QUERY_BLOCK: usize = 256;
 const DB_TILE: usize = 1024;
 
 /// Exact K nearest neighbours of every row of `embeddings` (`[N, dim]`) among the others.
@@ -233,6 +233,9 @@ impl Ord for Candidate {
 struct TopK {
     k: usize,
     heap: std::collections::BinaryHeap<Candidate>,
+    /// Distance of the worst kept candidate (infinite until K are kept): anything
+    /// farther is rejected without touching the heap.
+    worst: f32,
 }
 
 impl TopK {
@@ -240,11 +243,15 @@ impl TopK {
         Self {
             k,
             heap: std::collections::BinaryHeap::with_capacity(k + 1),
+            worst: f32::INFINITY,
         }
     }
 
     #[inline]
     fn push(&mut self, d: f32, i: u32) {
+        if d > self.worst {
+            return;
+        }
         let c = Candidate(d, i);
         if self.heap.len() < self.k {
             self.heap.push(c);
@@ -252,6 +259,9 @@ impl TopK {
             if c < *worst {
                 *worst = c;
             }
+        }
+        if self.heap.len() == self.k {
+            self.worst = self.heap.peek().map_or(f32::INFINITY, |w| w.0);
         }
     }
 

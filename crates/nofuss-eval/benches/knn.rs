@@ -1,0 +1,86 @@
+//! Exact kNN + Recall@K at SOP scale, for comparison with `benches/faiss_knn.py` on the
+//! same files. `cargo xtask bench knn` runs both and checks that the recalls agree.
+//!
+//! `cargo bench -p nofuss-eval --bench knn -- EMB.npy LABELS.npy [REPEATS]` prints one JSON
+//! line: median seconds of `knn` (K = 1,000) + Recall@{1,10,100,1000} over REPEATS runs.
+
+use std::time::Instant;
+
+use nofuss_eval::{knn, recall_from_neighbors, Metric};
+
+/// Reads a little-endian C-order `.npy` array: its shape and raw data bytes.
+fn read_npy(path: &str, descr: &str) -> Result<(Vec<usize>, Vec<u8>), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(format!("{path}: not a .npy file"));
+    }
+    let (hlen, start) = if bytes[6] == 1 {
+        (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
+    } else {
+        (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        )
+    };
+    let header = String::from_utf8_lossy(&bytes[start..start + hlen]).to_string();
+    if !header.contains(&format!("'descr': '{descr}'")) || header.contains("'fortran_order': True")
+    {
+        return Err(format!("{path}: expected C-order {descr}, header {header}"));
+    }
+    let shape_txt = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .ok_or("no shape")?;
+    let shape = shape_txt
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().map_err(|_| "bad shape".to_string()))
+        .collect::<Result<Vec<usize>, _>>()?;
+    Ok((shape, bytes[start + hlen..].to_vec()))
+}
+
+fn main() -> Result<(), String> {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let (emb_path, lab_path) = match (args.first(), args.get(1)) {
+        (Some(e), Some(l)) => (e.clone(), l.clone()),
+        _ => return Err("usage: knn EMB.npy LABELS.npy [REPEATS]".into()),
+    };
+    let repeats: usize = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(1);
+    let (shape, raw) = read_npy(&emb_path, "<f4")?;
+    let emb: Vec<f32> = raw
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let (_, raw) = read_npy(&lab_path, "<i8")?;
+    let labels: Vec<u32> = raw
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as u32)
+        .collect();
+    let (n, dim) = (shape[0], shape[1]);
+    let ks = [1, 10, 100, 1000];
+    let mut times = Vec::new();
+    let mut recall = Vec::new();
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        let nb = knn(&emb, dim, 1000, Metric::Euclidean).map_err(|e| e.to_string())?;
+        recall = recall_from_neighbors(&nb, &labels, &ks).map_err(|e| e.to_string())?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let mut line = serde_json::json!({
+        "impl": "nofuss-eval knn",
+        "threads": rayon::current_num_threads(),
+        "n": n,
+        "dim": dim,
+        "seconds": (times[times.len() / 2] * 1000.0).round() / 1000.0,
+    });
+    for (k, r) in recall {
+        line[format!("recall@{k}")] = r.into();
+    }
+    println!("{line}");
+    Ok(())
+}
