@@ -34,17 +34,22 @@ fn nmi_matches_sklearn() {
     }
 }
 
+/// A fixture case's `dim`, row-major `embeddings` and `labels`.
+fn embedding_case(case: &Value) -> (usize, Vec<f32>, Vec<u32>) {
+    let dim = case["dim"].as_u64().unwrap() as usize;
+    let emb = case["embeddings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    (dim, emb, u32s(&case["labels"]))
+}
+
 #[test]
 fn recall_matches_sklearn_brute_force_neighbours() {
     for case in fixture()["recall"].as_array().unwrap() {
-        let dim = case["dim"].as_u64().unwrap() as usize;
-        let emb: Vec<f32> = case["embeddings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
-        let labels = u32s(&case["labels"]);
+        let (dim, emb, labels) = embedding_case(case);
         let want = case["recall"].as_object().unwrap();
         let ks: Vec<usize> = want.keys().map(|k| k.parse().unwrap()).collect();
         for (k, r) in recall_at_k(&emb, dim, &labels, &ks, Metric::Euclidean).unwrap() {
@@ -61,14 +66,7 @@ fn map_at_r_matches_pytorch_metric_learning() {
     ))
     .unwrap();
     for case in fx["cases"].as_array().unwrap() {
-        let dim = case["dim"].as_u64().unwrap() as usize;
-        let emb: Vec<f32> = case["embeddings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
-        let labels = u32s(&case["labels"]);
+        let (dim, emb, labels) = embedding_case(case);
         let m = nofuss_eval::map_at_r(&emb, dim, &labels, Metric::Euclidean).unwrap();
         let (want_map, want_rp) = (
             case["map_at_r"].as_f64().unwrap(),
