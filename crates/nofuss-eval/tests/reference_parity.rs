@@ -1,5 +1,6 @@
 //! Parity with reference implementations: scikit-learn (`tests/reference/eval_sklearn.py`)
-//! and pytorch-metric-learning (`tests/reference/eval_pml.py`), through their fixtures.
+//! pytorch-metric-learning (`tests/reference/eval_pml.py`) and faiss
+//! (`tests/reference/knn_faiss.py`), through their committed fixtures.
 
 use nofuss_eval::{nmi, recall_at_k, Metric, NmiNormalization};
 use serde_json::Value;
@@ -87,5 +88,39 @@ fn map_at_r_matches_pytorch_metric_learning() {
             (p1 - case["precision_at_1"].as_f64().unwrap()).abs() < 1e-12,
             "Precision@1 = Recall@1"
         );
+    }
+}
+
+#[test]
+fn knn_matches_faiss_index_flat_l2() {
+    let fx: Value = serde_json::from_str(include_str!(
+        "../../../tests/reference/fixtures/knn_faiss.json"
+    ))
+    .unwrap();
+    for case in fx["cases"].as_array().unwrap() {
+        let (dim, emb, labels) = embedding_case(case);
+        let k = case["k"].as_u64().unwrap() as usize;
+        let nb = nofuss_eval::knn(&emb, dim, k, Metric::Euclidean).unwrap();
+        let want_idx = case["indices"].as_array().unwrap();
+        let want_dist = case["distances"].as_array().unwrap();
+        for (i, (wi, wd)) in want_idx.iter().zip(want_dist).enumerate() {
+            let wi = u32s(wi);
+            // Same neighbours in the same order, same squared distances (float rounding aside).
+            assert_eq!(nb.of(i), wi.as_slice(), "row {i}");
+            for (slot, d) in wd.as_array().unwrap().iter().enumerate() {
+                let (ours, theirs) = (nb.distances[i * k + slot], d.as_f64().unwrap() as f32);
+                assert!(
+                    (ours - theirs).abs() <= 1e-4 * theirs.max(1.0),
+                    "row {i} slot {slot}: {ours} vs {theirs}"
+                );
+            }
+        }
+        let want = case["recall"].as_object().unwrap();
+        let ks: Vec<usize> = want.keys().map(|s| s.parse().unwrap()).collect();
+        for (kk, r) in recall_at_k(&emb, dim, &labels, &ks, Metric::Euclidean).unwrap() {
+            // The same hit count; numpy's mean and hits/n may differ in the last bit.
+            let w = want[&kk.to_string()].as_f64().unwrap();
+            assert!((r - w).abs() < 1e-12, "Recall@{kk}: {r} vs faiss {w}");
+        }
     }
 }
