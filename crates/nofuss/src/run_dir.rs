@@ -74,11 +74,19 @@ pub fn create(out_dir: &Path, name: Option<&str>, prefix: &str) -> Result<PathBu
 
 /// Writes `bytes` to `path` atomically: temporary sibling, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| {
+        fs::write(tmp, bytes).map_err(|e| TrainError::io(tmp, e))
+    })
+}
+
+/// Lets `write` fill a temporary sibling of `path`, then fsyncs and renames it over
+/// `path`: readers see the old file or the whole new one, never a part.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| TrainError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| TrainError::io(&tmp, e))?;
-    drop(f);
+    write(&tmp)?;
+    fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| TrainError::io(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
 }
 

@@ -34,12 +34,8 @@ pub struct EpochMetrics {
     pub epoch: usize,
     /// Mean training loss of the epoch (none for epoch 0).
     pub train_loss: Option<f64>,
-    /// Recall@K on the unseen classes.
-    pub recall: Vec<(usize, f64)>,
-    /// NMI on the unseen classes.
-    pub nmi: Option<f64>,
-    /// MAP@R and R-Precision on the unseen classes (with `eval.map_at_r`).
-    pub map_at_r: Option<nofuss_eval::MapAtR>,
+    /// Recall@K, and NMI and MAP@R when configured, on the unseen classes.
+    pub eval: EvalReport,
     /// Training throughput of the epoch.
     pub images_per_sec: Option<f64>,
     /// Wall time of the epoch (training and evaluation).
@@ -47,29 +43,16 @@ pub struct EpochMetrics {
 }
 
 impl EpochMetrics {
-    /// Recall@K for one K.
-    pub fn recall_at(&self, k: usize) -> Option<f64> {
-        self.recall.iter().find(|(kk, _)| *kk == k).map(|(_, r)| *r)
-    }
-
-    /// The `metrics.jsonl` line: fixed keys `epoch`, `train_loss`, `recall@K`, `nmi`,
-    /// `map@r`, `r_precision` (null when not computed), `images_per_sec`, `epoch_seconds`.
+    /// The `metrics.jsonl` line: `epoch`, `train_loss`, the evaluation's keys (`recall@K`,
+    /// `nmi`, `map@r`, `r_precision`; null when not computed, see
+    /// [`crate::eval_cmd::report_json`]), `images_per_sec`, `epoch_seconds`.
     pub fn to_json(&self) -> serde_json::Value {
-        let mut m = serde_json::Map::new();
-        m.insert("epoch".into(), self.epoch.into());
-        m.insert("train_loss".into(), self.train_loss.into());
-        for (k, r) in &self.recall {
-            m.insert(format!("recall@{k}"), (*r).into());
-        }
-        m.insert("nmi".into(), self.nmi.into());
-        m.insert("map@r".into(), self.map_at_r.map(|x| x.map_at_r).into());
-        m.insert(
-            "r_precision".into(),
-            self.map_at_r.map(|x| x.r_precision).into(),
-        );
-        m.insert("images_per_sec".into(), self.images_per_sec.into());
-        m.insert("epoch_seconds".into(), self.seconds.into());
-        serde_json::Value::Object(m)
+        let mut v = crate::eval_cmd::report_json(&self.eval);
+        v["epoch"] = self.epoch.into();
+        v["train_loss"] = self.train_loss.into();
+        v["images_per_sec"] = self.images_per_sec.into();
+        v["epoch_seconds"] = self.seconds.into();
+        v
     }
 }
 
@@ -187,12 +170,7 @@ impl Model {
 
 /// Saves `state` as safetensors atomically.
 pub fn save_checkpoint(path: &Path, state: &HashMap<String, Tensor>) -> Result<()> {
-    let tmp = path.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(state, &tmp)?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| TrainError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+    run_dir::write_atomic_with(path, |tmp| Ok(candle_core::safetensors::save(state, tmp)?))
 }
 
 fn say(opts: &TrainOptions, s: impl AsRef<str>) {
@@ -295,19 +273,21 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
 
     let mut history = Vec::new();
     let t0 = Instant::now();
-    let report = evaluate(&model, &test_bank, &test_set.labels, cfg, &device)?;
+    // Prints, appends to metrics.jsonl (fsync) and redraws the plot: once per evaluation.
+    let record = |history: &mut Vec<EpochMetrics>, m: EpochMetrics| -> Result<()> {
+        say(opts, epoch_line(&m));
+        run_dir::append_metrics(&dir, &m.to_json())?;
+        history.push(m);
+        write_plot(&dir, history)
+    };
     let m0 = EpochMetrics {
         epoch: 0,
         train_loss: None,
-        recall: report.recall,
-        nmi: report.nmi,
-        map_at_r: report.map_at_r,
+        eval: evaluate(&model, &test_bank, &test_set.labels, cfg, &device)?,
         images_per_sec: None,
         seconds: t0.elapsed().as_secs_f64(),
     };
-    say(opts, epoch_line(&m0));
-    run_dir::append_metrics(&dir, &m0.to_json())?;
-    history.push(m0);
+    record(&mut history, m0)?;
 
     for epoch in 1..=cfg.optim.epochs {
         let t_epoch = Instant::now();
@@ -378,25 +358,18 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         }
         pb.finish_and_clear();
         let train_secs = t_train.elapsed().as_secs_f64();
-        let report = evaluate(&model, &test_bank, &test_set.labels, cfg, &device)?;
         let m = EpochMetrics {
             epoch,
             train_loss: Some(loss_sum / steps.max(1) as f64),
-            recall: report.recall,
-            nmi: report.nmi,
-            map_at_r: report.map_at_r,
+            eval: evaluate(&model, &test_bank, &test_set.labels, cfg, &device)?,
             images_per_sec: Some(images as f64 / train_secs.max(1e-9)),
             seconds: t_epoch.elapsed().as_secs_f64(),
         };
-        say(opts, epoch_line(&m));
         // Checkpoint first, then the metrics line that declares the epoch finished.
         save_checkpoint(&dir.join(run_dir::LAST_CHECKPOINT), &model.state())?;
-        run_dir::append_metrics(&dir, &m.to_json())?;
-        history.push(m);
-        write_plot(&dir, &history)?;
+        record(&mut history, m)?;
     }
     save_checkpoint(&dir.join(run_dir::FINAL_CHECKPOINT), &model.state())?;
-    write_plot(&dir, &history)?;
     Ok(RunSummary {
         run_dir: dir,
         device: picked.description,
@@ -416,11 +389,11 @@ fn write_plot(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
         .collect();
     let r1: Vec<(f64, f64)> = history
         .iter()
-        .filter_map(|m| m.recall.first().map(|&(_, r)| (m.epoch as f64, r)))
+        .filter_map(|m| m.eval.recall.first().map(|&(_, r)| (m.epoch as f64, r)))
         .collect();
     let k = history
         .first()
-        .and_then(|m| m.recall.first())
+        .and_then(|m| m.eval.recall.first())
         .map(|r| r.0)
         .unwrap_or(1);
     let title = format!("Recall@{k}, unseen classes");
@@ -442,6 +415,7 @@ fn write_plot(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
 
 fn epoch_line(m: &EpochMetrics) -> String {
     let recall: Vec<String> = m
+        .eval
         .recall
         .iter()
         .map(|(k, r)| format!("R@{k} {:.4}", r))
@@ -450,8 +424,12 @@ fn epoch_line(m: &EpochMetrics) -> String {
         .train_loss
         .map(|l| format!("loss {l:.4} | "))
         .unwrap_or_else(|| "untrained | ".into());
-    let nmi = m.nmi.map(|n| format!(" | NMI {n:.4}")).unwrap_or_default();
-    let nmi = match m.map_at_r {
+    let nmi = m
+        .eval
+        .nmi
+        .map(|n| format!(" | NMI {n:.4}"))
+        .unwrap_or_default();
+    let nmi = match m.eval.map_at_r {
         Some(x) => format!("{nmi} | MAP@R {:.4}", x.map_at_r),
         None => nmi,
     };
@@ -473,7 +451,7 @@ pub fn summary_table(s: &RunSummary) -> String {
     let ks: Vec<usize> = s
         .history
         .first()
-        .map(|m| m.recall.iter().map(|r| r.0).collect())
+        .map(|m| m.eval.recall.iter().map(|r| r.0).collect())
         .unwrap_or_default();
     out.push_str(&format!("{:>5}  {:>8}", "epoch", "loss"));
     for k in &ks {
@@ -488,12 +466,13 @@ pub fn summary_table(s: &RunSummary) -> String {
                 .map(|l| format!("{l:.4}"))
                 .unwrap_or_else(|| "-".into())
         ));
-        for (_, r) in &m.recall {
+        for (_, r) in &m.eval.recall {
             out.push_str(&format!("  {r:>6.4}"));
         }
         out.push_str(&format!(
             "  {:>6}\n",
-            m.nmi
+            m.eval
+                .nmi
                 .map(|n| format!("{n:.4}"))
                 .unwrap_or_else(|| "-".into())
         ));
@@ -504,8 +483,8 @@ pub fn summary_table(s: &RunSummary) -> String {
             "\nRecall@{k} on {} unseen classes ({} images): {:.4} untrained -> {:.4} after {} epoch(s)\n",
             s.test_classes,
             s.test_images,
-            first.recall_at(k).unwrap_or(f64::NAN),
-            last.recall_at(k).unwrap_or(f64::NAN),
+            first.eval.recall_at(k).unwrap_or(f64::NAN),
+            last.eval.recall_at(k).unwrap_or(f64::NAN),
             last.epoch
         ));
     }
