@@ -22,16 +22,19 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod bn_inception;
 mod error;
 mod head;
 mod small_cnn;
+pub mod weights;
 
+pub use bn_inception::{BatchNormMode, BnInception, BnInceptionConfig, BN_INCEPTION_FEATURES};
 pub use error::{BackboneError, Result};
 pub use head::{EmbeddingHead, HeadConfig, Pooling};
+pub use nofuss_tensor::{ChannelOrder, Normalization};
 pub use small_cnn::{SmallCnn, SmallCnnConfig};
 
 use candle_core::Tensor;
-use nofuss_tensor::Normalization;
 
 /// What a backbone expects as input.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,5 +1,6 @@
 use candle_core::Tensor;
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Module, ModuleT, VarBuilder};
+use nofuss_tensor::pool::{max_pool2d, Pool2d};
 use nofuss_tensor::Normalization;
 use serde::{Deserialize, Serialize};
 
@@ -29,7 +30,7 @@ impl Default for SmallCnnConfig {
 }
 
 /// A compact VGG-style CNN: blocks of 3x3 convolution (no bias), batch normalisation,
-/// ReLU and 2x2 max pooling. Parameters are named `blocks.{i}.conv.weight` and
+/// ReLU and 2x2 max pooling (floor mode: an odd row or column is dropped). Parameters are named `blocks.{i}.conv.weight` and
 /// `blocks.{i}.bn.{weight,bias,running_mean,running_var}`.
 #[derive(Debug, Clone)]
 pub struct SmallCnn {
@@ -80,10 +81,8 @@ impl Backbone for SmallCnn {
     fn forward_map(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut h = x.clone();
         for (conv, bn) in &self.blocks {
-            h = bn
-                .forward_t(&conv.forward(&h)?, train)?
-                .relu()?
-                .max_pool2d(2)?;
+            let a = bn.forward_t(&conv.forward(&h)?, train)?.relu()?;
+            h = max_pool2d(&a, &Pool2d::new(2, 2))?;
         }
         Ok(h)
     }

@@ -28,6 +28,7 @@ mod error;
 mod init;
 mod normalization;
 pub mod ops;
+pub mod pool;
 mod precision;
 
 pub use device::{DeviceSpec, SelectedDevice};

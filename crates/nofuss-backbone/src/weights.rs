@@ -1,0 +1,96 @@
+//! Reading weight files: PyTorch pickles and safetensors, by extension.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::Tensor;
+
+use crate::{BackboneError, Result};
+
+/// Reads every tensor of a weight file into a map by name.
+///
+/// `.safetensors` files are read with candle's safetensors reader; `.pth`, `.pt` and
+/// `.bin` files as PyTorch pickles (`torch.save` of a state dict, or of a dict holding
+/// one under `state_dict` or `model`). Errors name the file.
+pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let err = |message: String| BackboneError::Weights {
+        path: path.to_path_buf(),
+        message,
+    };
+    if !path.is_file() {
+        return Err(err("no such file".into()));
+    }
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    match ext.as_str() {
+        "safetensors" => candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+            .map_err(|e| err(format!("not a readable safetensors file: {e}"))),
+        "pth" | "pt" | "bin" | "ckpt" => {
+            let read = |key: Option<&str>| {
+                candle_core::pickle::read_all_with_key(path, key)
+                    .map_err(|e| err(format!("not a readable PyTorch checkpoint: {e}")))
+            };
+            let mut tensors = read(None)?;
+            for key in ["state_dict", "model"] {
+                if tensors.is_empty() {
+                    tensors = read(Some(key)).unwrap_or_default();
+                }
+            }
+            if tensors.is_empty() {
+                return Err(err("the checkpoint holds no tensors".into()));
+            }
+            Ok(tensors.into_iter().collect())
+        }
+        _ => Err(err(format!(
+            "unknown weight format '.{ext}': expected .safetensors or .pth/.pt/.bin"
+        ))),
+    }
+}
+
+/// `t` with shape `want`, if it has that shape up to leading or trailing dimensions
+/// of size one (the public BN-Inception checkpoint stores batch-norm vectors as `[1, C]`).
+pub fn squeeze_to(t: &Tensor, want: &[usize]) -> Option<Tensor> {
+    let core = |s: &[usize]| -> Vec<usize> { s.iter().copied().filter(|&d| d != 1).collect() };
+    if t.dims() == want {
+        return Some(t.clone());
+    }
+    if core(t.dims()) == core(want) && t.elem_count() == want.iter().product::<usize>() {
+        return t.reshape(want).ok();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn squeeze_accepts_unit_dims_only() {
+        let t = Tensor::zeros((1, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(squeeze_to(&t, &[5]).unwrap().dims(), &[5]);
+        assert!(squeeze_to(&t, &[6]).is_none());
+        let w = Tensor::zeros((4, 3, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(squeeze_to(&w, &[3, 4, 1, 1]).is_none());
+        assert_eq!(squeeze_to(&w, &[4, 3, 1, 1]).unwrap().dims(), &[4, 3, 1, 1]);
+    }
+
+    #[test]
+    fn unreadable_files_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w.pth");
+        std::fs::write(&p, b"not a pickle").unwrap();
+        let e = read_weights(&p).unwrap_err().to_string();
+        assert!(e.contains("w.pth"), "{e}");
+        let p = dir.path().join("w.onnx");
+        std::fs::write(&p, b"x").unwrap();
+        assert!(read_weights(&p).unwrap_err().to_string().contains(".onnx"));
+        assert!(read_weights(&dir.path().join("missing.safetensors"))
+            .unwrap_err()
+            .to_string()
+            .contains("no such file"));
+    }
+}
