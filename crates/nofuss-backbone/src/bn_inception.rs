@@ -11,7 +11,7 @@ use nofuss_tensor::pool::{avg_pool2d, max_pool2d, Pool2d};
 use nofuss_tensor::Normalization;
 use serde::{Deserialize, Serialize};
 
-use crate::weights::{read_weights, squeeze_to};
+use crate::weights::{read_weights, select};
 use crate::{Backbone, BackboneError, InputSpec, Pooling, Result};
 
 /// How batch normalisation behaves while training.
@@ -454,21 +454,11 @@ impl BnInception {
     pub fn load(path: &Path, device: &Device, cfg: &BnInceptionConfig) -> Result<Self> {
         let tensors = read_weights(path)?;
         let expected = Self::parameter_shapes(cfg)?;
-        let mut checked = HashMap::with_capacity(expected.len());
-        for (name, shape) in &expected {
-            let t = tensors.get(name).ok_or_else(|| BackboneError::Weights {
-                path: path.to_path_buf(),
-                message: format!("missing tensor `{name}` (expected shape {shape:?})"),
-            })?;
-            let t = squeeze_to(t, shape).ok_or_else(|| BackboneError::Weights {
-                path: path.to_path_buf(),
-                message: format!(
-                    "tensor `{name}` has shape {:?}, expected {shape:?}",
-                    t.dims()
-                ),
-            })?;
-            checked.insert(name.clone(), t.to_dtype(DType::F32)?.to_device(device)?);
-        }
+        let checked = select(path, &tensors, &expected, "BN-Inception")?;
+        let checked = checked
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?.to_device(device)?)))
+            .collect::<candle_core::Result<HashMap<_, _>>>()?;
         Self::new(VarBuilder::from_tensors(checked, DType::F32, device), cfg)
     }
 

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 
 use crate::{BackboneError, Result};
 
@@ -48,6 +48,76 @@ pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
             "unknown weight format '.{ext}': expected .safetensors or .pth/.pt/.bin"
         ))),
     }
+}
+
+/// Picks the `expected` tensors (name, shape) out of `tensors` read from `path`, each
+/// reshaped to its expected shape (see [`squeeze_to`]). Extra tensors are ignored. A
+/// missing or mis-shaped tensor is a [`BackboneError::Weights`] naming it and the file;
+/// `model` names the network in the message.
+pub fn select(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    expected: &[(String, Vec<usize>)],
+    model: &str,
+) -> Result<HashMap<String, Tensor>> {
+    let err = |message: String| BackboneError::Weights {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut missing: Vec<&str> = expected
+        .iter()
+        .filter(|(n, _)| !tensors.contains_key(n))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if !missing.is_empty() {
+        missing.sort_unstable();
+        let shown: Vec<String> = missing.iter().take(5).map(|n| format!("`{n}`")).collect();
+        return Err(err(format!(
+            "missing {} of {} tensors of {model}, e.g. {}",
+            missing.len(),
+            expected.len(),
+            shown.join(", ")
+        )));
+    }
+    expected
+        .iter()
+        .map(|(name, shape)| {
+            let t = &tensors[name];
+            let t = squeeze_to(t, shape).ok_or_else(|| {
+                err(format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    t.dims()
+                ))
+            })?;
+            Ok((name.clone(), t))
+        })
+        .collect()
+}
+
+/// Loads a weight file into existing variables: each `(name, var)` whose name starts
+/// with `prefix` takes the file's tensor named without the prefix (converted to the
+/// variable's dtype and device). Returns how many variables were set.
+pub fn load_into(path: &Path, vars: &[(String, Var)], prefix: &str, model: &str) -> Result<usize> {
+    let tensors = read_weights(path)?;
+    let targets: Vec<(&Var, String, Vec<usize>)> = vars
+        .iter()
+        .filter_map(|(n, v)| {
+            n.strip_prefix(prefix)
+                .map(|short| (v, short.to_string(), v.dims().to_vec()))
+        })
+        .collect();
+    let expected: Vec<(String, Vec<usize>)> = targets
+        .iter()
+        .map(|(_, n, s)| (n.clone(), s.clone()))
+        .collect();
+    let picked = select(path, &tensors, &expected, model)?;
+    for (var, name, _) in &targets {
+        let t = picked[name]
+            .to_dtype(var.dtype())?
+            .to_device(var.device())?;
+        var.set(&t)?;
+    }
+    Ok(targets.len())
 }
 
 /// `t` with shape `want`, if it has that shape up to leading or trailing dimensions

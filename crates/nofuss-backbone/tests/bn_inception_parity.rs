@@ -1,0 +1,235 @@
+//! BN-Inception against the `pretrainedmodels` PyTorch port: features, logits,
+//! training-mode batch statistics and gradients, from the fixture written by
+//! `tests/reference/bn_inception.py` (weights generated from the same rule here).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use nofuss_backbone::{Backbone, BackboneError, BnInception, BnInceptionConfig};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference/fixtures")
+}
+
+fn fixture() -> Value {
+    let text = std::fs::read_to_string(fixtures().join("bn_inception.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+fn fnv1a64(text: &str) -> u64 {
+    text.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01B3)
+    })
+}
+
+/// The weight rule of `tests/reference/bn_inception.py:seeded`.
+fn seeded(name: &str, shape: &[usize]) -> Tensor {
+    const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+    let n: usize = shape.iter().product();
+    let key = fnv1a64(name);
+    let fan_in: usize = shape.iter().skip(1).product();
+    let vals: Vec<f32> = (0..n as u64)
+        .map(|i| {
+            let mut z = key
+                .wrapping_add(i.wrapping_mul(GOLDEN))
+                .wrapping_add(GOLDEN);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let v = (z >> 11) as f64 * 2f64.powi(-53) * 2.0 - 1.0;
+            let v = if name.ends_with("running_var") {
+                1.0 + 0.5 * v
+            } else if name.ends_with("running_mean") {
+                0.2 * v
+            } else if name.contains("_bn.") && name.ends_with(".weight") {
+                1.0 + 0.25 * v
+            } else if name.ends_with(".bias") {
+                0.1 * v
+            } else if name.ends_with(".weight") {
+                v * (6.0 / fan_in as f64).sqrt()
+            } else if name.starts_with("input") {
+                64.0 * v
+            } else {
+                v
+            };
+            v as f32
+        })
+        .collect();
+    Tensor::from_vec(vals, shape, &Device::Cpu).unwrap()
+}
+
+/// A network with the seeded weights, its variables kept for inspection.
+fn seeded_net(cfg: &BnInceptionConfig, dtype: DType) -> (BnInception, VarMap) {
+    let vars = VarMap::new();
+    let net = BnInception::new(VarBuilder::from_varmap(&vars, dtype, &Device::Cpu), cfg).unwrap();
+    for (name, var) in vars.data().lock().unwrap().iter() {
+        let t = seeded(name, var.dims()).to_dtype(dtype).unwrap();
+        var.set(&t).unwrap();
+    }
+    (net, vars)
+}
+
+fn var(vars: &VarMap, name: &str) -> Var {
+    vars.data().lock().unwrap()[name].clone()
+}
+
+/// Max absolute error relative to the reference's largest magnitude.
+fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-12);
+    let err = got
+        .iter()
+        .zip(want)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        err <= tol * scale,
+        "{what}: max abs error {err} > {tol} x scale {scale}"
+    );
+}
+
+#[test]
+fn eval_features_and_logits_match_the_port() {
+    let fx = fixture();
+    let cfg = BnInceptionConfig {
+        num_classes: 1000,
+        ..Default::default()
+    };
+    let (net, _vars) = seeded_net(&cfg, DType::F32);
+    let x = seeded("input", &[2, 3, 224, 224]);
+    let feats = net.forward_features(&x, false).unwrap();
+    assert_eq!(feats.dims(), &[2, 1024]);
+    assert_eq!(net.forward_map(&x, false).unwrap().dims(), &[2, 1024, 7, 7]);
+    assert_close(
+        &values(&feats),
+        &floats(&fx["eval"]["features"]),
+        1e-4,
+        "features",
+    );
+    let logits = net.forward_logits(&x).unwrap();
+    assert_close(
+        &values(&logits),
+        &floats(&fx["eval"]["logits"]),
+        1e-4,
+        "logits",
+    );
+}
+
+#[test]
+fn train_mode_statistics_and_gradients_match_the_port() {
+    let fx = fixture();
+    // Float64 on both sides (see the reference script: this case is ill-conditioned).
+    let (net, vars) = seeded_net(&BnInceptionConfig::default(), DType::F64);
+    let x = seeded("input_small", &[2, 3, 64, 64])
+        .to_dtype(DType::F64)
+        .unwrap();
+    let feats = net.forward_features(&x, true).unwrap();
+    let train = &fx["train"];
+    assert_close(
+        &values(&feats),
+        &floats(&train["features"]),
+        1e-9,
+        "train features",
+    );
+    for (stat, key) in [
+        ("running_mean", "running_mean"),
+        ("running_var", "running_var"),
+    ] {
+        for (layer, want) in train[key].as_object().unwrap() {
+            let v = var(&vars, &format!("{layer}.{stat}"));
+            let what = format!("{layer}.{stat}");
+            assert_close(&values(v.as_tensor()), &floats(want), 1e-9, &what);
+        }
+    }
+    let r = seeded("grad_weights", &[2, 1024])
+        .to_dtype(DType::F64)
+        .unwrap();
+    let grads = (feats * r).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, want) in train["grads"].as_object().unwrap() {
+        let v = var(&vars, name);
+        let g = grads.get(v.as_tensor()).unwrap();
+        assert_close(&values(g), &floats(want), 1e-9, &format!("grad {name}"));
+    }
+}
+
+#[test]
+fn pytorch_pickle_loads_and_missing_tensors_are_named() {
+    let pth = fixtures().join("bn_inception_stem.pth");
+    let tensors = nofuss_backbone::weights::read_weights(&pth).unwrap();
+    // Batch-norm vectors are stored [1, 64], as in the public checkpoint.
+    assert_eq!(tensors["conv1_7x7_s2_bn.running_var"].dims(), &[1, 64]);
+    let w = tensors["conv1_7x7_s2.weight"].flatten_all().unwrap();
+    let want = seeded("conv1_7x7_s2.weight", &[64, 3, 7, 7]);
+    assert_eq!(
+        w.to_vec1::<f32>().unwrap(),
+        want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    let err = BnInception::load(&pth, &Device::Cpu, &BnInceptionConfig::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, BackboneError::Weights { .. }), "{msg}");
+    assert!(msg.contains("bn_inception_stem.pth"), "{msg}");
+    assert!(
+        msg.contains("missing 408 of 414 tensors of BN-Inception"),
+        "{msg}"
+    );
+    assert!(msg.contains("`conv2_3x3.bias`"), "{msg}");
+}
+
+#[test]
+fn safetensors_round_trip_and_shape_errors() {
+    let cfg = BnInceptionConfig::default();
+    let (net, vars) = seeded_net(&cfg, DType::F32);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    // Store batch-norm vectors as [1, C] to exercise the squeeze on load.
+    let mut map: HashMap<String, Tensor> = HashMap::new();
+    for (n, v) in vars.data().lock().unwrap().iter() {
+        let t = v.as_tensor().clone();
+        let t = if n.contains("_bn.") {
+            t.unsqueeze(0).unwrap()
+        } else {
+            t
+        };
+        map.insert(n.clone(), t);
+    }
+    candle_core::safetensors::save(&map, &path).unwrap();
+    let loaded = BnInception::load(&path, &Device::Cpu, &cfg).unwrap();
+    let x = seeded("input", &[1, 3, 64, 64]);
+    let a = net.forward_features(&x, false).unwrap();
+    let b = loaded.forward_features(&x, false).unwrap();
+    assert_eq!(
+        a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    map.insert(
+        "inception_4a_1x1.weight".into(),
+        Tensor::zeros((224, 576, 3, 3), DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&map, &path).unwrap();
+    let msg = BnInception::load(&path, &Device::Cpu, &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("`inception_4a_1x1.weight` has shape [224, 576, 3, 3]"),
+        "{msg}"
+    );
+}
