@@ -28,7 +28,10 @@ mod head;
 mod small_cnn;
 pub mod weights;
 
-pub use bn_inception::{BatchNormMode, BnInception, BnInceptionConfig, BN_INCEPTION_FEATURES};
+pub use bn_inception::{
+    feature_len as bn_inception_feature_len, BatchNormMode, BnInception, BnInceptionConfig,
+    BN_INCEPTION_FEATURES,
+};
 pub use error::{BackboneError, Result};
 pub use head::{EmbeddingHead, HeadConfig, Pooling};
 pub use nofuss_tensor::{ChannelOrder, Normalization};

@@ -95,10 +95,20 @@ pub fn select(
 }
 
 /// Loads a weight file into existing variables: each `(name, var)` whose name starts
-/// with `prefix` takes the file's tensor named without the prefix (converted to the
-/// variable's dtype and device). Returns how many variables were set.
+/// with `prefix` takes the file's tensor of the same name, with or without the prefix
+/// (so both backbone-only files and whole nofuss checkpoints work), converted to the
+/// variable's dtype and device. Returns how many variables were set.
 pub fn load_into(path: &Path, vars: &[(String, Var)], prefix: &str, model: &str) -> Result<usize> {
-    let tensors = read_weights(path)?;
+    // Names with the prefix (a nofuss checkpoint) or without (a backbone-only file).
+    let mut tensors = HashMap::new();
+    let mut prefixed = HashMap::new();
+    for (name, t) in read_weights(path)? {
+        match name.strip_prefix(prefix) {
+            Some(short) if !prefix.is_empty() => prefixed.insert(short.to_string(), t),
+            _ => tensors.insert(name, t),
+        };
+    }
+    tensors.extend(prefixed);
     let targets: Vec<(&Var, String, Vec<usize>)> = vars
         .iter()
         .filter_map(|(n, v)| {
@@ -146,6 +156,52 @@ mod tests {
         let w = Tensor::zeros((4, 3, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(squeeze_to(&w, &[3, 4, 1, 1]).is_none());
         assert_eq!(squeeze_to(&w, &[4, 3, 1, 1]).unwrap().dims(), &[4, 3, 1, 1]);
+    }
+
+    #[test]
+    fn load_into_takes_prefixed_or_bare_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Var::zeros((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let b = Var::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let head = Var::zeros(1, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let vars = vec![
+            ("backbone.a".to_string(), a.clone()),
+            ("backbone.b".to_string(), b.clone()),
+            ("head.w".to_string(), head.clone()),
+        ];
+        let ones = |shape: &[usize]| Tensor::ones(shape, candle_core::DType::F32, &Device::Cpu);
+        let mut file = HashMap::new();
+        file.insert("backbone.a".to_string(), ones(&[2, 3]).unwrap());
+        file.insert("b".to_string(), ones(&[1, 4]).unwrap());
+        file.insert("unrelated".to_string(), ones(&[7]).unwrap());
+        let p = dir.path().join("w.safetensors");
+        candle_core::safetensors::save(&file, &p).unwrap();
+        assert_eq!(load_into(&p, &vars, "backbone.", "test").unwrap(), 2);
+        assert_eq!(
+            a.as_tensor().sum_all().unwrap().to_scalar::<f32>().unwrap(),
+            6.0
+        );
+        assert_eq!(
+            b.as_tensor().sum_all().unwrap().to_scalar::<f32>().unwrap(),
+            4.0
+        );
+        assert_eq!(
+            head.as_tensor()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        file.remove("b");
+        candle_core::safetensors::save(&file, &p).unwrap();
+        let e = load_into(&p, &vars, "backbone.", "test")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("missing 1 of 2 tensors of test, e.g. `b`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use nofuss_backbone::BatchNormMode;
 use nofuss_losses::ProxyNcaForm;
 
 use crate::config::{DatasetKind, TrainConfig};
@@ -35,6 +36,47 @@ pub enum Command {
     /// [N]), or EMBEDDINGS.npy with --labels LABELS.npy. Every point is a query against all
     /// the others.
     Eval(EvalArgs),
+    /// Convert a PyTorch checkpoint (.pth: a pickled state dict) to .safetensors,
+    /// tensor names unchanged.
+    ConvertWeights {
+        /// The .pth (or .pt, .bin) file.
+        input: PathBuf,
+        /// The .safetensors file to write.
+        output: PathBuf,
+    },
+    /// Measure performance.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// What `nofuss bench` measures.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Images/s of whole training steps (forward, Proxy-NCA, backward, optimisers) on
+    /// synthetic input already on the device; prints one JSON line.
+    TrainStep {
+        /// Backbone: small-cnn or bn-inception.
+        #[arg(long, default_value = "small-cnn")]
+        backbone: String,
+        /// Images per step.
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        /// Input side (default: 224 for bn-inception, 32 for small-cnn).
+        #[arg(long)]
+        image_size: Option<usize>,
+        /// Number of proxies (classes).
+        #[arg(long, default_value_t = 100)]
+        classes: usize,
+        /// Timed steps; the median is reported.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Untimed warm-up steps.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Device: auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
 }
 
 /// Options of `nofuss train`; every flag overrides the configuration file.
@@ -61,6 +103,18 @@ pub struct TrainArgs {
     /// Glyph dataset: distorted renders per character and font.
     #[arg(long, value_name = "N")]
     pub renders_per_font: Option<usize>,
+    /// Backbone: small-cnn or bn-inception (3-channel input, e.g. --channels 3
+    /// --image-size 224).
+    #[arg(long, value_name = "NAME")]
+    pub backbone: Option<String>,
+    /// Backbone weights to start from: .pth (e.g. bn_inception-52deb4733.pth from
+    /// `cargo xtask fetch-weights bn-inception`) or .safetensors.
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+    /// Batch normalisation while training: train (batch statistics) or frozen
+    /// (running statistics; BN-Inception only).
+    #[arg(long, value_enum)]
+    pub bn: Option<BnArg>,
     /// Small CNN block widths, e.g. 16,32,64.
     #[arg(long, value_delimiter = ',', value_name = "W,W,...")]
     pub widths: Option<Vec<usize>>,
@@ -115,6 +169,15 @@ pub struct TrainArgs {
     /// Print only the final summary.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// Batch-norm mode on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BnArg {
+    /// Batch statistics while training.
+    Train,
+    /// Running statistics always.
+    Frozen,
 }
 
 /// Options of `nofuss eval`.
@@ -191,6 +254,16 @@ impl TrainArgs {
             c.data.glyphs.max_classes = self.max_classes;
         }
         set!(c.data.glyphs.renders_per_font, self.renders_per_font);
+        set!(c.model.backbone, self.backbone);
+        if self.weights.is_some() {
+            c.model.weights = self.weights.clone();
+        }
+        if let Some(bn) = self.bn {
+            c.model.bn_inception.batch_norm = match bn {
+                BnArg::Train => BatchNormMode::Train,
+                BnArg::Frozen => BatchNormMode::Frozen,
+            };
+        }
         set!(c.model.small_cnn.widths, self.widths);
         set!(c.model.head.dim, self.embedding_dim);
         set!(c.loss.proxy_nca.form, self.loss_form);
@@ -254,6 +327,32 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("{} embeddings of dimension {}", e.labels.len(), e.dim);
                 print!("{}", crate::eval_cmd::report_table(&report));
             }
+            Ok(())
+        }
+        Command::ConvertWeights { input, output } => {
+            let n = crate::convert::convert_weights(&input, &output)?;
+            println!("wrote {n} tensors to {}", output.display());
+            Ok(())
+        }
+        Command::Bench(BenchCommand::TrainStep {
+            backbone,
+            batch_size,
+            image_size,
+            classes,
+            steps,
+            warmup,
+            device,
+        }) => {
+            let b = crate::bench::TrainStepBench {
+                backbone,
+                batch_size,
+                image_size,
+                classes,
+                steps,
+                warmup,
+                device,
+            };
+            println!("{}", crate::bench::train_step(&b)?);
             Ok(())
         }
         Command::DefaultConfig => {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use nofuss_backbone::{HeadConfig, SmallCnnConfig};
+use nofuss_backbone::{BnInceptionConfig, HeadConfig, SmallCnnConfig};
 use nofuss_data::glyphs::GlyphConfig;
 use nofuss_eval::EvalConfig;
 use nofuss_losses::{ProxyInit, ProxyNcaConfig};
@@ -32,7 +32,7 @@ pub struct DataConfig {
     pub dir: PathBuf,
     /// Images are resized to `image_size` x `image_size`.
     pub image_size: usize,
-    /// 1 (grayscale) or 3 (RGB).
+    /// 1 (grayscale) or 3 (RGB; grayscale images such as the glyphs are replicated).
     pub channels: usize,
     /// Random translation at training time, in pixels.
     pub max_shift: usize,
@@ -60,10 +60,15 @@ impl Default for DataConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
-    /// Backbone name (`small-cnn`; `bn-inception` comes with its own issue).
+    /// Backbone name: `small-cnn` or `bn-inception`.
     pub backbone: String,
+    /// Backbone weights to start from (`.pth` or `.safetensors`, tensor names as the
+    /// backbone's, e.g. the public `bn_inception-52deb4733.pth`); none: fresh weights.
+    pub weights: Option<PathBuf>,
     /// Small CNN settings (`in_channels` and `input_size` follow the data settings).
     pub small_cnn: SmallCnnConfig,
+    /// BN-Inception settings.
+    pub bn_inception: BnInceptionConfig,
     /// Embedding head.
     pub head: HeadConfig,
 }
@@ -72,7 +77,9 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             backbone: "small-cnn".into(),
+            weights: None,
             small_cnn: SmallCnnConfig::default(),
+            bn_inception: BnInceptionConfig::default(),
             head: HeadConfig::default(),
         }
     }
@@ -206,11 +213,33 @@ impl TrainConfig {
     pub fn check(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(m));
         self.device.parse::<nofuss_tensor::DeviceSpec>()?;
-        if self.model.backbone != "small-cnn" {
-            return bad(format!(
-                "unknown backbone '{}': available: small-cnn",
-                self.model.backbone
-            ));
+        match self.model.backbone.as_str() {
+            "small-cnn" => {}
+            "bn-inception" => {
+                if self.data.channels != 3 {
+                    return bad(format!(
+                        "bn-inception takes 3-channel images, but data.channels is {}",
+                        self.data.channels
+                    ));
+                }
+                if nofuss_backbone::bn_inception_feature_len(self.data.image_size).is_none() {
+                    return bad(format!(
+                        "bn-inception cannot take {0}x{0} images (its stride-2 branches \
+                         disagree in size); use e.g. 224, 227 or a multiple of 32",
+                        self.data.image_size
+                    ));
+                }
+            }
+            other => {
+                return bad(format!(
+                    "unknown backbone '{other}': available: small-cnn, bn-inception"
+                ))
+            }
+        }
+        if let Some(w) = &self.model.weights {
+            if !w.is_file() {
+                return bad(format!("weights file {} does not exist", w.display()));
+            }
         }
         if self.loss.name != "proxy-nca" {
             return bad(format!(
@@ -239,9 +268,6 @@ impl TrainConfig {
                 "channels must be 1 or 3, got {}",
                 self.data.channels
             ));
-        }
-        if self.data.dataset == DatasetKind::Glyphs && self.data.channels != 1 {
-            return bad("the glyph dataset is grayscale: channels must be 1".into());
         }
         if self.eval.ks.is_empty() || self.eval.ks.contains(&0) {
             return bad(format!(

@@ -14,8 +14,10 @@
 //! # Ok::<(), nofuss::TrainError>(())
 //! ```
 
+pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod convert;
 mod error;
 pub mod eval_cmd;
 pub mod plot;

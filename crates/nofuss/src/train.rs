@@ -8,7 +8,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use indicatif::{ProgressBar, ProgressStyle};
-use nofuss_backbone::{Backbone, Embedder, EmbeddingHead, SmallCnn, SmallCnnConfig};
+use nofuss_backbone::{Backbone, BnInception, Embedder, EmbeddingHead, SmallCnn, SmallCnnConfig};
 use nofuss_data::{cub, glyphs, Augment, Batches, ImageBank, ImageSpec, ZeroShotSplit};
 use nofuss_eval::{EvalConfig, EvalReport, KMeansConfig};
 use nofuss_losses::{LossError, ProxyNca};
@@ -94,13 +94,29 @@ impl Model {
     pub fn new(cfg: &TrainConfig, num_classes: usize, device: &Device) -> Result<Self> {
         let params = SeededVarMap::new(cfg.seed);
         let vb = params.var_builder(DType::F32, device);
-        let cnn_cfg = SmallCnnConfig {
-            in_channels: cfg.data.channels,
-            input_size: cfg.data.image_size,
-            ..cfg.model.small_cnn.clone()
+        let backbone: Box<dyn Backbone> = match cfg.model.backbone.as_str() {
+            "bn-inception" => Box::new(BnInception::new(
+                vb.pp("backbone"),
+                &cfg.model.bn_inception,
+            )?),
+            _ => {
+                let cnn_cfg = SmallCnnConfig {
+                    in_channels: cfg.data.channels,
+                    input_size: cfg.data.image_size,
+                    ..cfg.model.small_cnn.clone()
+                };
+                Box::new(SmallCnn::new(&cnn_cfg, vb.pp("backbone"))?)
+            }
         };
-        let cnn = SmallCnn::new(&cnn_cfg, vb.pp("backbone"))?;
-        let head = EmbeddingHead::new(cnn.out_channels(), &cfg.model.head, vb.pp("head"))?;
+        if let Some(path) = &cfg.model.weights {
+            nofuss_backbone::weights::load_into(
+                path,
+                &params.named_vars(),
+                "backbone.",
+                &cfg.model.backbone,
+            )?;
+        }
+        let head = EmbeddingHead::new(backbone.out_channels(), &cfg.model.head, vb.pp("head"))?;
         let proxy_params = SeededVarMap::new(cfg.seed ^ 0x0005_EED0_F9A0_C1E5);
         let loss = ProxyNca::new(
             num_classes,
@@ -110,7 +126,7 @@ impl Model {
             proxy_params.var_builder(DType::F32, device),
         )?;
         Ok(Self {
-            embedder: Embedder::new(Box::new(cnn), head),
+            embedder: Embedder::new(backbone, head),
             params,
             loss,
             proxy_params,

@@ -393,3 +393,121 @@ fn eval_rejects_bad_inputs_with_the_file_named() {
     ]);
     assert!(text(&missing.stderr).contains("none.safetensors") && !missing.status.success());
 }
+
+fn stem_pth() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/reference/fixtures/bn_inception_stem.pth")
+}
+
+#[test]
+fn bn_inception_trains_and_its_checkpoint_loads_as_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bn = [
+        "--backbone",
+        "bn-inception",
+        "--channels",
+        "3",
+        "--image-size",
+        "32",
+        "--bn",
+        "frozen",
+    ];
+    let out = tiny_run(tmp.path(), "bn", "1", &bn);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let dir = tmp.path().join("runs/bn");
+    let cfg = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    assert!(cfg.contains("backbone = \"bn-inception\""), "{cfg}");
+    assert!(cfg.contains("batch_norm = \"frozen\""), "{cfg}");
+    assert_eq!(metrics(&dir).len(), 3);
+    // A whole nofuss checkpoint (names prefixed `backbone.`) is accepted as weights.
+    let ckpt = dir.join("final.safetensors");
+    let mut with_weights = bn.to_vec();
+    with_weights.extend_from_slice(&["--weights", ckpt.to_str().unwrap()]);
+    let out = tiny_run(tmp.path(), "bn2", "1", &with_weights);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    // Starting from trained weights changes the epoch-0 evaluation.
+    let (a, b) = (scores(&dir), scores(&tmp.path().join("runs/bn2")));
+    assert_ne!(a[0], b[0]);
+}
+
+#[test]
+fn weights_missing_tensors_and_bad_backbones_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stem = stem_pth();
+    let out = tiny_run(
+        tmp.path(),
+        "w",
+        "1",
+        &[
+            "--backbone",
+            "bn-inception",
+            "--channels",
+            "3",
+            "--image-size",
+            "32",
+            "--weights",
+            stem.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("bn_inception_stem.pth") && err.contains("missing 408 of 414"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let out = tiny_run(tmp.path(), "c", "1", &["--backbone", "bn-inception"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("3-channel"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = tiny_run(tmp.path(), "d", "1", &["--backbone", "resnet"]);
+    assert!(
+        text(&out.stderr).contains("small-cnn, bn-inception"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn convert_weights_writes_safetensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_path = tmp.path().join("stem.safetensors");
+    let out = nofuss(&[
+        "convert-weights",
+        stem_pth().to_str().unwrap(),
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("wrote 6 tensors"));
+    let t = candle_core::safetensors::load(&out_path, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(t["conv1_7x7_s2.weight"].dims(), &[64, 3, 7, 7]);
+    let bad = nofuss(&[
+        "convert-weights",
+        "/nonexistent.pth",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("/nonexistent.pth"));
+}
+
+#[test]
+fn bench_train_step_prints_json() {
+    let out = nofuss(&[
+        "bench",
+        "train-step",
+        "--batch-size",
+        "4",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert!(v["images_per_sec"].as_f64().unwrap() > 0.0);
+}

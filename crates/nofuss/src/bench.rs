@@ -1,0 +1,133 @@
+//! `nofuss bench train-step`: images per second of whole training steps (forward,
+//! Proxy-NCA, backward, both optimiser steps) on synthetic device-resident input,
+//! for side-by-side comparison with `crates/nofuss/benches/torch_train_step.py`.
+
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use candle_nn::Optimizer;
+use nofuss_tensor::DeviceSpec;
+use serde_json::{json, Value};
+
+use crate::config::TrainConfig;
+use crate::train::Model;
+use crate::{Result, TrainError};
+
+/// What to time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainStepBench {
+    /// Backbone name (`small-cnn`, `bn-inception`).
+    pub backbone: String,
+    /// Images per step.
+    pub batch_size: usize,
+    /// Input side; `None`: 224 for BN-Inception, the default data size otherwise.
+    pub image_size: Option<usize>,
+    /// Proxies (classes).
+    pub classes: usize,
+    /// Timed steps (after `warmup` untimed ones).
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    pub warmup: usize,
+    /// Device string (`auto`, `cpu`, `cuda[:N]`).
+    pub device: String,
+}
+
+impl Default for TrainStepBench {
+    fn default() -> Self {
+        Self {
+            backbone: "small-cnn".into(),
+            batch_size: 64,
+            image_size: None,
+            classes: 124,
+            steps: 20,
+            warmup: 3,
+            device: "auto".into(),
+        }
+    }
+}
+
+/// Runs the benchmark; returns one JSON object with the median milliseconds per step
+/// and images per second.
+pub fn train_step(b: &TrainStepBench) -> Result<Value> {
+    if b.steps == 0 || b.batch_size < 2 || b.classes < 2 {
+        return Err(TrainError::Config(
+            "bench needs steps >= 1, batch size >= 2 and classes >= 2".into(),
+        ));
+    }
+    let mut cfg = TrainConfig::default();
+    cfg.model.backbone = b.backbone.clone();
+    if b.backbone == "bn-inception" {
+        cfg.data.channels = 3;
+        cfg.data.image_size = 224;
+    }
+    if let Some(s) = b.image_size {
+        cfg.data.image_size = s;
+    }
+    cfg.optim.batch_size = b.batch_size;
+    cfg.device = b.device.clone();
+    cfg.check()?;
+    let picked = b.device.parse::<DeviceSpec>()?.select()?;
+    let dev = picked.device;
+    let model = Model::new(&cfg, b.classes, &dev)?;
+    let (mut opt, mut popt) = model.optimizers(&cfg.optim)?;
+    let size = cfg.data.image_size;
+    let x = Tensor::randn(
+        0f32,
+        1.0,
+        (b.batch_size, cfg.data.channels, size, size),
+        &dev,
+    )?;
+    let labels: Vec<u32> = (0..b.batch_size as u32)
+        .map(|i| i % b.classes as u32)
+        .collect();
+    let y = Tensor::from_vec(labels, b.batch_size, &dev)?;
+    let mut times = Vec::with_capacity(b.steps);
+    for i in 0..b.steps + b.warmup {
+        let t = Instant::now();
+        let loss = model.loss.loss(&model.embedder.forward(&x, true)?, &y)?;
+        let grads = loss.backward()?;
+        opt.step(&grads)?;
+        popt.step(&grads)?;
+        // Reading the loss waits for the device.
+        loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if i >= b.warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    Ok(json!({
+        "impl": "nofuss (candle 0.11.1)",
+        "device": picked.description,
+        "backbone": b.backbone,
+        "batch": b.batch_size,
+        "image_size": size,
+        "steps": b.steps,
+        "median_ms": (med * 1e5).round() / 100.0,
+        "images_per_sec": (b.batch_size as f64 / med * 10.0).round() / 10.0,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_bench_runs_and_reports() {
+        let v = train_step(&TrainStepBench {
+            batch_size: 4,
+            steps: 1,
+            warmup: 0,
+            device: "cpu".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(v["batch"], 4);
+        assert!(v["images_per_sec"].as_f64().unwrap() > 0.0);
+        assert!(train_step(&TrainStepBench {
+            steps: 0,
+            ..Default::default()
+        })
+        .is_err());
+    }
+}
