@@ -10,8 +10,22 @@ use candle_nn::{VarBuilder, VarMap};
 use nofuss_backbone::{Backbone, BackboneError, BnInception, BnInceptionConfig};
 use serde_json::Value;
 
+/// The fixture folder (`NOFUSS_FIXTURES` overrides it, for test binaries run elsewhere).
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference/fixtures")
+    match std::env::var_os("NOFUSS_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference/fixtures"),
+    }
+}
+
+/// The device under test: `NOFUSS_TEST_DEVICE` (`cpu`, `cuda`, ...; CPU when unset).
+fn device() -> Device {
+    let spec = std::env::var("NOFUSS_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    spec.parse::<nofuss_tensor::DeviceSpec>()
+        .unwrap()
+        .select()
+        .unwrap()
+        .device
 }
 
 fn fixture() -> Value {
@@ -81,9 +95,14 @@ fn seeded(name: &str, shape: &[usize]) -> Tensor {
 /// A network with the seeded weights, its variables kept for inspection.
 fn seeded_net(cfg: &BnInceptionConfig, dtype: DType) -> (BnInception, VarMap) {
     let vars = VarMap::new();
-    let net = BnInception::new(VarBuilder::from_varmap(&vars, dtype, &Device::Cpu), cfg).unwrap();
+    let dev = device();
+    let net = BnInception::new(VarBuilder::from_varmap(&vars, dtype, &dev), cfg).unwrap();
     for (name, var) in vars.data().lock().unwrap().iter() {
-        let t = seeded(name, var.dims()).to_dtype(dtype).unwrap();
+        let t = seeded(name, var.dims())
+            .to_dtype(dtype)
+            .unwrap()
+            .to_device(&dev)
+            .unwrap();
         var.set(&t).unwrap();
     }
     (net, vars)
@@ -115,7 +134,9 @@ fn eval_features_and_logits_match_the_port() {
         ..Default::default()
     };
     let (net, _vars) = seeded_net(&cfg, DType::F32);
-    let x = seeded("input", &[2, 3, 224, 224]);
+    let x = seeded("input", &[2, 3, 224, 224])
+        .to_device(&device())
+        .unwrap();
     let feats = net.forward_features(&x, false).unwrap();
     assert_eq!(feats.dims(), &[2, 1024]);
     assert_eq!(net.forward_map(&x, false).unwrap().dims(), &[2, 1024, 7, 7]);
@@ -141,6 +162,8 @@ fn train_mode_statistics_and_gradients_match_the_port() {
     let (net, vars) = seeded_net(&BnInceptionConfig::default(), DType::F64);
     let x = seeded("input_small", &[2, 3, 64, 64])
         .to_dtype(DType::F64)
+        .unwrap()
+        .to_device(&device())
         .unwrap();
     let feats = net.forward_features(&x, true).unwrap();
     let train = &fx["train"];
@@ -162,6 +185,8 @@ fn train_mode_statistics_and_gradients_match_the_port() {
     }
     let r = seeded("grad_weights", &[2, 1024])
         .to_dtype(DType::F64)
+        .unwrap()
+        .to_device(&device())
         .unwrap();
     let grads = (feats * r).unwrap().sum_all().unwrap().backward().unwrap();
     for (name, want) in train["grads"].as_object().unwrap() {
@@ -203,7 +228,7 @@ fn safetensors_round_trip_and_shape_errors() {
     // Store batch-norm vectors as [1, C] to exercise the squeeze on load.
     let mut map: HashMap<String, Tensor> = HashMap::new();
     for (n, v) in vars.data().lock().unwrap().iter() {
-        let t = v.as_tensor().clone();
+        let t = v.as_tensor().to_device(&Device::Cpu).unwrap();
         let t = if n.contains("_bn.") {
             t.unsqueeze(0).unwrap()
         } else {
@@ -212,8 +237,10 @@ fn safetensors_round_trip_and_shape_errors() {
         map.insert(n.clone(), t);
     }
     candle_core::safetensors::save(&map, &path).unwrap();
-    let loaded = BnInception::load(&path, &Device::Cpu, &cfg).unwrap();
-    let x = seeded("input", &[1, 3, 64, 64]);
+    let loaded = BnInception::load(&path, &device(), &cfg).unwrap();
+    let x = seeded("input", &[1, 3, 64, 64])
+        .to_device(&device())
+        .unwrap();
     let a = net.forward_features(&x, false).unwrap();
     let b = loaded.forward_features(&x, false).unwrap();
     assert_eq!(
