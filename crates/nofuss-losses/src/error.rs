@@ -23,6 +23,9 @@ pub enum LossError {
     /// NaN or infinity in an input.
     #[error("non-finite values in {0}")]
     NonFinite(&'static str),
+    /// The batch offers nothing to compare (no positive pair, no negative, ...).
+    #[error("nothing to learn from in this batch: {0}")]
+    NoPairs(String),
     /// An invalid setting.
     #[error("invalid loss configuration: {0}")]
     Config(String),

@@ -22,10 +22,16 @@
 //! Static assignment (one proxy per class, paper section 3.1) is what [`ProxyNca`]
 //! implements: label `y` uses proxy row `y`.
 
+mod assignment;
+mod baselines;
+mod common;
 mod error;
 mod proxy_nca;
+mod proxy_triplet;
 
+pub use assignment::{nearest, Assignment, Selection};
+pub use baselines::{nca_loss, triplet_loss, NcaConfig, TripletConfig, TripletMining};
+pub use common::pairwise_squared_distances;
 pub use error::{LossError, Result};
-pub use proxy_nca::{
-    pairwise_squared_distances, proxy_nca, ProxyInit, ProxyNca, ProxyNcaConfig, ProxyNcaForm,
-};
+pub use proxy_nca::{create_proxies, proxy_nca, ProxyInit, ProxyNca, ProxyNcaConfig, ProxyNcaForm};
+pub use proxy_triplet::{proxy_triplet, ProxyTriplet, ProxyTripletConfig};

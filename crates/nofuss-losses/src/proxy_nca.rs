@@ -1,9 +1,14 @@
 //! Proxy-NCA (paper section 3.2, equation 5) with static proxy assignment.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::assignment::{Assignment, Selection};
+use crate::common::{
+    check_scale, embedding_dims, keep_or_neg_inf, log_sum_exp_rows, pairwise_squared_distances,
+    prepare, proxy_count,
+};
 use crate::{LossError, Result};
 
 /// Which Proxy-NCA the loss computes.
@@ -49,11 +54,13 @@ pub struct ProxyNcaConfig {
     pub embedding_scale: f64,
     /// `s_p`, multiplies the normalised proxies.
     pub proxy_scale: f64,
-    /// Label smoothing ε (softmax form only): the positive's target is `1-ε`, every
-    /// other proxy's `ε/(P-1)`.
+    /// Label smoothing ε (softmax form only): the positive's target is `1-ε`, each
+    /// negative proxy's `ε/(number of negatives)` (`ε/(P-1)` with static assignment).
     pub label_smoothing: f64,
     /// Check inputs for NaN/inf and return [`LossError::NonFinite`] (one host sync).
     pub check_finite: bool,
+    /// Static (one proxy per class) or dynamic (nearest proxy) assignment.
+    pub assignment: Assignment,
 }
 
 impl Default for ProxyNcaConfig {
@@ -64,6 +71,7 @@ impl Default for ProxyNcaConfig {
             proxy_scale: 3.0,
             label_smoothing: 0.0,
             check_finite: true,
+            assignment: Assignment::Static,
         }
     }
 }
@@ -72,15 +80,8 @@ impl ProxyNcaConfig {
     /// Validates the settings.
     pub fn check(&self) -> Result<()> {
         let bad = |m: String| Err(LossError::Config(m));
-        if !(self.embedding_scale > 0.0 && self.embedding_scale.is_finite()) {
-            return bad(format!(
-                "embedding_scale must be > 0, got {}",
-                self.embedding_scale
-            ));
-        }
-        if !(self.proxy_scale > 0.0 && self.proxy_scale.is_finite()) {
-            return bad(format!("proxy_scale must be > 0, got {}", self.proxy_scale));
-        }
+        check_scale("embedding_scale", self.embedding_scale)?;
+        check_scale("proxy_scale", self.proxy_scale)?;
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return bad(format!(
                 "label_smoothing must be in [0, 1), got {}",
@@ -94,69 +95,12 @@ impl ProxyNcaConfig {
     }
 }
 
-/// Squared Euclidean distances between the rows of `a` `[N,D]` and `b` `[P,D]`, `[N,P]`,
-/// as `|a|² + |b|² - 2 a·b`, clamped at 0 against rounding.
-pub fn pairwise_squared_distances(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let aa = a.sqr()?.sum_keepdim(1)?; // [N,1]
-    let bb = b.sqr()?.sum_keepdim(1)?.t()?; // [1,P]
-    let ab = a.matmul(&b.t()?)?; // [N,P]
-    Ok(aa.broadcast_add(&bb)?.broadcast_sub(&(ab * 2.0)?)?.relu()?)
-}
-
-fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    Ok(nofuss_tensor::ops::l2_normalize_rows(x)?)
-}
-
-/// Reads labels to the host and checks them against the number of proxies.
-fn host_labels(labels: &Tensor, n: usize, num_proxies: usize) -> Result<Vec<i64>> {
-    if labels.dims() != [n] {
-        return Err(LossError::Shape(format!(
-            "labels have shape {:?}, expected [{n}]",
-            labels.dims()
-        )));
-    }
-    let v: Vec<i64> = match labels.dtype() {
-        DType::U8 | DType::U32 | DType::I64 => labels.to_dtype(DType::I64)?.to_vec1()?,
-        other => return Err(LossError::LabelDtype(other)),
-    };
-    for (index, &label) in v.iter().enumerate() {
-        if label < 0 || label as usize >= num_proxies {
-            return Err(LossError::LabelOutOfRange {
-                label,
-                index,
-                num_proxies,
-            });
-        }
-    }
-    Ok(v)
-}
-
-fn check_finite(t: &Tensor, what: &'static str) -> Result<()> {
-    let s = t
-        .to_dtype(DType::F32)?
-        .abs()?
-        .sum_all()?
-        .to_scalar::<f32>()?;
-    if s.is_finite() {
-        Ok(())
-    } else {
-        Err(LossError::NonFinite(what))
-    }
-}
-
-/// Row-wise `log Σ exp(x)` over the last dimension, stable (the row max is taken out).
-/// Entries equal to `-inf` contribute nothing.
-fn log_sum_exp_rows(x: &Tensor) -> Result<Tensor> {
-    let m = x.max_keepdim(D::Minus1)?.detach();
-    let s = x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok((s + m)?.squeeze(D::Minus1)?)
-}
-
-/// Proxy-NCA loss with static assignment, averaged over the batch.
+/// Proxy-NCA loss, averaged over the anchors that take part.
 ///
-/// `embeddings` `[N,D]` (any float dtype, computed in f32), `labels` `[N]` (u8, u32
-/// or i64, each in `0..P`), `proxies` `[P,D]`. Returns a scalar f32 tensor that
-/// differentiates with respect to embeddings and proxies.
+/// `embeddings` `[N,D]` (f64 is computed in f64, every other float dtype in f32),
+/// `labels` `[N]` (u8, u32 or i64: proxy rows for static assignment, any class ids for
+/// dynamic), `proxies` `[P,D]`. Returns a scalar tensor that differentiates with respect
+/// to embeddings and proxies. Only the `N x P` distances are materialised.
 pub fn proxy_nca(
     embeddings: &Tensor,
     labels: &Tensor,
@@ -164,65 +108,94 @@ pub fn proxy_nca(
     cfg: &ProxyNcaConfig,
 ) -> Result<Tensor> {
     cfg.check()?;
-    let (n, d) = embeddings.dims2().map_err(|_| {
-        LossError::Shape(format!("embeddings {:?} are not [N,D]", embeddings.dims()))
-    })?;
-    let (p, pd) = proxies
-        .dims2()
-        .map_err(|_| LossError::Shape(format!("proxies {:?} are not [P,D]", proxies.dims())))?;
-    if n == 0 {
-        return Err(LossError::EmptyBatch);
-    }
-    if d != pd {
-        return Err(LossError::Shape(format!(
-            "embedding dimension {d} differs from proxy dimension {pd}"
-        )));
-    }
+    let (_, d) = embedding_dims(embeddings)?;
+    let p = proxy_count(proxies, d)?;
     if cfg.form == ProxyNcaForm::Paper && p < 2 {
         return Err(LossError::Config(format!(
             "the paper form excludes the positive proxy and needs at least 2 proxies, got {p}"
         )));
     }
-    host_labels(labels, n, p)?;
-    let x = embeddings.to_dtype(DType::F32)?;
-    let pr = proxies.to_dtype(DType::F32)?;
-    if cfg.check_finite {
-        check_finite(&x, "embeddings")?;
-        check_finite(&pr, "proxies")?;
-    }
-    let x = (l2_normalize(&x)? * cfg.embedding_scale)?;
-    let pr = (l2_normalize(&pr)? * cfg.proxy_scale)?;
+    let (x, pr) = prepare(
+        embeddings,
+        proxies,
+        (cfg.embedding_scale, cfg.proxy_scale),
+        cfg.check_finite,
+    )?;
     let dist = pairwise_squared_distances(&x, &pr)?; // [N,P]
-    let device = x.device();
-    let ids = Tensor::arange(0u32, p as u32, device)?.unsqueeze(0)?;
-    let mask = labels
-        .to_dtype(DType::U32)?
-        .unsqueeze(1)?
-        .broadcast_eq(&ids)?; // [N,P] u8
-    let mask_f = mask.to_dtype(DType::F32)?;
-    let logits = dist.neg()?;
-    let per_example = match cfg.form {
-        ProxyNcaForm::Paper => {
-            let d_pos = (&dist * &mask_f)?.sum(1)?;
-            let neg_inf = Tensor::full(f32::NEG_INFINITY, (n, p), device)?;
-            let negatives = mask.where_cond(&neg_inf, &logits)?;
-            (d_pos + log_sum_exp_rows(&negatives)?)?
-        }
-        ProxyNcaForm::Softmax => {
-            let log_probs = logits.broadcast_sub(&log_sum_exp_rows(&logits)?.unsqueeze(1)?)?;
-            let eps = cfg.label_smoothing;
-            let target = if eps > 0.0 && p > 1 {
-                ((&mask_f * (1.0 - eps - eps / (p - 1) as f64))? + eps / (p - 1) as f64)?
-            } else {
-                mask_f
-            };
-            (target * log_probs)?.sum(1)?.neg()?
-        }
-    };
-    Ok(per_example.mean_all()?)
+    let sel = Selection::of_batch(cfg.assignment, labels, &dist)?;
+    sel.require_anchors()?;
+    nca_over_selection(&dist, &sel, cfg.form, cfg.label_smoothing)
 }
 
-/// Proxy-NCA with one learned proxy per class (static assignment), owning its proxies.
+/// The NCA objective of each selected anchor against its positive and negative proxies,
+/// averaged: paper form `d_pos + logsumexp_neg(-d)`, softmax form
+/// `Σ_c t_c d_c + logsumexp_{pos ∪ neg}(-d)` with targets `t` (label smoothing spreads `ε`
+/// over the negatives).
+pub(crate) fn nca_over_selection(
+    dist: &Tensor,
+    sel: &Selection,
+    form: ProxyNcaForm,
+    smoothing: f64,
+) -> Result<Tensor> {
+    let device = dist.device();
+    let a = sel.anchors.len();
+    let p = sel.num_proxies;
+    let anchors = Tensor::from_slice(&sel.anchors, a, device)?;
+    let dist = dist.index_select(&anchors, 0)?; // [A,P]
+    let pos_idx = Tensor::from_slice(&sel.positive, (a, 1), device)?;
+    let d_pos = dist.gather(&pos_idx, 1)?.squeeze(1)?; // [A]
+    let neg = Tensor::from_slice(&sel.negatives, (a, p), device)?;
+    let per_anchor = match form {
+        ProxyNcaForm::Paper => (d_pos + log_sum_exp_rows(&keep_or_neg_inf(&neg, &dist.neg()?)?)?)?,
+        ProxyNcaForm::Softmax => {
+            let mut cand = sel.negatives.clone();
+            for (r, &j) in sel.positive.iter().enumerate() {
+                cand[r * p + j as usize] = 1;
+            }
+            let cand = Tensor::from_vec(cand, (a, p), device)?;
+            let lse = log_sum_exp_rows(&keep_or_neg_inf(&cand, &dist.neg()?)?)?;
+            if smoothing > 0.0 {
+                // Per anchor: (1-ε) d_pos + ε mean_neg(d).
+                let negf = neg.to_dtype(dist.dtype())?;
+                let count = negf.sum(1)?;
+                let mean_neg = (&dist * &negf)?.sum(1)?.div(&count)?;
+                ((d_pos * (1.0 - smoothing))? + (mean_neg * smoothing)? + lse)?
+            } else {
+                (d_pos + lse)?
+            }
+        }
+    };
+    Ok(per_anchor.mean_all()?)
+}
+
+/// Creates `num_proxies` learned proxies of dimension `dim`, named `proxies` in `vb`
+/// (so they live in the caller's `VarMap` and can get their own optimiser).
+pub fn create_proxies(
+    num_proxies: usize,
+    dim: usize,
+    init: ProxyInit,
+    vb: VarBuilder,
+) -> Result<Tensor> {
+    if num_proxies == 0 || dim == 0 {
+        return Err(LossError::Config(format!(
+            "need at least one proxy and one dimension, got {num_proxies} x {dim}"
+        )));
+    }
+    let hint = match init {
+        ProxyInit::Normal => Init::Randn {
+            mean: 0.0,
+            stdev: 0.125,
+        },
+        ProxyInit::Xavier => {
+            let b = (6.0 / (num_proxies + dim) as f64).sqrt();
+            Init::Uniform { lo: -b, up: b }
+        }
+    };
+    Ok(vb.get_with_hints((num_proxies, dim), "proxies", hint)?)
+}
+
+/// Proxy-NCA owning its learned proxies (one per class for static assignment, any
+/// number for dynamic).
 ///
 /// The proxies are created through the given `VarBuilder` under the name `proxies`,
 /// so they live in the caller's `VarMap` and can get their own optimizer and learning rate.
@@ -242,22 +215,7 @@ impl ProxyNca {
         vb: VarBuilder,
     ) -> Result<Self> {
         cfg.check()?;
-        if num_classes == 0 || dim == 0 {
-            return Err(LossError::Config(format!(
-                "need at least one class and one dimension, got {num_classes} x {dim}"
-            )));
-        }
-        let hint = match init {
-            ProxyInit::Normal => Init::Randn {
-                mean: 0.0,
-                stdev: 0.125,
-            },
-            ProxyInit::Xavier => {
-                let b = (6.0 / (num_classes + dim) as f64).sqrt();
-                Init::Uniform { lo: -b, up: b }
-            }
-        };
-        let proxies = vb.get_with_hints((num_classes, dim), "proxies", hint)?;
+        let proxies = create_proxies(num_classes, dim, init, vb)?;
         Ok(Self { proxies, cfg })
     }
 
@@ -280,7 +238,8 @@ impl ProxyNca {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use crate::common::l2_normalize;
+    use candle_core::{DType, Device};
 
     /// Reference by direct scalar arithmetic in f64, independent of the tensor code.
     fn scalar_reference(x: &[Vec<f64>], y: &[usize], p: &[Vec<f64>], cfg: &ProxyNcaConfig) -> f64 {

@@ -1,38 +1,103 @@
 #!/usr/bin/env python3
-"""PyTorch reference for benches/train_step.rs: the same training step, timed the same way.
+"""PyTorch reference for `nofuss bench train-step` (and benches/train_step.rs): the same
+training step, timed the same way.
 
-Model: 3 blocks of conv3x3 (no bias) + BatchNorm + ReLU + 2x2 max-pool (16, 32, 64 channels)
-on 1x32x32 input, global average pooling, linear to 64, L2 normalisation. Loss: Proxy-NCA,
-paper form (positive proxy excluded from the denominator), embeddings and 124 proxies
-L2-normalised and scaled by 3. Optimisers: Adam lr 3e-3 (model) and 3e-2 (proxies).
-Synthetic input, 3 warm-up steps, median of STEPS timed steps. Prints one JSON line.
+Backbones:
+- small-cnn (default): 3 blocks of conv3x3 (no bias) + BatchNorm + ReLU + 2x2 max-pool
+  (16, 32, 64 channels) on 1x32x32 input;
+- bn-inception: BN-Inception with the layer plan of the `pretrainedmodels` port (conv with
+  bias + BatchNorm + ReLU everywhere, 3x3 stride-2 ceil-mode max pools, 3x3 stride-1 padded
+  average pools counting padding) on 3x224x224 input, written out below from the channel
+  table (nofuss's own implementation is checked against the port in
+  crates/nofuss-backbone/tests/bn_inception_parity.rs).
+Head: global average pooling, linear to 64, L2 normalisation. Loss: Proxy-NCA, paper form
+(positive proxy excluded from the denominator), embeddings and proxies L2-normalised and
+scaled by 3. Optimisers: Adam lr 3e-3 (model) and 3e-2 (proxies), as nofuss's defaults.
+Synthetic input on the device, WARMUP untimed steps, median of STEPS timed steps, each step
+ended by reading the loss (a device synchronisation). Prints one JSON line.
 
-    python3 benches/torch_train_step.py [BATCH] [STEPS]   (threads: torch default, or NOFUSS_THREADS)
+    python3 benches/torch_train_step.py [BATCH] [STEPS] [--backbone bn-inception]
+        [--device cuda] [--classes 100] [--precision f32|bf16] [--warmup 3]
+    (CPU threads: torch default, or NOFUSS_THREADS)
 """
+import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-batch = int(sys.argv[1]) if len(sys.argv) > 1 else 64
-steps = int(sys.argv[2]) if len(sys.argv) > 2 else 20
+ap = argparse.ArgumentParser()
+ap.add_argument("batch", nargs="?", type=int, default=64)
+ap.add_argument("steps", nargs="?", type=int, default=20)
+ap.add_argument("--backbone", default="small-cnn", choices=["small-cnn", "bn-inception"])
+ap.add_argument("--device", default="cpu")
+ap.add_argument("--classes", type=int, default=124)
+ap.add_argument("--precision", default="f32", choices=["f32", "bf16"])
+ap.add_argument("--warmup", type=int, default=3)
+args = ap.parse_args()
 if os.environ.get("NOFUSS_THREADS"):
     torch.set_num_threads(int(os.environ["NOFUSS_THREADS"]))
 torch.manual_seed(0)
-classes, dim, scale = 124, 64, 3.0
+dev = torch.device(args.device)
+classes, dim, scale = args.classes, 64, 3.0
 
-blocks = []
-c_in = 1
-for w in (16, 32, 64):
-    blocks += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]
-    c_in = w
-backbone = nn.Sequential(*blocks)
-head = nn.Linear(64, dim)
-proxies = nn.Parameter(torch.randn(classes, dim) / 8)
+
+def conv_bn_relu(c_in, c_out, k, stride=1, pad=0):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, pad), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class Block(nn.Module):
+    """One inception block: 1x1 | 1x1-3x3 | 1x1-3x3-3x3 | pool(-1x1), concatenated."""
+
+    def __init__(self, c_in, one, r3, o3, rd, od, pool, proj):
+        super().__init__()
+        s = 2 if pool == "reduce" else 1
+        self.one = conv_bn_relu(c_in, one, 1) if one else None
+        self.b3 = nn.Sequential(conv_bn_relu(c_in, r3, 1), conv_bn_relu(r3, o3, 3, s, 1))
+        self.bd = nn.Sequential(conv_bn_relu(c_in, rd, 1), conv_bn_relu(rd, od, 3, 1, 1), conv_bn_relu(od, od, 3, s, 1))
+        if pool == "avg":
+            self.pool = nn.AvgPool2d(3, 1, 1, ceil_mode=True, count_include_pad=True)
+        elif pool == "max":
+            self.pool = nn.MaxPool2d(3, 1, 1, ceil_mode=True)
+        else:
+            self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.proj = conv_bn_relu(c_in, proj, 1) if proj else None
+
+    def forward(self, x):
+        out = [self.one(x)] if self.one is not None else []
+        p = self.pool(x)
+        out += [self.b3(x), self.bd(x), self.proj(p) if self.proj is not None else p]
+        return torch.cat(out, 1)
+
+
+def bn_inception():
+    plan = [  # c_in, 1x1, 3x3 reduce/out, double reduce/out, pool, pool projection
+        (192, 64, 64, 64, 64, 96, "avg", 32), (256, 64, 64, 96, 64, 96, "avg", 64),
+        (320, 0, 128, 160, 64, 96, "reduce", 0), (576, 224, 64, 96, 96, 128, "avg", 128),
+        (576, 192, 96, 128, 96, 128, "avg", 128), (576, 160, 128, 160, 128, 160, "avg", 128),
+        (608, 96, 128, 192, 160, 192, "avg", 128), (608, 0, 128, 192, 192, 256, "reduce", 0),
+        (1056, 352, 192, 320, 160, 224, "avg", 128), (1024, 352, 192, 320, 192, 224, "max", 128),
+    ]
+    stem = [conv_bn_relu(3, 64, 7, 2, 3), nn.MaxPool2d(3, 2, ceil_mode=True), conv_bn_relu(64, 64, 1),
+            conv_bn_relu(64, 192, 3, 1, 1), nn.MaxPool2d(3, 2, ceil_mode=True)]
+    return nn.Sequential(*stem, *[Block(*p) for p in plan]), 1024, (3, 224, 224)
+
+
+def small_cnn():
+    blocks, c_in = [], 1
+    for w in (16, 32, 64):
+        blocks += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]
+        c_in = w
+    return nn.Sequential(*blocks), 64, (1, 32, 32)
+
+
+backbone, feats, shape = bn_inception() if args.backbone == "bn-inception" else small_cnn()
+backbone = backbone.to(dev)
+head = nn.Linear(feats, dim).to(dev)
+proxies = nn.Parameter(torch.randn(classes, dim, device=dev) / 8)
 opt = torch.optim.Adam(list(backbone.parameters()) + list(head.parameters()), lr=3e-3)
 popt = torch.optim.Adam([proxies], lr=3e-2)
 
@@ -46,22 +111,25 @@ def proxy_nca(e, y, p):
     return (pos + torch.logsumexp(neg, dim=1)).mean()
 
 
-x = torch.randn(batch, 1, 32, 32)
-y = torch.arange(batch) % classes
+x = torch.randn(args.batch, *shape, device=dev)
+y = torch.arange(args.batch, device=dev) % classes
+autocast = args.precision == "bf16"
 times = []
-for i in range(steps + 3):
+for i in range(args.steps + args.warmup):
     t = time.perf_counter()
-    e = F.normalize(head(backbone(x).mean(dim=(2, 3))), dim=1)
-    loss = proxy_nca(e, y, proxies)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+        e = head(backbone(x).mean(dim=(2, 3)))
+    loss = proxy_nca(e.float(), y, proxies)
     opt.zero_grad(set_to_none=True)
     popt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     popt.step()
     loss.item()
-    if i >= 3:
+    if i >= args.warmup:
         times.append(time.perf_counter() - t)
 times.sort()
 med = times[len(times) // 2]
-print(json.dumps({"impl": f"PyTorch {torch.__version__} eager", "threads": torch.get_num_threads(), "batch": batch,
-                  "steps": steps, "median_ms": round(med * 1e3, 2), "images_per_sec": round(batch / med, 1)}))
+print(json.dumps({"impl": f"PyTorch {torch.__version__} eager", "device": str(dev), "backbone": args.backbone,
+                  "precision": args.precision, "threads": torch.get_num_threads(), "batch": args.batch,
+                  "steps": args.steps, "median_ms": round(med * 1e3, 2), "images_per_sec": round(args.batch / med, 1)}))

@@ -1,0 +1,236 @@
+//! Which proxy is an anchor's positive and which are its negatives: static assignment
+//! (one proxy per class) and dynamic assignment (nearest proxy, paper section 3.1).
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::common::{host_classes, host_labels};
+use crate::{LossError, Result};
+
+/// How examples are mapped to proxies.
+///
+/// - **Static** (`p(x) = p_{class(x)}`): label `y` is proxy row `y`, so labels must be
+///   below the number of proxies. An anchor's positive is its class proxy and every other
+///   proxy is a negative.
+/// - **Dynamic** (`p(u) = argmin_p d(u, p)`): each embedding of the batch is assigned,
+///   without gradient, to its nearest proxy (squared Euclidean distance between the
+///   normalised, scaled vectors; ties to the lower index). There may be fewer proxies than
+///   classes and labels are any class ids. The positive proxy of anchor `x` is the
+///   assigned proxy of the first *other* example of its class in the batch (batch order),
+///   or of `x` itself when it is alone in its class. Its negatives are the assigned proxies
+///   of the examples of other classes, each proxy once, minus the positive. An anchor with
+///   no negative (every other-class example shares its positive proxy, or the batch holds
+///   one class) is left out of the average.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Assignment {
+    /// One proxy per class.
+    #[default]
+    Static,
+    /// Nearest proxy, recomputed every step.
+    Dynamic,
+}
+
+/// The anchors that take part, each with its positive proxy and its negative proxies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    /// Batch indices of the anchors that take part.
+    pub anchors: Vec<u32>,
+    /// Positive proxy of each anchor.
+    pub positive: Vec<u32>,
+    /// `[anchors, P]` row-major, 1 where the proxy is a negative of the anchor.
+    pub negatives: Vec<u8>,
+    /// Number of proxies `P`.
+    pub num_proxies: usize,
+}
+
+impl Selection {
+    /// Static assignment for `labels` (each below `num_proxies`): every anchor, its
+    /// class proxy, all other proxies.
+    pub fn fixed(labels: &[i64], num_proxies: usize) -> Self {
+        let n = labels.len();
+        let mut negatives = vec![1u8; n * num_proxies];
+        for (i, &y) in labels.iter().enumerate() {
+            negatives[i * num_proxies + y as usize] = 0;
+        }
+        Self {
+            anchors: (0..n as u32).collect(),
+            positive: labels.iter().map(|&y| y as u32).collect(),
+            negatives,
+            num_proxies,
+        }
+    }
+
+    /// Dynamic assignment from the batch `classes` and each example's nearest proxy
+    /// `assigned` (see [`Assignment::Dynamic`] for the rule).
+    pub fn dynamic(classes: &[i64], assigned: &[u32], num_proxies: usize) -> Self {
+        let n = classes.len();
+        let mut sel = Self {
+            anchors: Vec::with_capacity(n),
+            positive: Vec::with_capacity(n),
+            negatives: Vec::with_capacity(n * num_proxies),
+            num_proxies,
+        };
+        for i in 0..n {
+            let mate = (0..n)
+                .find(|&j| j != i && classes[j] == classes[i])
+                .unwrap_or(i);
+            let pos = assigned[mate];
+            let mut row = vec![0u8; num_proxies];
+            for j in 0..n {
+                if classes[j] != classes[i] && assigned[j] != pos {
+                    row[assigned[j] as usize] = 1;
+                }
+            }
+            if row.contains(&1) {
+                sel.anchors.push(i as u32);
+                sel.positive.push(pos);
+                sel.negatives.extend_from_slice(&row);
+            }
+        }
+        sel
+    }
+
+    /// Builds the selection of a batch: checks labels, assigns dynamically from the
+    /// detached distances `dist` `[N,P]` when asked.
+    pub(crate) fn of_batch(assignment: Assignment, labels: &Tensor, dist: &Tensor) -> Result<Self> {
+        let (n, p) = dist.dims2()?;
+        match assignment {
+            Assignment::Static => Ok(Self::fixed(&host_labels(labels, n, p)?, p)),
+            Assignment::Dynamic => {
+                let classes = host_classes(labels, n)?;
+                let assigned = nearest(dist)?;
+                Ok(Self::dynamic(&classes, &assigned, p))
+            }
+        }
+    }
+
+    /// Keeps only the `k` negatives of each anchor with the smallest distance in
+    /// `dist_rows` (`[anchors, P]`, row-major, host values): the hardest ones.
+    pub fn keep_hardest(&mut self, dist_rows: &[f64], k: usize) {
+        let p = self.num_proxies;
+        for (a, row) in self.negatives.chunks_mut(p).enumerate() {
+            let mut idx: Vec<usize> = (0..p).filter(|&j| row[j] == 1).collect();
+            if idx.len() <= k {
+                continue;
+            }
+            let d = &dist_rows[a * p..(a + 1) * p];
+            idx.sort_by(|&x, &y| d[x].total_cmp(&d[y]).then(x.cmp(&y)));
+            for &j in &idx[k..] {
+                row[j] = 0;
+            }
+        }
+    }
+
+    /// Error when no anchor takes part.
+    pub(crate) fn require_anchors(&self) -> Result<()> {
+        if self.anchors.is_empty() {
+            Err(LossError::NoPairs(
+                "no anchor has a negative proxy: the batch holds a single class, or every \
+                 class shares one proxy"
+                    .into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Index of the nearest proxy of each row of `dist` `[N,P]` (ties to the lower index).
+pub fn nearest(dist: &Tensor) -> Result<Vec<u32>> {
+    let d: Vec<Vec<f64>> = dist.detach().to_dtype(DType::F64)?.to_vec2()?;
+    Ok(d.iter()
+        .map(|row| {
+            let mut best = 0usize;
+            for (j, &v) in row.iter().enumerate() {
+                if v < row[best] {
+                    best = j;
+                }
+            }
+            best as u32
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(sel: &Selection) -> Vec<Vec<u32>> {
+        sel.negatives
+            .chunks(sel.num_proxies)
+            .map(|r| {
+                (0..r.len() as u32)
+                    .filter(|&j| r[j as usize] == 1)
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn static_selection_is_class_proxy_against_all_others() {
+        let s = Selection::fixed(&[2, 0], 3);
+        assert_eq!(s.anchors, vec![0, 1]);
+        assert_eq!(s.positive, vec![2, 0]);
+        assert_eq!(rows(&s), vec![vec![0, 1], vec![1, 2]]);
+    }
+
+    #[test]
+    fn dynamic_rule_on_hand_made_batches() {
+        // Classes: a a b c ; assigned proxies: 0 1 1 3 (P = 4).
+        // Anchor 0 (a): mate is 1 -> positive p1; negatives: proxies of b (1) and c (3)
+        // minus p1 -> {3}.
+        // Anchor 1 (a): mate is 0 -> positive p0; negatives {1, 3}.
+        // Anchor 2 (b): alone -> itself, positive p1; negatives: a's {0, 1} and c's {3}
+        // minus p1 -> {0, 3}.
+        // Anchor 3 (c): alone -> p3; negatives {0, 1}.
+        let s = Selection::dynamic(&[7, 7, 4, 9], &[0, 1, 1, 3], 4);
+        assert_eq!(s.anchors, vec![0, 1, 2, 3]);
+        assert_eq!(s.positive, vec![1, 0, 1, 3]);
+        assert_eq!(rows(&s), vec![vec![3], vec![1, 3], vec![0, 3], vec![0, 1]]);
+    }
+
+    #[test]
+    fn dynamic_drops_anchors_without_negatives() {
+        // Two classes, every example on proxy 0: nobody has a negative.
+        let s = Selection::dynamic(&[0, 0, 1, 1], &[0, 0, 0, 0], 2);
+        assert!(s.anchors.is_empty());
+        assert!(s.require_anchors().is_err());
+        // One class only.
+        let s = Selection::dynamic(&[5, 5, 5], &[0, 1, 2], 3);
+        assert!(s.anchors.is_empty());
+        // Anchor 0's positive (via its mate, proxy 1) is also class b's proxy: dropped.
+        let s = Selection::dynamic(&[0, 0, 1], &[0, 1, 1], 2);
+        assert_eq!(s.anchors, vec![1, 2]);
+        assert_eq!(rows(&s), vec![vec![1], vec![0]]);
+    }
+
+    #[test]
+    fn dynamic_with_one_proxy_per_class_in_the_batch_is_static_restricted_to_the_batch() {
+        // Assignments equal the classes: same positives as static, negatives are the
+        // other classes present in the batch.
+        let s = Selection::dynamic(&[0, 1, 2, 0], &[0, 1, 2, 0], 4);
+        assert_eq!(s.positive, vec![0, 1, 2, 0]);
+        assert_eq!(rows(&s)[0], vec![1, 2]);
+    }
+
+    #[test]
+    fn hardest_negatives_are_the_nearest() {
+        let mut s = Selection::fixed(&[0, 1], 4);
+        let d = [0.0, 3.0, 1.0, 2.0, 5.0, 0.0, 4.0, 4.0];
+        s.keep_hardest(&d, 2);
+        assert_eq!(rows(&s), vec![vec![2, 3], vec![2, 3]]);
+        s.keep_hardest(&d, 5);
+        assert_eq!(rows(&s), vec![vec![2, 3], vec![2, 3]]);
+    }
+
+    #[test]
+    fn nearest_breaks_ties_low() {
+        let d = Tensor::new(
+            &[[1f32, 0.5, 0.5], [0.0, 2.0, 0.0]],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(nearest(&d).unwrap(), vec![1, 0]);
+    }
+}

@@ -1,0 +1,144 @@
+//! Proxy-Triplet (paper section 4): triplets of an anchor, its positive proxy and a
+//! negative proxy.
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::assignment::{Assignment, Selection};
+use crate::common::{
+    check_scale, embedding_dims, pairwise_squared_distances, prepare, proxy_count,
+};
+use crate::{LossError, Result};
+
+/// Settings of [`proxy_triplet`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyTripletConfig {
+    /// The margin `M` of `[d(x,p(y)) + M - d(x,p(z))]_+`, in squared distance units
+    /// of the scaled vectors (with scale 1, distances lie in `[0, 4]`).
+    pub margin: f64,
+    /// `s_x`, multiplies the normalised embeddings.
+    pub embedding_scale: f64,
+    /// `s_p`, multiplies the normalised proxies.
+    pub proxy_scale: f64,
+    /// Use only the `k` hardest (nearest) negative proxies of each anchor; `None`: all.
+    pub hardest_negatives: Option<usize>,
+    /// Check inputs for NaN/inf and return [`LossError::NonFinite`] (one host sync).
+    pub check_finite: bool,
+    /// Static (one proxy per class) or dynamic (nearest proxy) assignment.
+    pub assignment: Assignment,
+}
+
+impl Default for ProxyTripletConfig {
+    fn default() -> Self {
+        Self {
+            margin: 0.1,
+            embedding_scale: 1.0,
+            proxy_scale: 1.0,
+            hardest_negatives: None,
+            check_finite: true,
+            assignment: Assignment::Static,
+        }
+    }
+}
+
+impl ProxyTripletConfig {
+    /// Validates the settings.
+    pub fn check(&self) -> Result<()> {
+        check_scale("embedding_scale", self.embedding_scale)?;
+        check_scale("proxy_scale", self.proxy_scale)?;
+        if !(self.margin >= 0.0 && self.margin.is_finite()) {
+            return Err(LossError::Config(format!(
+                "margin must be >= 0, got {}",
+                self.margin
+            )));
+        }
+        if self.hardest_negatives == Some(0) {
+            return Err(LossError::Config(
+                "hardest_negatives must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Proxy-Triplet loss: for each anchor `x` with positive proxy `p(y)` and negative
+/// proxies `p(z)` (all of them, or the `k` nearest), the hinge
+/// `[d(x,p(y)) + M - d(x,p(z))]_+`, averaged over the anchor's negatives and then over
+/// the anchors (so every anchor weighs the same whatever its number of negatives).
+/// `d` is the squared Euclidean distance between the normalised, scaled vectors.
+/// Shapes, dtypes and assignment as in [`crate::proxy_nca`].
+pub fn proxy_triplet(
+    embeddings: &Tensor,
+    labels: &Tensor,
+    proxies: &Tensor,
+    cfg: &ProxyTripletConfig,
+) -> Result<Tensor> {
+    cfg.check()?;
+    let (_, d) = embedding_dims(embeddings)?;
+    let p = proxy_count(proxies, d)?;
+    if p < 2 {
+        return Err(LossError::Config(format!(
+            "a triplet needs a negative proxy: at least 2 proxies, got {p}"
+        )));
+    }
+    let (x, pr) = prepare(
+        embeddings,
+        proxies,
+        (cfg.embedding_scale, cfg.proxy_scale),
+        cfg.check_finite,
+    )?;
+    let dist = pairwise_squared_distances(&x, &pr)?;
+    let mut sel = Selection::of_batch(cfg.assignment, labels, &dist)?;
+    sel.require_anchors()?;
+    let device = dist.device();
+    let a = sel.anchors.len();
+    let anchors = Tensor::from_slice(&sel.anchors, a, device)?;
+    let dist = dist.index_select(&anchors, 0)?; // [A,P]
+    if let Some(k) = cfg.hardest_negatives {
+        let host: Vec<f64> = dist
+            .detach()
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1()?;
+        sel.keep_hardest(&host, k);
+    }
+    let pos_idx = Tensor::from_slice(&sel.positive, (a, 1), device)?;
+    let d_pos = dist.gather(&pos_idx, 1)?; // [A,1]
+    let neg = Tensor::from_slice(&sel.negatives, (a, p), device)?.to_dtype(dist.dtype())?;
+    let hinge = (d_pos + cfg.margin)?.broadcast_sub(&dist)?.relu()?;
+    let per_anchor = (hinge * &neg)?.sum(1)?.div(&neg.sum(1)?)?;
+    Ok(per_anchor.mean_all()?)
+}
+
+/// Proxy-Triplet owning its learned proxies.
+#[derive(Debug, Clone)]
+pub struct ProxyTriplet {
+    proxies: Tensor,
+    cfg: ProxyTripletConfig,
+}
+
+impl ProxyTriplet {
+    /// Creates `num_proxies` proxies of dimension `dim` named `proxies` in `vb`.
+    pub fn new(
+        num_proxies: usize,
+        dim: usize,
+        init: crate::ProxyInit,
+        cfg: ProxyTripletConfig,
+        vb: candle_nn::VarBuilder,
+    ) -> Result<Self> {
+        cfg.check()?;
+        let proxies = crate::create_proxies(num_proxies, dim, init, vb)?;
+        Ok(Self { proxies, cfg })
+    }
+
+    /// The proxies, `[P,D]`.
+    pub fn proxies(&self) -> &Tensor {
+        &self.proxies
+    }
+
+    /// The loss of a batch, see [`proxy_triplet`].
+    pub fn loss(&self, embeddings: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        proxy_triplet(embeddings, labels, &self.proxies, &self.cfg)
+    }
+}
