@@ -26,6 +26,7 @@ mod assignment;
 mod baselines;
 mod common;
 mod error;
+mod metric_loss;
 mod proxy_nca;
 mod proxy_triplet;
 
@@ -33,5 +34,9 @@ pub use assignment::{nearest, Assignment, Selection};
 pub use baselines::{nca_loss, triplet_loss, NcaConfig, TripletConfig, TripletMining};
 pub use common::pairwise_squared_distances;
 pub use error::{LossError, Result};
-pub use proxy_nca::{create_proxies, proxy_nca, ProxyInit, ProxyNca, ProxyNcaConfig, ProxyNcaForm};
+pub use metric_loss::{LossSpec, MetricLoss};
+pub use proxy_nca::{
+    class_mean_proxies, create_proxies, proxy_nca, ProxyInit, ProxyNca, ProxyNcaConfig,
+    ProxyNcaForm,
+};
 pub use proxy_triplet::{proxy_triplet, ProxyTriplet, ProxyTripletConfig};

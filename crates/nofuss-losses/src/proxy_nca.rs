@@ -35,6 +35,58 @@ pub enum ProxyInit {
     Normal,
     /// Xavier (Glorot) uniform: `U(-b, b)`, `b = sqrt(6 / (P + D))`.
     Xavier,
+    /// The means of the classes' embeddings at the start of training, see
+    /// [`class_mean_proxies`]; the proxies are created `Normal` and the caller (the
+    /// trainer) overwrites them once it has embedded the training data. Dynamic
+    /// assignment needs a start like this: with random proxies an untrained network puts
+    /// every example on one proxy, and nothing can be learned.
+    ClassMeans,
+}
+
+/// Proxies at class means: `num_proxies` rows from `embeddings` `[N,D]` with `classes`
+/// `[N]`. Classes are taken in increasing id order; proxy `j` is the mean of the classes
+/// `j, j + P, j + 2P, ...` of that order (one class per proxy when `P >= C`); proxies
+/// beyond the number of classes take single examples, in batch order. Returns `[P,D]`.
+pub fn class_mean_proxies(
+    embeddings: &Tensor,
+    classes: &[i64],
+    num_proxies: usize,
+) -> Result<Tensor> {
+    let (n, d) = crate::common::embedding_dims(embeddings)?;
+    if classes.len() != n || num_proxies == 0 {
+        return Err(LossError::Shape(format!(
+            "{} classes for {n} embeddings, {num_proxies} proxies",
+            classes.len()
+        )));
+    }
+    let x: Vec<Vec<f64>> = embeddings.to_dtype(candle_core::DType::F64)?.to_vec2()?;
+    let mut ids: Vec<i64> = classes.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut sums = vec![vec![0f64; d]; num_proxies];
+    let mut counts = vec![0usize; num_proxies];
+    for (row, c) in x.iter().zip(classes) {
+        let rank = ids.binary_search(c).unwrap_or(0);
+        let j = rank % num_proxies;
+        counts[j] += 1;
+        for (s, v) in sums[j].iter_mut().zip(row) {
+            *s += v;
+        }
+    }
+    let mut spare = x.iter();
+    let mut out = Vec::with_capacity(num_proxies * d);
+    for (s, &c) in sums.iter().zip(&counts) {
+        if c > 0 {
+            out.extend(s.iter().map(|v| v / c as f64));
+        } else {
+            let row = spare.next().unwrap_or(&x[0]);
+            out.extend(row.iter().copied());
+        }
+    }
+    Ok(
+        Tensor::from_vec(out, (num_proxies, d), embeddings.device())?
+            .to_dtype(embeddings.dtype())?,
+    )
 }
 
 /// Settings of [`proxy_nca`].
@@ -182,7 +234,7 @@ pub fn create_proxies(
         )));
     }
     let hint = match init {
-        ProxyInit::Normal => Init::Randn {
+        ProxyInit::Normal | ProxyInit::ClassMeans => Init::Randn {
             mean: 0.0,
             stdev: 0.125,
         },
@@ -482,6 +534,36 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(bad.check().unwrap_err(), LossError::Config(_)));
+    }
+
+    #[test]
+    fn class_means_round_robin_and_spares() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(
+            &[[1f32, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0], [5.0, 5.0]],
+            &dev,
+        )
+        .unwrap();
+        let c = [7, 7, 2, 2, 9];
+        // 3 classes sorted 2, 7, 9 -> proxies 0, 1, 2.
+        let p = class_mean_proxies(&x, &c, 3)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(p, vec![vec![0.0, 3.0], vec![2.0, 0.0], vec![5.0, 5.0]]);
+        // 2 proxies: classes 2 and 9 share proxy 0.
+        let p = class_mean_proxies(&x, &c, 2)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(p[0], vec![5.0 / 3.0, 11.0 / 3.0]);
+        // 4 proxies: the spare takes the first example.
+        let p = class_mean_proxies(&x, &c, 4)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(p[3], vec![1.0, 0.0]);
+        assert!(class_mean_proxies(&x, &c[..2], 2).is_err());
     }
 
     #[test]

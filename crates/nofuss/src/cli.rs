@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use nofuss_backbone::BatchNormMode;
-use nofuss_losses::ProxyNcaForm;
+use nofuss_losses::{Assignment, ProxyInit, ProxyNcaForm};
 
 use crate::config::{DatasetKind, TrainConfig};
 use crate::train::{summary_table, train, TrainOptions};
@@ -121,10 +121,29 @@ pub struct TrainArgs {
     /// Embedding dimension.
     #[arg(long, value_name = "D")]
     pub embedding_dim: Option<usize>,
+    /// Loss: proxy-nca, proxy-triplet, triplet (all in-batch triplets),
+    /// triplet-semihard (FaceNet) or nca (in-batch NCA).
+    #[arg(long, value_name = "NAME")]
+    pub loss: Option<String>,
+    /// Proxy assignment of the proxy losses: static (one proxy per class) or dynamic
+    /// (nearest proxy; allows --num-proxies different from the number of classes).
+    #[arg(long, value_enum)]
+    pub assignment: Option<AssignmentArg>,
+    /// Number of proxies (dynamic assignment); default: one per training class.
+    #[arg(long, value_name = "P")]
+    pub num_proxies: Option<usize>,
+    /// Proxy initialisation: normal (randn/8), xavier, or class-means (the classes'
+    /// mean embeddings at the start; what dynamic assignment needs).
+    #[arg(long, value_enum)]
+    pub proxy_init: Option<ProxyInitArg>,
+    /// Margin of proxy-triplet, triplet and triplet-semihard.
+    #[arg(long, value_name = "M")]
+    pub margin: Option<f64>,
     /// Proxy-NCA form: paper (positive excluded from the denominator) or softmax.
     #[arg(long, value_parser = parse_form)]
     pub loss_form: Option<ProxyNcaForm>,
-    /// Scale of the normalised embeddings and proxies (inverse temperature).
+    /// Scale of the normalised embeddings and proxies (inverse temperature) of
+    /// proxy-nca and proxy-triplet.
     #[arg(long, value_name = "S")]
     pub loss_scale: Option<f64>,
     /// Label smoothing (softmax form only).
@@ -169,6 +188,26 @@ pub struct TrainArgs {
     /// Print only the final summary.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// Proxy initialisation on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyInitArg {
+    /// `randn / 8`.
+    Normal,
+    /// Xavier uniform.
+    Xavier,
+    /// Class means of the initial embeddings.
+    ClassMeans,
+}
+
+/// Proxy assignment on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AssignmentArg {
+    /// One proxy per class.
+    Static,
+    /// Nearest proxy.
+    Dynamic,
 }
 
 /// Batch-norm mode on the command line.
@@ -270,6 +309,31 @@ impl TrainArgs {
         if let Some(s) = self.loss_scale {
             c.loss.proxy_nca.embedding_scale = s;
             c.loss.proxy_nca.proxy_scale = s;
+            c.loss.proxy_triplet.embedding_scale = s;
+            c.loss.proxy_triplet.proxy_scale = s;
+        }
+        set!(c.loss.name, self.loss);
+        if let Some(a) = self.assignment {
+            let a = match a {
+                AssignmentArg::Static => Assignment::Static,
+                AssignmentArg::Dynamic => Assignment::Dynamic,
+            };
+            c.loss.proxy_nca.assignment = a;
+            c.loss.proxy_triplet.assignment = a;
+        }
+        if self.num_proxies.is_some() {
+            c.loss.num_proxies = self.num_proxies;
+        }
+        if let Some(i) = self.proxy_init {
+            c.loss.proxy_init = match i {
+                ProxyInitArg::Normal => ProxyInit::Normal,
+                ProxyInitArg::Xavier => ProxyInit::Xavier,
+                ProxyInitArg::ClassMeans => ProxyInit::ClassMeans,
+            };
+        }
+        if let Some(m) = self.margin {
+            c.loss.proxy_triplet.margin = m;
+            c.loss.triplet.margin = m;
         }
         set!(c.loss.proxy_nca.label_smoothing, self.label_smoothing);
         set!(c.optim.epochs, self.epochs);

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use nofuss_backbone::{BnInceptionConfig, HeadConfig, SmallCnnConfig};
 use nofuss_data::glyphs::GlyphConfig;
 use nofuss_eval::EvalConfig;
-use nofuss_losses::{ProxyInit, ProxyNcaConfig};
+use nofuss_losses::{
+    Assignment, LossSpec, NcaConfig, ProxyInit, ProxyNcaConfig, ProxyTripletConfig, TripletConfig,
+    TripletMining,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{Result, TrainError};
@@ -85,16 +88,27 @@ impl Default for ModelConfig {
     }
 }
 
-/// Loss settings.
+/// Loss settings: the loss `name` picks which of the sections below applies.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LossConfig {
-    /// Loss name (`proxy-nca`).
+    /// `proxy-nca`, `proxy-triplet`, `triplet` (all in-batch triplets),
+    /// `triplet-semihard` (FaceNet's semi-hard negatives) or `nca` (in-batch NCA).
     pub name: String,
     /// Proxy initialisation.
     pub proxy_init: ProxyInit,
+    /// Number of proxies of the proxy losses; none: one per training class. With
+    /// dynamic assignment (`assignment = "dynamic"` in the loss section) any number works,
+    /// e.g. half the classes; static assignment needs one per class.
+    pub num_proxies: Option<usize>,
     /// Proxy-NCA settings.
     pub proxy_nca: ProxyNcaConfig,
+    /// Proxy-Triplet settings.
+    pub proxy_triplet: ProxyTripletConfig,
+    /// Triplet settings (`mining` follows the loss name).
+    pub triplet: TripletConfig,
+    /// In-batch NCA settings.
+    pub nca: NcaConfig,
 }
 
 impl Default for LossConfig {
@@ -102,7 +116,51 @@ impl Default for LossConfig {
         Self {
             name: "proxy-nca".into(),
             proxy_init: ProxyInit::Normal,
+            num_proxies: None,
             proxy_nca: ProxyNcaConfig::default(),
+            proxy_triplet: ProxyTripletConfig::default(),
+            triplet: TripletConfig::default(),
+            nca: NcaConfig::default(),
+        }
+    }
+}
+
+impl LossConfig {
+    /// The loss named by `name` with its section's settings.
+    pub fn spec(&self) -> Result<LossSpec> {
+        Ok(match self.name.as_str() {
+            "proxy-nca" => LossSpec::ProxyNca(self.proxy_nca),
+            "proxy-triplet" => LossSpec::ProxyTriplet(self.proxy_triplet),
+            "triplet" => LossSpec::Triplet(TripletConfig {
+                mining: TripletMining::All,
+                ..self.triplet
+            }),
+            "triplet-semihard" => LossSpec::Triplet(TripletConfig {
+                mining: TripletMining::SemiHard,
+                ..self.triplet
+            }),
+            "nca" => LossSpec::Nca(self.nca),
+            other => {
+                return Err(TrainError::Config(format!(
+                    "unknown loss '{other}': available: {}",
+                    LossSpec::NAMES
+                )))
+            }
+        })
+    }
+
+    /// The number of proxies for `classes` training classes (checked against the
+    /// assignment).
+    pub fn proxies_for(&self, classes: usize) -> Result<usize> {
+        let spec = self.spec()?;
+        match (self.num_proxies, spec.assignment()) {
+            (None, _) => Ok(classes),
+            (Some(n), Assignment::Dynamic) => Ok(n),
+            (Some(n), Assignment::Static) if n == classes || !spec.uses_proxies() => Ok(n),
+            (Some(n), Assignment::Static) => Err(TrainError::Config(format!(
+                "num_proxies = {n} differs from the {classes} training classes: static \
+                 assignment needs one proxy per class (set assignment = \"dynamic\")"
+            ))),
         }
     }
 }
@@ -241,13 +299,14 @@ impl TrainConfig {
                 return bad(format!("weights file {} does not exist", w.display()));
             }
         }
-        if self.loss.name != "proxy-nca" {
-            return bad(format!(
-                "unknown loss '{}': available: proxy-nca",
-                self.loss.name
-            ));
+        match self.loss.spec()? {
+            LossSpec::ProxyNca(c) => c.check()?,
+            LossSpec::ProxyTriplet(c) => c.check()?,
+            _ => {}
         }
-        self.loss.proxy_nca.check()?;
+        if self.loss.num_proxies.is_some_and(|n| n < 2) {
+            return bad("num_proxies must be at least 2".into());
+        }
         let o = &self.optim;
         if o.batch_size < 2 {
             return bad(format!(

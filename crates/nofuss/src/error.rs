@@ -30,6 +30,18 @@ pub enum TrainError {
         /// Epochs recorded in its metrics.
         epochs: usize,
     },
+    /// Every batch of an epoch was skipped: the loss had nothing to compare.
+    #[error("no batch of epoch {epoch} had anything to learn from ({reason}); stopped. {finished} finished epoch(s) are kept in {run_dir}. With dynamic assignment, try more proxies (--num-proxies); with triplet or NCA losses, larger batches")]
+    NothingToLearn {
+        /// The epoch (1-based).
+        epoch: usize,
+        /// The loss's explanation.
+        reason: String,
+        /// The run directory.
+        run_dir: PathBuf,
+        /// Epochs finished before.
+        finished: usize,
+    },
     /// The loss (or a gradient) became NaN or infinite.
     #[error("non-finite loss {loss} at epoch {epoch}, step {step}; stopped. {finished} finished epoch(s) are kept in {run_dir} (metrics.jsonl, last.safetensors). Try a lower learning rate (--lr, --proxy-lr) or a smaller loss scale (--loss-scale)")]
     NonFinite {

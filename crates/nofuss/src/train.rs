@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use nofuss_backbone::{Backbone, BnInception, Embedder, EmbeddingHead, SmallCnn, SmallCnnConfig};
 use nofuss_data::{cub, glyphs, Augment, Batches, ImageBank, ImageSpec, ZeroShotSplit};
 use nofuss_eval::{EvalConfig, EvalReport, KMeansConfig};
-use nofuss_losses::{LossError, ProxyNca};
+use nofuss_losses::{LossError, MetricLoss, ProxyInit};
 use nofuss_tensor::{DeviceSpec, SeededVarMap};
 use serde::Serialize;
 
@@ -34,6 +34,9 @@ pub struct EpochMetrics {
     pub epoch: usize,
     /// Mean training loss of the epoch (none for epoch 0).
     pub train_loss: Option<f64>,
+    /// Steps skipped because their batch had nothing to learn from (no positive pair,
+    /// no negative proxy).
+    pub skipped_steps: usize,
     /// Recall@K, and NMI and MAP@R when configured, on the unseen classes.
     pub eval: EvalReport,
     /// Training throughput of the epoch.
@@ -43,13 +46,14 @@ pub struct EpochMetrics {
 }
 
 impl EpochMetrics {
-    /// The `metrics.jsonl` line: `epoch`, `train_loss`, the evaluation's keys (`recall@K`,
+    /// The `metrics.jsonl` line: `epoch`, `train_loss`, `skipped_steps`, the evaluation's keys (`recall@K`,
     /// `nmi`, `map@r`, `r_precision`; null when not computed, see
     /// [`crate::eval_cmd::report_json`]), `images_per_sec`, `epoch_seconds`.
     pub fn to_json(&self) -> serde_json::Value {
         let mut v = crate::eval_cmd::report_json(&self.eval);
         v["epoch"] = self.epoch.into();
         v["train_loss"] = self.train_loss.into();
+        v["skipped_steps"] = self.skipped_steps.into();
         v["images_per_sec"] = self.images_per_sec.into();
         v["epoch_seconds"] = self.seconds.into();
         v
@@ -83,8 +87,8 @@ pub struct Model {
     pub embedder: Embedder,
     /// Backbone and head parameters.
     pub params: SeededVarMap,
-    /// The loss with its proxies.
-    pub loss: ProxyNca,
+    /// The loss, with its proxies for the proxy losses.
+    pub loss: MetricLoss,
     /// The proxies' own parameter map.
     pub proxy_params: SeededVarMap,
 }
@@ -118,11 +122,11 @@ impl Model {
         }
         let head = EmbeddingHead::new(backbone.out_channels(), &cfg.model.head, vb.pp("head"))?;
         let proxy_params = SeededVarMap::new(cfg.seed ^ 0x0005_EED0_F9A0_C1E5);
-        let loss = ProxyNca::new(
-            num_classes,
+        let loss = MetricLoss::new(
+            cfg.loss.spec()?,
+            cfg.loss.proxies_for(num_classes)?,
             cfg.model.head.dim,
             cfg.loss.proxy_init,
-            cfg.loss.proxy_nca,
             proxy_params.var_builder(DType::F32, device),
         )?;
         Ok(Self {
@@ -167,17 +171,50 @@ impl Model {
             .into_iter()
             .map(|(n, v)| (n, v.as_tensor().clone()))
             .collect();
-        m.insert("proxies".into(), self.loss.proxies().clone());
+        if let Some(p) = self.loss.proxies() {
+            m.insert("proxies".into(), p.clone());
+        }
         m
+    }
+
+    /// Sets the proxies to the class means of the embeddings of `bank` (labels
+    /// `labels`), see [`nofuss_losses::class_mean_proxies`]. No-op without proxies.
+    pub fn proxies_at_class_means(
+        &self,
+        bank: &ImageBank,
+        labels: &[u32],
+        device: &Device,
+    ) -> Result<()> {
+        let Some(p) = self.loss.proxies() else {
+            return Ok(());
+        };
+        let (num, dim) = p.dims2()?;
+        // Training-mode batch normalisation: the first steps see batch statistics, and
+        // eval-mode embeddings of an untrained network lie elsewhere. (This moves the
+        // running statistics as a warm-up pass would.)
+        let emb = self.embed_mode(bank, device, true)?;
+        let emb = Tensor::from_vec(emb, (labels.len(), dim), device)?;
+        let classes: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+        let means = nofuss_losses::class_mean_proxies(&emb, &classes, num)?;
+        for (name, var) in self.proxy_params.named_vars() {
+            if name == "proxies" {
+                var.set(&means.to_dtype(var.dtype())?)?;
+            }
+        }
+        Ok(())
     }
 
     /// Embeddings `[N, D]` of every image in `bank`, in order (evaluation mode).
     pub fn embed(&self, bank: &ImageBank, device: &Device) -> Result<Vec<f32>> {
+        self.embed_mode(bank, device, false)
+    }
+
+    fn embed_mode(&self, bank: &ImageBank, device: &Device, train: bool) -> Result<Vec<f32>> {
         let labels = vec![0u32; bank.len()];
         let norm = self.embedder.backbone().input().normalization;
         let mut out = Vec::with_capacity(bank.len() * self.embedder.head().config().dim);
         for batch in Batches::eval(bank, &labels, 256, &norm, device)? {
-            let e = self.embedder.forward(&batch?.images, false)?;
+            let e = self.embedder.forward(&batch?.images, train)?;
             out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
         }
         Ok(out)
@@ -280,6 +317,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     say(opts, format!("run directory: {}", dir.display()));
 
     let model = Model::new(cfg, train_set.num_classes(), &device)?;
+    if cfg.loss.proxy_init == ProxyInit::ClassMeans {
+        model.proxies_at_class_means(&train_bank, &train_set.labels, &device)?;
+    }
     let (mut opt, mut proxy_opt) = model.optimizers(&cfg.optim)?;
     let norm = model.embedder.backbone().input().normalization;
     let augment = Augment {
@@ -299,6 +339,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     let m0 = EpochMetrics {
         epoch: 0,
         train_loss: None,
+        skipped_steps: 0,
         eval: evaluate(&model, &test_bank, &test_set.labels, cfg, &device)?,
         images_per_sec: None,
         seconds: t0.elapsed().as_secs_f64(),
@@ -331,6 +372,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         );
         pb.set_prefix(format!("{epoch}/{}", cfg.optim.epochs));
         let (mut loss_sum, mut steps, mut images) = (0.0f64, 0usize, 0usize);
+        let (mut skipped, mut skip_reason) = (0usize, String::new());
         let t_train = Instant::now();
         for (i, batch) in batches.enumerate() {
             let step = i + 1;
@@ -346,6 +388,14 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
                         run_dir: dir,
                         finished: epoch - 1,
                     });
+                }
+                // A batch without a usable pair or negative teaches nothing: skip the
+                // step (counted in the metrics) rather than end the run.
+                Err(LossError::NoPairs(reason)) => {
+                    skipped += 1;
+                    skip_reason = reason;
+                    pb.inc(1);
+                    continue;
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -373,10 +423,19 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             pb.inc(1);
         }
         pb.finish_and_clear();
+        if steps == 0 && skipped > 0 {
+            return Err(TrainError::NothingToLearn {
+                epoch,
+                reason: skip_reason,
+                run_dir: dir,
+                finished: epoch - 1,
+            });
+        }
         let train_secs = t_train.elapsed().as_secs_f64();
         let m = EpochMetrics {
             epoch,
             train_loss: Some(loss_sum / steps.max(1) as f64),
+            skipped_steps: skipped,
             eval: evaluate(&model, &test_bank, &test_set.labels, cfg, &device)?,
             images_per_sec: Some(images as f64 / train_secs.max(1e-9)),
             seconds: t_epoch.elapsed().as_secs_f64(),

@@ -14,7 +14,8 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// A quick run on 8 glyph classes (4 train, 4 unseen), 2 renders per font.
+/// A quick run on 8 glyph classes (4 train, 4 unseen), 2 renders per font, 2 epochs
+/// unless `extra` says otherwise.
 fn tiny_run(tmp: &Path, name: &str, seed: &str, extra: &[&str]) -> Output {
     let data = tmp.join("glyphs");
     let runs = tmp.join("runs");
@@ -28,8 +29,6 @@ fn tiny_run(tmp: &Path, name: &str, seed: &str, extra: &[&str]) -> Output {
         "2",
         "--widths",
         "8,16",
-        "--epochs",
-        "2",
         "--batch-size",
         "16",
         "--eval-k",
@@ -42,6 +41,9 @@ fn tiny_run(tmp: &Path, name: &str, seed: &str, extra: &[&str]) -> Output {
         seed,
         "--quiet",
     ];
+    if !extra.contains(&"--epochs") {
+        args.extend_from_slice(&["--epochs", "2"]);
+    }
     args.extend_from_slice(extra);
     nofuss(&args)
 }
@@ -510,4 +512,74 @@ fn bench_train_step_prints_json() {
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
     assert!(v["images_per_sec"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn every_loss_trains_and_bad_proxy_counts_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, extra) in [
+        vec!["--loss", "proxy-triplet", "--margin", "0.2"],
+        vec!["--loss", "triplet-semihard"],
+        vec!["--loss", "triplet"],
+        vec!["--loss", "nca"],
+        vec![
+            "--assignment",
+            "dynamic",
+            "--num-proxies",
+            "8",
+            "--proxy-init",
+            "class-means",
+            // Later epochs of this toy collapse onto one proxy (docs/ARCHITECTURE.md).
+            "--epochs",
+            "1",
+        ],
+        vec![
+            "--loss",
+            "proxy-triplet",
+            "--assignment",
+            "dynamic",
+            "--num-proxies",
+            "6",
+            "--proxy-init",
+            "class-means",
+            "--epochs",
+            "1",
+        ],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let name = format!("l{i}");
+        let out = tiny_run(tmp.path(), &name, "1", extra);
+        assert!(out.status.success(), "{extra:?}: {}", text(&out.stderr));
+        let m = metrics(&tmp.path().join("runs").join(&name));
+        let epochs = if extra.contains(&"--epochs") { 1 } else { 2 };
+        assert_eq!(m.len(), epochs + 1, "{extra:?}");
+        let cfg = std::fs::read_to_string(tmp.path().join("runs").join(&name).join("config.toml"))
+            .unwrap();
+        if let Some(pos) = extra.iter().position(|a| *a == "--loss") {
+            assert!(
+                cfg.contains(&format!("name = \"{}\"", extra[pos + 1])),
+                "{cfg}"
+            );
+        }
+    }
+    // Random proxies put every example of an untrained network on one proxy: a clear
+    // stop, not a panic.
+    let out = tiny_run(
+        tmp.path(),
+        "collapse",
+        "1",
+        &["--assignment", "dynamic", "--num-proxies", "2"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("nothing to learn")
+            || text(&out.stderr).contains("anything to learn")
+    );
+    let out = tiny_run(tmp.path(), "bad", "1", &["--num-proxies", "3"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("static assignment needs one proxy per class"));
+    let out = tiny_run(tmp.path(), "bad2", "1", &["--loss", "arcface"]);
+    assert!(text(&out.stderr).contains("proxy-nca, proxy-triplet, triplet, triplet-semihard, nca"));
 }
