@@ -89,6 +89,8 @@ enum Bench {
     TrainStep,
     /// Exact kNN (K = 1,000) + Recall@K at SOP scale against faiss IndexFlatL2.
     Knn,
+    /// Proxy-NCA and Proxy-Triplet forward + backward against PyTorch, CPU.
+    Losses,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -202,6 +204,66 @@ fn bench_train_step(batch: usize, steps: usize, repeats: usize, python: &str) ->
         "| train step, small CNN + Proxy-NCA + Adam, CPU | {batch} | {oi:.0} ({} ms) | {} ({} threads) | {ti:.0} ({} ms) | {:.2}x |",
         o["median_ms"], t["impl"].as_str().unwrap_or("?"), t["threads"], t["median_ms"], oi / ti
     );
+    Ok(())
+}
+
+/// All JSON object lines a command prints.
+fn json_lines(cmd: &mut Command) -> Result<Vec<serde_json::Value>> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.is_object())
+        .collect())
+}
+
+fn bench_losses(repeats: usize, python: &str) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let r = repeats.max(1).to_string();
+    let ours = json_lines(Command::new(&cargo).args([
+        "bench",
+        "-q",
+        "-p",
+        "nofuss-losses",
+        "--bench",
+        "losses",
+        "--",
+        &r,
+    ]))?;
+    let theirs = json_lines(
+        Command::new(python).args(["crates/nofuss-losses/benches/torch_losses.py", &r]),
+    )?;
+    let key = |v: &serde_json::Value| format!("{} {} {} {}", v["loss"], v["n"], v["d"], v["p"]);
+    println!(
+        "| loss | N | D | P | nofuss ms | {} ms | ratio (PyTorch time / nofuss time) |",
+        theirs
+            .first()
+            .and_then(|v| v["impl"].as_str())
+            .unwrap_or("reference")
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for o in &ours {
+        let Some(t) = theirs.iter().find(|t| key(t) == key(o)) else {
+            continue;
+        };
+        let (a, b) = (
+            o["median_ms"].as_f64().unwrap_or(f64::NAN),
+            t["median_ms"].as_f64().unwrap_or(f64::NAN),
+        );
+        println!(
+            "| {} | {} | {} | {} | {a:.2} | {b:.2} | {:.2}x |",
+            o["loss"].as_str().unwrap_or("?"),
+            o["n"],
+            o["d"],
+            o["p"],
+            b / a
+        );
+    }
     Ok(())
 }
 
@@ -356,6 +418,12 @@ fn run(cli: Cli) -> Result<()> {
             dim,
             ..
         } => bench_knn(dim, repeats, &python)?,
+        Task::Bench {
+            which: Bench::Losses,
+            repeats,
+            python,
+            ..
+        } => bench_losses(repeats, &python)?,
     }
     Ok(())
 }

@@ -1,0 +1,67 @@
+//! Forward + backward time of Proxy-NCA (paper form, static proxies) and Proxy-Triplet,
+//! for side-by-side comparison with `benches/torch_losses.py` (same shapes, same
+//! formulas, CPU).
+//!
+//! `cargo bench -p nofuss-losses --bench losses -- [REPEATS]` prints one JSON line per
+//! case: loss, N, D, P and the median milliseconds over REPEATS timed runs (after 2
+//! warm-up runs). `cargo xtask bench losses` runs both and prints a table.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use nofuss_losses::{proxy_nca, proxy_triplet, ProxyNcaConfig, ProxyTripletConfig};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let repeats: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(20);
+    let dev = Device::Cpu;
+    for loss in ["proxy-nca", "proxy-triplet"] {
+        for &n in &[32usize, 256] {
+            for &d in &[64usize, 512] {
+                for &p in &[100usize, 11318] {
+                    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, d), &dev)?)?;
+                    let pr = Var::from_tensor(&Tensor::randn(0f32, 1.0, (p, d), &dev)?)?;
+                    let labels: Vec<u32> = (0..n as u32).map(|i| (i * 7) % p as u32).collect();
+                    let y = Tensor::from_vec(labels, n, &dev)?;
+                    let mut times = Vec::with_capacity(repeats);
+                    for i in 0..repeats + 2 {
+                        let t = Instant::now();
+                        let l = match loss {
+                            "proxy-nca" => proxy_nca(
+                                x.as_tensor(),
+                                &y,
+                                pr.as_tensor(),
+                                &ProxyNcaConfig::default(),
+                            )?,
+                            _ => proxy_triplet(
+                                x.as_tensor(),
+                                &y,
+                                pr.as_tensor(),
+                                &ProxyTripletConfig::default(),
+                            )?,
+                        };
+                        let g = l.backward()?;
+                        let gx = g.get(x.as_tensor()).ok_or("no gradient")?;
+                        gx.sum_all()?.to_scalar::<f32>()?;
+                        if i >= 2 {
+                            times.push(t.elapsed().as_secs_f64());
+                        }
+                    }
+                    times.sort_by(f64::total_cmp);
+                    let med = times[times.len() / 2];
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "impl": "nofuss (candle 0.11.1)",
+                            "loss": loss, "n": n, "d": d, "p": p,
+                            "median_ms": (med * 1e5).round() / 100.0,
+                        })
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
