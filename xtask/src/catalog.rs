@@ -170,7 +170,7 @@ pub fn catalog() -> Vec<Dataset> {
             folder: s("weights/bn-inception"),
             data_root: s("bn_inception-52deb4733.pth"),
             how_to_obtain: None,
-            next_step: s("BN-Inception arrives in nofuss-backbone with its own issue; the weights are at {root}"),
+            next_step: s("cargo run --release -p nofuss -- train --backbone bn-inception --weights {root} --channels 3 --image-size 224 --dataset cub --data-dir <CUB_200_2011>"),
         },
     ]
 }
