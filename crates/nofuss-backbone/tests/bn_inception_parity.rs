@@ -10,22 +10,12 @@ use candle_nn::{VarBuilder, VarMap};
 use nofuss_backbone::{Backbone, BackboneError, BnInception, BnInceptionConfig};
 use serde_json::Value;
 
-/// The fixture folder (`NOFUSS_FIXTURES` overrides it, for test binaries run elsewhere).
 fn fixtures() -> PathBuf {
-    match std::env::var_os("NOFUSS_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference/fixtures"),
-    }
+    nofuss_tensor::fixtures_dir(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The device under test: `NOFUSS_TEST_DEVICE` (`cpu`, `cuda`, ...; CPU when unset).
 fn device() -> Device {
-    let spec = std::env::var("NOFUSS_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
-    spec.parse::<nofuss_tensor::DeviceSpec>()
-        .unwrap()
-        .select()
-        .unwrap()
-        .device
+    nofuss_tensor::test_device().unwrap()
 }
 
 fn fixture() -> Value {

@@ -6,6 +6,9 @@
 //! case: loss, N, D, P and the median milliseconds over REPEATS timed runs (after 2
 //! warm-up runs). `cargo xtask bench losses` runs both and prints a table.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc; // as in the `nofuss` binary
+
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};

@@ -4,7 +4,9 @@
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::common::{host_classes, host_labels};
+use crate::common::{
+    embedding_dims, host_classes, host_labels, pairwise_squared_distances, prepare, proxy_count,
+};
 use crate::{LossError, Result};
 
 /// How examples are mapped to proxies.
@@ -134,6 +136,30 @@ impl Selection {
             Ok(())
         }
     }
+}
+
+/// What a proxy loss needs before its formula: inputs checked, embeddings and proxies
+/// normalised and scaled, the `[N,P]` squared distances, and the anchors' positive and
+/// negative proxies. `min_proxies` and `what` make the error for too few proxies.
+pub(crate) fn proxy_distances(
+    embeddings: &Tensor,
+    labels: &Tensor,
+    proxies: &Tensor,
+    (scales, check, assignment): ((f64, f64), bool, Assignment),
+    (min_proxies, what): (usize, &str),
+) -> Result<(Tensor, Selection)> {
+    let (_, d) = embedding_dims(embeddings)?;
+    let p = proxy_count(proxies, d)?;
+    if p < min_proxies {
+        return Err(LossError::Config(format!(
+            "{what} needs at least {min_proxies} proxies, got {p}"
+        )));
+    }
+    let (x, pr) = prepare(embeddings, proxies, scales, check)?;
+    let dist = pairwise_squared_distances(&x, &pr)?;
+    let sel = Selection::of_batch(assignment, labels, &dist)?;
+    sel.require_anchors()?;
+    Ok((dist, sel))
 }
 
 /// Index of the nearest proxy of each row of `dist` `[N,P]` (ties to the lower index).

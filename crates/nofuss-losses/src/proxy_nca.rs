@@ -4,11 +4,8 @@ use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::assignment::{Assignment, Selection};
-use crate::common::{
-    check_scale, embedding_dims, keep_or_neg_inf, log_sum_exp_rows, pairwise_squared_distances,
-    prepare, proxy_count,
-};
+use crate::assignment::{proxy_distances, Assignment, Selection};
+use crate::common::{check_scale, keep_or_neg_inf, log_sum_exp_rows};
 use crate::{LossError, Result};
 
 /// Which Proxy-NCA the loss computes.
@@ -160,22 +157,23 @@ pub fn proxy_nca(
     cfg: &ProxyNcaConfig,
 ) -> Result<Tensor> {
     cfg.check()?;
-    let (_, d) = embedding_dims(embeddings)?;
-    let p = proxy_count(proxies, d)?;
-    if cfg.form == ProxyNcaForm::Paper && p < 2 {
-        return Err(LossError::Config(format!(
-            "the paper form excludes the positive proxy and needs at least 2 proxies, got {p}"
-        )));
-    }
-    let (x, pr) = prepare(
+    // The paper form leaves the positive out of the denominator: it needs a second proxy.
+    let min = if cfg.form == ProxyNcaForm::Paper {
+        2
+    } else {
+        1
+    };
+    let (dist, sel) = proxy_distances(
         embeddings,
+        labels,
         proxies,
-        (cfg.embedding_scale, cfg.proxy_scale),
-        cfg.check_finite,
+        (
+            (cfg.embedding_scale, cfg.proxy_scale),
+            cfg.check_finite,
+            cfg.assignment,
+        ),
+        (min, "Proxy-NCA in the paper form"),
     )?;
-    let dist = pairwise_squared_distances(&x, &pr)?; // [N,P]
-    let sel = Selection::of_batch(cfg.assignment, labels, &dist)?;
-    sel.require_anchors()?;
     nca_over_selection(&dist, &sel, cfg.form, cfg.label_smoothing)
 }
 
@@ -290,7 +288,7 @@ impl ProxyNca {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::common::l2_normalize;
+    use crate::common::{l2_normalize, pairwise_squared_distances};
     use candle_core::{DType, Device};
 
     /// Reference by direct scalar arithmetic in f64, independent of the tensor code.

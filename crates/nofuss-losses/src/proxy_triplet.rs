@@ -4,10 +4,8 @@
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::assignment::{Assignment, Selection};
-use crate::common::{
-    check_scale, embedding_dims, pairwise_squared_distances, prepare, proxy_count,
-};
+use crate::assignment::{proxy_distances, Assignment};
+use crate::common::check_scale;
 use crate::{LossError, Result};
 
 /// Settings of [`proxy_triplet`].
@@ -75,22 +73,18 @@ pub fn proxy_triplet(
     cfg: &ProxyTripletConfig,
 ) -> Result<Tensor> {
     cfg.check()?;
-    let (_, d) = embedding_dims(embeddings)?;
-    let p = proxy_count(proxies, d)?;
-    if p < 2 {
-        return Err(LossError::Config(format!(
-            "a triplet needs a negative proxy: at least 2 proxies, got {p}"
-        )));
-    }
-    let (x, pr) = prepare(
+    let (dist, mut sel) = proxy_distances(
         embeddings,
+        labels,
         proxies,
-        (cfg.embedding_scale, cfg.proxy_scale),
-        cfg.check_finite,
+        (
+            (cfg.embedding_scale, cfg.proxy_scale),
+            cfg.check_finite,
+            cfg.assignment,
+        ),
+        (2, "a triplet of proxies"),
     )?;
-    let dist = pairwise_squared_distances(&x, &pr)?;
-    let mut sel = Selection::of_batch(cfg.assignment, labels, &dist)?;
-    sel.require_anchors()?;
+    let p = sel.num_proxies;
     let device = dist.device();
     let a = sel.anchors.len();
     let anchors = Tensor::from_slice(&sel.anchors, a, device)?;

@@ -2,8 +2,6 @@
 //! value and gradients (embeddings and proxies), in f64 (relative error <= 1e-5) and in
 //! f32 (<= 1e-4). Fixture: `tests/reference/losses.py`.
 
-use std::path::PathBuf;
-
 use candle_core::{DType, Device, Tensor, Var};
 use nofuss_losses::{
     nca_loss, proxy_nca, proxy_triplet, triplet_loss, NcaConfig, ProxyNcaConfig,
@@ -12,21 +10,13 @@ use nofuss_losses::{
 use serde_json::Value;
 
 fn fixture() -> Value {
-    let dir = match std::env::var_os("NOFUSS_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference/fixtures"),
-    };
+    let dir = nofuss_tensor::fixtures_dir(env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(dir.join("losses.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
 fn device() -> Device {
-    let spec = std::env::var("NOFUSS_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
-    spec.parse::<nofuss_tensor::DeviceSpec>()
-        .unwrap()
-        .select()
-        .unwrap()
-        .device
+    nofuss_tensor::test_device().unwrap()
 }
 
 fn matrix(v: &Value) -> (Vec<f64>, usize, usize) {

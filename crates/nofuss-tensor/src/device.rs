@@ -86,6 +86,24 @@ impl DeviceSpec {
     }
 }
 
+/// The device named by the environment variable `NOFUSS_TEST_DEVICE` (`cpu`, `cuda`,
+/// `cuda:N`, `auto`), the CPU when it is unset: lets the same parity tests run on a GPU
+/// (`NOFUSS_TEST_DEVICE=cuda cargo test --features cuda`).
+pub fn test_device() -> Result<Device> {
+    let spec = std::env::var("NOFUSS_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    Ok(spec.parse::<DeviceSpec>()?.select()?.device)
+}
+
+/// The folder of the committed reference fixtures: `NOFUSS_FIXTURES` when set (test
+/// binaries run on another machine), else `tests/reference/fixtures` of the workspace
+/// holding `manifest_dir` (a crate's `CARGO_MANIFEST_DIR`, two levels below the root).
+pub fn fixtures_dir(manifest_dir: &str) -> std::path::PathBuf {
+    match std::env::var_os("NOFUSS_FIXTURES") {
+        Some(p) => p.into(),
+        None => std::path::Path::new(manifest_dir).join("../../tests/reference/fixtures"),
+    }
+}
+
 fn cpu(description: String) -> SelectedDevice {
     SelectedDevice {
         device: Device::Cpu,

@@ -31,7 +31,7 @@ pub mod ops;
 pub mod pool;
 mod precision;
 
-pub use device::{DeviceSpec, SelectedDevice};
+pub use device::{fixtures_dir, test_device, DeviceSpec, SelectedDevice};
 pub use error::{Error, Result};
 pub use init::SeededVarMap;
 pub use normalization::{ChannelOrder, Normalization};

@@ -91,9 +91,23 @@ impl Pool2d {
 
 /// Max pooling of `[N,C,H,W]` with PyTorch's `nn.MaxPool2d` semantics.
 pub fn max_pool2d(x: &Tensor, p: &Pool2d) -> Result<Tensor> {
-    // candle's native max pooling is not used: its backward pass (0.11) scales the
-    // gradient of the maximum by (number of maxima / window size) instead of dividing
-    // it among the maxima, so a unique maximum gets 1/k^2 of its gradient.
+    // candle's native max pooling backward (0.11) scales the gradient of the maximum by
+    // (number of maxima / window size) instead of dividing it among the maxima, so a
+    // unique maximum gets 1/k^2 of its gradient. Where the window tiles the input, the
+    // native forward is used through an expression with the right gradient:
+    // max = avg(x * m) / avg(m), m = (x == max) without gradient, so ties share it.
+    let (_, _, h, w) = x.dims4()?;
+    if p.tiles_exactly(h, w) {
+        let (k, s) = (p.kernel, p.stride);
+        let y = x.detach().max_pool2d_with_stride(k, s)?;
+        let m = x
+            .detach()
+            .eq(&y.upsample_nearest2d(h, w)?)?
+            .to_dtype(x.dtype())?;
+        let num = (x * &m)?.avg_pool2d_with_stride(k, s)?;
+        let den = m.avg_pool2d_with_stride(k, s)?;
+        return num.div(&den);
+    }
     let windows = Windows::new(x, p, f64::NEG_INFINITY)?;
     let mut out: Option<Tensor> = None;
     for dy in 0..p.kernel {

@@ -8,6 +8,9 @@
 //! `nofuss bench train-step --backbone bn-inception --batch-size 32 --device cuda`.
 //! `cargo xtask bench train-step` runs this and the PyTorch script.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc; // as in the `nofuss` binary
+
 use nofuss::bench::{train_step, TrainStepBench};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
