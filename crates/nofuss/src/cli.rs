@@ -28,6 +28,12 @@ pub enum Command {
     /// into data/glyphs on first use) and writes runs/<name>/. Settings come from the
     /// defaults, then --config FILE, then the flags below (flags win).
     Train(Box<TrainArgs>),
+    /// The paper's convergence experiment: train the same model with each loss and
+    /// compare Recall@1 on unseen classes against training steps and time.
+    ///
+    /// Every training option applies to all runs (--loss is overridden). Writes
+    /// <out-dir>/<name>/<loss>/ for each loss, compare.png and compare.md.
+    Compare(Box<CompareArgs>),
     /// Print the default configuration as TOML (a starting point for --config).
     DefaultConfig,
     /// Evaluate embeddings of any model: Recall@K, and optionally NMI and MAP@R.
@@ -77,6 +83,22 @@ pub enum BenchCommand {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+}
+
+/// Options of `nofuss compare`.
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Losses to compare: proxy-nca, proxy-triplet, triplet, triplet-semihard, nca.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "proxy-nca,proxy-triplet,triplet-semihard,nca",
+        value_name = "L,L,..."
+    )]
+    pub losses: Vec<String>,
+    /// Training options shared by all runs.
+    #[command(flatten)]
+    pub train: TrainArgs,
 }
 
 /// Options of `nofuss train`; every flag overrides the configuration file.
@@ -417,6 +439,17 @@ pub fn run(cli: Cli) -> Result<()> {
                 device,
             };
             println!("{}", crate::bench::train_step(&b)?);
+            Ok(())
+        }
+        Command::Compare(a) => {
+            let cfg = a.train.resolve()?;
+            let opts = TrainOptions {
+                verbose: !a.train.quiet,
+                progress: !a.train.quiet,
+            };
+            let c = crate::compare::compare(&cfg, &a.losses, &opts)?;
+            println!("\n{}", c.report);
+            println!("runs, compare.png and compare.md in {}", c.dir.display());
             Ok(())
         }
         Command::DefaultConfig => {

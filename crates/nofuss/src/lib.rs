@@ -16,6 +16,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod compare;
 pub mod config;
 pub mod convert;
 mod error;

@@ -1,5 +1,6 @@
-//! A small PNG plot of training curves (loss and Recall@1 per epoch), drawn with
-//! `image` and an embedded font, so plotting needs no system library.
+//! Small PNG plots of training curves (loss and Recall@1 per epoch; several losses
+//! against steps and time), drawn with `image` and an embedded font, so plotting needs
+//! no system library.
 
 use std::path::Path;
 
@@ -15,6 +16,15 @@ const GRAY: Rgb<u8> = Rgb([200, 200, 200]);
 const BLACK: Rgb<u8> = Rgb([30, 30, 30]);
 const BLUE: Rgb<u8> = Rgb([31, 119, 180]);
 const ORANGE: Rgb<u8> = Rgb([255, 127, 14]);
+/// Curve colours, in order (the first two are the single-curve panels' colours).
+const PALETTE: [Rgb<u8>; 6] = [
+    BLUE,
+    ORANGE,
+    Rgb([44, 160, 44]),
+    Rgb([214, 39, 40]),
+    Rgb([148, 103, 189]),
+    Rgb([140, 86, 75]),
+];
 
 /// One panel: a title and (x, y) points.
 pub struct Series<'a> {
@@ -24,15 +34,62 @@ pub struct Series<'a> {
     pub points: &'a [(f64, f64)],
 }
 
-/// Draws the panels side by side into a PNG at `path` (written atomically).
+/// One labelled curve of a [`Panel`].
+pub struct Curve<'a> {
+    /// Legend text (empty: no legend entry).
+    pub label: &'a str,
+    /// Points in drawing order; NaN y values are skipped.
+    pub points: &'a [(f64, f64)],
+}
+
+/// A panel with several curves, each in its own colour, and its x-axis label.
+pub struct Panel<'a> {
+    /// Panel title.
+    pub title: &'a str,
+    /// The x-axis label.
+    pub x_label: &'a str,
+    /// The curves.
+    pub curves: &'a [Curve<'a>],
+}
+
+/// Draws the panels side by side into a PNG at `path` (written atomically), one curve
+/// each, the first blue, the second orange.
 pub fn plot(path: &Path, x_label: &str, panels: &[Series]) -> Result<()> {
+    let curves: Vec<[Curve; 1]> = panels
+        .iter()
+        .map(|s| {
+            [Curve {
+                label: "",
+                points: s.points,
+            }]
+        })
+        .collect();
+    let panels: Vec<Panel> = panels
+        .iter()
+        .zip(&curves)
+        .map(|(s, c)| Panel {
+            title: s.title,
+            x_label,
+            curves: c,
+        })
+        .collect();
+    draw(path, &panels, true)
+}
+
+/// Draws the panels side by side into a PNG at `path` (written atomically), curves in
+/// the palette's order with a legend.
+pub fn plot_panels(path: &Path, panels: &[Panel]) -> Result<()> {
+    draw(path, panels, false)
+}
+
+fn draw(path: &Path, panels: &[Panel], colour_by_panel: bool) -> Result<()> {
     let font = FontRef::try_from_slice(nofuss_data::glyphs::FONTS[0].1)
         .map_err(|e| TrainError::Config(format!("plot font: {e}")))?;
     let mut img = RgbImage::from_pixel(W, H, WHITE);
     let pw = W / panels.len().max(1) as u32;
-    for (i, s) in panels.iter().enumerate() {
-        let colour = if i % 2 == 0 { BLUE } else { ORANGE };
-        draw_panel(&mut img, &font, i as u32 * pw, pw, s, x_label, colour);
+    for (i, p) in panels.iter().enumerate() {
+        let first = if colour_by_panel { i } else { 0 };
+        draw_panel(&mut img, &font, i as u32 * pw, pw, p, first);
     }
     let mut bytes = Vec::new();
     image::DynamicImage::ImageRgb8(img)
@@ -44,40 +101,45 @@ pub fn plot(path: &Path, x_label: &str, panels: &[Series]) -> Result<()> {
     crate::run_dir::write_atomic(path, &bytes)
 }
 
-fn draw_panel(
-    img: &mut RgbImage,
-    font: &FontRef,
-    x0: u32,
-    w: u32,
-    s: &Series,
-    x_label: &str,
-    colour: Rgb<u8>,
-) {
+fn draw_panel(img: &mut RgbImage, font: &FontRef, x0: u32, w: u32, p: &Panel, first: usize) {
     let (left, right, top, bottom) = (x0 + 60, x0 + w - 20, 40u32, H - 50);
-    text(img, font, s.title, (x0 + w / 2) as f32, 22.0, 18.0, true);
     text(
         img,
         font,
-        x_label,
+        p.title,
+        (x0 + w / 2) as f32,
+        22.0,
+        18.0,
+        Align::Centre,
+    );
+    text(
+        img,
+        font,
+        p.x_label,
         ((left + right) / 2) as f32,
         (H - 12) as f32,
         14.0,
-        true,
+        Align::Centre,
     );
-    let pts: Vec<(f64, f64)> = s
-        .points
+    let curves: Vec<Vec<(f64, f64)>> = p
+        .curves
         .iter()
-        .copied()
-        .filter(|p| p.1.is_finite())
+        .map(|c| {
+            c.points
+                .iter()
+                .copied()
+                .filter(|q| q.1.is_finite())
+                .collect()
+        })
         .collect();
     let (mut xmin, mut xmax, mut ymin, mut ymax) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in &pts {
+    for &(x, y) in curves.iter().flatten() {
         xmin = xmin.min(x);
         xmax = xmax.max(x);
         ymin = ymin.min(y);
         ymax = ymax.max(y);
     }
-    if pts.is_empty() {
+    if curves.iter().all(|c| c.is_empty()) {
         (xmin, xmax, ymin, ymax) = (0.0, 1.0, 0.0, 1.0);
     }
     if xmax - xmin < 1e-9 {
@@ -97,7 +159,7 @@ fn draw_panel(
             (left - 6) as f32,
             py(y) as f32 + 4.0,
             12.0,
-            false,
+            Align::Right,
         );
     }
     let ticks = (xmax - xmin).round().clamp(1.0, 10.0) as usize;
@@ -110,7 +172,7 @@ fn draw_panel(
             px(x) as f32,
             (bottom + 18) as f32,
             12.0,
-            true,
+            Align::Centre,
         );
     }
     line(
@@ -131,19 +193,44 @@ fn draw_panel(
         BLACK,
         1.0,
     );
-    for pair in pts.windows(2) {
-        line(
-            img,
-            px(pair[0].0),
-            py(pair[0].1),
-            px(pair[1].0),
-            py(pair[1].1),
-            colour,
-            2.5,
-        );
-    }
-    for &(x, y) in &pts {
-        disc(img, px(x), py(y), 3.5, colour);
+    for (k, pts) in curves.iter().enumerate() {
+        let colour = PALETTE[(first + k) % PALETTE.len()];
+        for pair in pts.windows(2) {
+            line(
+                img,
+                px(pair[0].0),
+                py(pair[0].1),
+                px(pair[1].0),
+                py(pair[1].1),
+                colour,
+                2.5,
+            );
+        }
+        for &(x, y) in pts {
+            disc(img, px(x), py(y), 3.5, colour);
+        }
+        let label = p.curves[k].label;
+        if !label.is_empty() {
+            let y = (top + 14 + 18 * k as u32) as f64;
+            line(
+                img,
+                (left + 10) as f64,
+                y - 4.0,
+                (left + 30) as f64,
+                y - 4.0,
+                colour,
+                3.0,
+            );
+            text(
+                img,
+                font,
+                label,
+                (left + 36) as f32,
+                y as f32,
+                13.0,
+                Align::Left,
+            );
+        }
     }
 }
 
@@ -177,11 +264,26 @@ fn blend(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>, a: f64) {
     }
 }
 
-/// Draws `s` with its baseline at `y`; centred on `x`, or right-aligned to it.
-fn text(img: &mut RgbImage, font: &FontRef, s: &str, x: f32, y: f32, size: f32, centred: bool) {
+/// Where text stands relative to its anchor.
+#[derive(Clone, Copy)]
+enum Align {
+    /// Centred on the anchor.
+    Centre,
+    /// Ending at the anchor.
+    Right,
+    /// Starting at the anchor.
+    Left,
+}
+
+/// Draws `s` with its baseline at `y`, aligned on `x`.
+fn text(img: &mut RgbImage, font: &FontRef, s: &str, x: f32, y: f32, size: f32, align: Align) {
     let scaled = font.as_scaled(PxScale::from(size));
     let width: f32 = s.chars().map(|c| scaled.h_advance(font.glyph_id(c))).sum();
-    let mut pen = if centred { x - width / 2.0 } else { x - width };
+    let mut pen = match align {
+        Align::Centre => x - width / 2.0,
+        Align::Right => x - width,
+        Align::Left => x,
+    };
     for ch in s.chars() {
         let id = font.glyph_id(ch);
         let glyph = id.with_scale_and_position(PxScale::from(size), ab_glyph::point(pen, y));

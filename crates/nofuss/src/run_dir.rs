@@ -103,7 +103,8 @@ pub fn append_metrics(dir: &Path, line: &serde_json::Value) -> Result<()> {
 }
 
 /// `YYYYmmdd-HHMMSS` in UTC.
-fn utc_stamp() -> String {
+/// The current UTC time as `YYYYMMDD-HHMMSS`, for run names.
+pub fn utc_stamp() -> String {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -37,6 +37,10 @@ pub struct EpochMetrics {
     /// Steps skipped because their batch had nothing to learn from (no positive pair,
     /// no negative proxy).
     pub skipped_steps: usize,
+    /// Optimiser steps taken since the start of the run.
+    pub steps: usize,
+    /// Seconds spent in training steps since the start of the run (evaluation excluded).
+    pub train_seconds: f64,
     /// Recall@K, and NMI and MAP@R when configured, on the unseen classes.
     pub eval: EvalReport,
     /// Training throughput of the epoch.
@@ -46,7 +50,8 @@ pub struct EpochMetrics {
 }
 
 impl EpochMetrics {
-    /// The `metrics.jsonl` line: `epoch`, `train_loss`, `skipped_steps`, the evaluation's keys (`recall@K`,
+    /// The `metrics.jsonl` line: `epoch`, `train_loss`, `skipped_steps`, `steps` and
+    /// `train_seconds` (cumulative), the evaluation's keys (`recall@K`,
     /// `nmi`, `map@r`, `r_precision`; null when not computed, see
     /// [`crate::eval_cmd::report_json`]), `images_per_sec`, `epoch_seconds`.
     pub fn to_json(&self) -> serde_json::Value {
@@ -54,6 +59,8 @@ impl EpochMetrics {
         v["epoch"] = self.epoch.into();
         v["train_loss"] = self.train_loss.into();
         v["skipped_steps"] = self.skipped_steps.into();
+        v["steps"] = self.steps.into();
+        v["train_seconds"] = self.train_seconds.into();
         v["images_per_sec"] = self.images_per_sec.into();
         v["epoch_seconds"] = self.seconds.into();
         v
@@ -334,18 +341,21 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         say(opts, epoch_line(&m));
         run_dir::append_metrics(&dir, &m.to_json())?;
         history.push(m);
-        write_plot(&dir, history)
+        write_plot(&dir, history, &cfg.loss.name)
     };
     let m0 = EpochMetrics {
         epoch: 0,
         train_loss: None,
         skipped_steps: 0,
+        steps: 0,
+        train_seconds: 0.0,
         eval: evaluate(&model, &test_bank, &test_set.labels, cfg, &device)?,
         images_per_sec: None,
         seconds: t0.elapsed().as_secs_f64(),
     };
     record(&mut history, m0)?;
 
+    let (mut total_steps, mut total_train_secs) = (0usize, 0f64);
     for epoch in 1..=cfg.optim.epochs {
         let t_epoch = Instant::now();
         let batches = Batches::train(
@@ -432,10 +442,14 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             });
         }
         let train_secs = t_train.elapsed().as_secs_f64();
+        total_steps += steps;
+        total_train_secs += train_secs;
         let m = EpochMetrics {
             epoch,
             train_loss: Some(loss_sum / steps.max(1) as f64),
             skipped_steps: skipped,
+            steps: total_steps,
+            train_seconds: total_train_secs,
             eval: evaluate(&model, &test_bank, &test_set.labels, cfg, &device)?,
             images_per_sec: Some(images as f64 / train_secs.max(1e-9)),
             seconds: t_epoch.elapsed().as_secs_f64(),
@@ -457,7 +471,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     })
 }
 
-fn write_plot(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
+fn write_plot(dir: &Path, history: &[EpochMetrics], loss_name: &str) -> Result<()> {
     let loss: Vec<(f64, f64)> = history
         .iter()
         .filter_map(|m| m.train_loss.map(|l| (m.epoch as f64, l)))
@@ -472,12 +486,13 @@ fn write_plot(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
         .map(|r| r.0)
         .unwrap_or(1);
     let title = format!("Recall@{k}, unseen classes");
+    let loss_title = format!("training loss ({loss_name})");
     crate::plot::plot(
         &dir.join(run_dir::PLOT),
         "epoch",
         &[
             crate::plot::Series {
-                title: "training loss (Proxy-NCA)",
+                title: &loss_title,
                 points: &loss,
             },
             crate::plot::Series {

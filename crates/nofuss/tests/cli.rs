@@ -583,3 +583,50 @@ fn every_loss_trains_and_bad_proxy_counts_are_refused() {
     let out = tiny_run(tmp.path(), "bad2", "1", &["--loss", "arcface"]);
     assert!(text(&out.stderr).contains("proxy-nca, proxy-triplet, triplet, triplet-semihard, nca"));
 }
+
+#[test]
+fn compare_trains_each_loss_and_reports_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("glyphs");
+    let runs = tmp.path().join("runs");
+    let out = nofuss(&[
+        "compare",
+        "--losses",
+        "proxy-nca,triplet-semihard",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--max-classes",
+        "8",
+        "--renders-per-font",
+        "2",
+        "--widths",
+        "8,16",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--eval-k",
+        "1",
+        "--no-nmi",
+        "--out-dir",
+        runs.to_str().unwrap(),
+        "--name",
+        "cmp",
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let dir = runs.join("cmp");
+    for loss in ["proxy-nca", "triplet-semihard"] {
+        let m = metrics(&dir.join(loss));
+        assert_eq!(m.len(), 3);
+        // 4 classes x 16 images / batch 16 = 4 steps per epoch.
+        assert_eq!(m[2]["steps"], 8, "{loss}");
+        assert!(m[2]["train_seconds"].as_f64().unwrap() > 0.0);
+    }
+    let report = std::fs::read_to_string(dir.join("compare.md")).unwrap();
+    assert!(report.contains("| proxy-nca |") && report.contains("| triplet-semihard |"));
+    assert!(report.contains("Baseline: triplet-semihard"), "{report}");
+    assert!(text(&out.stdout).contains("Baseline: triplet-semihard"));
+    let png = image::open(dir.join("compare.png")).unwrap();
+    assert!(png.width() > 0);
+}

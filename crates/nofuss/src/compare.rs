@@ -1,0 +1,280 @@
+//! `nofuss compare`: the paper's convergence experiment (its Figure 1). The same
+//! backbone, data, seed and budget are trained with each loss; Recall@1 on the unseen
+//! classes is logged against training steps and training time, drawn into one PNG, and
+//! summarised as "steps to reach the baseline's best Recall@1".
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use crate::config::TrainConfig;
+use crate::plot::{plot_panels, Curve, Panel};
+use crate::train::{train, TrainOptions};
+use crate::{run_dir, Result, TrainError};
+
+/// One loss's curve: `(steps, training seconds, Recall@1)` per evaluation (step 0 is
+/// the untrained network), or why the run stopped early.
+#[derive(Debug, Clone)]
+pub struct LossCurve {
+    /// The loss name.
+    pub loss: String,
+    /// Evaluation points.
+    pub points: Vec<(usize, f64, f64)>,
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// The error that stopped the run, if any (its finished epochs are kept).
+    pub stopped: Option<String>,
+}
+
+impl LossCurve {
+    /// The best Recall@1 and the first step count that reached it.
+    pub fn best(&self) -> Option<(f64, usize)> {
+        let mut best: Option<(f64, usize)> = None;
+        for &(s, _, r) in &self.points {
+            if best.is_none_or(|(b, _)| r > b) {
+                best = Some((r, s));
+            }
+        }
+        best
+    }
+
+    /// The first step count at which Recall@1 reached `target`.
+    pub fn steps_to(&self, target: f64) -> Option<usize> {
+        self.points
+            .iter()
+            .find(|&&(_, _, r)| r >= target)
+            .map(|&(s, _, _)| s)
+    }
+}
+
+/// What `compare` produced.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    /// One curve per loss, in the order given.
+    pub curves: Vec<LossCurve>,
+    /// The folder holding the runs, `compare.png` and `compare.md`.
+    pub dir: PathBuf,
+    /// The Markdown report (also in `compare.md`).
+    pub report: String,
+}
+
+/// Trains `base` once per loss in `losses` (each run in `<out_dir>/<name>/<loss>`) and
+/// compares them. A loss whose run stops early (a non-finite loss, nothing to learn) is
+/// reported with the epochs it finished; the other losses still run.
+pub fn compare(base: &TrainConfig, losses: &[String], opts: &TrainOptions) -> Result<Comparison> {
+    if losses.is_empty() {
+        return Err(TrainError::Config("compare needs at least one loss".into()));
+    }
+    let name = base
+        .run
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("compare-{}", run_dir::utc_stamp()));
+    let dir = base.run.out_dir.join(&name);
+    std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    let mut curves = Vec::new();
+    for loss in losses {
+        let mut cfg = base.clone();
+        cfg.loss.name = loss.clone();
+        cfg.run.out_dir = dir.clone();
+        cfg.run.name = Some(loss.clone());
+        cfg.check()?;
+        if opts.verbose {
+            println!("== {loss} ==");
+        }
+        let run = dir.join(loss);
+        let stopped = match train(&cfg, opts) {
+            Ok(_) => None,
+            Err(e @ (TrainError::NonFinite { .. } | TrainError::NothingToLearn { .. })) => {
+                Some(e.to_string())
+            }
+            Err(e) => return Err(e),
+        };
+        let points = read_points(&run)?;
+        curves.push(LossCurve {
+            loss: loss.clone(),
+            points,
+            run_dir: run,
+            stopped,
+        });
+    }
+    let report = report(&curves, base);
+    run_dir::write_atomic(&dir.join("compare.md"), report.as_bytes())?;
+    draw(&dir, &curves)?;
+    Ok(Comparison {
+        curves,
+        dir,
+        report,
+    })
+}
+
+/// `(steps, training seconds, Recall@1)` per evaluation of a run, from its
+/// `metrics.jsonl` (complete, or up to where the run stopped).
+fn read_points(run: &std::path::Path) -> Result<Vec<(usize, f64, f64)>> {
+    let path = run.join(run_dir::METRICS);
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| {
+            (
+                v["steps"].as_u64().unwrap_or(0) as usize,
+                v["train_seconds"].as_f64().unwrap_or(0.0),
+                v["recall@1"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect())
+}
+
+fn draw(dir: &std::path::Path, curves: &[LossCurve]) -> Result<()> {
+    let by_steps: Vec<Vec<(f64, f64)>> = curves
+        .iter()
+        .map(|c| c.points.iter().map(|&(s, _, r)| (s as f64, r)).collect())
+        .collect();
+    let by_time: Vec<Vec<(f64, f64)>> = curves
+        .iter()
+        .map(|c| c.points.iter().map(|&(_, t, r)| (t, r)).collect())
+        .collect();
+    let steps: Vec<Curve> = curves
+        .iter()
+        .zip(&by_steps)
+        .map(|(c, p)| Curve {
+            label: &c.loss,
+            points: p,
+        })
+        .collect();
+    let time: Vec<Curve> = curves
+        .iter()
+        .zip(&by_time)
+        .map(|(c, p)| Curve {
+            label: &c.loss,
+            points: p,
+        })
+        .collect();
+    plot_panels(
+        &dir.join("compare.png"),
+        &[
+            Panel {
+                title: "Recall@1 (unseen classes) vs steps",
+                x_label: "training steps",
+                curves: &steps,
+            },
+            Panel {
+                title: "Recall@1 (unseen classes) vs time",
+                x_label: "training seconds",
+                curves: &time,
+            },
+        ],
+    )
+}
+
+/// The baseline of the "3x fewer steps" claim: the semi-hard triplet loss if it ran,
+/// else the batch-all triplet loss.
+fn baseline(curves: &[LossCurve]) -> Option<&LossCurve> {
+    curves
+        .iter()
+        .find(|c| c.loss == "triplet-semihard")
+        .or_else(|| curves.iter().find(|c| c.loss == "triplet"))
+}
+
+fn report(curves: &[LossCurve], cfg: &TrainConfig) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Backbone {}, batch {}, {} epochs, seed {}, dataset {:?}.\n",
+        cfg.model.backbone, cfg.optim.batch_size, cfg.optim.epochs, cfg.seed, cfg.data.dataset
+    );
+    let base = baseline(curves).and_then(|b| b.best().map(|(r, st)| (b.loss.clone(), r, st)));
+    let _ = writeln!(
+        s,
+        "| loss | Recall@1 untrained | best Recall@1 | at step | steps to the baseline's best | training s | note |"
+    );
+    let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- |");
+    for c in curves {
+        let first = c.points.first().map(|p| p.2).unwrap_or(f64::NAN);
+        let (best, at) = c.best().unwrap_or((f64::NAN, 0));
+        let to_base = match &base {
+            Some((_, r, _)) => c
+                .steps_to(*r)
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "not reached".into()),
+            None => "-".into(),
+        };
+        let secs = c.points.last().map(|p| p.1).unwrap_or(0.0);
+        let note = c
+            .stopped
+            .as_deref()
+            .map(|e| e.split(';').next().unwrap_or(e).to_string())
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "| {} | {first:.4} | {best:.4} | {at} | {to_base} | {secs:.1} | {note} |",
+            c.loss
+        );
+    }
+    if let Some((name, r, steps)) = &base {
+        let _ = writeln!(
+            s,
+            "\nBaseline: {name}, best Recall@1 {r:.4} first reached at step {steps}."
+        );
+        if let Some(p) = curves.iter().find(|c| c.loss == "proxy-nca") {
+            match p.steps_to(*r) {
+                Some(ps) if ps > 0 => {
+                    let ratio = *steps as f64 / ps as f64;
+                    let _ = writeln!(
+                        s,
+                        "Proxy-NCA reached it at step {ps}: {ratio:.1}x fewer steps ({}).",
+                        if ratio >= 3.0 {
+                            "the paper's claim of about 3x holds here"
+                        } else {
+                            "less than the paper's 3x"
+                        }
+                    );
+                }
+                Some(_) => {
+                    let _ = writeln!(s, "Proxy-NCA matched it before training (step 0).");
+                }
+                None => {
+                    let _ = writeln!(s, "Proxy-NCA did not reach it within the budget.");
+                }
+            }
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn curve(loss: &str, r: &[f64]) -> LossCurve {
+        LossCurve {
+            loss: loss.into(),
+            points: r
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| (i * 10, i as f64, v))
+                .collect(),
+            run_dir: PathBuf::new(),
+            stopped: None,
+        }
+    }
+
+    #[test]
+    fn steps_to_the_baseline_and_the_verdict() {
+        let curves = vec![
+            curve("proxy-nca", &[0.2, 0.6, 0.8, 0.9]),
+            curve("triplet-semihard", &[0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.6]),
+        ];
+        assert_eq!(curves[1].best(), Some((0.6, 50)));
+        assert_eq!(curves[0].steps_to(0.6), Some(10));
+        let r = report(&curves, &TrainConfig::default());
+        assert!(r.contains("first reached at step 50"), "{r}");
+        assert!(r.contains("5.0x fewer steps"), "{r}");
+        assert!(r.contains("claim of about 3x holds"), "{r}");
+        let slow = vec![
+            curve("proxy-nca", &[0.1, 0.2]),
+            curve("triplet", &[0.1, 0.5]),
+        ];
+        assert!(report(&slow, &TrainConfig::default()).contains("did not reach it"));
+    }
+}
