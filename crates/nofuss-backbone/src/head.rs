@@ -1,5 +1,5 @@
 use candle_core::{Tensor, D};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Init, Linear, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::{BackboneError, Result};
@@ -29,6 +29,19 @@ impl Pooling {
     }
 }
 
+/// How the embedding layer starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeadInit {
+    /// PyTorch's `nn.Linear` default, which the Proxy-NCA reproductions keep: weight and
+    /// bias uniform in `±1/sqrt(in_features)`.
+    #[default]
+    TorchLinear,
+    /// The Proxy-Anchor repository's: weight `kaiming_normal_(mode='fan_out')`, i.e.
+    /// normal with standard deviation `sqrt(2 / D)`, bias 0.
+    KaimingFanOut,
+}
+
 /// Settings of the [`EmbeddingHead`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -40,6 +53,8 @@ pub struct HeadConfig {
     /// L2-normalise the embeddings (the proxy losses normalise anyway; retrieval
     /// with normalised embeddings ranks by cosine).
     pub l2_normalize: bool,
+    /// Initialisation of the linear layer.
+    pub init: HeadInit,
 }
 
 impl Default for HeadConfig {
@@ -48,6 +63,7 @@ impl Default for HeadConfig {
             dim: 64,
             pooling: Pooling::Average,
             l2_normalize: true,
+            init: HeadInit::TorchLinear,
         }
     }
 }
@@ -69,7 +85,30 @@ impl EmbeddingHead {
                 cfg.dim
             )));
         }
-        let linear = candle_nn::linear(in_features, cfg.dim, vb.pp("embedding"))?;
+        let vb = vb.pp("embedding");
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let (w_init, b_init) = match cfg.init {
+            HeadInit::TorchLinear => (
+                Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+                Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            ),
+            HeadInit::KaimingFanOut => (
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: (2.0 / cfg.dim as f64).sqrt(),
+                },
+                Init::Const(0.0),
+            ),
+        };
+        let weight = vb.get_with_hints((cfg.dim, in_features), "weight", w_init)?;
+        let bias = vb.get_with_hints(cfg.dim, "bias", b_init)?;
+        let linear = Linear::new(weight, Some(bias));
         Ok(Self {
             linear,
             cfg: cfg.clone(),
@@ -144,6 +183,41 @@ mod tests {
         }
         let names: Vec<String> = p.named_vars().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, vec!["embedding.bias", "embedding.weight"]);
+    }
+
+    #[test]
+    fn initialisations_follow_the_reference_repositories() {
+        let stats = |init| {
+            let p = nofuss_tensor::SeededVarMap::new(0);
+            let vb = p.var_builder(DType::F32, &Device::Cpu);
+            let cfg = HeadConfig {
+                dim: 64,
+                init,
+                ..Default::default()
+            };
+            EmbeddingHead::new(1024, &cfg, vb).unwrap();
+            let get = |n: &str| {
+                p.named_vars()
+                    .into_iter()
+                    .find(|(k, _)| k == n)
+                    .unwrap()
+                    .1
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            (get("embedding.weight"), get("embedding.bias"))
+        };
+        let (w, b) = stats(HeadInit::TorchLinear);
+        let bound = 1.0 / 32.0;
+        assert!(w.iter().chain(&b).all(|v| v.abs() <= bound));
+        assert!(w.iter().any(|v| v.abs() > 0.9 * bound));
+        let (w, b) = stats(HeadInit::KaimingFanOut);
+        let var = w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        assert!((var - 2.0 / 64.0).abs() < 0.002, "{var}");
+        assert!(b.iter().all(|&v| v == 0.0));
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub use bn_inception::{
     BN_INCEPTION_FEATURES,
 };
 pub use error::{BackboneError, Result};
-pub use head::{EmbeddingHead, HeadConfig, Pooling};
+pub use head::{EmbeddingHead, HeadConfig, HeadInit, Pooling};
 pub use nofuss_tensor::{ChannelOrder, Normalization};
 pub use small_cnn::{SmallCnn, SmallCnnConfig};
 
