@@ -169,6 +169,26 @@ pub fn load(root: impl AsRef<Path>) -> Result<ImageDataset> {
     })
 }
 
+/// Differences from CUB-200-2011's published counts when `ds` has its 200 classes
+/// (5,864 images in classes 1-100, 5,924 in 101-200); empty when they match or when
+/// `ds` is another dataset in this layout.
+pub fn count_warnings(ds: &ImageDataset) -> Vec<String> {
+    if ds.num_classes() != 200 {
+        return vec![];
+    }
+    let train = ds.records.iter().filter(|r| r.class < 100).count();
+    let test = ds.records.len() - train;
+    let mut w = Vec::new();
+    for (what, got, want) in [("1-100", train, 5_864), ("101-200", test, 5_924)] {
+        if got != want {
+            w.push(format!(
+                "CUB-200-2011: {got} images in classes {what}, the published dataset has {want}"
+            ));
+        }
+    }
+    w
+}
+
 /// Writes the three annotation files of `ds` into `root` (images are the caller's).
 pub fn write_annotations(root: &Path, ds: &ImageDataset) -> Result<()> {
     let write = |name: &str, body: String| -> Result<()> {
@@ -208,6 +228,26 @@ mod tests {
         fs::write(d.path().join(IMAGES), images).unwrap();
         fs::write(d.path().join(LABELS), labels).unwrap();
         d
+    }
+
+    #[test]
+    fn counts_are_checked_for_the_200_class_dataset_only() {
+        let mk = |classes: u32, per: u32| ImageDataset {
+            root: "r".into(),
+            images_dir: "r/images".into(),
+            records: (0..classes * per)
+                .map(|i| ImageRecord {
+                    id: i + 1,
+                    path: format!("{i}.jpg").into(),
+                    class: i / per,
+                })
+                .collect(),
+            class_names: (0..classes).map(|c| c.to_string()).collect(),
+        };
+        assert!(count_warnings(&mk(10, 3)).is_empty());
+        let w = count_warnings(&mk(200, 2));
+        assert_eq!(w.len(), 2);
+        assert!(w[0].contains("200 images in classes 1-100, the published dataset has 5864"));
     }
 
     #[test]

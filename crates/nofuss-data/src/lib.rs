@@ -3,6 +3,8 @@
 //!
 //! - [`cub`]: the CUB-200-2011 layout (`images.txt`, `image_class_labels.txt`,
 //!   `classes.txt`, `images/`), which real datasets and the embedded default share.
+//! - [`sop`]: Stanford Online Products (`Ebay_train.txt` / `Ebay_test.txt`, the files'
+//!   own split); [`folder`]: a folder per class, for your own data.
 //! - [`glyphs`]: the embedded default dataset, generated offline from the fonts under
 //!   `data/fonts/` (one class per character, several fonts, random affine distortions),
 //!   written in the CUB layout.
@@ -23,9 +25,11 @@
 pub mod cub;
 mod dataset;
 mod error;
+pub mod folder;
 pub mod glyphs;
 mod images;
 mod loader;
+pub mod sop;
 
 pub use dataset::{ImageDataset, ImageRecord, Subset, ZeroShotSplit};
 pub use error::{DataError, Result};

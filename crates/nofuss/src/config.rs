@@ -21,8 +21,14 @@ pub enum DatasetKind {
     /// The embedded default: glyphs generated offline into `data.dir` if absent.
     #[default]
     Glyphs,
-    /// Any dataset in the CUB-200-2011 layout (CUB itself, or your own).
+    /// Any dataset in the CUB-200-2011 layout (CUB itself, or your own); first half of
+    /// the classes for training.
     Cub,
+    /// Stanford Online Products (`Ebay_train.txt`, `Ebay_test.txt`): the files' split.
+    Sop,
+    /// A folder per class (`root/<class>/<image>`); first half of the classes (in name
+    /// order) for training.
+    Folder,
 }
 
 /// Data settings.

@@ -9,7 +9,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use indicatif::{ProgressBar, ProgressStyle};
 use nofuss_backbone::{Backbone, BnInception, Embedder, EmbeddingHead, SmallCnn, SmallCnnConfig};
-use nofuss_data::{cub, glyphs, Augment, Batches, ImageBank, ImageSpec, ZeroShotSplit};
+use nofuss_data::{
+    cub, folder, glyphs, sop, Augment, Batches, ImageBank, ImageSpec, ZeroShotSplit,
+};
 use nofuss_eval::{EvalConfig, EvalReport, KMeansConfig};
 use nofuss_losses::{LossError, MetricLoss, ProxyInit};
 use nofuss_tensor::{DeviceSpec, SeededVarMap};
@@ -288,8 +290,24 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             ),
         );
     }
-    let ds = cub::load(&cfg.data.dir)?;
-    let (train_set, test_set) = ZeroShotSplit::Halves.apply(&ds)?;
+    let (ds, split, warnings) = match cfg.data.dataset {
+        DatasetKind::Glyphs => (cub::load(&cfg.data.dir)?, ZeroShotSplit::Halves, vec![]),
+        DatasetKind::Cub => {
+            let ds = cub::load(&cfg.data.dir)?;
+            let w = cub::count_warnings(&ds);
+            (ds, ZeroShotSplit::Halves, w)
+        }
+        DatasetKind::Sop => {
+            let l = sop::load(&cfg.data.dir)?;
+            let (split, w) = (l.split(), l.count_warnings());
+            (l.dataset, split, w)
+        }
+        DatasetKind::Folder => (folder::load(&cfg.data.dir)?, ZeroShotSplit::Halves, vec![]),
+    };
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let (train_set, test_set) = split.apply(&ds)?;
     let spec = ImageSpec {
         channels: cfg.data.channels,
         height: cfg.data.image_size,
@@ -318,6 +336,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     let prefix = match cfg.data.dataset {
         DatasetKind::Glyphs => "glyphs",
         DatasetKind::Cub => "cub",
+        DatasetKind::Sop => "sop",
+        DatasetKind::Folder => "folder",
     };
     let dir = run_dir::create(&cfg.run.out_dir, cfg.run.name.as_deref(), prefix)?;
     run_dir::write_atomic(&dir.join(run_dir::CONFIG), cfg.to_toml()?.as_bytes())?;

@@ -630,3 +630,93 @@ fn compare_trains_each_loss_and_reports_steps() {
     let png = image::open(dir.join("compare.png")).unwrap();
     assert!(png.width() > 0);
 }
+
+/// Writes `classes` x `per` small PNGs into `root/<class>/<i>.png`, each class with its
+/// own shade pattern; returns the relative paths per class.
+fn write_folder_dataset(root: &Path, classes: usize, per: usize) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for c in 0..classes {
+        let name = format!("class_{c:02}");
+        std::fs::create_dir_all(root.join(&name)).unwrap();
+        let mut files = Vec::new();
+        for i in 0..per {
+            let img = image::GrayImage::from_fn(16, 16, |x, y| {
+                let v = ((x as usize * (c + 1) + y as usize * (i + 2)) * 37 % 256) as u8;
+                image::Luma([v])
+            });
+            let rel = format!("{name}/{i}.png");
+            img.save(root.join(&rel)).unwrap();
+            files.push(rel);
+        }
+        out.push(files);
+    }
+    out
+}
+
+fn quick_train(tmp: &Path, data: &Path, dataset: &str, name: &str) -> Output {
+    let runs = tmp.join("runs");
+    nofuss(&[
+        "train",
+        "--dataset",
+        dataset,
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--image-size",
+        "16",
+        "--widths",
+        "4,8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--eval-k",
+        "1",
+        "--no-nmi",
+        "--out-dir",
+        runs.to_str().unwrap(),
+        "--name",
+        name,
+        "--quiet",
+    ])
+}
+
+#[test]
+fn folder_and_sop_layouts_train() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("folders");
+    let files = write_folder_dataset(&data, 6, 8);
+    let out = quick_train(tmp.path(), &data, "folder", "f");
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("on 3 unseen classes"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // The same images as Stanford Online Products lists: classes 1-4 train, 5-6 test.
+    let mut train = String::from("image_id class_id super_class_id path\n");
+    let mut test = train.clone();
+    let mut id = 1;
+    for (c, fs) in files.iter().enumerate() {
+        for f in fs {
+            let line = format!("{id} {} 1 {f}\n", c + 1);
+            if c < 4 {
+                train.push_str(&line);
+            } else {
+                test.push_str(&line);
+            }
+            id += 1;
+        }
+    }
+    std::fs::write(data.join("Ebay_train.txt"), train).unwrap();
+    std::fs::write(data.join("Ebay_test.txt"), test).unwrap();
+    let out = quick_train(tmp.path(), &data, "sop", "s");
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("on 2 unseen classes"),
+        "{}",
+        text(&out.stdout)
+    );
+    // A partial SOP is named as such.
+    assert!(text(&out.stderr).contains("warning: Stanford Online Products: 4 training classes"));
+}
