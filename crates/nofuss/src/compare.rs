@@ -126,30 +126,15 @@ fn read_points(run: &std::path::Path) -> Result<Vec<(usize, f64, f64)>> {
 }
 
 fn draw(dir: &std::path::Path, curves: &[LossCurve]) -> Result<()> {
-    let by_steps: Vec<Vec<(f64, f64)>> = curves
-        .iter()
-        .map(|c| c.points.iter().map(|&(s, _, r)| (s as f64, r)).collect())
-        .collect();
-    let by_time: Vec<Vec<(f64, f64)>> = curves
-        .iter()
-        .map(|c| c.points.iter().map(|&(_, t, r)| (t, r)).collect())
-        .collect();
-    let steps: Vec<Curve> = curves
-        .iter()
-        .zip(&by_steps)
-        .map(|(c, p)| Curve {
-            label: &c.loss,
-            points: p,
-        })
-        .collect();
-    let time: Vec<Curve> = curves
-        .iter()
-        .zip(&by_time)
-        .map(|(c, p)| Curve {
-            label: &c.loss,
-            points: p,
-        })
-        .collect();
+    // One point list per loss, x chosen by `x`.
+    let series = |x: fn(&(usize, f64, f64)) -> f64| -> Vec<Vec<(f64, f64)>> {
+        curves
+            .iter()
+            .map(|c| c.points.iter().map(|p| (x(p), p.2)).collect())
+            .collect()
+    };
+    let (by_steps, by_time) = (series(|p| p.0 as f64), series(|p| p.1));
+    let (steps, time) = (labelled(curves, &by_steps), labelled(curves, &by_time));
     plot_panels(
         &dir.join("compare.png"),
         &[
@@ -165,6 +150,18 @@ fn draw(dir: &std::path::Path, curves: &[LossCurve]) -> Result<()> {
             },
         ],
     )
+}
+
+/// Curves labelled with their loss names.
+fn labelled<'a>(curves: &'a [LossCurve], points: &'a [Vec<(f64, f64)>]) -> Vec<Curve<'a>> {
+    curves
+        .iter()
+        .zip(points)
+        .map(|(c, p)| Curve {
+            label: &c.loss,
+            points: p,
+        })
+        .collect()
 }
 
 /// The baseline of the "3x fewer steps" claim: the semi-hard triplet loss if it ran,
