@@ -17,7 +17,7 @@ Synthetic input on the device, WARMUP untimed steps, median of STEPS timed steps
 ended by reading the loss (a device synchronisation). Prints one JSON line.
 
     python3 benches/torch_train_step.py [BATCH] [STEPS] [--backbone bn-inception]
-        [--device cuda] [--classes 100] [--precision f32|bf16] [--warmup 3]
+        [--device cuda] [--classes 100] [--precision f32|bf16] [--warmup 3] [--mode backbone]
     (CPU threads: torch default, or NOFUSS_THREADS)
 """
 import argparse
@@ -37,6 +37,9 @@ ap.add_argument("--device", default="cpu")
 ap.add_argument("--classes", type=int, default=124)
 ap.add_argument("--precision", default="f32", choices=["f32", "bf16"])
 ap.add_argument("--warmup", type=int, default=3)
+ap.add_argument("--mode", default="train", choices=["train", "backbone"],
+                help="train: whole steps; backbone: forward (eval, no grad) and forward+backward "
+                     "(train mode, sum of pooled features) of the backbone alone")
 args = ap.parse_args()
 if os.environ.get("NOFUSS_THREADS"):
     torch.set_num_threads(int(os.environ["NOFUSS_THREADS"]))
@@ -113,6 +116,36 @@ def proxy_nca(e, y, p):
 
 x = torch.randn(args.batch, *shape, device=dev)
 y = torch.arange(args.batch, device=dev) % classes
+
+
+def sync():
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+if args.mode == "backbone":
+    def timed(train):
+        backbone.train(train)
+        ts = []
+        for i in range(args.steps + args.warmup):
+            t = time.perf_counter()
+            if train:
+                backbone(x).mean(dim=(2, 3)).sum().backward()
+            else:
+                with torch.no_grad():
+                    backbone(x).mean(dim=(2, 3)).sum().item()
+            sync()
+            if i >= args.warmup:
+                ts.append(time.perf_counter() - t)
+        ts.sort()
+        return ts[len(ts) // 2]
+    f, fb = timed(False), timed(True)
+    print(json.dumps({"impl": f"PyTorch {torch.__version__} eager", "device": str(dev), "backbone": args.backbone,
+                      "threads": torch.get_num_threads(), "batch": args.batch, "steps": args.steps,
+                      "forward_images_per_sec": round(args.batch / f, 1),
+                      "forward_backward_images_per_sec": round(args.batch / fb, 1),
+                      "forward_ms": round(f * 1e3, 2), "forward_backward_ms": round(fb * 1e3, 2)}))
+    raise SystemExit(0)
 autocast = args.precision == "bf16"
 times = []
 for i in range(args.steps + args.warmup):

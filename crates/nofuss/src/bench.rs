@@ -108,6 +108,87 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
     }))
 }
 
+/// What [`backbone`] times.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackboneBench {
+    /// Backbone name.
+    pub backbone: String,
+    /// Images per call.
+    pub batch_size: usize,
+    /// Input side; `None`: the backbone's nominal size (224 for BN-Inception).
+    pub image_size: Option<usize>,
+    /// Timed calls per mode.
+    pub steps: usize,
+    /// Untimed warm-up calls per mode.
+    pub warmup: usize,
+    /// Device string.
+    pub device: String,
+}
+
+/// Images per second of the backbone's pooled features: forward in evaluation mode
+/// (`forward`), and forward in training mode plus the backward pass of their sum
+/// (`forward_backward`); medians over `steps` calls. One JSON object.
+pub fn backbone(b: &BackboneBench) -> Result<Value> {
+    if b.steps == 0 || b.batch_size == 0 {
+        return Err(TrainError::Config(
+            "bench needs steps >= 1 and a batch".into(),
+        ));
+    }
+    let mut cfg = TrainConfig::default();
+    cfg.model.backbone = b.backbone.clone();
+    if b.backbone == "bn-inception" {
+        cfg.data.channels = 3;
+        cfg.data.image_size = 224;
+    }
+    if let Some(s) = b.image_size {
+        cfg.data.image_size = s;
+    }
+    cfg.device = b.device.clone();
+    cfg.check()?;
+    let picked = b.device.parse::<DeviceSpec>()?.select()?;
+    let dev = picked.device;
+    let model = Model::new(&cfg, 2, &dev)?;
+    let size = cfg.data.image_size;
+    let x = Tensor::randn(
+        0f32,
+        1.0,
+        (b.batch_size, cfg.data.channels, size, size),
+        &dev,
+    )?;
+    let embedder = &model.embedder;
+    let time = |train: bool| -> Result<f64> {
+        let mut times = Vec::with_capacity(b.steps);
+        for i in 0..b.steps + b.warmup {
+            let t = Instant::now();
+            let f = embedder.forward_features(&x, train)?;
+            if train {
+                let grads = f.sum_all()?.backward()?;
+                drop(grads);
+            }
+            f.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            if i >= b.warmup {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    };
+    let (fwd, fb) = (time(false)?, time(true)?);
+    let ips = |t: f64| (b.batch_size as f64 / t * 10.0).round() / 10.0;
+    Ok(json!({
+        "impl": "nofuss (candle 0.11.1)",
+        "device": picked.description,
+        "backbone": b.backbone,
+        "batch": b.batch_size,
+        "image_size": size,
+        "steps": b.steps,
+        "forward_images_per_sec": ips(fwd),
+        "forward_backward_images_per_sec": ips(fb),
+        "forward_ms": (fwd * 1e5).round() / 100.0,
+        "forward_backward_ms": (fb * 1e5).round() / 100.0,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +205,16 @@ mod tests {
         .unwrap();
         assert_eq!(v["batch"], 4);
         assert!(v["images_per_sec"].as_f64().unwrap() > 0.0);
+        let v = backbone(&BackboneBench {
+            backbone: "small-cnn".into(),
+            batch_size: 2,
+            image_size: None,
+            steps: 1,
+            warmup: 0,
+            device: "cpu".into(),
+        })
+        .unwrap();
+        assert!(v["forward_backward_images_per_sec"].as_f64().unwrap() > 0.0);
         assert!(train_step(&TrainStepBench {
             steps: 0,
             ..Default::default()

@@ -58,6 +58,28 @@ pub enum Command {
 /// What `nofuss bench` measures.
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// Images/s of the backbone alone: forward (evaluation mode) and forward + backward
+    /// (training mode) of the pooled features, synthetic input on the device; one JSON line.
+    Backbone {
+        /// Backbone: small-cnn or bn-inception.
+        #[arg(long, default_value = "bn-inception")]
+        backbone: String,
+        /// Images per call.
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        /// Input side (default: 224 for bn-inception, 32 for small-cnn).
+        #[arg(long)]
+        image_size: Option<usize>,
+        /// Timed calls per mode; the median is reported.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Untimed warm-up calls per mode.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Device: auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Images/s of whole training steps (forward, Proxy-NCA, backward, optimisers) on
     /// synthetic input already on the device; prints one JSON line.
     TrainStep {
@@ -418,6 +440,25 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::ConvertWeights { input, output } => {
             let n = crate::convert::convert_weights(&input, &output)?;
             println!("wrote {n} tensors to {}", output.display());
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Backbone {
+            backbone,
+            batch_size,
+            image_size,
+            steps,
+            warmup,
+            device,
+        }) => {
+            let b = crate::bench::BackboneBench {
+                backbone,
+                batch_size,
+                image_size,
+                steps,
+                warmup,
+                device,
+            };
+            println!("{}", crate::bench::backbone(&b)?);
             Ok(())
         }
         Command::Bench(BenchCommand::TrainStep {
