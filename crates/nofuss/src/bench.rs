@@ -54,21 +54,13 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
             "bench needs steps >= 1, batch size >= 2 and classes >= 2".into(),
         ));
     }
-    let mut cfg = TrainConfig::default();
-    cfg.model.backbone = b.backbone.clone();
-    if b.backbone == "bn-inception" {
-        cfg.data.channels = 3;
-        cfg.data.image_size = 224;
-    }
-    if let Some(s) = b.image_size {
-        cfg.data.image_size = s;
-    }
-    cfg.optim.batch_size = b.batch_size;
-    cfg.device = b.device.clone();
-    cfg.check()?;
-    let picked = b.device.parse::<DeviceSpec>()?.select()?;
-    let dev = picked.device;
-    let model = Model::new(&cfg, b.classes, &dev)?;
+    let (cfg, description, dev, model) = setup(
+        &b.backbone,
+        b.image_size,
+        b.batch_size,
+        &b.device,
+        b.classes,
+    )?;
     let (mut opt, mut popt) = model.optimizers(&cfg.optim)?;
     let size = cfg.data.image_size;
     let x = Tensor::randn(
@@ -98,7 +90,7 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
     let med = times[times.len() / 2];
     Ok(json!({
         "impl": "nofuss (candle 0.11.1)",
-        "device": picked.description,
+        "device": description,
         "backbone": b.backbone,
         "batch": b.batch_size,
         "image_size": size,
@@ -106,6 +98,32 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         "median_ms": (med * 1e5).round() / 100.0,
         "images_per_sec": (b.batch_size as f64 / med * 10.0).round() / 10.0,
     }))
+}
+
+/// The configuration, device (with its description) and a fresh model of a benchmark:
+/// BN-Inception at 224x224 RGB unless `image_size` says otherwise.
+fn setup(
+    backbone: &str,
+    image_size: Option<usize>,
+    batch_size: usize,
+    device: &str,
+    classes: usize,
+) -> Result<(TrainConfig, String, candle_core::Device, Model)> {
+    let mut cfg = TrainConfig::default();
+    cfg.model.backbone = backbone.to_string();
+    if backbone == "bn-inception" {
+        cfg.data.channels = 3;
+        cfg.data.image_size = 224;
+    }
+    if let Some(s) = image_size {
+        cfg.data.image_size = s;
+    }
+    cfg.optim.batch_size = batch_size.max(2);
+    cfg.device = device.to_string();
+    cfg.check()?;
+    let picked = device.parse::<DeviceSpec>()?.select()?;
+    let model = Model::new(&cfg, classes, &picked.device)?;
+    Ok((cfg, picked.description, picked.device, model))
 }
 
 /// What [`backbone`] times.
@@ -134,20 +152,8 @@ pub fn backbone(b: &BackboneBench) -> Result<Value> {
             "bench needs steps >= 1 and a batch".into(),
         ));
     }
-    let mut cfg = TrainConfig::default();
-    cfg.model.backbone = b.backbone.clone();
-    if b.backbone == "bn-inception" {
-        cfg.data.channels = 3;
-        cfg.data.image_size = 224;
-    }
-    if let Some(s) = b.image_size {
-        cfg.data.image_size = s;
-    }
-    cfg.device = b.device.clone();
-    cfg.check()?;
-    let picked = b.device.parse::<DeviceSpec>()?.select()?;
-    let dev = picked.device;
-    let model = Model::new(&cfg, 2, &dev)?;
+    let (cfg, description, dev, model) =
+        setup(&b.backbone, b.image_size, b.batch_size, &b.device, 2)?;
     let size = cfg.data.image_size;
     let x = Tensor::randn(
         0f32,
@@ -177,7 +183,7 @@ pub fn backbone(b: &BackboneBench) -> Result<Value> {
     let ips = |t: f64| (b.batch_size as f64 / t * 10.0).round() / 10.0;
     Ok(json!({
         "impl": "nofuss (candle 0.11.1)",
-        "device": picked.description,
+        "device": description,
         "backbone": b.backbone,
         "batch": b.batch_size,
         "image_size": size,
