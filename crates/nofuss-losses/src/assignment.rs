@@ -124,6 +124,17 @@ impl Selection {
         }
     }
 
+    /// The rows of `dist` `[N,P]` of the anchors that take part, `[A,P]`; `dist` itself
+    /// when every example is an anchor (always so with static assignment), which saves a
+    /// copy of the `N x P` distances on every step.
+    pub(crate) fn anchor_rows(&self, dist: &Tensor) -> Result<Tensor> {
+        if self.anchors.len() == dist.dim(0)? {
+            return Ok(dist.clone());
+        }
+        let idx = Tensor::from_slice(&self.anchors, self.anchors.len(), dist.device())?;
+        Ok(dist.index_select(&idx, 0)?)
+    }
+
     /// Error when no anchor takes part.
     pub(crate) fn require_anchors(&self) -> Result<()> {
         if self.anchors.is_empty() {

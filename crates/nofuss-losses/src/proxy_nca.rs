@@ -190,8 +190,7 @@ pub(crate) fn nca_over_selection(
     let device = dist.device();
     let a = sel.anchors.len();
     let p = sel.num_proxies;
-    let anchors = Tensor::from_slice(&sel.anchors, a, device)?;
-    let dist = dist.index_select(&anchors, 0)?; // [A,P]
+    let dist = sel.anchor_rows(dist)?; // [A,P]
     let pos_idx = Tensor::from_slice(&sel.positive, (a, 1), device)?;
     let d_pos = dist.gather(&pos_idx, 1)?.squeeze(1)?; // [A]
     let neg = Tensor::from_slice(&sel.negatives, (a, p), device)?;

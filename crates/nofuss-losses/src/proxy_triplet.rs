@@ -87,8 +87,7 @@ pub fn proxy_triplet(
     let p = sel.num_proxies;
     let device = dist.device();
     let a = sel.anchors.len();
-    let anchors = Tensor::from_slice(&sel.anchors, a, device)?;
-    let dist = dist.index_select(&anchors, 0)?; // [A,P]
+    let dist = sel.anchor_rows(&dist)?; // [A,P]
     if let Some(k) = cfg.hardest_negatives {
         let host: Vec<f64> = dist
             .detach()
