@@ -54,7 +54,7 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
             "bench needs steps >= 1, batch size >= 2 and classes >= 2".into(),
         ));
     }
-    let (cfg, description, dev, model) = setup(
+    let (cfg, description, dev, model, x) = setup(
         &b.backbone,
         b.image_size,
         b.batch_size,
@@ -63,12 +63,6 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
     )?;
     let (mut opt, mut popt) = model.optimizers(&cfg.optim)?;
     let size = cfg.data.image_size;
-    let x = Tensor::randn(
-        0f32,
-        1.0,
-        (b.batch_size, cfg.data.channels, size, size),
-        &dev,
-    )?;
     let labels: Vec<u32> = (0..b.batch_size as u32)
         .map(|i| i % b.classes as u32)
         .collect();
@@ -86,8 +80,7 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
             times.push(t.elapsed().as_secs_f64());
         }
     }
-    times.sort_by(f64::total_cmp);
-    let med = times[times.len() / 2];
+    let med = median(times);
     Ok(json!({
         "impl": "nofuss (candle 0.11.1)",
         "device": description,
@@ -100,15 +93,16 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
     }))
 }
 
-/// The configuration, device (with its description) and a fresh model of a benchmark:
-/// BN-Inception at 224x224 RGB unless `image_size` says otherwise.
+/// The configuration, device (with its description), a fresh model and a synthetic
+/// device-resident input batch of a benchmark: BN-Inception at 224x224 RGB unless
+/// `image_size` says otherwise.
 fn setup(
     backbone: &str,
     image_size: Option<usize>,
     batch_size: usize,
     device: &str,
     classes: usize,
-) -> Result<(TrainConfig, String, candle_core::Device, Model)> {
+) -> Result<(TrainConfig, String, candle_core::Device, Model, Tensor)> {
     let mut cfg = TrainConfig::default();
     cfg.model.backbone = backbone.to_string();
     if backbone == "bn-inception" {
@@ -123,7 +117,20 @@ fn setup(
     cfg.check()?;
     let picked = device.parse::<DeviceSpec>()?.select()?;
     let model = Model::new(&cfg, classes, &picked.device)?;
-    Ok((cfg, picked.description, picked.device, model))
+    let size = cfg.data.image_size;
+    let x = Tensor::randn(
+        0f32,
+        1.0,
+        (batch_size, cfg.data.channels, size, size),
+        &picked.device,
+    )?;
+    Ok((cfg, picked.description, picked.device, model, x))
+}
+
+/// The median of `times` (not empty).
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 /// What [`backbone`] times.
@@ -152,15 +159,9 @@ pub fn backbone(b: &BackboneBench) -> Result<Value> {
             "bench needs steps >= 1 and a batch".into(),
         ));
     }
-    let (cfg, description, dev, model) =
+    let (cfg, description, _, model, x) =
         setup(&b.backbone, b.image_size, b.batch_size, &b.device, 2)?;
     let size = cfg.data.image_size;
-    let x = Tensor::randn(
-        0f32,
-        1.0,
-        (b.batch_size, cfg.data.channels, size, size),
-        &dev,
-    )?;
     let embedder = &model.embedder;
     let time = |train: bool| -> Result<f64> {
         let mut times = Vec::with_capacity(b.steps);
@@ -176,8 +177,7 @@ pub fn backbone(b: &BackboneBench) -> Result<Value> {
                 times.push(t.elapsed().as_secs_f64());
             }
         }
-        times.sort_by(f64::total_cmp);
-        Ok(times[times.len() / 2])
+        Ok(median(times))
     };
     let (fwd, fb) = (time(false)?, time(true)?);
     let ips = |t: f64| (b.batch_size as f64 / t * 10.0).round() / 10.0;
