@@ -61,9 +61,15 @@ enum Task {
         /// Python with the reference installed (PyTorch for train-step, faiss-cpu for knn).
         #[arg(long, default_value = "python3")]
         python: String,
-        /// knn: embedding dimension.
+        /// knn, kmeans: embedding dimension.
         #[arg(long, default_value_t = 64)]
         dim: usize,
+        /// kmeans: restarts (best inertia wins).
+        #[arg(long, default_value_t = 1)]
+        restarts: usize,
+        /// kmeans: Lloyd iterations at most.
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
     },
     /// Download pretrained weights and verify them.
     FetchWeights {
@@ -91,6 +97,8 @@ enum Bench {
     Knn,
     /// Proxy-NCA and Proxy-Triplet forward + backward against PyTorch, CPU.
     Losses,
+    /// k-means (k = 11,316) + NMI at SOP scale against faiss and scikit-learn.
+    Kmeans,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -267,20 +275,29 @@ fn bench_losses(repeats: usize, python: &str) -> Result<()> {
     Ok(())
 }
 
-fn bench_knn(dim: usize, repeats: usize, python: &str) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let dir = std::env::current_dir()?.join("target/bench-knn");
-    let (emb, lab) = (dir.join("emb.npy"), dir.join("labels.npy"));
-    let r = repeats.max(1).to_string();
-    let d = dim.to_string();
+/// SOP-shaped embeddings (60,502 x `dim`, 11,316 classes) written by
+/// `benches/faiss_knn.py`; with `repeats > 0` it also times faiss on them.
+fn sop_shaped(
+    dim: usize,
+    repeats: usize,
+    python: &str,
+) -> Result<(PathBuf, PathBuf, serde_json::Value)> {
+    let dir = std::env::current_dir()?.join(format!("target/bench-knn/d{dim}"));
     let theirs = json_line(Command::new(python).args([
         "crates/nofuss-eval/benches/faiss_knn.py",
         dir.to_str().unwrap_or("."),
         "60502",
-        &d,
+        &dim.to_string(),
         "11316",
-        &r,
+        &repeats.to_string(),
     ]))?;
+    Ok((dir.join("emb.npy"), dir.join("labels.npy"), theirs))
+}
+
+fn bench_knn(dim: usize, repeats: usize, python: &str) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let r = repeats.max(1).to_string();
+    let (emb, lab, theirs) = sop_shaped(dim, repeats.max(1), python)?;
     eprintln!("{theirs}");
     let ours = json_line(Command::new(&cargo).args([
         "bench",
@@ -310,15 +327,73 @@ fn bench_knn(dim: usize, repeats: usize, python: &str) -> Result<()> {
         theirs["seconds"].as_f64().unwrap_or(f64::NAN),
     );
     println!(
-        "| benchmark | N x D | nofuss s | reference | reference s | speed ratio | recalls equal |"
+        "| benchmark | N x D | nofuss s | reference | reference s | speed ratio | recalls equal | peak MiB nofuss / reference |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     println!(
-        "| exact kNN K=1000 + Recall@{{1,10,100,1000}}, CPU | 60502 x {dim} | {os:.2} | {} ({} threads) | {ts:.2} | {:.2}x | yes |",
+        "| exact kNN K=1000 + Recall@{{1,10,100,1000}}, CPU | 60502 x {dim} | {os:.2} | {} ({} threads) | {ts:.2} | {:.2}x | yes | {} / {} |",
         theirs["impl"].as_str().unwrap_or("?"),
         theirs["threads"],
-        ts / os
+        ts / os,
+        ours["peak_rss_mib"],
+        theirs["peak_rss_mib"],
     );
+    Ok(())
+}
+
+fn bench_kmeans(
+    dim: usize,
+    repeats: usize,
+    restarts: usize,
+    iters: usize,
+    python: &str,
+) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let (emb, lab, _) = sop_shaped(dim, 0, python)?;
+    let (e, l) = (emb.to_str().unwrap_or(""), lab.to_str().unwrap_or(""));
+    let (r, it) = (restarts.max(1).to_string(), iters.to_string());
+    let ours = json_line(Command::new(&cargo).args([
+        "bench",
+        "-q",
+        "-p",
+        "nofuss-eval",
+        "--bench",
+        "knn",
+        "--",
+        e,
+        l,
+        &repeats.max(1).to_string(),
+        "kmeans",
+        &r,
+        &it,
+    ]))?;
+    eprintln!("{ours}");
+    let theirs = json_lines(Command::new(python).args([
+        "crates/nofuss-eval/benches/kmeans_ref.py",
+        e,
+        l,
+        &r,
+        &it,
+        "both",
+    ]))?;
+    let os = ours["seconds"].as_f64().unwrap_or(f64::NAN);
+    println!("| benchmark | N x D, k | nofuss s (NMI) | reference | reference s (NMI) | speed ratio | peak MiB nofuss / reference |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for t in &theirs {
+        eprintln!("{t}");
+        let ts = t["seconds"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| k-means++ + Lloyd ({restarts} restart(s), <= {iters} iterations) + NMI, CPU | 60502 x {dim}, {} | {os:.2} ({:.4}) | {} ({} threads) | {ts:.2} ({:.4}) | {:.2}x | {} / {} |",
+            ours["k"],
+            ours["nmi"].as_f64().unwrap_or(f64::NAN),
+            t["impl"].as_str().unwrap_or("?"),
+            t["threads"],
+            t["nmi"].as_f64().unwrap_or(f64::NAN),
+            ts / os,
+            ours["peak_rss_mib"],
+            t["peak_rss_mib"],
+        );
+    }
     Ok(())
 }
 
@@ -424,6 +499,15 @@ fn run(cli: Cli) -> Result<()> {
             python,
             ..
         } => bench_losses(repeats, &python)?,
+        Task::Bench {
+            which: Bench::Kmeans,
+            repeats,
+            python,
+            dim,
+            restarts,
+            iters,
+            ..
+        } => bench_kmeans(dim, repeats, restarts, iters, &python)?,
     }
     Ok(())
 }

@@ -7,11 +7,13 @@ Generates N seeded embeddings (class centres plus noise, L2-normalised, like a n
 output) with CLASSES classes, saves OUT_DIR/emb.npy (float32 [N, DIM]) and
 OUT_DIR/labels.npy (int64 [N]), then times faiss IndexFlatL2.search of every point for its
 1,000 nearest others (K+1 with the query itself removed) with all cores, and prints one JSON
-line: median seconds over REPEATS and Recall@{1,10,100,1000}.
+line: median seconds over REPEATS, Recall@{1,10,100,1000} and peak resident memory.
+With REPEATS = 0 it only writes the data.
 """
 import json
 import os
 import pathlib
+import resource
 import sys
 import time
 
@@ -33,6 +35,10 @@ x = np.ascontiguousarray(x, dtype=np.float32)
 np.save(out / "emb.npy", x)
 np.save(out / "labels.npy", labels.astype(np.int64))
 
+if repeats == 0:  # only the data, for other benchmarks
+    print(json.dumps({"n": n, "dim": dim, "classes": classes}))
+    sys.exit(0)
+
 ks = [1, 10, 100, 1000]
 faiss.omp_set_num_threads(os.cpu_count())
 index = faiss.IndexFlatL2(dim)
@@ -53,4 +59,5 @@ same = labels[nbrs] == labels[:, None]
 recall = {f"recall@{k}": float(same[:, :k].any(axis=1).mean()) for k in ks}
 times.sort()
 print(json.dumps({"impl": f"faiss {faiss.__version__} IndexFlatL2", "threads": faiss.omp_get_max_threads(),
-                  "n": n, "dim": dim, "seconds": round(times[len(times) // 2], 3), **recall}))
+                  "n": n, "dim": dim, "seconds": round(times[len(times) // 2], 3), **recall,
+                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))

@@ -2,11 +2,26 @@
 //! same files. `cargo xtask bench knn` runs both and checks that the recalls agree.
 //!
 //! `cargo bench -p nofuss-eval --bench knn -- EMB.npy LABELS.npy [REPEATS]` prints one JSON
-//! line: median seconds of `knn` (K = 1,000) + Recall@{1,10,100,1000} over REPEATS runs.
+//! line: median seconds of `knn` (K = 1,000) + Recall@{1,10,100,1000} over REPEATS runs,
+//! and the process's peak resident memory.
+//!
+//! `... --bench knn -- EMB.npy LABELS.npy REPEATS kmeans RESTARTS ITERS` times k-means
+//! (k = number of classes, k-means++ seeding, RESTARTS runs of at most ITERS Lloyd
+//! iterations) + NMI instead, as `benches/kmeans_ref.py` does with faiss and scikit-learn.
 
 use std::time::Instant;
 
-use nofuss_eval::{knn, recall_from_neighbors, Metric};
+use nofuss_eval::{
+    kmeans, knn, nmi, recall_from_neighbors, KMeansConfig, Metric, NmiNormalization,
+};
+
+/// Peak resident set size of this process in MiB (Linux `VmHWM`), if known.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some((kib / 1024.0).round())
+}
 
 /// Reads a little-endian C-order `.npy` array: its shape and raw data bytes.
 fn read_npy(path: &str, descr: &str) -> Result<(Vec<usize>, Vec<u8>), String> {
@@ -61,6 +76,47 @@ fn main() -> Result<(), String> {
         .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as u32)
         .collect();
     let (n, dim) = (shape[0], shape[1]);
+    if args.get(3).map(String::as_str) == Some("kmeans") {
+        let restarts: usize = args.get(4).and_then(|r| r.parse().ok()).unwrap_or(1);
+        let max_iter: usize = args.get(5).and_then(|r| r.parse().ok()).unwrap_or(20);
+        let mut classes = labels.clone();
+        classes.sort_unstable();
+        classes.dedup();
+        let cfg = KMeansConfig {
+            k: classes.len(),
+            restarts,
+            max_iter,
+            tol: 0.0,
+            seed: 0,
+        };
+        let mut times = Vec::new();
+        let mut score = 0.0;
+        let mut inertia = 0.0;
+        for _ in 0..repeats.max(1) {
+            let t = Instant::now();
+            let km = kmeans(&emb, dim, &cfg).map_err(|e| e.to_string())?;
+            score = nmi(&labels, &km.assignments, NmiNormalization::Arithmetic)
+                .map_err(|e| e.to_string())?;
+            times.push(t.elapsed().as_secs_f64());
+            inertia = km.inertia;
+        }
+        times.sort_by(f64::total_cmp);
+        let line = serde_json::json!({
+            "impl": "nofuss-eval kmeans",
+            "threads": rayon::current_num_threads(),
+            "n": n,
+            "dim": dim,
+            "k": cfg.k,
+            "restarts": restarts,
+            "iters": max_iter,
+            "seconds": (times[times.len() / 2] * 1000.0).round() / 1000.0,
+            "nmi": score,
+            "inertia": inertia,
+            "peak_rss_mib": peak_rss_mib(),
+        });
+        println!("{line}");
+        return Ok(());
+    }
     let ks = [1, 10, 100, 1000];
     let mut times = Vec::new();
     let mut recall = Vec::new();
@@ -77,6 +133,7 @@ fn main() -> Result<(), String> {
         "n": n,
         "dim": dim,
         "seconds": (times[times.len() / 2] * 1000.0).round() / 1000.0,
+        "peak_rss_mib": peak_rss_mib(),
     });
     for (k, r) in recall {
         line[format!("recall@{k}")] = r.into();

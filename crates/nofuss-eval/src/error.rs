@@ -18,6 +18,9 @@ pub enum EvalError {
         /// Number of points.
         n: usize,
     },
+    /// A failure of the candle device (out of memory, driver error).
+    #[error("device: {0}")]
+    Device(String),
     /// An invalid setting.
     #[error("invalid setting: {0}")]
     Config(String),

@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::tiles::{dot_tile, sq_norms};
 use crate::{check_embeddings, EvalError, Result};
 
 /// The distance used for retrieval.
@@ -69,10 +70,7 @@ pub fn knn(embeddings: &[f32], dim: usize, k: usize, metric: Metric) -> Result<N
             &normalised
         }
     };
-    let sq_norms: Vec<f32> = data
-        .chunks_exact(dim)
-        .map(|r| r.iter().map(|v| v * v).sum())
-        .collect();
+    let sq_norms = sq_norms(data, dim);
     let mut indices = vec![0u32; n * k];
     let mut distances = vec![0f32; n * k];
     indices
@@ -119,37 +117,6 @@ pub fn knn(embeddings: &[f32], dim: usize, k: usize, metric: Metric) -> Result<N
         indices,
         distances,
     })
-}
-
-/// `out[i][j] = q_i · x_j` for the row-major blocks `q` (`[nq, dim]`) and `x` (`[nt, dim]`).
-fn dot_tile(q: &[f32], x: &[f32], dim: usize, out: &mut [f32]) {
-    let (nq, nt) = (q.len() / dim, x.len() / dim);
-    debug_assert_eq!(out.len(), nq * nt);
-    // SAFETY: the pointers cover `nq*nt`, `nq*dim` and `nt*dim` elements, exactly the
-    // extents described by the sizes and strides below; `out` does not alias the inputs.
-    unsafe {
-        gemm::gemm(
-            nq,
-            nt,
-            dim,
-            out.as_mut_ptr(),
-            1,
-            nt as isize,
-            false,
-            q.as_ptr(),
-            1,
-            dim as isize,
-            x.as_ptr(),
-            dim as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
 }
 
 /// Recall@K: the fraction of queries with at least one same-class point among their K

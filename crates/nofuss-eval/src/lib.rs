@@ -5,7 +5,8 @@
 //! Works on plain row-major `&[f32]` slices, so embeddings from any framework can be
 //! evaluated. Nearest neighbours are exact, computed tile by tile with a running
 //! top-K per query (memory `O(N·K)`, never the `N×N` distance matrix), in parallel
-//! with rayon.
+//! with rayon. With the `candle` feature, [`device::knn_on`] runs the same search on a
+//! candle device (the GPU with the `cuda` feature) and [`evaluate_on`] uses it.
 //!
 //! ```
 //! use nofuss_eval::{recall_at_k, Metric};
@@ -17,11 +18,14 @@
 //! # Ok::<(), nofuss_eval::EvalError>(())
 //! ```
 
+#[cfg(feature = "candle")]
+pub mod device;
 mod error;
 mod kmeans;
-mod knn;
+pub(crate) mod knn;
 mod map_at_r;
 mod nmi;
+mod tiles;
 
 pub use error::{EvalError, Result};
 pub use kmeans::{kmeans, KMeans, KMeansConfig};
@@ -83,6 +87,31 @@ pub fn evaluate(
     labels: &[u32],
     cfg: &EvalConfig,
 ) -> Result<EvalReport> {
+    evaluate_with(embeddings, dim, labels, cfg, knn)
+}
+
+/// [`evaluate`] with the neighbour search on a candle `device` ([`device::knn_on`]; on
+/// the GPU with the `cuda` feature). k-means runs on the CPU.
+#[cfg(feature = "candle")]
+pub fn evaluate_on(
+    device: &candle_core::Device,
+    embeddings: &[f32],
+    dim: usize,
+    labels: &[u32],
+    cfg: &EvalConfig,
+) -> Result<EvalReport> {
+    evaluate_with(embeddings, dim, labels, cfg, |e, d, k, m| {
+        device::knn_on(device, e, d, k, m)
+    })
+}
+
+fn evaluate_with(
+    embeddings: &[f32],
+    dim: usize,
+    labels: &[u32],
+    cfg: &EvalConfig,
+    search: impl Fn(&[f32], usize, usize, Metric) -> Result<Neighbors>,
+) -> Result<EvalReport> {
     check_embeddings(embeddings, dim, Some(labels.len()))?;
     let kmax = cfg
         .ks
@@ -95,7 +124,7 @@ pub fn evaluate(
     } else {
         kmax
     };
-    let nb = knn(embeddings, dim, k, cfg.metric)?;
+    let nb = search(embeddings, dim, k, cfg.metric)?;
     let recall = recall_from_neighbors(&nb, labels, &cfg.ks)?;
     let map_at_r = if cfg.map_at_r {
         Some(map_at_r_from_neighbors(&nb, labels)?)

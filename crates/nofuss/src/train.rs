@@ -256,7 +256,9 @@ fn evaluate(
         },
         ..cfg.eval.clone()
     };
-    Ok(nofuss_eval::evaluate(
+    // The neighbour search runs where the model does (CPU: the tiled rayon search).
+    Ok(nofuss_eval::evaluate_on(
+        device,
         &emb,
         cfg.model.head.dim,
         labels,
