@@ -5,8 +5,8 @@
 //! line: median seconds of `knn` (K = 1,000) + Recall@{1,10,100,1000} over REPEATS runs,
 //! and the process's peak resident memory.
 //!
-//! `... --bench knn -- EMB.npy LABELS.npy REPEATS kmeans RESTARTS ITERS` times k-means
-//! (k = number of classes, k-means++ seeding, RESTARTS runs of at most ITERS Lloyd
+//! `... --bench knn -- EMB.npy LABELS.npy REPEATS kmeans RESTARTS ITERS [TRIALS]` times
+//! k-means (k = number of classes, greedy k-means++ seeding with TRIALS candidates, 0 = auto, RESTARTS runs of at most ITERS Lloyd
 //! iterations) + NMI instead, as `benches/kmeans_ref.py` does with faiss and scikit-learn.
 
 use std::time::Instant;
@@ -88,6 +88,7 @@ fn main() -> Result<(), String> {
             max_iter,
             tol: 0.0,
             seed: 0,
+            local_trials: args.get(6).and_then(|t| t.parse().ok()).unwrap_or(0),
         };
         let mut times = Vec::new();
         let mut score = 0.0;
@@ -109,6 +110,7 @@ fn main() -> Result<(), String> {
             "k": cfg.k,
             "restarts": restarts,
             "iters": max_iter,
+            "local_trials": cfg.local_trials,
             "seconds": (times[times.len() / 2] * 1000.0).round() / 1000.0,
             "nmi": score,
             "inertia": inertia,

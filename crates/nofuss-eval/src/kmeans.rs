@@ -22,16 +22,23 @@ pub struct KMeansConfig {
     pub tol: f64,
     /// Seed of the k-means++ draws.
     pub seed: u64,
+    /// Candidates drawn for each new centre in the k-means++ seeding, the one that
+    /// lowers the inertia most being kept ("greedy k-means++", scikit-learn's default).
+    /// 0 picks scikit-learn's number, `2 + ln k`; 1 is the original k-means++.
+    pub local_trials: usize,
 }
 
 impl Default for KMeansConfig {
+    /// scikit-learn's defaults (`KMeans(n_init="auto", max_iter=300, tol=1e-4)` with
+    /// greedy k-means++): one run, as `n_init="auto"` means for k-means++ seeding.
     fn default() -> Self {
         Self {
             k: 8,
-            restarts: 3,
-            max_iter: 100,
+            restarts: 1,
+            max_iter: 300,
             tol: 1e-4,
             seed: 0,
+            local_trials: 0,
         }
     }
 }
@@ -80,7 +87,7 @@ pub fn kmeans(data: &[f32], dim: usize, cfg: &KMeansConfig) -> Result<KMeans> {
             dim,
             n,
             cfg,
-            plus_plus(data, dim, n, cfg.k, &mut rng),
+            seed_centres(data, dim, n, cfg, &mut rng),
             cfg.tol * mean_var,
         );
         if best.as_ref().is_none_or(|b| run.inertia < b.inertia) {
@@ -166,6 +173,120 @@ fn assign(data: &[f32], x_norms: &[f32], centroids: &[f32], dim: usize) -> Vec<N
             }
         });
     out
+}
+
+/// The k-means++ seeding `cfg` asks for.
+fn seed_centres(
+    data: &[f32],
+    dim: usize,
+    n: usize,
+    cfg: &KMeansConfig,
+    rng: &mut ChaCha8Rng,
+) -> Vec<f32> {
+    let trials = match cfg.local_trials {
+        0 => 2 + (cfg.k as f64).ln() as usize,
+        t => t,
+    };
+    if trials == 1 {
+        plus_plus(data, dim, n, cfg.k, rng)
+    } else {
+        greedy_plus_plus(data, dim, n, cfg.k, trials, rng)
+    }
+}
+
+/// Points per task of a greedy seeding step.
+const GREEDY_BLOCK: usize = 4096;
+
+/// Greedy k-means++ (as scikit-learn's `_kmeans_plusplus`): for each new centre, draw
+/// `trials` candidates with probability proportional to the squared distance to the
+/// nearest centre so far, and keep the one that leaves the smallest total. The
+/// candidates' distances to all points come from one matrix product per step.
+fn greedy_plus_plus(
+    data: &[f32],
+    dim: usize,
+    n: usize,
+    k: usize,
+    trials: usize,
+    rng: &mut ChaCha8Rng,
+) -> Vec<f32> {
+    let row = |i: usize| &data[i * dim..(i + 1) * dim];
+    let x_norms = sq_norms(data, dim);
+    let mut centroids = Vec::with_capacity(k * dim);
+    let first = rng.gen_range(0..n);
+    centroids.extend_from_slice(row(first));
+    let mut d2: Vec<f32> = (0..n)
+        .into_par_iter()
+        .map(|i| sq(row(i), row(first)))
+        .collect();
+    let block_sum = |b: &[f32]| b.iter().map(|&v| v as f64).sum::<f64>();
+    let mut sums: Vec<f64> = d2.par_chunks(SEED_BLOCK).map(block_sum).collect();
+    // `[N, trials]` distances of every point to every candidate of the step.
+    let mut cand_d2 = vec![0f32; n * trials];
+    let mut cands = vec![0f32; trials * dim];
+    while centroids.len() < k * dim {
+        let total: f64 = sums.iter().sum();
+        let picks: Vec<usize> = (0..trials)
+            .map(|_| {
+                if total > 0.0 {
+                    draw(&d2, &sums, rng.gen::<f64>() * total)
+                } else {
+                    rng.gen_range(0..n)
+                }
+            })
+            .collect();
+        for (t, &p) in picks.iter().enumerate() {
+            cands[t * dim..(t + 1) * dim].copy_from_slice(row(p));
+        }
+        let c_norms = sq_norms(&cands, dim);
+        // Per block of points, the sum over its points of min(d2, distance to each
+        // candidate); summed in block order so the result does not depend on threads.
+        let partial: Vec<Vec<f64>> = cand_d2
+            .par_chunks_mut(GREEDY_BLOCK * trials)
+            .enumerate()
+            .map(|(b, out)| {
+                let p0 = b * GREEDY_BLOCK;
+                let np = out.len() / trials;
+                dot_tile(&data[p0 * dim..(p0 + np) * dim], &cands, dim, out);
+                let mut pot = vec![0f64; trials];
+                // f32 partial sums over 64 points, flushed into f64.
+                let mut part = vec![0f32; trials];
+                for (g, group) in out.chunks_mut(64 * trials).enumerate() {
+                    for (pi, dists) in group.chunks_exact_mut(trials).enumerate() {
+                        let i = p0 + g * 64 + pi;
+                        let (xn, di) = (x_norms[i], d2[i]);
+                        for ((v, &cn), acc) in dists.iter_mut().zip(&c_norms).zip(&mut part) {
+                            *v = (xn + cn - 2.0 * *v).max(0.0);
+                            *acc += v.min(di);
+                        }
+                    }
+                    for (p, acc) in pot.iter_mut().zip(&mut part) {
+                        *p += *acc as f64;
+                        *acc = 0.0;
+                    }
+                }
+                pot
+            })
+            .collect();
+        let mut best = (0, f64::INFINITY);
+        for t in 0..trials {
+            let pot: f64 = partial.iter().map(|p| p[t]).sum();
+            if pot < best.1 {
+                best = (t, pot);
+            }
+        }
+        let t = best.0;
+        d2.par_chunks_mut(SEED_BLOCK)
+            .zip(sums.par_iter_mut())
+            .enumerate()
+            .for_each(|(b, (d, s))| {
+                for (j, dv) in d.iter_mut().enumerate() {
+                    *dv = dv.min(cand_d2[(b * SEED_BLOCK + j) * trials + t]);
+                }
+                *s = block_sum(d);
+            });
+        centroids.extend_from_slice(row(picks[t]));
+    }
+    centroids
 }
 
 /// Points per block of the k-means++ draw: the draw walks block sums, then one block.
@@ -496,6 +617,7 @@ mod tests {
             max_iter: 30,
             tol: 0.0,
             seed: 9,
+            local_trials: 1,
         };
         let fast = kmeans(&data, dim, &cfg).unwrap();
         let row = |i: usize| &data[i * dim..(i + 1) * dim];
