@@ -110,7 +110,7 @@ pub fn catalog() -> Vec<Dataset> {
             folder: s("sop"),
             data_root: s("Stanford_Online_Products"),
             how_to_obtain: None,
-            next_step: s("the Stanford Online Products loader (Ebay_train.txt / Ebay_test.txt) is not in nofuss yet; the data is ready at {root}"),
+            next_step: s("cargo run --release -p nofuss -- train --dataset sop --data-dir {root} --channels 3 --image-size 64"),
         },
         Dataset {
             key: s("cars"),
@@ -145,7 +145,7 @@ pub fn catalog() -> Vec<Dataset> {
                 cars_annos.mat (the files of the original release; their MD5 sums are checked) and pass \
                 them with --from-archive PATH (once per file), or serve them from a mirror you trust \
                 with --mirror URL (the file names are appended to it).")),
-            next_step: s("the Cars196 loader (cars_annos.mat) is not in nofuss yet; the data is ready at {root}"),
+            next_step: s("cargo run --release -p nofuss -- train --dataset cars --data-dir {root} --channels 3 --image-size 64"),
         },
         Dataset {
             key: s("bn-inception"),

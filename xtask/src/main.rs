@@ -99,6 +99,8 @@ enum Bench {
     Losses,
     /// k-means (k = 11,316) + NMI at SOP scale against faiss and scikit-learn.
     Kmeans,
+    /// Decode + RandomResizedCrop + flip + normalise against torchvision + PIL.
+    Pipeline,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -397,6 +399,47 @@ fn bench_kmeans(
     Ok(())
 }
 
+fn bench_pipeline(repeats: usize, python: &str) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let dir = std::env::current_dir()?.join("target/bench-pipeline");
+    let d = dir.to_str().unwrap_or(".");
+    let r = repeats.max(1).to_string();
+    // The reference writes the JPEGs first; both sides then read the same files.
+    let theirs = json_line(Command::new(python).args([
+        "crates/nofuss-data/benches/torchvision_pipeline.py",
+        d,
+        "64",
+        &r,
+    ]))?;
+    eprintln!("{theirs}");
+    let ours = json_line(Command::new(&cargo).args([
+        "bench",
+        "-q",
+        "-p",
+        "nofuss-data",
+        "--bench",
+        "pipeline",
+        "--",
+        d,
+        &r,
+    ]))?;
+    eprintln!("{ours}");
+    let (o, t) = (
+        ours["images_per_s"].as_f64().unwrap_or(f64::NAN),
+        theirs["images_per_s"].as_f64().unwrap_or(f64::NAN),
+    );
+    println!("| benchmark | nofuss img/s (1 thread) | reference | reference img/s (1 thread) | ratio per core | nofuss loader img/s (all cores) |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| decode 500x375 JPEG + RandomResizedCrop(224) + flip + normalise, CPU | {o:.1} | {} | {t:.1} | {:.2}x | {} ({} threads) |",
+        theirs["impl"].as_str().unwrap_or("?"),
+        o / t,
+        ours["loader_images_per_s"],
+        ours["loader_threads"],
+    );
+    Ok(())
+}
+
 fn run_fetch(keys: &[&str], c: &Common) -> Result<()> {
     let opts = FetchOptions {
         dest: c.dest.clone(),
@@ -508,6 +551,12 @@ fn run(cli: Cli) -> Result<()> {
             iters,
             ..
         } => bench_kmeans(dim, repeats, restarts, iters, &python)?,
+        Task::Bench {
+            which: Bench::Pipeline,
+            repeats,
+            python,
+            ..
+        } => bench_pipeline(repeats, &python)?,
     }
     Ok(())
 }

@@ -13,6 +13,35 @@ pub struct ImageRecord {
     pub class: u32,
 }
 
+/// An object's bounding box in pixels, 1-based and inclusive (the convention of the
+/// Cars196 and CUB-200-2011 annotation files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BBox {
+    /// Left column.
+    pub x1: u32,
+    /// Top row.
+    pub y1: u32,
+    /// Right column.
+    pub x2: u32,
+    /// Bottom row.
+    pub y2: u32,
+}
+
+impl BBox {
+    /// `(left, top, width, height)` in 0-based pixels, clipped to a `width` x `height`
+    /// image; the whole image if nothing of the box is inside.
+    pub fn clip(&self, width: u32, height: u32) -> (u32, u32, u32, u32) {
+        let x0 = self.x1.saturating_sub(1);
+        let y0 = self.y1.saturating_sub(1);
+        let x1 = self.x2.min(width);
+        let y1 = self.y2.min(height);
+        if x1 <= x0 || y1 <= y0 {
+            return (0, 0, width, height);
+        }
+        (x0, y0, x1 - x0, y1 - y0)
+    }
+}
+
 /// A labelled image dataset: records sorted by id and the class names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageDataset {
@@ -123,6 +152,43 @@ impl ZeroShotSplit {
     }
 }
 
+impl Subset {
+    /// Splits this subset's classes into (fit, validation) for model selection that
+    /// never looks at the test classes: the first classes (in label order) are kept for
+    /// fitting, the last `val_classes` become the validation set (CUB: 1-50 / 51-100
+    /// with `val_classes = 50`). Both keep `classes` in terms of the dataset.
+    pub fn hold_out_classes(&self, val_classes: usize) -> Result<(Subset, Subset)> {
+        let n = self.num_classes();
+        if val_classes == 0 || val_classes >= n {
+            return Err(DataError::Config(format!(
+                "a validation split needs classes on both sides: {n} training classes, {val_classes} held out"
+            )));
+        }
+        let cut = (n - val_classes) as u32;
+        let part = |keep: &dyn Fn(u32) -> bool, first: u32| {
+            let (indices, labels) = self
+                .indices
+                .iter()
+                .zip(&self.labels)
+                .filter(|&(_, &l)| keep(l))
+                .map(|(&i, &l)| (i, l - first))
+                .unzip();
+            Subset {
+                indices,
+                labels,
+                classes: self
+                    .classes
+                    .iter()
+                    .enumerate()
+                    .filter(|&(l, _)| keep(l as u32))
+                    .map(|(_, &c)| c)
+                    .collect(),
+            }
+        };
+        Ok((part(&|l| l < cut, 0), part(&|l| l >= cut, cut)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +221,20 @@ mod tests {
         assert_eq!(tr.indices, vec![0, 1, 6, 7]);
         assert_eq!(tr.labels, vec![0, 1, 1, 0]);
         assert_eq!(te.labels, vec![0, 1, 1, 0, 2]);
+    }
+
+    #[test]
+    fn validation_classes_come_from_the_training_side() {
+        let d = ds(&[0, 1, 2, 3, 3, 2, 1, 0, 4, 5]);
+        let (tr, te) = ZeroShotSplit::Halves.apply(&d).unwrap();
+        let (fit, val) = tr.hold_out_classes(1).unwrap();
+        assert_eq!(fit.classes, vec![0, 1]);
+        assert_eq!(val.classes, vec![2]);
+        assert_eq!(val.labels, vec![0, 0]);
+        assert_eq!(val.indices, vec![2, 5]);
+        assert!(val.classes.iter().all(|c| !te.classes.contains(c)));
+        assert!(tr.hold_out_classes(3).is_err());
+        assert!(tr.hold_out_classes(0).is_err());
     }
 
     #[test]

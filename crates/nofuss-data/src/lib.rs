@@ -3,13 +3,17 @@
 //!
 //! - [`cub`]: the CUB-200-2011 layout (`images.txt`, `image_class_labels.txt`,
 //!   `classes.txt`, `images/`), which real datasets and the embedded default share.
+//! - [`cars`]: Cars196 (`cars_annos.mat`, read by the MAT-file reader in [`mat`]).
 //! - [`sop`]: Stanford Online Products (`Ebay_train.txt` / `Ebay_test.txt`, the files'
 //!   own split); [`folder`]: a folder per class, for your own data.
 //! - [`glyphs`]: the embedded default dataset, generated offline from the fonts under
 //!   `data/fonts/` (one class per character, several fonts, random affine distortions),
 //!   written in the CUB layout.
 //! - [`ZeroShotSplit`]: train on the first half of the classes, test on the unseen rest.
-//! - [`ImageBank`] decodes images in parallel; [`Batches`] yields shuffled, augmented,
+//! - [`transform`] and [`pipeline`]: the photo pipeline (decode, RandomResizedCrop or
+//!   resize + center crop, flip, normalisation in one pass; random, class-balanced or
+//!   sequential batches decoded in parallel behind a bounded prefetch queue).
+//! - [`ImageBank`] decodes small images (the glyphs) into memory in parallel; [`Batches`] yields shuffled, augmented,
 //!   normalised `[B,C,H,W]` tensors with their labels.
 //!
 //! ```no_run
@@ -22,6 +26,7 @@
 //! # Ok::<(), nofuss_data::DataError>(())
 //! ```
 
+pub mod cars;
 pub mod cub;
 mod dataset;
 mod error;
@@ -29,9 +34,12 @@ pub mod folder;
 pub mod glyphs;
 mod images;
 mod loader;
+pub mod mat;
+pub mod pipeline;
 pub mod sop;
+pub mod transform;
 
-pub use dataset::{ImageDataset, ImageRecord, Subset, ZeroShotSplit};
+pub use dataset::{BBox, ImageDataset, ImageRecord, Subset, ZeroShotSplit};
 pub use error::{DataError, Result};
 pub use images::{ImageBank, ImageSpec};
 pub use loader::{Augment, Batch, Batches};

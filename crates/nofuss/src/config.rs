@@ -24,6 +24,8 @@ pub enum DatasetKind {
     /// Any dataset in the CUB-200-2011 layout (CUB itself, or your own); first half of
     /// the classes for training.
     Cub,
+    /// Cars196 (`cars_annos.mat`, `car_ims/`): classes 1-98 for training, 99-196 for testing.
+    Cars,
     /// Stanford Online Products (`Ebay_train.txt`, `Ebay_test.txt`): the files' split.
     Sop,
     /// A folder per class (`root/<class>/<image>`); first half of the classes (in name

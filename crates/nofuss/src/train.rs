@@ -10,7 +10,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use indicatif::{ProgressBar, ProgressStyle};
 use nofuss_backbone::{Backbone, BnInception, Embedder, EmbeddingHead, SmallCnn, SmallCnnConfig};
 use nofuss_data::{
-    cub, folder, glyphs, sop, Augment, Batches, ImageBank, ImageSpec, ZeroShotSplit,
+    cars, cub, folder, glyphs, sop, Augment, Batches, ImageBank, ImageSpec, ZeroShotSplit,
 };
 use nofuss_eval::{EvalConfig, EvalReport, KMeansConfig};
 use nofuss_losses::{LossError, MetricLoss, ProxyInit};
@@ -299,6 +299,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             let w = cub::count_warnings(&ds);
             (ds, ZeroShotSplit::Halves, w)
         }
+        DatasetKind::Cars => {
+            let l = cars::load(&cfg.data.dir)?;
+            let w = l.count_warnings();
+            (l.dataset, ZeroShotSplit::Halves, w)
+        }
         DatasetKind::Sop => {
             let l = sop::load(&cfg.data.dir)?;
             let (split, w) = (l.split(), l.count_warnings());
@@ -338,6 +343,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     let prefix = match cfg.data.dataset {
         DatasetKind::Glyphs => "glyphs",
         DatasetKind::Cub => "cub",
+        DatasetKind::Cars => "cars",
         DatasetKind::Sop => "sop",
         DatasetKind::Folder => "folder",
     };

@@ -721,3 +721,71 @@ fn folder_and_sop_layouts_train() {
     // A partial SOP is named as such.
     assert!(text(&out.stderr).contains("warning: Stanford Online Products: 4 training classes"));
 }
+
+#[test]
+fn cars_layout_trains_from_its_mat_file() {
+    // The scipy-written Cars196-style annotations (7 images, 6 classes) with tiny JPEGs.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cars");
+    std::fs::create_dir_all(data.join("car_ims")).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/reference/fixtures/mat/cars_annos_small.mat"),
+        data.join("cars_annos.mat"),
+    )
+    .unwrap();
+    for i in 0..7usize {
+        let img = image::RgbImage::from_fn(20, 16, |x, y| {
+            image::Rgb([(x * 12) as u8, (y * 15) as u8, (i * 40 % 256) as u8])
+        });
+        img.save(data.join(format!("car_ims/{:06}.jpg", i + 1)))
+            .unwrap();
+    }
+    let runs = tmp.path().join("runs");
+    let out = nofuss(&[
+        "train",
+        "--dataset",
+        "cars",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--image-size",
+        "16",
+        "--widths",
+        "4,8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--eval-k",
+        "1",
+        "--no-nmi",
+        "--out-dir",
+        runs.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("on 3 unseen classes"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stderr).contains("warning: Cars196: 6 classes"));
+    // A missing image is named.
+    std::fs::remove_file(data.join("car_ims/000002.jpg")).unwrap();
+    let out = nofuss(&[
+        "train",
+        "--dataset",
+        "cars",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--out-dir",
+        runs.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("000002.jpg"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -1,0 +1,458 @@
+//! Per-image transforms of the photo pipeline: decode, RandomResizedCrop or resize +
+//! center crop, horizontal flip and normalisation, fused into one resampling pass.
+//!
+//! The geometry follows torchvision (`RandomResizedCrop`, `Resize` + `CenterCrop`) and the
+//! resampling follows Pillow's bilinear filter with antialiasing (the triangle filter's
+//! support widens with the reduction factor), which is what torchvision does on PIL
+//! images. The crop, the resize, the flip and the normalisation happen in one separable
+//! pass from the decoded image straight into the `[3, S, S]` f32 output.
+
+use std::path::Path;
+
+use image::RgbImage;
+use nofuss_tensor::{ChannelOrder, Normalization};
+use rand::Rng;
+
+use crate::{BBox, DataError, Result};
+
+/// How an image becomes a network input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Transform {
+    /// torchvision's `RandomResizedCrop(size, scale, ratio)`, then a horizontal flip with
+    /// probability 1/2 when `hflip`.
+    Train {
+        /// Output side (224 or 227 for BN-Inception).
+        size: usize,
+        /// Range of the crop's area as a fraction of the image's.
+        scale: (f64, f64),
+        /// Range of the crop's aspect ratio (width / height).
+        ratio: (f64, f64),
+        /// Random horizontal flip.
+        hflip: bool,
+    },
+    /// `Resize(resize)` (shorter side) then `CenterCrop(size)`.
+    Eval {
+        /// Shorter side after resizing (256 for a 224 crop).
+        resize: usize,
+        /// Output side.
+        size: usize,
+    },
+}
+
+impl Transform {
+    /// The usual training transform: scale 0.08-1, ratio 3/4-4/3, flip.
+    pub fn train(size: usize) -> Self {
+        Self::Train {
+            size,
+            scale: (0.08, 1.0),
+            ratio: (3.0 / 4.0, 4.0 / 3.0),
+            hflip: true,
+        }
+    }
+
+    /// The usual evaluation transform: shorter side to `size * 256 / 224`, center crop.
+    pub fn eval(size: usize) -> Self {
+        Self::Eval {
+            resize: (size * 256).div_ceil(224),
+            size,
+        }
+    }
+
+    /// Output side.
+    pub fn size(&self) -> usize {
+        match *self {
+            Self::Train { size, .. } | Self::Eval { size, .. } => size,
+        }
+    }
+
+    /// Where to cut an image of `width` x `height`, drawing from `rng` for training.
+    pub fn region(&self, width: u32, height: u32, rng: &mut impl Rng) -> Region {
+        let (w, h) = (width as f64, height as f64);
+        match *self {
+            Self::Train {
+                scale,
+                ratio,
+                hflip,
+                ..
+            } => {
+                let flip = hflip && rng.gen::<bool>();
+                let area = w * h;
+                let (lr0, lr1) = (ratio.0.ln(), ratio.1.ln());
+                for _ in 0..10 {
+                    let target = area * rng.gen_range(scale.0..=scale.1);
+                    let aspect = rng.gen_range(lr0..=lr1).exp();
+                    // Python's round: ties to even, as torchvision.
+                    let cw = (target * aspect).sqrt().round_ties_even();
+                    let ch = (target / aspect).sqrt().round_ties_even();
+                    if cw > 0.0 && cw <= w && ch > 0.0 && ch <= h {
+                        let y = rng.gen_range(0..=(height - ch as u32));
+                        let x = rng.gen_range(0..=(width - cw as u32));
+                        return Region {
+                            x: x as f64,
+                            y: y as f64,
+                            w: cw,
+                            h: ch,
+                            flip,
+                        };
+                    }
+                }
+                // Fallback of torchvision: a central crop with the ratio clamped.
+                let in_ratio = w / h;
+                let (cw, ch) = if in_ratio < ratio.0 {
+                    (w, (w / ratio.0).round_ties_even())
+                } else if in_ratio > ratio.1 {
+                    ((h * ratio.1).round_ties_even(), h)
+                } else {
+                    (w, h)
+                };
+                Region {
+                    x: ((w - cw) / 2.0).floor().max(0.0),
+                    y: ((h - ch) / 2.0).floor().max(0.0),
+                    w: cw,
+                    h: ch,
+                    flip,
+                }
+            }
+            Self::Eval { resize, size } => {
+                // Resize so the shorter side is `resize` (torchvision truncates the
+                // longer one), then a centred `size` square of that, mapped back.
+                let (rw, rh) = if w <= h {
+                    (resize as f64, (resize as f64 * h / w).floor())
+                } else {
+                    ((resize as f64 * w / h).floor(), resize as f64)
+                };
+                let s = size as f64;
+                let top = ((rh - s) / 2.0).round_ties_even();
+                let left = ((rw - s) / 2.0).round_ties_even();
+                let (sx, sy) = (w / rw, h / rh);
+                Region {
+                    x: left * sx,
+                    y: top * sy,
+                    w: s * sx,
+                    h: s * sy,
+                    flip: false,
+                }
+            }
+        }
+    }
+}
+
+/// A rectangle of the source image (pixels, may be fractional for evaluation crops)
+/// that becomes the whole output, mirrored when `flip`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Region {
+    /// Left edge.
+    pub x: f64,
+    /// Top edge.
+    pub y: f64,
+    /// Width.
+    pub w: f64,
+    /// Height.
+    pub h: f64,
+    /// Mirror left-right.
+    pub flip: bool,
+}
+
+/// Decodes an image file (JPEG, PNG; by content, so SOP's `.JPG` works) to 8-bit RGB.
+pub fn decode_rgb(path: &Path) -> Result<RgbImage> {
+    let bad = |message: String| DataError::Image {
+        path: path.to_path_buf(),
+        message,
+    };
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| DataError::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| DataError::io(path, e))?;
+    let img = reader.decode().map_err(|e| bad(e.to_string()))?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err(bad("the image is empty".into()));
+    }
+    Ok(img.into_rgb8())
+}
+
+/// Filter taps of one output coordinate: first source index and normalised weights.
+struct Taps {
+    start: usize,
+    weights: Vec<f32>,
+}
+
+/// Pillow's bilinear taps for resampling `[offset, offset + len)` of an axis of
+/// `in_size` pixels to `out` pixels: a triangle filter whose support grows with the
+/// reduction factor (antialiasing), weights normalised to 1.
+fn taps(offset: f64, len: f64, in_size: usize, out: usize) -> Vec<Taps> {
+    let scale = len / out as f64;
+    let filterscale = scale.max(1.0);
+    let support = filterscale; // bilinear support 1, widened
+    (0..out)
+        .map(|o| {
+            let center = offset + (o as f64 + 0.5) * scale;
+            let lo = ((center - support + 0.5).floor().max(0.0)) as usize;
+            let hi = ((center + support + 0.5).floor() as usize).min(in_size);
+            let lo = lo.min(hi.saturating_sub(1));
+            let mut w: Vec<f64> = (lo..hi)
+                .map(|i| {
+                    let t = ((i as f64 - center + 0.5) / filterscale).abs();
+                    (1.0 - t).max(0.0)
+                })
+                .collect();
+            let total: f64 = w.iter().sum();
+            if total > 0.0 {
+                w.iter_mut().for_each(|v| *v /= total);
+            } else {
+                // Degenerate (a region narrower than a pixel at the border): nearest.
+                w = vec![0.0; hi - lo];
+                w[0] = 1.0;
+            }
+            Taps {
+                start: lo,
+                weights: w.into_iter().map(|v| v as f32).collect(),
+            }
+        })
+        .collect()
+}
+
+/// Resamples `region` of `img` to `size` x `size`, flips it if asked, normalises it, and
+/// writes `[3, size, size]` into `out` (the network's channel order).
+pub fn resample_into(
+    img: &RgbImage,
+    region: &Region,
+    size: usize,
+    norm: &Normalization,
+    out: &mut [f32],
+) -> Result<()> {
+    if norm.channels() != 3 || out.len() != 3 * size * size {
+        return Err(DataError::Config(format!(
+            "photo pipeline: normalisation for {} channels, output of {} values for side {size}",
+            norm.channels(),
+            out.len()
+        )));
+    }
+    let (iw, ih) = (img.width() as usize, img.height() as usize);
+    let xt = taps(region.x, region.w, iw, size);
+    let yt = taps(region.y, region.h, ih, size);
+    let row_lo = yt.iter().map(|t| t.start).min().unwrap_or(0);
+    let row_hi = yt
+        .iter()
+        .map(|t| t.start + t.weights.len())
+        .max()
+        .unwrap_or(0);
+    let raw = img.as_raw();
+    // Horizontal pass over the rows the vertical taps touch: [rows, size, 3] f32.
+    let rows = row_hi - row_lo;
+    let mut mid = vec![0f32; rows * size * 3];
+    for r in 0..rows {
+        let src = &raw[(row_lo + r) * iw * 3..(row_lo + r + 1) * iw * 3];
+        let dst = &mut mid[r * size * 3..(r + 1) * size * 3];
+        for (o, t) in xt.iter().enumerate() {
+            let oc = if region.flip { size - 1 - o } else { o };
+            let (mut a, mut b, mut c) = (0f32, 0f32, 0f32);
+            for (k, &w) in t.weights.iter().enumerate() {
+                let p = (t.start + k) * 3;
+                a += w * src[p] as f32;
+                b += w * src[p + 1] as f32;
+                c += w * src[p + 2] as f32;
+            }
+            dst[oc * 3] = a;
+            dst[oc * 3 + 1] = b;
+            dst[oc * 3 + 2] = c;
+        }
+    }
+    // Vertical pass, then normalisation into planes in the network's order.
+    let plane = size * size;
+    let bgr = norm.order == ChannelOrder::Bgr;
+    let coef: Vec<(f32, f32)> = (0..3)
+        .map(|ch| {
+            let inv = 1.0 / norm.std[ch];
+            (norm.scale * inv, -norm.mean[ch] * inv)
+        })
+        .collect();
+    let mut acc = vec![0f32; size * 3];
+    for (oy, t) in yt.iter().enumerate() {
+        acc.iter_mut().for_each(|v| *v = 0.0);
+        for (k, &w) in t.weights.iter().enumerate() {
+            let r = t.start + k - row_lo;
+            for (a, &m) in acc.iter_mut().zip(&mid[r * size * 3..(r + 1) * size * 3]) {
+                *a += w * m;
+            }
+        }
+        for ch in 0..3 {
+            let src_ch = if bgr { 2 - ch } else { ch };
+            let (mul, add) = coef[ch];
+            let dst = &mut out[ch * plane + oy * size..ch * plane + (oy + 1) * size];
+            for (ox, d) in dst.iter_mut().enumerate() {
+                // Round and clamp to 8 bits first, as PIL hands torchvision 8-bit pixels.
+                let v = acc[ox * 3 + src_ch].round().clamp(0.0, 255.0);
+                *d = v * mul + add;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decodes `path` and applies `transform` with randomness from `rng`.
+pub fn load_transformed(
+    path: &Path,
+    transform: &Transform,
+    norm: &Normalization,
+    rng: &mut impl Rng,
+    out: &mut [f32],
+) -> Result<()> {
+    load_transformed_within(path, transform, norm, rng, None, out)
+}
+
+/// [`load_transformed`] on the part of the image inside `within` (a bounding box, clipped
+/// to the image): the crop is drawn, or the evaluation crop centred, in the box.
+pub fn load_transformed_within(
+    path: &Path,
+    transform: &Transform,
+    norm: &Normalization,
+    rng: &mut impl Rng,
+    within: Option<BBox>,
+    out: &mut [f32],
+) -> Result<()> {
+    let img = decode_rgb(path)?;
+    let (x0, y0, w, h) = match within {
+        Some(b) => b.clip(img.width(), img.height()),
+        None => (0, 0, img.width(), img.height()),
+    };
+    let mut region = transform.region(w, h, rng);
+    region.x += x0 as f64;
+    region.y += y0 as f64;
+    resample_into(&img, &region, transform.size(), norm, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn random_resized_crops_stay_inside_and_follow_the_ranges() {
+        let t = Transform::train(224);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let mut flips = 0;
+        for _ in 0..2000 {
+            let r = t.region(500, 375, &mut rng);
+            assert!(r.x >= 0.0 && r.y >= 0.0 && r.x + r.w <= 500.0 && r.y + r.h <= 375.0);
+            let frac = r.w * r.h / (500.0 * 375.0);
+            assert!(frac <= 1.0 + 1e-9, "{r:?}");
+            if frac > 0.09 && frac < 0.99 {
+                let ratio = r.w / r.h;
+                assert!(ratio > 0.74 && ratio < 1.35, "{r:?}");
+            }
+            flips += r.flip as usize;
+        }
+        assert!((800..1200).contains(&flips), "{flips}");
+    }
+
+    #[test]
+    fn eval_crop_is_the_centre_of_the_resized_image() {
+        let r = Transform::eval(224).region(500, 375, &mut rand::thread_rng());
+        // Shorter side 375 -> 256 (x 0.6827), 500 -> 341; centre 224 crop.
+        let s = 375.0 / 256.0;
+        assert!((r.h - 224.0 * s).abs() < 1e-9);
+        assert!((r.y - 16.0 * s).abs() < 1e-9, "{r:?}");
+        assert!((r.x - 58.0 * (500.0 / 341.0)).abs() < 1e-9, "{r:?}");
+        assert!(!r.flip);
+    }
+
+    #[test]
+    fn identity_resample_and_flip() {
+        // A region equal to the image at the same size is the image itself.
+        let img = RgbImage::from_fn(4, 4, |x, y| image::Rgb([x as u8 * 10, y as u8 * 20, 7]));
+        let unit = Normalization {
+            scale: 1.0,
+            mean: vec![0.0; 3],
+            std: vec![1.0; 3],
+            order: ChannelOrder::Rgb,
+        };
+        let mut out = vec![0f32; 48];
+        let mut region = Region {
+            x: 0.0,
+            y: 0.0,
+            w: 4.0,
+            h: 4.0,
+            flip: false,
+        };
+        resample_into(&img, &region, 4, &unit, &mut out).unwrap();
+        assert_eq!(&out[..4], &[0.0, 10.0, 20.0, 30.0]);
+        assert_eq!(out[16 + 4], 20.0); // green plane, row 1
+        region.flip = true;
+        resample_into(&img, &region, 4, &unit, &mut out).unwrap();
+        assert_eq!(&out[..4], &[30.0, 20.0, 10.0, 0.0]);
+        // BGR order swaps the planes.
+        resample_into(
+            &img,
+            &region,
+            4,
+            &Normalization::bn_inception_bgr(),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out[0], 7.0 - 104.0);
+    }
+
+    #[test]
+    fn crops_stay_inside_the_bounding_box() {
+        // Left half red, right half blue; a box over the right half gives only blue.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("two.png");
+        RgbImage::from_fn(40, 20, |x, _| {
+            if x < 20 {
+                image::Rgb([255, 0, 0])
+            } else {
+                image::Rgb([0, 0, 255])
+            }
+        })
+        .save(&p)
+        .unwrap();
+        let unit = Normalization {
+            scale: 1.0,
+            mean: vec![0.0; 3],
+            std: vec![1.0; 3],
+            order: ChannelOrder::Rgb,
+        };
+        let b = BBox {
+            x1: 22,
+            y1: 1,
+            x2: 40,
+            y2: 20,
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut out = vec![0f32; 3 * 8 * 8];
+        for t in [Transform::train(8), Transform::eval(8)] {
+            for _ in 0..20 {
+                load_transformed_within(&p, &t, &unit, &mut rng, Some(b), &mut out).unwrap();
+                assert!(out[..64].iter().all(|&r| r == 0.0), "red leaked in");
+                assert!(out[128..].iter().all(|&v| v == 255.0));
+            }
+        }
+        // A box outside the image falls back to the whole image.
+        assert_eq!(
+            BBox {
+                x1: 50,
+                y1: 50,
+                x2: 60,
+                y2: 60
+            }
+            .clip(40, 20),
+            (0, 0, 40, 20)
+        );
+    }
+
+    #[test]
+    fn damaged_images_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("broken.jpg");
+        let img = RgbImage::from_fn(32, 32, |x, y| image::Rgb([x as u8, y as u8, 0]));
+        img.save(&p).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() / 3]).unwrap();
+        let e = decode_rgb(&p).unwrap_err().to_string();
+        assert!(e.contains("broken.jpg"), "{e}");
+        let e = decode_rgb(&dir.path().join("missing.JPG"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.JPG"), "{e}");
+    }
+}
