@@ -93,6 +93,7 @@ impl Transform {
                             w: cw,
                             h: ch,
                             flip,
+                            inside: true,
                         };
                     }
                 }
@@ -111,6 +112,7 @@ impl Transform {
                     w: cw,
                     h: ch,
                     flip,
+                    inside: true,
                 }
             }
             Self::Eval { resize, size } => {
@@ -131,6 +133,7 @@ impl Transform {
                     w: s * sx,
                     h: s * sy,
                     flip: false,
+                    inside: false,
                 }
             }
         }
@@ -151,6 +154,10 @@ pub struct Region {
     pub h: f64,
     /// Mirror left-right.
     pub flip: bool,
+    /// Filter taps stay inside the region, as when the region is cut out first and then
+    /// resized (torchvision's `resized_crop`); otherwise they may reach the pixels around
+    /// it (a crop of an image resized as a whole, as `Resize` + `CenterCrop`).
+    pub inside: bool,
 }
 
 /// Decodes an image file (JPEG, PNG; by content, so SOP's `.JPG` works) to 8-bit RGB.
@@ -178,8 +185,16 @@ struct Taps {
 
 /// Pillow's bilinear taps for resampling `[offset, offset + len)` of an axis of
 /// `in_size` pixels to `out` pixels: a triangle filter whose support grows with the
-/// reduction factor (antialiasing), weights normalised to 1.
-fn taps(offset: f64, len: f64, in_size: usize, out: usize) -> Vec<Taps> {
+/// reduction factor (antialiasing), weights normalised to 1. With `inside`, the taps
+/// stay within `[offset, offset + len)` (an integral crop resized on its own).
+fn taps(offset: f64, len: f64, in_size: usize, out: usize, inside: bool) -> Vec<Taps> {
+    if inside {
+        let lo = (offset.max(0.0) as usize).min(in_size.saturating_sub(1));
+        let n = (len.round() as usize).clamp(1, in_size - lo);
+        let mut t = taps(0.0, n as f64, n, out, false);
+        t.iter_mut().for_each(|t| t.start += lo);
+        return t;
+    }
     let scale = len / out as f64;
     let filterscale = scale.max(1.0);
     let support = filterscale; // bilinear support 1, widened
@@ -228,36 +243,32 @@ pub fn resample_into(
         )));
     }
     let (iw, ih) = (img.width() as usize, img.height() as usize);
-    let xt = taps(region.x, region.w, iw, size);
-    let yt = taps(region.y, region.h, ih, size);
-    let row_lo = yt.iter().map(|t| t.start).min().unwrap_or(0);
-    let row_hi = yt
-        .iter()
-        .map(|t| t.start + t.weights.len())
-        .max()
-        .unwrap_or(0);
+    let xt = taps(region.x, region.w, iw, size, region.inside);
+    let yt = taps(region.y, region.h, ih, size, region.inside);
     let raw = img.as_raw();
-    // Horizontal pass over the rows the vertical taps touch: [rows, size, 3] f32.
-    let rows = row_hi - row_lo;
-    let mut mid = vec![0f32; rows * size * 3];
-    for r in 0..rows {
-        let src = &raw[(row_lo + r) * iw * 3..(row_lo + r + 1) * iw * 3];
-        let dst = &mut mid[r * size * 3..(r + 1) * size * 3];
-        for (o, t) in xt.iter().enumerate() {
-            let oc = if region.flip { size - 1 - o } else { o };
-            let (mut a, mut b, mut c) = (0f32, 0f32, 0f32);
-            for (k, &w) in t.weights.iter().enumerate() {
-                let p = (t.start + k) * 3;
-                a += w * src[p] as f32;
-                b += w * src[p + 1] as f32;
-                c += w * src[p + 2] as f32;
-            }
-            dst[oc * 3] = a;
-            dst[oc * 3 + 1] = b;
-            dst[oc * 3 + 2] = c;
-        }
+    // Horizontal taps padded to one width K so the inner loop has a fixed trip count.
+    let k = xt
+        .iter()
+        .map(|t| t.weights.len())
+        .max()
+        .unwrap_or(1)
+        .min(iw);
+    let mut starts = Vec::with_capacity(size);
+    let mut weights = vec![0f32; size * k];
+    for (o, t) in xt.iter().enumerate() {
+        let start = t.start.min(iw - k);
+        let shift = t.start - start;
+        let oc = if region.flip { size - 1 - o } else { o };
+        starts.push(start * 3);
+        weights[oc * k + shift..oc * k + shift + t.weights.len()].copy_from_slice(&t.weights);
     }
-    // Vertical pass, then normalisation into planes in the network's order.
+    if region.flip {
+        starts.reverse();
+    }
+    // Only the columns the horizontal taps read are filtered vertically.
+    let col_lo = starts.iter().copied().min().unwrap_or(0);
+    let col_hi = starts.iter().map(|&s| s + 3 * k).max().unwrap_or(0);
+    starts.iter_mut().for_each(|s| *s -= col_lo);
     let plane = size * size;
     let bgr = norm.order == ChannelOrder::Bgr;
     let coef: Vec<(f32, f32)> = (0..3)
@@ -266,27 +277,83 @@ pub fn resample_into(
             (norm.scale * inv, -norm.mean[ch] * inv)
         })
         .collect();
+    // Per output row: the vertical filter over the needed columns (vectorisable), then
+    // the horizontal one, then rounding to 8 bits and normalisation into the planes.
+    let mut column = vec![0f32; col_hi - col_lo];
     let mut acc = vec![0f32; size * 3];
     for (oy, t) in yt.iter().enumerate() {
-        acc.iter_mut().for_each(|v| *v = 0.0);
-        for (k, &w) in t.weights.iter().enumerate() {
-            let r = t.start + k - row_lo;
-            for (a, &m) in acc.iter_mut().zip(&mid[r * size * 3..(r + 1) * size * 3]) {
-                *a += w * m;
+        column.iter_mut().for_each(|v| *v = 0.0);
+        for (j, &w) in t.weights.iter().enumerate() {
+            let r = (t.start + j) * iw * 3;
+            for (c, &v) in column.iter_mut().zip(&raw[r + col_lo..r + col_hi]) {
+                *c += w * v as f32;
             }
+        }
+        match k {
+            1 => hpass::<1>(&column, &starts, &weights, &mut acc),
+            2 => hpass::<2>(&column, &starts, &weights, &mut acc),
+            3 => hpass::<3>(&column, &starts, &weights, &mut acc),
+            4 => hpass::<4>(&column, &starts, &weights, &mut acc),
+            5 => hpass::<5>(&column, &starts, &weights, &mut acc),
+            6 => hpass::<6>(&column, &starts, &weights, &mut acc),
+            7 => hpass::<7>(&column, &starts, &weights, &mut acc),
+            8 => hpass::<8>(&column, &starts, &weights, &mut acc),
+            _ => hpass_any(&column, &starts, &weights, k, &mut acc),
         }
         for ch in 0..3 {
             let src_ch = if bgr { 2 - ch } else { ch };
             let (mul, add) = coef[ch];
             let dst = &mut out[ch * plane + oy * size..ch * plane + (oy + 1) * size];
-            for (ox, d) in dst.iter_mut().enumerate() {
-                // Round and clamp to 8 bits first, as PIL hands torchvision 8-bit pixels.
-                let v = acc[ox * 3 + src_ch].round().clamp(0.0, 255.0);
+            for (d, px) in dst.iter_mut().zip(acc.chunks_exact(3)) {
+                // Round and clamp to 8 bits first, as PIL hands torchvision 8-bit
+                // pixels; `+ 0.5` then truncation rounds without a libm call.
+                let v = (px[src_ch].clamp(0.0, 255.0) + 0.5) as u32 as f32;
                 *d = v * mul + add;
             }
         }
     }
     Ok(())
+}
+
+/// One row of the horizontal pass with `K` taps per output pixel: `src` is an RGB row as
+/// f32, `starts[o]` the first tap's offset in it, `weights[o * K..]` the taps.
+#[inline]
+fn hpass<const K: usize>(src: &[f32], starts: &[usize], weights: &[f32], dst: &mut [f32]) {
+    for ((px, &st), w) in dst
+        .chunks_exact_mut(3)
+        .zip(starts)
+        .zip(weights.chunks_exact(K))
+    {
+        let taps = &src[st..st + 3 * K];
+        let (mut a, mut b, mut c) = (0f32, 0f32, 0f32);
+        for j in 0..K {
+            a += w[j] * taps[3 * j];
+            b += w[j] * taps[3 * j + 1];
+            c += w[j] * taps[3 * j + 2];
+        }
+        px[0] = a;
+        px[1] = b;
+        px[2] = c;
+    }
+}
+
+/// [`hpass`] for any tap count.
+fn hpass_any(src: &[f32], starts: &[usize], weights: &[f32], k: usize, dst: &mut [f32]) {
+    for ((px, &st), w) in dst
+        .chunks_exact_mut(3)
+        .zip(starts)
+        .zip(weights.chunks_exact(k))
+    {
+        let (mut a, mut b, mut c) = (0f32, 0f32, 0f32);
+        for (j, &wj) in w.iter().enumerate() {
+            a += wj * src[st + 3 * j];
+            b += wj * src[st + 3 * j + 1];
+            c += wj * src[st + 3 * j + 2];
+        }
+        px[0] = a;
+        px[1] = b;
+        px[2] = c;
+    }
 }
 
 /// Decodes `path` and applies `transform` with randomness from `rng`.
@@ -373,6 +440,7 @@ mod tests {
             w: 4.0,
             h: 4.0,
             flip: false,
+            inside: true,
         };
         resample_into(&img, &region, 4, &unit, &mut out).unwrap();
         assert_eq!(&out[..4], &[0.0, 10.0, 20.0, 30.0]);
