@@ -56,6 +56,51 @@ impl ImageBank {
         })
     }
 
+    /// Like [`ImageBank::load`], but an image that cannot be read or decoded is left out
+    /// instead of failing: returns the bank, the subset of the images kept (same classes,
+    /// fewer images), and each skipped file with the reason.
+    pub fn load_skipping(
+        ds: &ImageDataset,
+        subset: &Subset,
+        spec: ImageSpec,
+    ) -> Result<(Self, Subset, Vec<(std::path::PathBuf, String)>)> {
+        if !matches!(spec.channels, 1 | 3) || spec.height == 0 || spec.width == 0 {
+            return Err(DataError::Config(format!(
+                "unsupported image spec {spec:?}"
+            )));
+        }
+        let decoded: Vec<(std::path::PathBuf, Result<Vec<u8>>)> = subset
+            .indices
+            .par_iter()
+            .map(|&i| {
+                let p = ds.images_dir.join(&ds.records[i].path);
+                let r = decode(&p, spec);
+                (p, r)
+            })
+            .collect();
+        let mut pixels = Vec::new();
+        let mut kept = Subset {
+            indices: Vec::new(),
+            labels: Vec::new(),
+            classes: subset.classes.clone(),
+        };
+        let mut skipped = Vec::new();
+        for ((path, r), (&i, &l)) in decoded
+            .into_iter()
+            .zip(subset.indices.iter().zip(&subset.labels))
+        {
+            match r {
+                Ok(px) => {
+                    pixels.extend_from_slice(&px);
+                    kept.indices.push(i);
+                    kept.labels.push(l);
+                }
+                Err(e) => skipped.push((path, e.to_string())),
+            }
+        }
+        Ok((Self { spec, pixels }, kept, skipped))
+    }
+
     /// Builds a bank from raw planar pixels (`[N, C, H, W]`).
     pub fn from_pixels(spec: ImageSpec, pixels: Vec<u8>) -> Result<Self> {
         if spec.is_empty() || pixels.len() % spec.len() != 0 {
@@ -216,5 +261,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("c1/3.png"), "{e}");
+        // The skipping policy leaves them out and says which and why.
+        let spec = ImageSpec {
+            channels: 1,
+            height: 4,
+            width: 4,
+        };
+        let (bank, kept, skipped) = ImageBank::load_skipping(&ds, &train, spec).unwrap();
+        assert_eq!(bank.len(), 1);
+        assert_eq!(kept.indices, vec![0]);
+        assert_eq!(kept.classes, train.classes);
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].0.ends_with("c0/2.png"));
     }
 }

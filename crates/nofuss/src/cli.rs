@@ -141,6 +141,10 @@ pub struct TrainArgs {
     /// Image channels: 1 (grayscale) or 3 (RGB).
     #[arg(long)]
     pub channels: Option<usize>,
+    /// Leave out unreadable or corrupt images (counted, listed on stderr) instead of
+    /// stopping at the first one.
+    #[arg(long)]
+    pub skip_bad_images: bool,
     /// Glyph dataset: keep only the first N classes (quick experiments).
     #[arg(long, value_name = "N")]
     pub max_classes: Option<usize>,
@@ -333,6 +337,9 @@ impl TrainArgs {
         set!(c.data.dir, self.data_dir);
         set!(c.data.image_size, self.image_size);
         set!(c.data.channels, self.channels);
+        if self.skip_bad_images {
+            c.data.skip_bad_images = true;
+        }
         if self.max_classes.is_some() {
             c.data.glyphs.max_classes = self.max_classes;
         }

@@ -49,6 +49,9 @@ pub struct DataConfig {
     pub max_shift: usize,
     /// Random horizontal flips at training time.
     pub hflip: bool,
+    /// Leave out images that cannot be read or decoded (counted and listed) instead of
+    /// stopping with an error naming the first one.
+    pub skip_bad_images: bool,
     /// How the glyph dataset is generated.
     pub glyphs: GlyphConfig,
 }
@@ -62,6 +65,7 @@ impl Default for DataConfig {
             channels: 1,
             max_shift: 2,
             hflip: false,
+            skip_bad_images: false,
             glyphs: GlyphConfig::default(),
         }
     }

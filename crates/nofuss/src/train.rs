@@ -320,8 +320,31 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         height: cfg.data.image_size,
         width: cfg.data.image_size,
     };
-    let train_bank = ImageBank::load(&ds, &train_set, spec)?;
-    let test_bank = ImageBank::load(&ds, &test_set, spec)?;
+    let (train_bank, train_set, test_bank, test_set) = if cfg.data.skip_bad_images {
+        let (a, train_set, mut skipped) = ImageBank::load_skipping(&ds, &train_set, spec)?;
+        let (b, test_set, more) = ImageBank::load_skipping(&ds, &test_set, spec)?;
+        skipped.extend(more);
+        if !skipped.is_empty() {
+            eprintln!(
+                "warning: skipped {} unreadable image(s) (--skip-bad-images):",
+                skipped.len()
+            );
+            for (path, why) in skipped.iter().take(20) {
+                eprintln!("  {}: {why}", path.display());
+            }
+            if skipped.len() > 20 {
+                eprintln!("  ... and {} more", skipped.len() - 20);
+            }
+        }
+        (a, train_set, b, test_set)
+    } else {
+        (
+            ImageBank::load(&ds, &train_set, spec)?,
+            train_set,
+            ImageBank::load(&ds, &test_set, spec)?,
+            test_set,
+        )
+    };
     say(
         opts,
         format!(
