@@ -26,6 +26,9 @@ impl ImageSpec {
     }
 }
 
+/// An image left out: its path and why.
+pub type Skipped = (std::path::PathBuf, String);
+
 /// Decoded images of a subset, held in memory as 8-bit planar `[N, C, H, W]`.
 ///
 /// Decoding runs in parallel (rayon). Images whose size differs from the spec are
@@ -63,7 +66,7 @@ impl ImageBank {
         ds: &ImageDataset,
         subset: &Subset,
         spec: ImageSpec,
-    ) -> Result<(Self, Subset, Vec<(std::path::PathBuf, String)>)> {
+    ) -> Result<(Self, Subset, Vec<Skipped>)> {
         if !matches!(spec.channels, 1 | 3) || spec.height == 0 || spec.width == 0 {
             return Err(DataError::Config(format!(
                 "unsupported image spec {spec:?}"

@@ -41,5 +41,5 @@ pub mod transform;
 
 pub use dataset::{BBox, ImageDataset, ImageRecord, Subset, ZeroShotSplit};
 pub use error::{DataError, Result};
-pub use images::{ImageBank, ImageSpec};
+pub use images::{ImageBank, ImageSpec, Skipped};
 pub use loader::{Augment, Batch, Batches};

@@ -20,6 +20,9 @@ pub enum Error {
         /// Shape asked for.
         requested: Vec<usize>,
     },
+    /// An optimiser that cannot step (bad setting, state or gradient).
+    #[error("optimiser: {0}")]
+    Optim(String),
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -5,6 +5,8 @@
 //! reproducible parameter initialisation ([`SeededVarMap`]), which candle's CPU
 //! backend cannot seed on its own. With the `cuda` feature it forwards CUDA
 //! support to candle; building and testing without a GPU needs nothing CUDA-specific.
+//! [`optim`] holds the optimisers (PyTorch's update rules, parameter groups, schedules,
+//! clipping) and [`pool`] the pooling layers with PyTorch's padding semantics.
 //!
 //! ```
 //! use nofuss_tensor::{DeviceSpec, SeededVarMap};
@@ -28,6 +30,7 @@ mod error;
 mod init;
 mod normalization;
 pub mod ops;
+pub mod optim;
 pub mod pool;
 mod precision;
 

@@ -5,7 +5,6 @@
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
-use candle_nn::Optimizer;
 use nofuss_tensor::DeviceSpec;
 use serde_json::{json, Value};
 
@@ -61,7 +60,7 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         &b.device,
         b.classes,
     )?;
-    let (mut opt, mut popt) = model.optimizers(&cfg.optim)?;
+    let mut opt = model.optimizer(&cfg.optim)?;
     let size = cfg.data.image_size;
     let labels: Vec<u32> = (0..b.batch_size as u32)
         .map(|i| i % b.classes as u32)
@@ -73,7 +72,6 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         let loss = model.loss.loss(&model.embedder.forward(&x, true)?, &y)?;
         let grads = loss.backward()?;
         opt.step(&grads)?;
-        popt.step(&grads)?;
         // Reading the loss waits for the device.
         loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         if i >= b.warmup {

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use nofuss_backbone::BatchNormMode;
 use nofuss_losses::{Assignment, ProxyInit, ProxyNcaForm};
+use nofuss_tensor::optim::{OptimizerKind, Schedule};
 
-use crate::config::{DatasetKind, TrainConfig};
+use crate::config::{DatasetKind, PipelineKind, TrainConfig};
 use crate::train::{summary_table, train, TrainOptions};
-use crate::Result;
+use crate::{Result, TrainError};
 
 /// No Fuss distance metric learning with proxies.
 #[derive(Debug, Parser)]
@@ -141,6 +142,16 @@ pub struct TrainArgs {
     /// Image channels: 1 (grayscale) or 3 (RGB).
     #[arg(long)]
     pub channels: Option<usize>,
+    /// Image pipeline: memory (decode once, resize; the default) or photo (stream from
+    /// disk with RandomResizedCrop for training, resize + center crop for evaluation).
+    #[arg(long, value_enum)]
+    pub pipeline: Option<PipelineKind>,
+    /// Class-balanced batches with M images per class (photo pipeline).
+    #[arg(long, value_name = "M")]
+    pub m_per_class: Option<usize>,
+    /// Crop inside the bounding boxes of Cars196 (photo pipeline).
+    #[arg(long)]
+    pub crop_to_boxes: bool,
     /// Leave out unreadable or corrupt images (counted, listed on stderr) instead of
     /// stopping at the first one.
     #[arg(long)]
@@ -209,9 +220,32 @@ pub struct TrainArgs {
     /// Learning rate of the proxies.
     #[arg(long)]
     pub proxy_lr: Option<f64>,
-    /// Weight decay of the backbone and head.
+    /// Weight decay of the backbone and head (decoupled for adamw, L2 otherwise).
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// Optimiser: sgd, rmsprop, rmsprop-tf (TensorFlow's RMSProp), adam or adamw, with
+    /// PyTorch's defaults (TensorFlow's for rmsprop-tf: decay 0.9, momentum 0.9, eps 1).
+    #[arg(long, value_name = "NAME")]
+    pub optimizer: Option<String>,
+    /// Momentum of sgd and rmsprop.
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    /// Epsilon of rmsprop and adam(w) (Proxy-NCA reproductions use Adam with eps 1).
+    #[arg(long)]
+    pub eps: Option<f64>,
+    /// Learning-rate schedule per epoch: constant, exponential:GAMMA (e.g. 0.94),
+    /// step:EVERY:GAMMA, cosine (to 0 over the run) or cosine:MIN_FACTOR.
+    #[arg(long, value_name = "SCHEDULE")]
+    pub schedule: Option<String>,
+    /// Linear learning-rate warm-up over the first N steps.
+    #[arg(long, value_name = "N")]
+    pub warmup_steps: Option<u64>,
+    /// Clip the global gradient norm to this value.
+    #[arg(long, value_name = "NORM")]
+    pub clip_norm: Option<f64>,
+    /// Learning rate of the embedding head as a multiple of --lr.
+    #[arg(long, value_name = "FACTOR")]
+    pub head_lr_scale: Option<f64>,
     /// The K of Recall@K, e.g. 1,2,4,8.
     #[arg(long, value_delimiter = ',', value_name = "K,K,...")]
     pub eval_k: Option<Vec<usize>>,
@@ -301,6 +335,59 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
+/// An optimiser by name, with its usual defaults.
+fn parse_optimizer(name: &str) -> Result<OptimizerKind> {
+    Ok(match name {
+        "sgd" => OptimizerKind::sgd(0.9, false),
+        "sgd-nesterov" => OptimizerKind::sgd(0.9, true),
+        "rmsprop" => OptimizerKind::rmsprop(0.0),
+        "rmsprop-tf" => OptimizerKind::RmsProp {
+            alpha: 0.9,
+            eps: 1.0,
+            momentum: 0.9,
+            centered: false,
+            tf_style: true,
+        },
+        "adam" => OptimizerKind::adam(),
+        "adamw" => OptimizerKind::adamw(),
+        other => {
+            return Err(TrainError::Config(format!(
+                "unknown optimiser '{other}': sgd, sgd-nesterov, rmsprop, rmsprop-tf, adam or adamw"
+            )))
+        }
+    })
+}
+
+/// A schedule from `constant`, `exponential:G`, `step:N:G`, `cosine` or `cosine:MIN`.
+fn parse_schedule(s: &str, epochs: usize) -> Result<Schedule> {
+    let bad = || {
+        TrainError::Config(format!(
+            "schedule '{s}': expected constant, exponential:GAMMA, step:EVERY:GAMMA, cosine or cosine:MIN_FACTOR"
+        ))
+    };
+    let parts: Vec<&str> = s.split(':').collect();
+    let num = |i: usize| -> Result<f64> {
+        parts
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .ok_or_else(bad)
+    };
+    Ok(match parts[0] {
+        "constant" if parts.len() == 1 => Schedule::Constant,
+        "exponential" if parts.len() == 2 => Schedule::Exponential { gamma: num(1)? },
+        "step" if parts.len() == 3 => Schedule::Step {
+            every: num(1)? as usize,
+            gamma: num(2)?,
+        },
+        "cosine" if parts.len() <= 2 => Schedule::Cosine {
+            epochs,
+            min_factor: if parts.len() == 2 { num(1)? } else { 0.0 },
+        },
+        _ => return Err(bad()),
+    })
+}
+
 fn parse_metric(s: &str) -> std::result::Result<nofuss_eval::Metric, String> {
     match s {
         "euclidean" => Ok(nofuss_eval::Metric::Euclidean),
@@ -339,6 +426,13 @@ impl TrainArgs {
         set!(c.data.channels, self.channels);
         if self.skip_bad_images {
             c.data.skip_bad_images = true;
+        }
+        set!(c.data.pipeline, self.pipeline);
+        if self.m_per_class.is_some() {
+            c.data.m_per_class = self.m_per_class;
+        }
+        if self.crop_to_boxes {
+            c.data.crop_to_boxes = true;
         }
         if self.max_classes.is_some() {
             c.data.glyphs.max_classes = self.max_classes;
@@ -392,6 +486,39 @@ impl TrainArgs {
         set!(c.optim.lr, self.lr);
         set!(c.optim.proxy_lr, self.proxy_lr);
         set!(c.optim.weight_decay, self.weight_decay);
+        if let Some(name) = &self.optimizer {
+            c.optim.optimizer = parse_optimizer(name)?;
+        }
+        if let Some(m) = self.momentum {
+            match &mut c.optim.optimizer {
+                OptimizerKind::Sgd { momentum, .. } | OptimizerKind::RmsProp { momentum, .. } => {
+                    *momentum = m
+                }
+                _ => {
+                    return Err(TrainError::Config(
+                        "--momentum applies to sgd and rmsprop".into(),
+                    ))
+                }
+            }
+        }
+        if let Some(e) = self.eps {
+            match &mut c.optim.optimizer {
+                OptimizerKind::RmsProp { eps, .. }
+                | OptimizerKind::Adam { eps, .. }
+                | OptimizerKind::AdamW { eps, .. } => *eps = e,
+                OptimizerKind::Sgd { .. } => {
+                    return Err(TrainError::Config("--eps does not apply to sgd".into()))
+                }
+            }
+        }
+        if let Some(sch) = &self.schedule {
+            c.optim.schedule = parse_schedule(sch, c.optim.epochs)?;
+        }
+        set!(c.optim.warmup_steps, self.warmup_steps);
+        if self.clip_norm.is_some() {
+            c.optim.clip_norm = self.clip_norm;
+        }
+        set!(c.optim.head_lr_scale, self.head_lr_scale);
         set!(c.eval.ks, self.eval_k);
         if self.no_nmi {
             c.eval.nmi = false;

@@ -12,6 +12,8 @@ use nofuss_losses::{
 };
 use serde::{Deserialize, Serialize};
 
+use nofuss_tensor::optim::{OptimizerKind, Schedule};
+
 use crate::{Result, TrainError};
 
 /// Which dataset to train on.
@@ -33,6 +35,18 @@ pub enum DatasetKind {
     Folder,
 }
 
+/// How images reach the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PipelineKind {
+    /// Decoded once into memory, resized to `image_size` (small images: the glyphs).
+    #[default]
+    Memory,
+    /// Streamed from disk: RandomResizedCrop to `image_size` and flips for training,
+    /// resize + center crop for evaluation, decoded in parallel ahead of the model.
+    Photo,
+}
+
 /// Data settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -49,6 +63,12 @@ pub struct DataConfig {
     pub max_shift: usize,
     /// Random horizontal flips at training time.
     pub hflip: bool,
+    /// How images reach the model.
+    pub pipeline: PipelineKind,
+    /// Class-balanced training batches of this many images per class (photo pipeline).
+    pub m_per_class: Option<usize>,
+    /// Crop inside the dataset's bounding boxes (Cars196; photo pipeline).
+    pub crop_to_boxes: bool,
     /// Leave out images that cannot be read or decoded (counted and listed) instead of
     /// stopping with an error naming the first one.
     pub skip_bad_images: bool,
@@ -66,6 +86,9 @@ impl Default for DataConfig {
             max_shift: 2,
             hflip: false,
             skip_bad_images: false,
+            pipeline: PipelineKind::Memory,
+            m_per_class: None,
+            crop_to_boxes: false,
             glyphs: GlyphConfig::default(),
         }
     }
@@ -189,8 +212,19 @@ pub struct OptimConfig {
     pub lr: f64,
     /// Learning rate of the proxies (their own optimiser).
     pub proxy_lr: f64,
-    /// Decoupled weight decay of the backbone and head (AdamW); none on proxies.
+    /// Weight decay of the backbone and head (decoupled for AdamW, L2 otherwise); none
+    /// on proxies.
     pub weight_decay: f64,
+    /// The update rule and its settings (PyTorch's rules; see `nofuss_tensor::optim`).
+    pub optimizer: OptimizerKind,
+    /// Learning rate of the embedding head as a multiple of `lr`.
+    pub head_lr_scale: f64,
+    /// How the learning rates change from epoch to epoch.
+    pub schedule: Schedule,
+    /// Linear warm-up over the first steps (0: none).
+    pub warmup_steps: u64,
+    /// Clip the global gradient norm to this value before each step.
+    pub clip_norm: Option<f64>,
 }
 
 impl Default for OptimConfig {
@@ -201,6 +235,11 @@ impl Default for OptimConfig {
             lr: 3e-3,
             proxy_lr: 3e-2,
             weight_decay: 0.0,
+            optimizer: OptimizerKind::adamw(),
+            head_lr_scale: 1.0,
+            schedule: Schedule::Constant,
+            warmup_steps: 0,
+            clip_norm: None,
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod config;
 pub mod convert;
 mod error;
 pub mod eval_cmd;
+pub mod images;
 pub mod plot;
 pub mod run_dir;
 pub mod train;

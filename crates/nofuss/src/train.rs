@@ -6,18 +6,17 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use indicatif::{ProgressBar, ProgressStyle};
 use nofuss_backbone::{Backbone, BnInception, Embedder, EmbeddingHead, SmallCnn, SmallCnnConfig};
-use nofuss_data::{
-    cars, cub, folder, glyphs, sop, Augment, Batches, ImageBank, ImageSpec, ZeroShotSplit,
-};
+use nofuss_data::{cars, cub, folder, glyphs, sop, Augment, ImageBank, ImageSpec, ZeroShotSplit};
 use nofuss_eval::{EvalConfig, EvalReport, KMeansConfig};
 use nofuss_losses::{LossError, MetricLoss, ProxyInit};
+use nofuss_tensor::optim::{warmup_factor, Optimizer, ParamGroup};
 use nofuss_tensor::{DeviceSpec, SeededVarMap};
 use serde::Serialize;
 
-use crate::config::{DatasetKind, OptimConfig, TrainConfig};
+use crate::config::{DatasetKind, OptimConfig, PipelineKind, TrainConfig};
+use crate::images::{Images, PhotoSource};
 use crate::{run_dir, Result, TrainError};
 
 /// How much a run reports while it works.
@@ -146,29 +145,44 @@ impl Model {
         })
     }
 
-    /// The optimisers of a run: AdamW on the backbone and head (batch-norm running
-    /// statistics excluded) with `lr` and `weight_decay`, and Adam on the proxies with
-    /// their own `proxy_lr` and no decay.
-    pub fn optimizers(&self, o: &OptimConfig) -> Result<(AdamW, AdamW)> {
-        let model_vars: Vec<_> = self
-            .params
-            .named_vars()
-            .into_iter()
-            .filter(|(n, _)| !n.contains("running_"))
-            .map(|(_, v)| v)
-            .collect();
-        let params = |lr, weight_decay| ParamsAdamW {
-            lr,
-            weight_decay,
-            ..Default::default()
-        };
-        Ok((
-            AdamW::new(model_vars, params(o.lr, o.weight_decay))?,
-            AdamW::new(
-                self.proxy_params.var_map().all_vars(),
-                params(o.proxy_lr, 0.0),
-            )?,
-        ))
+    /// The optimiser of a run: `o.optimizer` over three parameter groups, the backbone
+    /// (`lr`, `weight_decay`; batch-norm running statistics excluded), the embedding head
+    /// (`lr * head_lr_scale`, `weight_decay`) and the proxies (`proxy_lr`, no decay), with
+    /// gradient clipping when `clip_norm` is set.
+    pub fn optimizer(&self, o: &OptimConfig) -> Result<Optimizer> {
+        let (mut backbone, mut head) = (Vec::new(), Vec::new());
+        let mut named = self.params.named_vars();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, var) in named {
+            if name.contains("running_") {
+                continue;
+            }
+            if name.starts_with("head.") {
+                head.push(var);
+            } else {
+                backbone.push(var);
+            }
+        }
+        // Group learning rates are absolute; the optimiser's own rate is the schedule's
+        // factor (1 until a schedule or warm-up changes it).
+        let mut opt = Optimizer::new(
+            o.optimizer,
+            1.0,
+            vec![
+                ParamGroup::new("backbone", backbone)
+                    .lr_scale(o.lr)
+                    .weight_decay(o.weight_decay),
+                ParamGroup::new("head", head)
+                    .lr_scale(o.lr * o.head_lr_scale)
+                    .weight_decay(o.weight_decay),
+                ParamGroup::new("proxies", self.proxy_params.var_map().all_vars())
+                    .lr_scale(o.proxy_lr),
+            ],
+        )?;
+        if let Some(c) = o.clip_norm {
+            opt = opt.with_clip_norm(c);
+        }
+        Ok(opt)
     }
 
     /// All tensors to checkpoint: model parameters and BN statistics by name, and
@@ -186,11 +200,11 @@ impl Model {
         m
     }
 
-    /// Sets the proxies to the class means of the embeddings of `bank` (labels
+    /// Sets the proxies to the class means of the embeddings of `images` (labels
     /// `labels`), see [`nofuss_losses::class_mean_proxies`]. No-op without proxies.
     pub fn proxies_at_class_means(
         &self,
-        bank: &ImageBank,
+        images: &Images,
         labels: &[u32],
         device: &Device,
     ) -> Result<()> {
@@ -201,7 +215,7 @@ impl Model {
         // Training-mode batch normalisation: the first steps see batch statistics, and
         // eval-mode embeddings of an untrained network lie elsewhere. (This moves the
         // running statistics as a warm-up pass would.)
-        let emb = self.embed_mode(bank, device, true)?;
+        let emb = self.embed_mode(images, device, true)?;
         let emb = Tensor::from_vec(emb, (labels.len(), dim), device)?;
         let classes: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
         let means = nofuss_losses::class_mean_proxies(&emb, &classes, num)?;
@@ -213,17 +227,17 @@ impl Model {
         Ok(())
     }
 
-    /// Embeddings `[N, D]` of every image in `bank`, in order (evaluation mode).
-    pub fn embed(&self, bank: &ImageBank, device: &Device) -> Result<Vec<f32>> {
-        self.embed_mode(bank, device, false)
+    /// Embeddings `[N, D]` of every image of `images`, in order (evaluation mode).
+    pub fn embed(&self, images: &Images, device: &Device) -> Result<Vec<f32>> {
+        self.embed_mode(images, device, false)
     }
 
-    fn embed_mode(&self, bank: &ImageBank, device: &Device, train: bool) -> Result<Vec<f32>> {
-        let labels = vec![0u32; bank.len()];
+    fn embed_mode(&self, images: &Images, device: &Device, train: bool) -> Result<Vec<f32>> {
         let norm = self.embedder.backbone().input().normalization;
-        let mut out = Vec::with_capacity(bank.len() * self.embedder.head().config().dim);
-        for batch in Batches::eval(bank, &labels, 256, &norm, device)? {
-            let e = self.embedder.forward(&batch?.images, train)?;
+        let mut out = Vec::with_capacity(images.len() * self.embedder.head().config().dim);
+        for batch in images.eval_batches(&norm, device)? {
+            let (x, _, _) = batch?;
+            let e = self.embedder.forward(&x, train)?;
             out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
         }
         Ok(out)
@@ -243,7 +257,7 @@ fn say(opts: &TrainOptions, s: impl AsRef<str>) {
 
 fn evaluate(
     model: &Model,
-    bank: &ImageBank,
+    bank: &Images,
     labels: &[u32],
     cfg: &TrainConfig,
     device: &Device,
@@ -292,6 +306,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             ),
         );
     }
+    let mut boxes = None;
     let (ds, split, warnings) = match cfg.data.dataset {
         DatasetKind::Glyphs => (cub::load(&cfg.data.dir)?, ZeroShotSplit::Halves, vec![]),
         DatasetKind::Cub => {
@@ -302,6 +317,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         DatasetKind::Cars => {
             let l = cars::load(&cfg.data.dir)?;
             let w = l.count_warnings();
+            boxes = Some(l.boxes);
             (l.dataset, ZeroShotSplit::Halves, w)
         }
         DatasetKind::Sop => {
@@ -320,30 +336,50 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         height: cfg.data.image_size,
         width: cfg.data.image_size,
     };
-    let (train_bank, train_set, test_bank, test_set) = if cfg.data.skip_bad_images {
-        let (a, train_set, mut skipped) = ImageBank::load_skipping(&ds, &train_set, spec)?;
-        let (b, test_set, more) = ImageBank::load_skipping(&ds, &test_set, spec)?;
-        skipped.extend(more);
-        if !skipped.is_empty() {
-            eprintln!(
-                "warning: skipped {} unreadable image(s) (--skip-bad-images):",
-                skipped.len()
-            );
-            for (path, why) in skipped.iter().take(20) {
-                eprintln!("  {}: {why}", path.display());
+    let (train_bank, train_set, test_bank, test_set) = match cfg.data.pipeline {
+        PipelineKind::Photo => {
+            if cfg.data.crop_to_boxes && boxes.is_none() {
+                return Err(TrainError::Config(
+                    "--crop-to-boxes needs a dataset with bounding boxes (cars)".into(),
+                ));
             }
-            if skipped.len() > 20 {
-                eprintln!("  ... and {} more", skipped.len() - 20);
-            }
+            let boxes = if cfg.data.crop_to_boxes { boxes } else { None };
+            let source = |subset: &nofuss_data::Subset| {
+                Images::Photos(Box::new(PhotoSource {
+                    dataset: ds.clone(),
+                    subset: subset.clone(),
+                    size: cfg.data.image_size,
+                    m_per_class: cfg.data.m_per_class,
+                    boxes: boxes.clone(),
+                    skip_bad_images: cfg.data.skip_bad_images,
+                }))
+            };
+            (source(&train_set), train_set, source(&test_set), test_set)
         }
-        (a, train_set, b, test_set)
-    } else {
-        (
-            ImageBank::load(&ds, &train_set, spec)?,
+        PipelineKind::Memory if cfg.data.skip_bad_images => {
+            let (a, train_set, mut skipped) = ImageBank::load_skipping(&ds, &train_set, spec)?;
+            let (b, test_set, more) = ImageBank::load_skipping(&ds, &test_set, spec)?;
+            skipped.extend(more);
+            if !skipped.is_empty() {
+                eprintln!(
+                    "warning: skipped {} unreadable image(s) (--skip-bad-images):",
+                    skipped.len()
+                );
+                for (path, why) in skipped.iter().take(20) {
+                    eprintln!("  {}: {why}", path.display());
+                }
+                if skipped.len() > 20 {
+                    eprintln!("  ... and {} more", skipped.len() - 20);
+                }
+            }
+            (Images::Memory(a), train_set, Images::Memory(b), test_set)
+        }
+        PipelineKind::Memory => (
+            Images::Memory(ImageBank::load(&ds, &train_set, spec)?),
             train_set,
-            ImageBank::load(&ds, &test_set, spec)?,
+            Images::Memory(ImageBank::load(&ds, &test_set, spec)?),
             test_set,
-        )
+        ),
     };
     say(
         opts,
@@ -378,7 +414,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     if cfg.loss.proxy_init == ProxyInit::ClassMeans {
         model.proxies_at_class_means(&train_bank, &train_set.labels, &device)?;
     }
-    let (mut opt, mut proxy_opt) = model.optimizers(&cfg.optim)?;
+    let mut opt = model.optimizer(&cfg.optim)?;
     let norm = model.embedder.backbone().input().normalization;
     let augment = Augment {
         max_shift: cfg.data.max_shift,
@@ -409,8 +445,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     let (mut total_steps, mut total_train_secs) = (0usize, 0f64);
     for epoch in 1..=cfg.optim.epochs {
         let t_epoch = Instant::now();
-        let batches = Batches::train(
-            &train_bank,
+        let (num_batches, batches) = train_bank.train_epoch(
             &train_set.labels,
             cfg.optim.batch_size,
             cfg.seed,
@@ -420,7 +455,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             &device,
         )?;
         let pb = if opts.progress {
-            ProgressBar::new(batches.num_batches() as u64)
+            ProgressBar::new(num_batches as u64)
         } else {
             ProgressBar::hidden()
         };
@@ -437,9 +472,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         let t_train = Instant::now();
         for (i, batch) in batches.enumerate() {
             let step = i + 1;
-            let batch = batch?;
-            let emb = model.embedder.forward(&batch.images, true)?;
-            let loss = match model.loss.loss(&emb, &batch.labels) {
+            let (batch_images, batch_labels, batch_len) = batch?;
+            let emb = model.embedder.forward(&batch_images, true)?;
+            let loss = match model.loss.loss(&emb, &batch_labels) {
                 Ok(l) => l,
                 Err(LossError::NonFinite(_)) => {
                     return Err(TrainError::NonFinite {
@@ -471,11 +506,14 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
                 });
             }
             let grads = loss.backward()?;
+            opt.set_lr(
+                cfg.optim.schedule.factor(epoch - 1)
+                    * warmup_factor(opt.steps(), cfg.optim.warmup_steps),
+            );
             opt.step(&grads)?;
-            proxy_opt.step(&grads)?;
             loss_sum += value as f64;
             steps += 1;
-            images += batch.indices.len();
+            images += batch_len;
             let rate = images as f64 / t_train.elapsed().as_secs_f64().max(1e-9);
             pb.set_message(format!(
                 "loss {:.4} | {rate:.0} img/s",

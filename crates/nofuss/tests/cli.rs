@@ -770,6 +770,41 @@ fn cars_layout_trains_from_its_mat_file() {
         text(&out.stdout)
     );
     assert!(text(&out.stderr).contains("warning: Cars196: 6 classes"));
+    // The photo pipeline: RandomResizedCrop inside the boxes, class-balanced batches.
+    let out = nofuss(&[
+        "train",
+        "--dataset",
+        "cars",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--pipeline",
+        "photo",
+        "--channels",
+        "3",
+        "--image-size",
+        "16",
+        "--m-per-class",
+        "2",
+        "--crop-to-boxes",
+        "--widths",
+        "4,8",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--eval-k",
+        "1",
+        "--no-nmi",
+        "--out-dir",
+        runs.to_str().unwrap(),
+        "--name",
+        "photo",
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let m = metrics(&runs.join("photo"));
+    assert_eq!(m.len(), 3);
+    assert!(m[2]["train_loss"].as_f64().unwrap().is_finite());
     // A missing image is named.
     std::fs::remove_file(data.join("car_ims/000002.jpg")).unwrap();
     let out = nofuss(&[
@@ -788,4 +823,71 @@ fn cars_layout_trains_from_its_mat_file() {
         "{}",
         text(&out.stderr)
     );
+}
+
+#[test]
+fn optimiser_schedule_and_clipping_options_reach_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_run(
+        tmp.path(),
+        "rms",
+        "2",
+        &[
+            "--optimizer",
+            "rmsprop-tf",
+            "--lr",
+            "0.01",
+            "--schedule",
+            "exponential:0.94",
+            "--warmup-steps",
+            "3",
+            "--clip-norm",
+            "5",
+            "--head-lr-scale",
+            "2",
+        ],
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let dir = tmp.path().join("runs/rms");
+    let cfg: nofuss::config::TrainConfig =
+        toml::from_str(&std::fs::read_to_string(dir.join("config.toml")).unwrap()).unwrap();
+    assert_eq!(
+        cfg.optim.optimizer,
+        nofuss_tensor::optim::OptimizerKind::RmsProp {
+            alpha: 0.9,
+            eps: 1.0,
+            momentum: 0.9,
+            centered: false,
+            tf_style: true
+        }
+    );
+    assert_eq!(
+        cfg.optim.schedule,
+        nofuss_tensor::optim::Schedule::Exponential { gamma: 0.94 }
+    );
+    assert_eq!(
+        (cfg.optim.warmup_steps, cfg.optim.clip_norm),
+        (3, Some(5.0))
+    );
+    let m = metrics(&dir);
+    assert!(m.last().unwrap()["train_loss"]
+        .as_f64()
+        .unwrap()
+        .is_finite());
+
+    for (flag, value, want) in [
+        ("--schedule", "sometimes", "schedule 'sometimes'"),
+        ("--optimizer", "lbfgs", "unknown optimiser 'lbfgs'"),
+    ] {
+        let out = tiny_run(tmp.path(), "bad", "2", &[flag, value]);
+        assert!(!out.status.success());
+        assert!(text(&out.stderr).contains(want), "{}", text(&out.stderr));
+    }
+    let out = tiny_run(
+        tmp.path(),
+        "bad2",
+        "2",
+        &["--optimizer", "adam", "--momentum", "0.9"],
+    );
+    assert!(text(&out.stderr).contains("--momentum applies to sgd and rmsprop"));
 }

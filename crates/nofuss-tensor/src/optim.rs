@@ -1,0 +1,562 @@
+//! Optimisers with parameter groups, learning-rate schedules and gradient clipping,
+//! following PyTorch's update rules (`torch.optim.SGD`, `RMSprop`, `Adam`, `AdamW`) so
+//! recipes carry over unchanged; RMSprop also has TensorFlow's variant, the one the
+//! paper's Google recipe used.
+//!
+//! ```
+//! use candle_core::{Device, Var};
+//! use nofuss_tensor::optim::{Optimizer, OptimizerKind, ParamGroup};
+//! let w = Var::new(&[1.0f32, -2.0], &Device::Cpu)?;
+//! let mut opt = Optimizer::new(
+//!     OptimizerKind::sgd(0.9, true),
+//!     0.1,
+//!     vec![ParamGroup::new("weights", vec![w.clone()])],
+//! )?;
+//! let loss = w.as_tensor().sqr()?.sum_all()?;
+//! opt.step(&loss.backward()?)?;
+//! assert!(w.as_tensor().to_vec1::<f32>()?[0] < 1.0);
+//! # Ok::<(), nofuss_tensor::Error>(())
+//! ```
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The update rule and its hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum OptimizerKind {
+    /// `torch.optim.SGD`: momentum buffer starts at the first gradient; Nesterov's form
+    /// steps along `g + momentum * buf`.
+    Sgd {
+        /// Momentum factor (0: plain SGD).
+        momentum: f64,
+        /// Dampening of the momentum buffer's new gradient.
+        dampening: f64,
+        /// Nesterov momentum.
+        nesterov: bool,
+    },
+    /// `torch.optim.RMSprop` (`tf_style: false`) or TensorFlow's `RMSPropOptimizer`
+    /// (`tf_style: true`: mean square starts at 1, `eps` inside the square root, the
+    /// learning rate inside the momentum buffer).
+    RmsProp {
+        /// Decay of the mean square (`alpha` in PyTorch, `decay` in TensorFlow).
+        alpha: f64,
+        /// Added to the denominator.
+        eps: f64,
+        /// Momentum factor.
+        momentum: f64,
+        /// Divide by the variance estimate instead of the mean square.
+        centered: bool,
+        /// TensorFlow's variant.
+        tf_style: bool,
+    },
+    /// `torch.optim.Adam` (L2 weight decay added to the gradient).
+    Adam {
+        /// First-moment decay.
+        beta1: f64,
+        /// Second-moment decay.
+        beta2: f64,
+        /// Added to the denominator.
+        eps: f64,
+    },
+    /// `torch.optim.AdamW` (decoupled weight decay).
+    AdamW {
+        /// First-moment decay.
+        beta1: f64,
+        /// Second-moment decay.
+        beta2: f64,
+        /// Added to the denominator.
+        eps: f64,
+    },
+}
+
+impl OptimizerKind {
+    /// SGD with `momentum`, no dampening.
+    pub fn sgd(momentum: f64, nesterov: bool) -> Self {
+        Self::Sgd {
+            momentum,
+            dampening: 0.0,
+            nesterov,
+        }
+    }
+
+    /// PyTorch's RMSprop defaults (alpha 0.99, eps 1e-8) with `momentum`.
+    pub fn rmsprop(momentum: f64) -> Self {
+        Self::RmsProp {
+            alpha: 0.99,
+            eps: 1e-8,
+            momentum,
+            centered: false,
+            tf_style: false,
+        }
+    }
+
+    /// Adam with PyTorch's defaults (0.9, 0.999, 1e-8).
+    pub fn adam() -> Self {
+        Self::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+
+    /// AdamW with PyTorch's defaults (0.9, 0.999, 1e-8).
+    pub fn adamw() -> Self {
+        Self::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+}
+
+/// Parameters that share a learning-rate factor and a weight decay.
+#[derive(Debug, Clone)]
+pub struct ParamGroup {
+    /// Name, for checkpoints and messages (`backbone`, `head`, `proxies`).
+    pub name: String,
+    /// The parameters.
+    pub vars: Vec<Var>,
+    /// This group's learning rate is the optimiser's times this factor.
+    pub lr_scale: f64,
+    /// Weight decay (L2 for SGD, RMSprop and Adam; decoupled for AdamW).
+    pub weight_decay: f64,
+}
+
+impl ParamGroup {
+    /// A group with factor 1 and no weight decay.
+    pub fn new(name: impl Into<String>, vars: Vec<Var>) -> Self {
+        Self {
+            name: name.into(),
+            vars,
+            lr_scale: 1.0,
+            weight_decay: 0.0,
+        }
+    }
+
+    /// Sets the learning-rate factor.
+    pub fn lr_scale(mut self, s: f64) -> Self {
+        self.lr_scale = s;
+        self
+    }
+
+    /// Sets the weight decay.
+    pub fn weight_decay(mut self, wd: f64) -> Self {
+        self.weight_decay = wd;
+        self
+    }
+}
+
+/// Per-parameter state, named as it is checkpointed.
+#[derive(Debug, Clone, Default)]
+struct Slots {
+    /// Momentum buffer, Adam's first moment.
+    a: Option<Tensor>,
+    /// Mean square, Adam's second moment.
+    b: Option<Tensor>,
+    /// Mean gradient (centred RMSprop).
+    c: Option<Tensor>,
+}
+
+/// An optimiser over parameter groups.
+#[derive(Debug)]
+pub struct Optimizer {
+    kind: OptimizerKind,
+    lr: f64,
+    groups: Vec<ParamGroup>,
+    slots: Vec<Vec<Slots>>,
+    steps: u64,
+    clip_norm: Option<f64>,
+}
+
+impl Optimizer {
+    /// An optimiser with base learning rate `lr`.
+    pub fn new(kind: OptimizerKind, lr: f64, groups: Vec<ParamGroup>) -> Result<Self> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(Error::Optim(format!("learning rate {lr}")));
+        }
+        let slots = groups
+            .iter()
+            .map(|g| vec![Slots::default(); g.vars.len()])
+            .collect();
+        Ok(Self {
+            kind,
+            lr,
+            groups,
+            slots,
+            steps: 0,
+            clip_norm: None,
+        })
+    }
+
+    /// Rescales all gradients together so their global L2 norm is at most `max_norm`
+    /// before each step (`torch.nn.utils.clip_grad_norm_`).
+    pub fn with_clip_norm(mut self, max_norm: f64) -> Self {
+        self.clip_norm = Some(max_norm);
+        self
+    }
+
+    /// The base learning rate.
+    pub fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    /// Sets the base learning rate (a schedule's job).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// The groups.
+    pub fn groups(&self) -> &[ParamGroup] {
+        &self.groups
+    }
+
+    /// Global L2 norm of the gradients of all parameters (missing gradients count 0).
+    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        let mut total = 0f64;
+        for g in &self.groups {
+            for v in &g.vars {
+                if let Some(gr) = grads.get(v.as_tensor()) {
+                    total += gr
+                        .to_dtype(candle_core::DType::F64)?
+                        .sqr()?
+                        .sum_all()?
+                        .to_scalar::<f64>()?;
+                }
+            }
+        }
+        Ok(total.sqrt())
+    }
+
+    /// One update of every parameter that has a gradient in `grads`. Returns the global
+    /// gradient norm before clipping when clipping is on (else `None`).
+    pub fn step(&mut self, grads: &GradStore) -> Result<Option<f64>> {
+        let (scale, norm) = match self.clip_norm {
+            Some(max) => {
+                let n = self.grad_norm(grads)?;
+                if !n.is_finite() {
+                    return Err(Error::Optim(format!(
+                        "gradient norm is {n} at step {}",
+                        self.steps + 1
+                    )));
+                }
+                ((max / (n + 1e-6)).min(1.0), Some(n))
+            }
+            None => (1.0, None),
+        };
+        self.steps += 1;
+        let t = self.steps as i32;
+        for (g, slots) in self.groups.iter().zip(&mut self.slots) {
+            let lr = self.lr * g.lr_scale;
+            let wd = g.weight_decay;
+            for (v, s) in g.vars.iter().zip(slots.iter_mut()) {
+                let Some(grad) = grads.get(v.as_tensor()) else {
+                    continue;
+                };
+                let p = v.as_tensor();
+                let mut grad = if scale < 1.0 {
+                    grad.affine(scale, 0.0)?
+                } else {
+                    grad.clone()
+                };
+                if wd != 0.0 && !matches!(self.kind, OptimizerKind::AdamW { .. }) {
+                    grad = (grad + p.affine(wd, 0.0)?)?;
+                }
+                let new = match self.kind {
+                    OptimizerKind::Sgd {
+                        momentum,
+                        dampening,
+                        nesterov,
+                    } => {
+                        let d = if momentum != 0.0 {
+                            let buf = match &s.a {
+                                None => grad.clone(),
+                                Some(b) => {
+                                    (b.affine(momentum, 0.0)?
+                                        + grad.affine(1.0 - dampening, 0.0)?)?
+                                }
+                            };
+                            s.a = Some(buf.clone());
+                            if nesterov {
+                                (grad + buf.affine(momentum, 0.0)?)?
+                            } else {
+                                buf
+                            }
+                        } else {
+                            grad
+                        };
+                        (p - d.affine(lr, 0.0)?)?
+                    }
+                    OptimizerKind::RmsProp {
+                        alpha,
+                        eps,
+                        momentum,
+                        centered,
+                        tf_style,
+                    } => {
+                        let prev = match &s.b {
+                            Some(b) => b.clone(),
+                            None if tf_style => p.ones_like()?,
+                            None => p.zeros_like()?,
+                        };
+                        let sq =
+                            (prev.affine(alpha, 0.0)? + grad.sqr()?.affine(1.0 - alpha, 0.0)?)?;
+                        s.b = Some(sq.clone());
+                        let var = if centered {
+                            let gm = match &s.c {
+                                Some(c) => c.affine(alpha, 0.0)?,
+                                None => p.zeros_like()?,
+                            };
+                            let gm = (gm + grad.affine(1.0 - alpha, 0.0)?)?;
+                            s.c = Some(gm.clone());
+                            (sq - gm.sqr()?)?
+                        } else {
+                            sq
+                        };
+                        let denom = if tf_style {
+                            var.affine(1.0, eps)?.sqrt()?
+                        } else {
+                            var.sqrt()?.affine(1.0, eps)?
+                        };
+                        let ratio = (grad / denom)?;
+                        if tf_style {
+                            // mom = momentum * mom + lr * g / sqrt(ms + eps); p -= mom
+                            let mom = match &s.a {
+                                Some(m) => (m.affine(momentum, 0.0)? + ratio.affine(lr, 0.0)?)?,
+                                None => ratio.affine(lr, 0.0)?,
+                            };
+                            s.a = Some(mom.clone());
+                            (p - mom)?
+                        } else if momentum > 0.0 {
+                            let buf = match &s.a {
+                                Some(m) => (m.affine(momentum, 0.0)? + ratio)?,
+                                None => ratio,
+                            };
+                            s.a = Some(buf.clone());
+                            (p - buf.affine(lr, 0.0)?)?
+                        } else {
+                            (p - ratio.affine(lr, 0.0)?)?
+                        }
+                    }
+                    OptimizerKind::Adam { beta1, beta2, eps }
+                    | OptimizerKind::AdamW { beta1, beta2, eps } => {
+                        let p = if wd != 0.0 && matches!(self.kind, OptimizerKind::AdamW { .. }) {
+                            p.affine(1.0 - lr * wd, 0.0)?
+                        } else {
+                            p.clone()
+                        };
+                        let m = match &s.a {
+                            Some(m) => (m.affine(beta1, 0.0)? + grad.affine(1.0 - beta1, 0.0)?)?,
+                            None => grad.affine(1.0 - beta1, 0.0)?,
+                        };
+                        let g2 = grad.sqr()?;
+                        let v2 = match &s.b {
+                            Some(v) => (v.affine(beta2, 0.0)? + g2.affine(1.0 - beta2, 0.0)?)?,
+                            None => g2.affine(1.0 - beta2, 0.0)?,
+                        };
+                        s.a = Some(m.clone());
+                        s.b = Some(v2.clone());
+                        let bc1 = 1.0 - beta1.powi(t);
+                        let bc2 = 1.0 - beta2.powi(t);
+                        let denom = v2.affine(1.0 / bc2, 0.0)?.sqrt()?.affine(1.0, eps)?;
+                        (p - (m / denom)?.affine(lr / bc1, 0.0)?)?
+                    }
+                };
+                v.set(&new)?;
+            }
+        }
+        Ok(norm)
+    }
+
+    /// The optimiser's state as named tensors (`<group>.<index>.{a,b,c}` and `steps`), for
+    /// checkpoints; [`Optimizer::load_state`] restores it.
+    pub fn state(&self) -> Result<HashMap<String, Tensor>> {
+        let mut m = HashMap::new();
+        let dev = self
+            .groups
+            .iter()
+            .flat_map(|g| g.vars.first())
+            .next()
+            .map(|v| v.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        m.insert(
+            "steps".to_string(),
+            Tensor::new(&[self.steps as f64], &dev)?,
+        );
+        for (g, slots) in self.groups.iter().zip(&self.slots) {
+            for (i, s) in slots.iter().enumerate() {
+                for (k, t) in [("a", &s.a), ("b", &s.b), ("c", &s.c)] {
+                    if let Some(t) = t {
+                        m.insert(format!("{}.{i}.{k}", g.name), t.clone());
+                    }
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// Restores [`Optimizer::state`]; a slot missing from `state` starts fresh, a slot
+    /// of the wrong shape is an error.
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        if let Some(s) = state.get("steps") {
+            self.steps = s
+                .to_dtype(candle_core::DType::F64)?
+                .to_vec1::<f64>()?
+                .first()
+                .copied()
+                .unwrap_or(0.0) as u64;
+        }
+        for (g, slots) in self.groups.iter().zip(&mut self.slots) {
+            for (i, (s, v)) in slots.iter_mut().zip(&g.vars).enumerate() {
+                for (k, slot) in [("a", &mut s.a), ("b", &mut s.b), ("c", &mut s.c)] {
+                    let key = format!("{}.{i}.{k}", g.name);
+                    if let Some(t) = state.get(&key) {
+                        if t.dims() != v.dims() {
+                            return Err(Error::Optim(format!(
+                                "optimiser state {key} has shape {:?}, the parameter {:?}",
+                                t.dims(),
+                                v.dims()
+                            )));
+                        }
+                        *slot = Some(t.to_dtype(v.dtype())?.to_device(v.device())?);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How the base learning rate changes over training.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Schedule {
+    /// The same rate throughout.
+    Constant,
+    /// Times `gamma` after every epoch (`ExponentialLR`; the paper's 0.94).
+    Exponential {
+        /// Factor per epoch.
+        gamma: f64,
+    },
+    /// Times `gamma` every `every` epochs (`StepLR`).
+    Step {
+        /// Epochs between decays.
+        every: usize,
+        /// Factor.
+        gamma: f64,
+    },
+    /// Cosine from the base rate down to `min_factor` times it over `epochs` epochs
+    /// (`CosineAnnealingLR` evaluated per epoch).
+    Cosine {
+        /// Length of the cosine, in epochs.
+        epochs: usize,
+        /// Final rate as a fraction of the base rate.
+        min_factor: f64,
+    },
+}
+
+impl Schedule {
+    /// The factor of epoch `epoch` (0-based: the first epoch trains at factor 1).
+    pub fn factor(&self, epoch: usize) -> f64 {
+        match *self {
+            Self::Constant => 1.0,
+            Self::Exponential { gamma } => gamma.powi(epoch as i32),
+            Self::Step { every, gamma } => gamma.powi((epoch / every.max(1)) as i32),
+            Self::Cosine { epochs, min_factor } => {
+                let t = (epoch as f64 / epochs.max(1) as f64).min(1.0);
+                min_factor + (1.0 - min_factor) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+        }
+    }
+}
+
+/// Linear warm-up: the factor of global step `step` (0-based) over `steps` steps, from
+/// `1 / steps` up to 1 (1 when `steps` is 0).
+pub fn warmup_factor(step: u64, steps: u64) -> f64 {
+    if steps == 0 || step >= steps {
+        1.0
+    } else {
+        (step + 1) as f64 / steps as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn schedules() {
+        assert_eq!(Schedule::Constant.factor(9), 1.0);
+        assert!((Schedule::Exponential { gamma: 0.94 }.factor(2) - 0.8836).abs() < 1e-12);
+        let s = Schedule::Step {
+            every: 3,
+            gamma: 0.1,
+        };
+        assert_eq!((s.factor(2), s.factor(3)), (1.0, 0.1));
+        let c = Schedule::Cosine {
+            epochs: 10,
+            min_factor: 0.0,
+        };
+        assert!((c.factor(0) - 1.0).abs() < 1e-12);
+        assert!((c.factor(5) - 0.5).abs() < 1e-12);
+        assert!(c.factor(10).abs() < 1e-12 && c.factor(20).abs() < 1e-12);
+        assert_eq!(warmup_factor(0, 4), 0.25);
+        assert_eq!(warmup_factor(3, 4), 1.0);
+        assert_eq!(warmup_factor(9, 0), 1.0);
+    }
+
+    #[test]
+    fn clipping_bounds_the_step_and_state_round_trips() {
+        let dev = Device::Cpu;
+        let w = Var::new(&[3.0f64, 4.0], &dev).unwrap();
+        let mut opt = Optimizer::new(
+            OptimizerKind::sgd(0.0, false),
+            1.0,
+            vec![ParamGroup::new("w", vec![w.clone()])],
+        )
+        .unwrap()
+        .with_clip_norm(1.0);
+        // loss = 0.5 |w|^2: gradient w, norm 5, clipped to 1.
+        let loss = (w.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
+        let norm = opt.step(&loss.backward().unwrap()).unwrap();
+        assert!((norm.unwrap() - 5.0).abs() < 1e-9);
+        let now = w.as_tensor().to_vec1::<f64>().unwrap();
+        assert!((now[0] - (3.0 - 0.6)).abs() < 1e-5 && (now[1] - (4.0 - 0.8)).abs() < 1e-5);
+
+        let mut a = Optimizer::new(
+            OptimizerKind::adam(),
+            0.1,
+            vec![ParamGroup::new("w", vec![w.clone()])],
+        )
+        .unwrap();
+        let loss = w.as_tensor().sqr().unwrap().sum_all().unwrap();
+        a.step(&loss.backward().unwrap()).unwrap();
+        let st = a.state().unwrap();
+        assert!(st.contains_key("w.0.a") && st.contains_key("w.0.b"));
+        let mut b = Optimizer::new(
+            OptimizerKind::adam(),
+            0.1,
+            vec![ParamGroup::new("w", vec![w.clone()])],
+        )
+        .unwrap();
+        b.load_state(&st).unwrap();
+        assert_eq!(b.steps(), 1);
+        let bad: HashMap<String, Tensor> = [(
+            "w.0.a".to_string(),
+            Tensor::zeros(3, DType::F64, &dev).unwrap(),
+        )]
+        .into();
+        assert!(b.load_state(&bad).is_err());
+    }
+}

@@ -1,0 +1,77 @@
+//! nofuss-tensor's optimisers against torch.optim on the same problem
+//! (`tests/reference/optim.py`): six steps, two parameter groups with their own learning
+//! rates and weight decays, float64, every intermediate parameter compared.
+
+use candle_core::{DType, Device, Tensor, Var};
+use nofuss_tensor::optim::{Optimizer, OptimizerKind, ParamGroup};
+use serde_json::Value;
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|x| match x.as_array() {
+            Some(row) => row.iter().map(|y| y.as_f64().unwrap()).collect(),
+            None => vec![x.as_f64().unwrap()],
+        })
+        .collect()
+}
+
+#[test]
+fn trajectories_match_torch_optim() {
+    let path = nofuss_tensor::fixtures_dir(env!("CARGO_MANIFEST_DIR")).join("optim.json");
+    let fx: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let dev = Device::Cpu;
+    let c = Tensor::from_vec(floats(&fx["c"]), (2, 3), &dev).unwrap();
+    let d = Tensor::from_vec(floats(&fx["d"]), 3, &dev).unwrap();
+    let cases = fx["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 9);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let kind: OptimizerKind = serde_json::from_value(case["kind"].clone()).unwrap();
+        let lr = case["lr"].as_f64().unwrap();
+        let w =
+            Var::from_tensor(&Tensor::from_vec(floats(&fx["w0"]), (2, 3), &dev).unwrap()).unwrap();
+        let v = Var::from_tensor(&Tensor::from_vec(floats(&fx["v0"]), 3, &dev).unwrap()).unwrap();
+        let mut opt = Optimizer::new(
+            kind,
+            lr,
+            vec![
+                ParamGroup::new("w", vec![w.clone()]).weight_decay(case["wd_w"].as_f64().unwrap()),
+                ParamGroup::new("v", vec![v.clone()])
+                    .lr_scale(0.5)
+                    .weight_decay(case["wd_v"].as_f64().unwrap()),
+            ],
+        )
+        .unwrap();
+        for (step, want) in case["steps"].as_array().unwrap().iter().enumerate() {
+            let loss = ((w.as_tensor().sin().unwrap() * &c)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                + ((v.as_tensor() - 1.0).unwrap().sqr().unwrap() * &d)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap())
+            .unwrap();
+            opt.step(&loss.backward().unwrap()).unwrap();
+            for (got, key) in [(&w, "w"), (&v, "v")] {
+                let got = got
+                    .as_tensor()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
+                for (a, b) in got.iter().zip(floats(&want[key])) {
+                    assert!(
+                        (a - b).abs() < 1e-10,
+                        "{name} step {} {key}: {a} vs torch {b}",
+                        step + 1
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Where a run's images come from: decoded once into memory at a fixed size (the glyphs,
+//! small images), or streamed from disk through `nofuss-data`'s photo pipeline
+//! (RandomResizedCrop + flip for training, resize + center crop for evaluation).
+
+use candle_core::{Device, Tensor};
+use nofuss_data::pipeline::{BadImages, Loader, LoaderConfig, Sampler};
+use nofuss_data::transform::Transform;
+use nofuss_data::{Augment, BBox, Batches, ImageBank, ImageDataset, Subset};
+use nofuss_tensor::Normalization;
+
+use crate::{Result, TrainError};
+
+/// A batch for the model: images `[B, C, H, W]`, labels `[B]`, and its size.
+pub type ModelBatch = (Tensor, Tensor, usize);
+
+/// The images of one subset (training or test).
+pub enum Images {
+    /// Decoded into memory.
+    Memory(ImageBank),
+    /// Streamed through the photo pipeline.
+    Photos(Box<PhotoSource>),
+}
+
+/// What the photo pipeline needs to build loaders for one subset.
+pub struct PhotoSource {
+    /// The dataset.
+    pub dataset: ImageDataset,
+    /// The subset's images and labels.
+    pub subset: Subset,
+    /// Output side.
+    pub size: usize,
+    /// Training sampler (class-balanced when set).
+    pub m_per_class: Option<usize>,
+    /// Bounding boxes of the dataset's records, when crops stay inside them.
+    pub boxes: Option<Vec<BBox>>,
+    /// Skip unreadable images instead of failing.
+    pub skip_bad_images: bool,
+}
+
+impl Images {
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Memory(b) => b.len(),
+            Self::Photos(p) => p.subset.len(),
+        }
+    }
+
+    /// Whether there is no image.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The training batches of `epoch` (shuffled or class-balanced, augmented), with
+    /// their number.
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_epoch<'a>(
+        &'a self,
+        labels: &'a [u32],
+        batch_size: usize,
+        seed: u64,
+        epoch: u64,
+        augment: Augment,
+        norm: &'a Normalization,
+        device: &Device,
+    ) -> Result<(usize, Box<dyn Iterator<Item = Result<ModelBatch>> + 'a>)> {
+        match self {
+            Self::Memory(bank) => {
+                let b =
+                    Batches::train(bank, labels, batch_size, seed, epoch, augment, norm, device)?;
+                let n = b.num_batches();
+                Ok((
+                    n,
+                    Box::new(b.map(|r| {
+                        let b = r?;
+                        let n = b.indices.len();
+                        Ok((b.images, b.labels, n))
+                    })),
+                ))
+            }
+            Self::Photos(p) => {
+                let sampler = match p.m_per_class {
+                    Some(m) => Sampler::MPerClass { m },
+                    None => Sampler::Random,
+                };
+                let loader = p.loader(batch_size, sampler, Transform::train(p.size), norm, seed)?;
+                let n = loader.plan(epoch).len();
+                Ok((n, photo_batches(loader, epoch, device.clone())))
+            }
+        }
+    }
+
+    /// All images in order, in evaluation form, batch by batch (labels are zeros).
+    pub fn eval_batches<'a>(
+        &'a self,
+        norm: &'a Normalization,
+        device: &Device,
+    ) -> Result<Box<dyn Iterator<Item = Result<ModelBatch>> + 'a>> {
+        match self {
+            Self::Memory(bank) => {
+                let labels = vec![0u32; bank.len()];
+                let b = Batches::eval(bank, &labels, 256, norm, device)?;
+                let batches: Vec<Result<ModelBatch>> = b
+                    .map(|r| {
+                        let b = r?;
+                        let n = b.indices.len();
+                        Ok((b.images, b.labels, n))
+                    })
+                    .collect();
+                Ok(Box::new(batches.into_iter()))
+            }
+            Self::Photos(p) => {
+                let loader = p.loader(64, Sampler::Sequential, Transform::eval(p.size), norm, 0)?;
+                Ok(photo_batches(loader, 0, device.clone()))
+            }
+        }
+    }
+}
+
+impl PhotoSource {
+    fn loader(
+        &self,
+        batch_size: usize,
+        sampler: Sampler,
+        transform: Transform,
+        norm: &Normalization,
+        seed: u64,
+    ) -> Result<Loader> {
+        if norm.channels() != 3 {
+            return Err(TrainError::Config(
+                "the photo pipeline makes 3-channel images: use --channels 3".into(),
+            ));
+        }
+        let loader = Loader::new(
+            &self.dataset,
+            &self.subset,
+            LoaderConfig {
+                batch_size,
+                sampler,
+                transform,
+                normalization: norm.clone(),
+                seed,
+                prefetch: 4,
+                bad_images: if self.skip_bad_images {
+                    BadImages::Skip
+                } else {
+                    BadImages::Fail
+                },
+                threads: 0,
+            },
+        )?;
+        Ok(match &self.boxes {
+            Some(b) => loader.with_boxes(b)?,
+            None => loader,
+        })
+    }
+}
+
+fn photo_batches<'a>(
+    loader: Loader,
+    epoch: u64,
+    device: Device,
+) -> Box<dyn Iterator<Item = Result<ModelBatch>> + 'a> {
+    Box::new(loader.epoch(epoch).map(move |r| {
+        let b = r?;
+        let (images, labels) = b.to_tensors(&device)?;
+        Ok((images, labels, b.labels.len()))
+    }))
+}
