@@ -13,6 +13,9 @@ use crate::{Result, TrainError};
 /// A batch for the model: images `[B, C, H, W]`, labels `[B]`, and its size.
 pub type ModelBatch = (Tensor, Tensor, usize);
 
+/// Batches in order, each possibly an error naming the image at fault.
+pub type BatchIter<'a> = Box<dyn Iterator<Item = Result<ModelBatch>> + 'a>;
+
 /// The images of one subset (training or test).
 pub enum Images {
     /// Decoded into memory.
@@ -63,7 +66,7 @@ impl Images {
         augment: Augment,
         norm: &'a Normalization,
         device: &Device,
-    ) -> Result<(usize, Box<dyn Iterator<Item = Result<ModelBatch>> + 'a>)> {
+    ) -> Result<(usize, BatchIter<'a>)> {
         match self {
             Self::Memory(bank) => {
                 let b =
@@ -95,7 +98,7 @@ impl Images {
         &'a self,
         norm: &'a Normalization,
         device: &Device,
-    ) -> Result<Box<dyn Iterator<Item = Result<ModelBatch>> + 'a>> {
+    ) -> Result<BatchIter<'a>> {
         match self {
             Self::Memory(bank) => {
                 let labels = vec![0u32; bank.len()];
@@ -156,11 +159,7 @@ impl PhotoSource {
     }
 }
 
-fn photo_batches<'a>(
-    loader: Loader,
-    epoch: u64,
-    device: Device,
-) -> Box<dyn Iterator<Item = Result<ModelBatch>> + 'a> {
+fn photo_batches<'a>(loader: Loader, epoch: u64, device: Device) -> BatchIter<'a> {
     Box::new(loader.epoch(epoch).map(move |r| {
         let b = r?;
         let (images, labels) = b.to_tensors(&device)?;
