@@ -152,6 +152,10 @@ pub struct TrainArgs {
     /// Crop inside the bounding boxes of Cars196 (photo pipeline).
     #[arg(long)]
     pub crop_to_boxes: bool,
+    /// Continue the run in RUN_DIR after its last finished epoch, with its own
+    /// config.toml (other options are ignored, except --epochs to train longer).
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
     /// Leave out unreadable or corrupt images (counted, listed on stderr) instead of
     /// stopping at the first one.
     #[arg(long)]
@@ -541,10 +545,22 @@ impl TrainArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(args) => {
-            let cfg = args.resolve()?;
+            let (cfg, resume) = match &args.resume {
+                Some(dir) => {
+                    let path = dir.join(crate::run_dir::CONFIG);
+                    let mut cfg = TrainConfig::from_file(&path)?;
+                    if let Some(e) = args.epochs {
+                        cfg.optim.epochs = e;
+                        crate::run_dir::write_atomic(&path, cfg.to_toml()?.as_bytes())?;
+                    }
+                    (cfg, Some(dir.clone()))
+                }
+                None => (args.resolve()?, None),
+            };
             let opts = TrainOptions {
                 verbose: !args.quiet,
                 progress: !args.quiet,
+                resume,
             };
             let summary = train(&cfg, &opts)?;
             println!("\n{}", summary_table(&summary));
@@ -621,6 +637,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let opts = TrainOptions {
                 verbose: !a.train.quiet,
                 progress: !a.train.quiet,
+                resume: None,
             };
             let c = crate::compare::compare(&cfg, &a.losses, &opts)?;
             println!("\n{}", c.report);

@@ -43,7 +43,7 @@ pub enum TrainError {
         finished: usize,
     },
     /// The loss (or a gradient) became NaN or infinite.
-    #[error("non-finite loss {loss} at epoch {epoch}, step {step}; stopped. {finished} finished epoch(s) are kept in {run_dir} (metrics.jsonl, last.safetensors). Try a lower learning rate (--lr, --proxy-lr) or a smaller loss scale (--loss-scale)")]
+    #[error("non-finite loss {loss} at epoch {epoch}, step {step}; stopped. {finished} finished epoch(s) are kept in {run_dir} (metrics.jsonl, last.safetensors). Try a lower learning rate (--lr, --proxy-lr), gradient clipping (--clip-norm) or a smaller loss scale (--loss-scale)")]
     NonFinite {
         /// 1-based epoch.
         epoch: usize,

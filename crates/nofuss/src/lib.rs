@@ -9,7 +9,7 @@
 //! use nofuss::{config::TrainConfig, train::{train, TrainOptions}};
 //! let mut cfg = TrainConfig::default();   // the embedded glyph dataset, small CNN
 //! cfg.optim.epochs = 2;
-//! let summary = train(&cfg, &TrainOptions { verbose: true, progress: true })?;
+//! let summary = train(&cfg, &TrainOptions { verbose: true, progress: true, resume: None })?;
 //! println!("{}", nofuss::train::summary_table(&summary));
 //! # Ok::<(), nofuss::TrainError>(())
 //! ```

@@ -20,6 +20,43 @@ pub const FINAL_CHECKPOINT: &str = "final.safetensors";
 /// Plot of loss and Recall@1 per epoch.
 pub const PLOT: &str = "plot.png";
 
+/// The resumable state after epoch `epoch`: model, proxies, optimiser (`optim.*`) and
+/// `nofuss.epoch`. Written before the epoch's metrics line; the previous one is removed
+/// after it.
+pub fn resume_checkpoint(dir: &Path, epoch: usize) -> PathBuf {
+    dir.join(format!("resume-{epoch}.safetensors"))
+}
+
+/// The metrics lines of `dir` that parse, in order. A final line cut short by a kill is
+/// dropped (and the file rewritten without it); a bad line elsewhere is an error naming it.
+pub fn read_metrics(dir: &Path) -> Result<Vec<serde_json::Value>> {
+    let path = dir.join(METRICS);
+    let text = fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::with_capacity(lines.len());
+    for (i, l) in lines.iter().enumerate() {
+        match serde_json::from_str::<serde_json::Value>(l) {
+            Ok(v) if v.is_object() => out.push(v),
+            _ if i + 1 == lines.len() => {
+                let mut kept = String::new();
+                for v in &out {
+                    kept.push_str(&v.to_string());
+                    kept.push('\n');
+                }
+                write_atomic(&path, kept.as_bytes())?;
+            }
+            _ => {
+                return Err(TrainError::Config(format!(
+                    "{}:{}: not a metrics line",
+                    path.display(),
+                    i + 1
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Number of epoch lines (epoch >= 1) already recorded in `dir`.
 pub fn finished_epochs(dir: &Path) -> usize {
     fs::read_to_string(dir.join(METRICS))

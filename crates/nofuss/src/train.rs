@@ -20,12 +20,15 @@ use crate::images::{Images, PhotoSource};
 use crate::{run_dir, Result, TrainError};
 
 /// How much a run reports while it works.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TrainOptions {
     /// Print a line per stage and per epoch to stdout.
     pub verbose: bool,
     /// Show progress bars (on a terminal only).
     pub progress: bool,
+    /// Continue the run in this directory (its `config.toml` is `cfg`) after its last
+    /// finished epoch.
+    pub resume: Option<PathBuf>,
 }
 
 /// The metrics of one evaluation point.
@@ -65,6 +68,40 @@ impl EpochMetrics {
         v["images_per_sec"] = self.images_per_sec.into();
         v["epoch_seconds"] = self.seconds.into();
         v
+    }
+}
+
+impl EpochMetrics {
+    /// Reads back a [`EpochMetrics::to_json`] line (`None` if it lacks `epoch`).
+    pub fn from_json(v: &serde_json::Value) -> Option<Self> {
+        let f = |k: &str| v.get(k).and_then(|x| x.as_f64());
+        let mut recall: Vec<(usize, f64)> = v
+            .as_object()?
+            .iter()
+            .filter_map(|(k, x)| {
+                let kk = k.strip_prefix("recall@")?.parse().ok()?;
+                Some((kk, x.as_f64()?))
+            })
+            .collect();
+        recall.sort_by_key(|r| r.0);
+        Some(Self {
+            epoch: v.get("epoch")?.as_u64()? as usize,
+            train_loss: f("train_loss"),
+            skipped_steps: f("skipped_steps").unwrap_or(0.0) as usize,
+            steps: f("steps").unwrap_or(0.0) as usize,
+            train_seconds: f("train_seconds").unwrap_or(0.0),
+            eval: EvalReport {
+                recall,
+                nmi: f("nmi"),
+                map_at_r: f("map@r").map(|m| nofuss_eval::MapAtR {
+                    map_at_r: m,
+                    r_precision: f("r_precision").unwrap_or(f64::NAN),
+                    queries: 0,
+                }),
+            },
+            images_per_sec: f("images_per_sec"),
+            seconds: f("epoch_seconds").unwrap_or(0.0),
+        })
     }
 }
 
@@ -224,6 +261,50 @@ impl Model {
                 var.set(&means.to_dtype(var.dtype())?)?;
             }
         }
+        Ok(())
+    }
+
+    /// Restores the state saved after epoch `epoch` (see [`run_dir::resume_checkpoint`]):
+    /// every parameter, BN statistic and proxy, and `opt`'s state.
+    pub fn load_resume(
+        &self,
+        path: &Path,
+        opt: &mut Optimizer,
+        epoch: usize,
+        device: &Device,
+    ) -> Result<()> {
+        let bad = |message: String| {
+            TrainError::Config(format!("cannot resume from {}: {message}", path.display()))
+        };
+        let mut tensors = candle_core::safetensors::load(path, device)
+            .map_err(|e| bad(format!("{e} (the run's last finished epoch is {epoch})")))?;
+        let saved_epoch = tensors
+            .remove("nofuss.epoch")
+            .and_then(|t| t.to_vec1::<f64>().ok())
+            .and_then(|v| v.first().copied());
+        if saved_epoch != Some(epoch as f64) {
+            return Err(bad(format!("it holds epoch {saved_epoch:?}, not {epoch}")));
+        }
+        let mut vars = self.params.named_vars();
+        vars.extend(self.proxy_params.named_vars());
+        for (name, var) in vars {
+            let t = tensors
+                .remove(&name)
+                .ok_or_else(|| bad(format!("no tensor {name}")))?;
+            if t.dims() != var.dims() {
+                return Err(bad(format!(
+                    "{name} has shape {:?}, the model {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
+        let optim: HashMap<String, Tensor> = tensors
+            .into_iter()
+            .filter_map(|(k, v)| k.strip_prefix("optim.").map(|s| (s.to_string(), v)))
+            .collect();
+        opt.load_state(&optim)?;
         Ok(())
     }
 
@@ -406,8 +487,14 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         DatasetKind::Sop => "sop",
         DatasetKind::Folder => "folder",
     };
-    let dir = run_dir::create(&cfg.run.out_dir, cfg.run.name.as_deref(), prefix)?;
-    run_dir::write_atomic(&dir.join(run_dir::CONFIG), cfg.to_toml()?.as_bytes())?;
+    let dir = match &opts.resume {
+        Some(d) => d.clone(),
+        None => {
+            let dir = run_dir::create(&cfg.run.out_dir, cfg.run.name.as_deref(), prefix)?;
+            run_dir::write_atomic(&dir.join(run_dir::CONFIG), cfg.to_toml()?.as_bytes())?;
+            dir
+        }
+    };
     say(opts, format!("run directory: {}", dir.display()));
 
     let model = Model::new(cfg, train_set.num_classes(), &device)?;
@@ -430,20 +517,69 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         history.push(m);
         write_plot(&dir, history, &cfg.loss.name)
     };
-    let m0 = EpochMetrics {
-        epoch: 0,
-        train_loss: None,
-        skipped_steps: 0,
-        steps: 0,
-        train_seconds: 0.0,
-        eval: evaluate(&model, &test_bank, &test_set.labels, cfg, &device)?,
-        images_per_sec: None,
-        seconds: t0.elapsed().as_secs_f64(),
-    };
-    record(&mut history, m0)?;
-
     let (mut total_steps, mut total_train_secs) = (0usize, 0f64);
-    for epoch in 1..=cfg.optim.epochs {
+    let mut first_epoch = 1;
+    let resumed = match &opts.resume {
+        Some(_) => {
+            let lines = run_dir::read_metrics(&dir)?;
+            history = lines
+                .iter()
+                .map(EpochMetrics::from_json)
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    TrainError::Config(format!(
+                        "{}: a metrics line lacks epoch or recall fields",
+                        dir.join(run_dir::METRICS).display()
+                    ))
+                })?;
+            let finished = history.iter().filter(|m| m.epoch >= 1).count();
+            if finished >= cfg.optim.epochs {
+                return Err(TrainError::Config(format!(
+                    "run {} already finished its {} epoch(s); pass --epochs N to train on",
+                    dir.display(),
+                    cfg.optim.epochs
+                )));
+            }
+            if finished > 0 {
+                let path = run_dir::resume_checkpoint(&dir, finished);
+                model.load_resume(&path, &mut opt, finished, &device)?;
+                if let Some(last) = history.last() {
+                    total_steps = last.steps;
+                    total_train_secs = last.train_seconds;
+                }
+            }
+            // Other resumable states are stale: older ones a kill left before their
+            // removal, or one of an epoch whose metrics line never came.
+            for e in (0..=cfg.optim.epochs + 1).filter(|&e| e != finished) {
+                let stale = run_dir::resume_checkpoint(&dir, e);
+                if stale.exists() {
+                    std::fs::remove_file(&stale).map_err(|e| TrainError::io(&stale, e))?;
+                }
+            }
+            first_epoch = finished + 1;
+            say(
+                opts,
+                format!("resuming after epoch {finished} of {}", cfg.optim.epochs),
+            );
+            !history.is_empty()
+        }
+        None => false,
+    };
+    if !resumed {
+        let m0 = EpochMetrics {
+            epoch: 0,
+            train_loss: None,
+            skipped_steps: 0,
+            steps: 0,
+            train_seconds: 0.0,
+            eval: evaluate(&model, &test_bank, &test_set.labels, cfg, &device)?,
+            images_per_sec: None,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        record(&mut history, m0)?;
+    }
+
+    for epoch in first_epoch..=cfg.optim.epochs {
         let t_epoch = Instant::now();
         let (num_batches, batches) = train_bank.train_epoch(
             &train_set.labels,
@@ -543,9 +679,23 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             images_per_sec: Some(images as f64 / train_secs.max(1e-9)),
             seconds: t_epoch.elapsed().as_secs_f64(),
         };
-        // Checkpoint first, then the metrics line that declares the epoch finished.
+        // Checkpoints first, then the metrics line that declares the epoch finished,
+        // then the previous resumable state goes.
+        let mut resume = model.state();
+        for (k, v) in opt.state()? {
+            resume.insert(format!("optim.{k}"), v);
+        }
+        resume.insert(
+            "nofuss.epoch".into(),
+            Tensor::new(&[epoch as f64], &Device::Cpu)?,
+        );
+        save_checkpoint(&run_dir::resume_checkpoint(&dir, epoch), &resume)?;
         save_checkpoint(&dir.join(run_dir::LAST_CHECKPOINT), &model.state())?;
         record(&mut history, m)?;
+        let previous = run_dir::resume_checkpoint(&dir, epoch - 1);
+        if previous.exists() {
+            std::fs::remove_file(&previous).map_err(|e| TrainError::io(&previous, e))?;
+        }
     }
     save_checkpoint(&dir.join(run_dir::FINAL_CHECKPOINT), &model.state())?;
     Ok(RunSummary {

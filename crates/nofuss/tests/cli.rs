@@ -891,3 +891,98 @@ fn optimiser_schedule_and_clipping_options_reach_the_run() {
     );
     assert!(text(&out.stderr).contains("--momentum applies to sgd and rmsprop"));
 }
+
+/// Starts `nofuss train` as a child and kills it once `metrics.jsonl` has `lines`
+/// lines (epoch 0 is the first), so the kill lands inside the next epoch.
+fn train_and_kill(tmp: &Path, name: &str, lines: usize) {
+    let data = tmp.join("glyphs");
+    let runs = tmp.join("runs");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nofuss"))
+        .args([
+            "train",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--max-classes",
+            "8",
+            "--renders-per-font",
+            "2",
+            "--widths",
+            "8,16",
+            "--batch-size",
+            "16",
+            "--eval-k",
+            "1,2",
+            "--epochs",
+            "4",
+            "--optimizer",
+            "sgd-nesterov",
+            "--schedule",
+            "exponential:0.9",
+            "--warmup-steps",
+            "5",
+            "--out-dir",
+            runs.to_str().unwrap(),
+            "--name",
+            name,
+            "--seed",
+            "5",
+            "--quiet",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = runs.join(name).join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    loop {
+        let n = std::fs::read_to_string(&metrics)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        if n >= lines || t0.elapsed().as_secs() > 300 {
+            break;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Uninterrupted: kill only after the last line.
+    train_and_kill(tmp.path(), "whole", 5);
+    let whole = scores(&tmp.path().join("runs/whole"));
+    assert_eq!(whole.len(), 5);
+    for (name, lines) in [("after-two", 3), ("after-zero", 1)] {
+        train_and_kill(tmp.path(), name, lines);
+        let dir = tmp.path().join("runs").join(name);
+        let out = nofuss(&["train", "--resume", dir.to_str().unwrap(), "--quiet"]);
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        assert_eq!(scores(&dir), whole, "{name}");
+        // Only the last resumable state is kept.
+        let states: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("resume-"))
+            .collect();
+        assert_eq!(states.len(), 1, "{name}");
+    }
+    // A finished run says so; --epochs trains it further.
+    let dir = tmp.path().join("runs/whole");
+    let out = nofuss(&["train", "--resume", dir.to_str().unwrap(), "--quiet"]);
+    assert!(text(&out.stderr).contains("already finished its 4 epoch(s)"));
+    let out = nofuss(&[
+        "train",
+        "--resume",
+        dir.to_str().unwrap(),
+        "--epochs",
+        "5",
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(metrics(&dir).len(), 6);
+}
