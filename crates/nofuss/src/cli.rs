@@ -37,6 +37,26 @@ pub enum Command {
     Compare(Box<CompareArgs>),
     /// Print the default configuration as TOML (a starting point for --config).
     DefaultConfig,
+    /// Embed a split of a run's dataset with its trained model and write the embeddings
+    /// for `nofuss eval` (or any tool): `embeddings` (f32 [N,D]) and `labels` (u32 [N]).
+    Embed {
+        /// The run directory (its config.toml and final.safetensors, else
+        /// last.safetensors), or a checkpoint file inside one.
+        #[arg(long, value_name = "RUN|FILE")]
+        checkpoint: PathBuf,
+        /// Dataset root, if it moved since training.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Which side of the zero-shot split: test (unseen classes) or train.
+        #[arg(long, default_value = "test", value_parser = ["test", "train"])]
+        split: String,
+        /// The .safetensors file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Device: cpu, cuda, cuda:N or auto.
+        #[arg(long)]
+        device: Option<String>,
+    },
     /// Evaluate embeddings of any model: Recall@K, and optionally NMI and MAP@R.
     ///
     /// Reads a safetensors file holding `embeddings` (float [N,D]) and `labels` (integer
@@ -642,6 +662,23 @@ pub fn run(cli: Cli) -> Result<()> {
             let c = crate::compare::compare(&cfg, &a.losses, &opts)?;
             println!("\n{}", c.report);
             println!("runs, compare.png and compare.md in {}", c.dir.display());
+            Ok(())
+        }
+        Command::Embed {
+            checkpoint,
+            data_dir,
+            split,
+            out,
+            device,
+        } => {
+            let n = crate::train::embed_split(
+                &checkpoint,
+                data_dir.as_deref(),
+                &split,
+                &out,
+                device.as_deref(),
+            )?;
+            println!("{n} embeddings written to {}", out.display());
             Ok(())
         }
         Command::DefaultConfig => {

@@ -285,6 +285,29 @@ impl Model {
         if saved_epoch != Some(epoch as f64) {
             return Err(bad(format!("it holds epoch {saved_epoch:?}, not {epoch}")));
         }
+        self.set_vars(&mut tensors, path)?;
+        let optim: HashMap<String, Tensor> = tensors
+            .into_iter()
+            .filter_map(|(k, v)| k.strip_prefix("optim.").map(|s| (s.to_string(), v)))
+            .collect();
+        opt.load_state(&optim)?;
+        Ok(())
+    }
+
+    /// Loads a checkpoint of this model (`last.safetensors`, `final.safetensors`, or a
+    /// resumable state): every parameter, BN statistic and proxy.
+    pub fn load_checkpoint(&self, path: &Path, device: &Device) -> Result<()> {
+        let mut tensors = candle_core::safetensors::load(path, device).map_err(|e| {
+            TrainError::Config(format!("cannot read checkpoint {}: {e}", path.display()))
+        })?;
+        self.set_vars(&mut tensors, path)
+    }
+
+    /// Sets every variable from `tensors` (taking them out), by name and shape.
+    fn set_vars(&self, tensors: &mut HashMap<String, Tensor>, path: &Path) -> Result<()> {
+        let bad = |message: String| {
+            TrainError::Config(format!("checkpoint {}: {message}", path.display()))
+        };
         let mut vars = self.params.named_vars();
         vars.extend(self.proxy_params.named_vars());
         for (name, var) in vars {
@@ -300,11 +323,6 @@ impl Model {
             }
             var.set(&t.to_dtype(var.dtype())?)?;
         }
-        let optim: HashMap<String, Tensor> = tensors
-            .into_iter()
-            .filter_map(|(k, v)| k.strip_prefix("optim.").map(|s| (s.to_string(), v)))
-            .collect();
-        opt.load_state(&optim)?;
         Ok(())
     }
 
@@ -361,15 +379,21 @@ fn evaluate(
     )?)
 }
 
-/// Runs the experiment of `cfg`: prepares the data, trains, evaluates after every
-/// epoch, and writes the run directory.
-pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
-    let start = Instant::now();
-    cfg.check()?;
-    let picked = cfg.device.parse::<DeviceSpec>()?.select()?;
-    let device = picked.device.clone();
-    say(opts, format!("device: {}", picked.description));
+/// A run's data: the zero-shot split and the images of each side.
+pub struct PreparedData {
+    /// Training subset (labels `0..train classes`).
+    pub train_set: nofuss_data::Subset,
+    /// Test subset (unseen classes).
+    pub test_set: nofuss_data::Subset,
+    /// Training images.
+    pub train_images: Images,
+    /// Test images.
+    pub test_images: Images,
+}
 
+/// Loads the dataset of `cfg` (generating the glyphs if needed), splits it, and sets up
+/// the image sources of both sides (in memory or the photo pipeline).
+pub fn prepare_data(cfg: &TrainConfig, opts: &TrainOptions) -> Result<PreparedData> {
     if cfg.data.dataset == DatasetKind::Glyphs {
         let p = glyphs::prepare(&cfg.data.dir, &cfg.data.glyphs)?;
         say(
@@ -462,6 +486,89 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             test_set,
         ),
     };
+    Ok(PreparedData {
+        train_set,
+        test_set,
+        train_images: train_bank,
+        test_images: test_bank,
+    })
+}
+
+/// `nofuss embed`: embeds one side (`test` or `train`) of the split of the run at
+/// `checkpoint` (a run directory or a checkpoint file in one) with its trained model,
+/// and writes `embeddings` (f32 `[N, D]`) and `labels` (u32 `[N]`) to `out`. Returns N.
+pub fn embed_split(
+    checkpoint: &Path,
+    data_dir: Option<&Path>,
+    split: &str,
+    out: &Path,
+    device: Option<&str>,
+) -> Result<usize> {
+    let (dir, file) = if checkpoint.is_dir() {
+        let f = [run_dir::FINAL_CHECKPOINT, run_dir::LAST_CHECKPOINT]
+            .iter()
+            .map(|n| checkpoint.join(n))
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                TrainError::Config(format!(
+                    "{} holds no {} or {}",
+                    checkpoint.display(),
+                    run_dir::FINAL_CHECKPOINT,
+                    run_dir::LAST_CHECKPOINT
+                ))
+            })?;
+        (checkpoint.to_path_buf(), f)
+    } else {
+        let parent = checkpoint.parent().unwrap_or(Path::new("."));
+        (parent.to_path_buf(), checkpoint.to_path_buf())
+    };
+    let mut cfg = TrainConfig::from_file(&dir.join(run_dir::CONFIG))?;
+    if let Some(d) = data_dir {
+        cfg.data.dir = d.to_path_buf();
+    }
+    if let Some(d) = device {
+        cfg.device = d.to_string();
+    }
+    let picked = cfg.device.parse::<DeviceSpec>()?.select()?;
+    let quiet = TrainOptions::default();
+    let data = prepare_data(&cfg, &quiet)?;
+    let model = Model::new(&cfg, data.train_set.num_classes(), &picked.device)?;
+    model.load_checkpoint(&file, &picked.device)?;
+    let (images, subset) = match split {
+        "train" => (&data.train_images, &data.train_set),
+        _ => (&data.test_images, &data.test_set),
+    };
+    let emb = model.embed(images, &picked.device)?;
+    let n = subset.len();
+    let d = emb.len() / n.max(1);
+    let mut state = HashMap::new();
+    state.insert(
+        "embeddings".to_string(),
+        Tensor::from_vec(emb, (n, d), &Device::Cpu)?,
+    );
+    state.insert(
+        "labels".to_string(),
+        Tensor::from_vec(subset.labels.clone(), n, &Device::Cpu)?,
+    );
+    save_checkpoint(out, &state)?;
+    Ok(n)
+}
+
+/// Runs the experiment of `cfg`: prepares the data, trains, evaluates after every
+/// epoch, and writes the run directory.
+pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
+    let start = Instant::now();
+    cfg.check()?;
+    let picked = cfg.device.parse::<DeviceSpec>()?.select()?;
+    let device = picked.device.clone();
+    say(opts, format!("device: {}", picked.description));
+
+    let PreparedData {
+        train_set,
+        test_set,
+        train_images: train_bank,
+        test_images: test_bank,
+    } = prepare_data(cfg, opts)?;
     say(
         opts,
         format!(

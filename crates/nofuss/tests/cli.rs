@@ -986,3 +986,45 @@ fn a_killed_run_resumes_to_the_same_metrics() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(metrics(&dir).len(), 6);
 }
+
+#[test]
+fn embed_then_eval_reproduces_the_runs_recall() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_run(tmp.path(), "e", "4", &[]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let dir = tmp.path().join("runs/e");
+    let emb = tmp.path().join("emb.safetensors");
+    let out = nofuss(&[
+        "embed",
+        "--checkpoint",
+        dir.to_str().unwrap(),
+        "--split",
+        "test",
+        "--out",
+        emb.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let out = nofuss(&[
+        "eval",
+        "--embeddings",
+        emb.to_str().unwrap(),
+        "--k",
+        "1,2",
+        "--json",
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let got: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    let last = metrics(&dir).pop().unwrap();
+    assert_eq!(got["recall@1"], last["recall@1"]);
+    assert_eq!(got["recall@2"], last["recall@2"]);
+    // A directory without checkpoints is named.
+    let out = nofuss(&[
+        "embed",
+        "--checkpoint",
+        tmp.path().to_str().unwrap(),
+        "--out",
+        emb.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("holds no final.safetensors"));
+}
