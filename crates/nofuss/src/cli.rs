@@ -148,8 +148,12 @@ pub struct CompareArgs {
 #[derive(Debug, Args, Default)]
 pub struct TrainArgs {
     /// TOML configuration file (see `nofuss default-config`).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "preset")]
     pub config: Option<PathBuf>,
+    /// Start from a shipped recipe: cub, cars, sop (the paper's) or cub-repro,
+    /// cars-repro, sop-repro (the public reproduction's); see crates/nofuss/presets/.
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
     /// Dataset kind.
     #[arg(long, value_enum)]
     pub dataset: Option<DatasetKind>,
@@ -433,9 +437,10 @@ fn parse_form(s: &str) -> std::result::Result<ProxyNcaForm, String> {
 impl TrainArgs {
     /// The configuration: defaults, then `--config`, then flags.
     pub fn resolve(&self) -> Result<TrainConfig> {
-        let mut c = match &self.config {
-            Some(p) => TrainConfig::from_file(p)?,
-            None => TrainConfig::default(),
+        let mut c = match (&self.config, &self.preset) {
+            (Some(p), _) => TrainConfig::from_file(p)?,
+            (None, Some(name)) => TrainConfig::preset(name)?,
+            (None, None) => TrainConfig::default(),
         };
         macro_rules! set {
             ($field:expr, $opt:expr) => {

@@ -300,7 +300,32 @@ impl Default for TrainConfig {
     }
 }
 
+/// The presets shipped with nofuss (`crates/nofuss/presets/*.toml`): name and TOML.
+pub const PRESETS: &[(&str, &str)] = &[
+    ("cub", include_str!("../presets/cub.toml")),
+    ("cars", include_str!("../presets/cars.toml")),
+    ("sop", include_str!("../presets/sop.toml")),
+    ("cub-repro", include_str!("../presets/cub-repro.toml")),
+    ("cars-repro", include_str!("../presets/cars-repro.toml")),
+    ("sop-repro", include_str!("../presets/sop-repro.toml")),
+];
+
 impl TrainConfig {
+    /// The preset called `name` (see [`PRESETS`]).
+    pub fn preset(name: &str) -> Result<Self> {
+        let (_, text) = PRESETS.iter().find(|(n, _)| *n == name).ok_or_else(|| {
+            TrainError::Config(format!(
+                "unknown preset '{name}': {}",
+                PRESETS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        toml::from_str(text).map_err(|e| TrainError::Config(format!("preset {name}: {e}")))
+    }
+
     /// Reads a TOML file; missing keys take their defaults, unknown keys are errors.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| TrainError::ConfigFile {
@@ -347,7 +372,10 @@ impl TrainConfig {
         }
         if let Some(w) = &self.model.weights {
             if !w.is_file() {
-                return bad(format!("weights file {} does not exist", w.display()));
+                return bad(format!(
+                    "weights file {} does not exist (the BN-Inception ImageNet weights: cargo xtask fetch-weights bn-inception)",
+                    w.display()
+                ));
             }
         }
         match self.loss.spec()? {
@@ -397,6 +425,34 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_preset_parses_checks_and_says_where_it_comes_from() {
+        for (name, text) in PRESETS {
+            let mut c = TrainConfig::preset(name).unwrap();
+            // Without the downloaded weights the check says how to get them.
+            let e = c.check().unwrap_err().to_string();
+            assert!(e.contains("cargo xtask fetch-weights bn-inception"), "{e}");
+            c.model.weights = None;
+            c.check().unwrap();
+            assert_eq!(c.model.backbone, "bn-inception", "{name}");
+            assert_eq!(c.optim.batch_size, 32, "{name}");
+            assert_eq!(c.model.head.dim, 64, "{name}");
+            assert_eq!(c.data.pipeline, PipelineKind::Photo, "{name}");
+            assert!(text.contains("cargo run --release -p nofuss -- train --preset"));
+            if name.ends_with("-repro") {
+                assert!(text.contains("github.com/dichotomies/proxy-nca"), "{name}");
+                assert_eq!(c.loss.proxy_nca.label_smoothing, 0.1);
+            } else {
+                assert!(text.contains("Movshovitz-Attias"), "{name}");
+                assert!(matches!(
+                    c.optim.optimizer,
+                    nofuss_tensor::optim::OptimizerKind::RmsProp { tf_style: true, .. }
+                ));
+            }
+        }
+        assert!(TrainConfig::preset("imagenet").is_err());
+    }
 
     #[test]
     fn defaults_round_trip_through_toml() {
