@@ -170,6 +170,10 @@ pub struct TrainArgs {
     /// disk with RandomResizedCrop for training, resize + center crop for evaluation).
     #[arg(long, value_enum)]
     pub pipeline: Option<PipelineKind>,
+    /// Hold out the last N training classes for validation: the reported epoch is the
+    /// one with the best validation Recall@K, never chosen on the test classes.
+    #[arg(long, value_name = "N")]
+    pub val_classes: Option<usize>,
     /// Class-balanced batches with M images per class (photo pipeline).
     #[arg(long, value_name = "M")]
     pub m_per_class: Option<usize>,
@@ -457,6 +461,7 @@ impl TrainArgs {
             c.data.skip_bad_images = true;
         }
         set!(c.data.pipeline, self.pipeline);
+        set!(c.data.val_classes, self.val_classes);
         if self.m_per_class.is_some() {
             c.data.m_per_class = self.m_per_class;
         }

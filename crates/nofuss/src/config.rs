@@ -63,6 +63,10 @@ pub struct DataConfig {
     pub max_shift: usize,
     /// Random horizontal flips at training time.
     pub hflip: bool,
+    /// Hold out the last N training classes for validation (0: none). The epoch with the
+    /// best validation Recall@K (first K) is the one reported; test classes are never used
+    /// for that choice.
+    pub val_classes: usize,
     /// How images reach the model.
     pub pipeline: PipelineKind,
     /// Class-balanced training batches of this many images per class (photo pipeline).
@@ -86,6 +90,7 @@ impl Default for DataConfig {
             max_shift: 2,
             hflip: false,
             skip_bad_images: false,
+            val_classes: 0,
             pipeline: PipelineKind::Memory,
             m_per_class: None,
             crop_to_boxes: false,

@@ -17,6 +17,9 @@ pub const CONFIG: &str = "config.toml";
 pub const LAST_CHECKPOINT: &str = "last.safetensors";
 /// Checkpoint written when the run ends.
 pub const FINAL_CHECKPOINT: &str = "final.safetensors";
+/// Model of the epoch chosen on the validation classes.
+pub const BEST_CHECKPOINT: &str = "best.safetensors";
+
 /// Plot of loss and Recall@1 per epoch.
 pub const PLOT: &str = "plot.png";
 

@@ -47,6 +47,8 @@ pub struct EpochMetrics {
     pub train_seconds: f64,
     /// Recall@K, and NMI and MAP@R when configured, on the unseen classes.
     pub eval: EvalReport,
+    /// The same on the validation classes (held out of training), when configured.
+    pub val: Option<EvalReport>,
     /// Training throughput of the epoch.
     pub images_per_sec: Option<f64>,
     /// Wall time of the epoch (training and evaluation).
@@ -67,6 +69,15 @@ impl EpochMetrics {
         v["train_seconds"] = self.train_seconds.into();
         v["images_per_sec"] = self.images_per_sec.into();
         v["epoch_seconds"] = self.seconds.into();
+        if let Some(val) = &self.val {
+            for (k, x) in crate::eval_cmd::report_json(val)
+                .as_object()
+                .into_iter()
+                .flatten()
+            {
+                v[format!("val_{k}")] = x.clone();
+            }
+        }
         v
     }
 }
@@ -75,34 +86,59 @@ impl EpochMetrics {
     /// Reads back a [`EpochMetrics::to_json`] line (`None` if it lacks `epoch`).
     pub fn from_json(v: &serde_json::Value) -> Option<Self> {
         let f = |k: &str| v.get(k).and_then(|x| x.as_f64());
-        let mut recall: Vec<(usize, f64)> = v
-            .as_object()?
-            .iter()
-            .filter_map(|(k, x)| {
-                let kk = k.strip_prefix("recall@")?.parse().ok()?;
-                Some((kk, x.as_f64()?))
+        let report = |prefix: &str| -> Option<EvalReport> {
+            let mut recall: Vec<(usize, f64)> = v
+                .as_object()?
+                .iter()
+                .filter_map(|(k, x)| {
+                    let kk = k
+                        .strip_prefix(prefix)?
+                        .strip_prefix("recall@")?
+                        .parse()
+                        .ok()?;
+                    Some((kk, x.as_f64()?))
+                })
+                .collect();
+            if recall.is_empty() {
+                return None;
+            }
+            recall.sort_by_key(|r| r.0);
+            let g = |k: &str| f(&format!("{prefix}{k}"));
+            Some(EvalReport {
+                recall,
+                nmi: g("nmi"),
+                map_at_r: g("map@r").map(|m| nofuss_eval::MapAtR {
+                    map_at_r: m,
+                    r_precision: g("r_precision").unwrap_or(f64::NAN),
+                    queries: 0,
+                }),
             })
-            .collect();
-        recall.sort_by_key(|r| r.0);
+        };
         Some(Self {
             epoch: v.get("epoch")?.as_u64()? as usize,
             train_loss: f("train_loss"),
             skipped_steps: f("skipped_steps").unwrap_or(0.0) as usize,
             steps: f("steps").unwrap_or(0.0) as usize,
             train_seconds: f("train_seconds").unwrap_or(0.0),
-            eval: EvalReport {
-                recall,
-                nmi: f("nmi"),
-                map_at_r: f("map@r").map(|m| nofuss_eval::MapAtR {
-                    map_at_r: m,
-                    r_precision: f("r_precision").unwrap_or(f64::NAN),
-                    queries: 0,
-                }),
-            },
+            eval: report("")?,
+            val: report("val_"),
             images_per_sec: f("images_per_sec"),
             seconds: f("epoch_seconds").unwrap_or(0.0),
         })
     }
+}
+
+/// The epoch with the best validation Recall@K (first K; the earliest on ties), or `None`
+/// without validation metrics.
+pub fn selected_epoch(history: &[EpochMetrics]) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for m in history {
+        let r = m.val.as_ref()?.recall.first()?.1;
+        if best.is_none_or(|(_, b)| r > b) {
+            best = Some((m.epoch, r));
+        }
+    }
+    best.map(|(e, _)| e)
 }
 
 /// What a finished run reports.
@@ -122,6 +158,11 @@ pub struct RunSummary {
     pub test_images: usize,
     /// Metrics of epoch 0 (untrained) and every epoch.
     pub history: Vec<EpochMetrics>,
+    /// Validation classes held out of training (0 when none).
+    pub val_classes: usize,
+    /// The epoch chosen on the validation classes (best validation Recall@K for the
+    /// first K, the earliest on ties), when they were held out.
+    pub selected_epoch: Option<usize>,
     /// Total wall time, data preparation included.
     pub seconds: f64,
 }
@@ -389,6 +430,8 @@ pub struct PreparedData {
     pub train_images: Images,
     /// Test images.
     pub test_images: Images,
+    /// Validation classes held out of training, and their images, when configured.
+    pub val: Option<(nofuss_data::Subset, Images)>,
 }
 
 /// Loads the dataset of `cfg` (generating the glyphs if needed), splits it, and sets up
@@ -436,20 +479,30 @@ pub fn prepare_data(cfg: &TrainConfig, opts: &TrainOptions) -> Result<PreparedDa
         eprintln!("warning: {w}");
     }
     let (train_set, test_set) = split.apply(&ds)?;
+    let (train_set, val_set) = match cfg.data.val_classes {
+        0 => (train_set, None),
+        n => {
+            let (fit, val) = train_set.hold_out_classes(n)?;
+            (fit, Some(val))
+        }
+    };
     let spec = ImageSpec {
         channels: cfg.data.channels,
         height: cfg.data.image_size,
         width: cfg.data.image_size,
     };
-    let (train_bank, train_set, test_bank, test_set) = match cfg.data.pipeline {
-        PipelineKind::Photo => {
-            if cfg.data.crop_to_boxes && boxes.is_none() {
-                return Err(TrainError::Config(
-                    "--crop-to-boxes needs a dataset with bounding boxes (cars)".into(),
-                ));
-            }
-            let boxes = if cfg.data.crop_to_boxes { boxes } else { None };
-            let source = |subset: &nofuss_data::Subset| {
+    if cfg.data.pipeline == PipelineKind::Photo && cfg.data.crop_to_boxes && boxes.is_none() {
+        return Err(TrainError::Config(
+            "--crop-to-boxes needs a dataset with bounding boxes (cars)".into(),
+        ));
+    }
+    let boxes = if cfg.data.crop_to_boxes { boxes } else { None };
+    let mut skipped = Vec::new();
+    // The images of one subset, and the subset itself (fewer images when some are
+    // skipped as unreadable).
+    let mut images_of = |subset: nofuss_data::Subset| -> Result<(Images, nofuss_data::Subset)> {
+        Ok(match cfg.data.pipeline {
+            PipelineKind::Photo => (
                 Images::Photos(Box::new(PhotoSource {
                     dataset: ds.clone(),
                     subset: subset.clone(),
@@ -457,40 +510,44 @@ pub fn prepare_data(cfg: &TrainConfig, opts: &TrainOptions) -> Result<PreparedDa
                     m_per_class: cfg.data.m_per_class,
                     boxes: boxes.clone(),
                     skip_bad_images: cfg.data.skip_bad_images,
-                }))
-            };
-            (source(&train_set), train_set, source(&test_set), test_set)
-        }
-        PipelineKind::Memory if cfg.data.skip_bad_images => {
-            let (a, train_set, mut skipped) = ImageBank::load_skipping(&ds, &train_set, spec)?;
-            let (b, test_set, more) = ImageBank::load_skipping(&ds, &test_set, spec)?;
-            skipped.extend(more);
-            if !skipped.is_empty() {
-                eprintln!(
-                    "warning: skipped {} unreadable image(s) (--skip-bad-images):",
-                    skipped.len()
-                );
-                for (path, why) in skipped.iter().take(20) {
-                    eprintln!("  {}: {why}", path.display());
-                }
-                if skipped.len() > 20 {
-                    eprintln!("  ... and {} more", skipped.len() - 20);
-                }
+                })),
+                subset,
+            ),
+            PipelineKind::Memory if cfg.data.skip_bad_images => {
+                let (bank, kept, more) = ImageBank::load_skipping(&ds, &subset, spec)?;
+                skipped.extend(more);
+                (Images::Memory(bank), kept)
             }
-            (Images::Memory(a), train_set, Images::Memory(b), test_set)
-        }
-        PipelineKind::Memory => (
-            Images::Memory(ImageBank::load(&ds, &train_set, spec)?),
-            train_set,
-            Images::Memory(ImageBank::load(&ds, &test_set, spec)?),
-            test_set,
-        ),
+            PipelineKind::Memory => (Images::Memory(ImageBank::load(&ds, &subset, spec)?), subset),
+        })
     };
+    let (train_bank, train_set) = images_of(train_set)?;
+    let (test_bank, test_set) = images_of(test_set)?;
+    let val = match val_set {
+        Some(v) => {
+            let (images, subset) = images_of(v)?;
+            Some((subset, images))
+        }
+        None => None,
+    };
+    if !skipped.is_empty() {
+        eprintln!(
+            "warning: skipped {} unreadable image(s) (--skip-bad-images):",
+            skipped.len()
+        );
+        for (path, why) in skipped.iter().take(20) {
+            eprintln!("  {}: {why}", path.display());
+        }
+        if skipped.len() > 20 {
+            eprintln!("  ... and {} more", skipped.len() - 20);
+        }
+    }
     Ok(PreparedData {
         train_set,
         test_set,
         train_images: train_bank,
         test_images: test_bank,
+        val,
     })
 }
 
@@ -568,6 +625,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         test_set,
         train_images: train_bank,
         test_images: test_bank,
+        val,
     } = prepare_data(cfg, opts)?;
     say(
         opts,
@@ -623,6 +681,19 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         run_dir::append_metrics(&dir, &m.to_json())?;
         history.push(m);
         write_plot(&dir, history, &cfg.loss.name)
+    };
+    // Evaluation on the validation classes, when held out.
+    let validate = |val: &Option<(nofuss_data::Subset, Images)>| -> Result<Option<EvalReport>> {
+        match val {
+            Some((subset, images)) => Ok(Some(evaluate(
+                &model,
+                images,
+                &subset.labels,
+                cfg,
+                &device,
+            )?)),
+            None => Ok(None),
+        }
     };
     let (mut total_steps, mut total_train_secs) = (0usize, 0f64);
     let mut first_epoch = 1;
@@ -680,6 +751,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             steps: 0,
             train_seconds: 0.0,
             eval: evaluate(&model, &test_bank, &test_set.labels, cfg, &device)?,
+            val: validate(&val)?,
             images_per_sec: None,
             seconds: t0.elapsed().as_secs_f64(),
         };
@@ -783,6 +855,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             steps: total_steps,
             train_seconds: total_train_secs,
             eval: evaluate(&model, &test_bank, &test_set.labels, cfg, &device)?,
+            val: validate(&val)?,
             images_per_sec: Some(images as f64 / train_secs.max(1e-9)),
             seconds: t_epoch.elapsed().as_secs_f64(),
         };
@@ -799,6 +872,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         save_checkpoint(&run_dir::resume_checkpoint(&dir, epoch), &resume)?;
         save_checkpoint(&dir.join(run_dir::LAST_CHECKPOINT), &model.state())?;
         record(&mut history, m)?;
+        if selected_epoch(&history) == Some(epoch) {
+            save_checkpoint(&dir.join(run_dir::BEST_CHECKPOINT), &model.state())?;
+        }
         let previous = run_dir::resume_checkpoint(&dir, epoch - 1);
         if previous.exists() {
             std::fs::remove_file(&previous).map_err(|e| TrainError::io(&previous, e))?;
@@ -812,6 +888,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         train_images: train_bank.len(),
         test_classes: test_set.num_classes(),
         test_images: test_bank.len(),
+        val_classes: val.as_ref().map(|(s, _)| s.num_classes()).unwrap_or(0),
+        selected_epoch: selected_epoch(&history),
         history,
         seconds: start.elapsed().as_secs_f64(),
     })
@@ -869,6 +947,13 @@ fn epoch_line(m: &EpochMetrics) -> String {
         Some(x) => format!("{nmi} | MAP@R {:.4}", x.map_at_r),
         None => nmi,
     };
+    let nmi = match &m.val {
+        Some(v) => match v.recall.first() {
+            Some((k, r)) => format!("{nmi} | val R@{k} {r:.4}"),
+            None => nmi,
+        },
+        None => nmi,
+    };
     let rate = m
         .images_per_sec
         .map(|r| format!(" | {r:.0} img/s"))
@@ -923,6 +1008,20 @@ pub fn summary_table(s: &RunSummary) -> String {
             last.eval.recall_at(k).unwrap_or(f64::NAN),
             last.epoch
         ));
+    }
+    if let Some(e) = s.selected_epoch {
+        if let Some(m) = s.history.iter().find(|m| m.epoch == e) {
+            let (k, v) = m
+                .val
+                .as_ref()
+                .and_then(|v| v.recall.first().copied())
+                .unwrap_or((1, f64::NAN));
+            out.push_str(&format!(
+                "selected epoch {e} on {} validation classes (their Recall@{k} {v:.4}); test Recall@{k} at that epoch: {:.4} (test classes played no part in the choice)\n",
+                s.val_classes,
+                m.eval.recall_at(k).unwrap_or(f64::NAN),
+            ));
+        }
     }
     out.push_str(&format!(
         "trained on {} classes / {} images, device {}, {:.1}s in all\nrun directory: {}\n",

@@ -1028,3 +1028,42 @@ fn embed_then_eval_reproduces_the_runs_recall() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("holds no final.safetensors"));
 }
+
+#[test]
+fn validation_classes_choose_the_reported_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_run(
+        tmp.path(),
+        "v",
+        "3",
+        &["--val-classes", "2", "--epochs", "3", "--no-nmi"],
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let dir = tmp.path().join("runs/v");
+    let m = metrics(&dir);
+    assert_eq!(m.len(), 4);
+    let val: Vec<f64> = m
+        .iter()
+        .map(|l| l["val_recall@1"].as_f64().unwrap())
+        .collect();
+    let mut best = 0;
+    for (e, &v) in val.iter().enumerate() {
+        if v > val[best] {
+            best = e;
+        }
+    }
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(&format!("selected epoch {best} on 2 validation classes")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("test classes played no part in the choice"));
+    // 4 training classes: 2 fit the model, 2 validate; the 4 test classes stay unseen.
+    assert!(stdout.contains("trained on 2 classes"), "{stdout}");
+    if best > 0 {
+        assert!(dir.join("best.safetensors").exists());
+    }
+    let out = tiny_run(tmp.path(), "v2", "3", &["--val-classes", "4"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("validation split needs classes on both sides"));
+}
