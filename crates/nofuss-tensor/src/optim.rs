@@ -263,11 +263,14 @@ impl Optimizer {
                 let Some(grad) = grads.get(v.as_tensor()) else {
                     continue;
                 };
-                let p = v.as_tensor();
+                // Detached: the update and the state it leaves must not record a
+                // computation graph, or every step would keep the previous ones alive.
+                let p = &v.as_tensor().detach();
+                let grad = grad.detach();
                 let mut grad = if scale < 1.0 {
                     grad.affine(scale, 0.0)?
                 } else {
-                    grad.clone()
+                    grad
                 };
                 if wd != 0.0 && !matches!(self.kind, OptimizerKind::AdamW { .. }) {
                     grad = (grad + p.affine(wd, 0.0)?)?;
@@ -514,6 +517,31 @@ mod tests {
         assert_eq!(warmup_factor(0, 4), 0.25);
         assert_eq!(warmup_factor(3, 4), 1.0);
         assert_eq!(warmup_factor(9, 0), 1.0);
+    }
+
+    #[test]
+    fn state_records_no_graph() {
+        // A state tensor that tracked its history would keep every earlier step alive.
+        let w = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+        for kind in [
+            OptimizerKind::sgd(0.9, true),
+            OptimizerKind::rmsprop(0.9),
+            OptimizerKind::adamw(),
+        ] {
+            let mut opt = Optimizer::new(
+                kind,
+                0.01,
+                vec![ParamGroup::new("w", vec![w.clone()]).weight_decay(0.1)],
+            )
+            .unwrap();
+            for _ in 0..3 {
+                let loss = w.as_tensor().sqr().unwrap().sum_all().unwrap();
+                opt.step(&loss.backward().unwrap()).unwrap();
+            }
+            for (name, t) in opt.state().unwrap() {
+                assert!(!t.track_op(), "{kind:?}: {name} records a graph");
+            }
+        }
     }
 
     #[test]
