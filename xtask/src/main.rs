@@ -296,23 +296,21 @@ fn sop_shaped(
     Ok((dir.join("emb.npy"), dir.join("labels.npy"), theirs))
 }
 
-fn bench_knn(dim: usize, repeats: usize, python: &str) -> Result<()> {
+/// The JSON line of `cargo bench -p nofuss-eval --bench knn -- ARGS`.
+fn knn_bench(args: &[&str]) -> Result<serde_json::Value> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    json_line(
+        Command::new(cargo)
+            .args(["bench", "-q", "-p", "nofuss-eval", "--bench", "knn", "--"])
+            .args(args),
+    )
+}
+
+fn bench_knn(dim: usize, repeats: usize, python: &str) -> Result<()> {
     let r = repeats.max(1).to_string();
     let (emb, lab, theirs) = sop_shaped(dim, repeats.max(1), python)?;
     eprintln!("{theirs}");
-    let ours = json_line(Command::new(&cargo).args([
-        "bench",
-        "-q",
-        "-p",
-        "nofuss-eval",
-        "--bench",
-        "knn",
-        "--",
-        emb.to_str().unwrap_or(""),
-        lab.to_str().unwrap_or(""),
-        &r,
-    ]))?;
+    let ours = knn_bench(&[emb.to_str().unwrap_or(""), lab.to_str().unwrap_or(""), &r])?;
     eprintln!("{ours}");
     for k in [1, 10, 100, 1000] {
         let key = format!("recall@{k}");
@@ -350,25 +348,10 @@ fn bench_kmeans(
     iters: usize,
     python: &str,
 ) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let (emb, lab, _) = sop_shaped(dim, 0, python)?;
     let (e, l) = (emb.to_str().unwrap_or(""), lab.to_str().unwrap_or(""));
     let (r, it) = (restarts.max(1).to_string(), iters.to_string());
-    let ours = json_line(Command::new(&cargo).args([
-        "bench",
-        "-q",
-        "-p",
-        "nofuss-eval",
-        "--bench",
-        "knn",
-        "--",
-        e,
-        l,
-        &repeats.max(1).to_string(),
-        "kmeans",
-        &r,
-        &it,
-    ]))?;
+    let ours = knn_bench(&[e, l, &repeats.max(1).to_string(), "kmeans", &r, &it])?;
     eprintln!("{ours}");
     let theirs = json_lines(Command::new(python).args([
         "crates/nofuss-eval/benches/kmeans_ref.py",

@@ -139,15 +139,7 @@ impl ImageBank {
 
 /// Decodes one file into planar pixels of `spec`.
 pub(crate) fn decode(path: &std::path::Path, spec: ImageSpec) -> Result<Vec<u8>> {
-    let err = |message: String| DataError::Image {
-        path: path.to_path_buf(),
-        message,
-    };
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| DataError::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| DataError::io(path, e))?;
-    let img = reader.decode().map_err(|e| err(e.to_string()))?;
+    let img = crate::transform::open_image(path)?;
     let (w, h) = (spec.width as u32, spec.height as u32);
     let img = if img.width() != w || img.height() != h {
         img.resize_exact(w, h, FilterType::Triangle)

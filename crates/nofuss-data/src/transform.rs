@@ -160,8 +160,9 @@ pub struct Region {
     pub inside: bool,
 }
 
-/// Decodes an image file (JPEG, PNG; by content, so SOP's `.JPG` works) to 8-bit RGB.
-pub fn decode_rgb(path: &Path) -> Result<RgbImage> {
+/// Decodes an image file by its content (JPEG, PNG; so SOP's `.JPG` works); errors name
+/// the file.
+pub(crate) fn open_image(path: &Path) -> Result<image::DynamicImage> {
     let bad = |message: String| DataError::Image {
         path: path.to_path_buf(),
         message,
@@ -174,7 +175,12 @@ pub fn decode_rgb(path: &Path) -> Result<RgbImage> {
     if img.width() == 0 || img.height() == 0 {
         return Err(bad("the image is empty".into()));
     }
-    Ok(img.into_rgb8())
+    Ok(img)
+}
+
+/// Decodes an image file (JPEG, PNG; by content, so SOP's `.JPG` works) to 8-bit RGB.
+pub fn decode_rgb(path: &Path) -> Result<RgbImage> {
+    Ok(open_image(path)?.into_rgb8())
 }
 
 /// Filter taps of one output coordinate: first source index and normalised weights.

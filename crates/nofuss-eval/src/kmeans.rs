@@ -197,6 +197,32 @@ fn seed_centres(
 /// Points per task of a greedy seeding step.
 const GREEDY_BLOCK: usize = 4096;
 
+/// Sum of one block of squared distances, in f64.
+fn block_sum(b: &[f32]) -> f64 {
+    b.iter().map(|&v| v as f64).sum()
+}
+
+/// The seeding's start: a uniformly drawn first centre (room for `k`), every point's
+/// squared distance to it, and the sums of those per block of `SEED_BLOCK` points.
+fn first_centre(
+    data: &[f32],
+    dim: usize,
+    n: usize,
+    k: usize,
+    rng: &mut ChaCha8Rng,
+) -> (Vec<f32>, Vec<f32>, Vec<f64>) {
+    let row = |i: usize| &data[i * dim..(i + 1) * dim];
+    let mut centroids = Vec::with_capacity(k * dim);
+    let first = rng.gen_range(0..n);
+    centroids.extend_from_slice(row(first));
+    let d2: Vec<f32> = (0..n)
+        .into_par_iter()
+        .map(|i| sq(row(i), row(first)))
+        .collect();
+    let sums = d2.par_chunks(SEED_BLOCK).map(block_sum).collect();
+    (centroids, d2, sums)
+}
+
 /// Greedy k-means++ (as scikit-learn's `_kmeans_plusplus`): for each new centre, draw
 /// `trials` candidates with probability proportional to the squared distance to the
 /// nearest centre so far, and keep the one that leaves the smallest total. The
@@ -211,15 +237,7 @@ fn greedy_plus_plus(
 ) -> Vec<f32> {
     let row = |i: usize| &data[i * dim..(i + 1) * dim];
     let x_norms = sq_norms(data, dim);
-    let mut centroids = Vec::with_capacity(k * dim);
-    let first = rng.gen_range(0..n);
-    centroids.extend_from_slice(row(first));
-    let mut d2: Vec<f32> = (0..n)
-        .into_par_iter()
-        .map(|i| sq(row(i), row(first)))
-        .collect();
-    let block_sum = |b: &[f32]| b.iter().map(|&v| v as f64).sum::<f64>();
-    let mut sums: Vec<f64> = d2.par_chunks(SEED_BLOCK).map(block_sum).collect();
+    let (mut centroids, mut d2, mut sums) = first_centre(data, dim, n, k, rng);
     // `[N, trials]` distances of every point to every candidate of the step.
     let mut cand_d2 = vec![0f32; n * trials];
     let mut cands = vec![0f32; trials * dim];
@@ -306,15 +324,7 @@ const SEED_BATCH: usize = 32;
 fn plus_plus(data: &[f32], dim: usize, n: usize, k: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
     let row = |i: usize| &data[i * dim..(i + 1) * dim];
     let x_norms = sq_norms(data, dim);
-    let mut centroids = Vec::with_capacity(k * dim);
-    let first = rng.gen_range(0..n);
-    centroids.extend_from_slice(row(first));
-    let mut d2: Vec<f32> = (0..n)
-        .into_par_iter()
-        .map(|i| sq(row(i), row(first)))
-        .collect();
-    let block_sum = |b: &[f32]| b.iter().map(|&v| v as f64).sum::<f64>();
-    let mut sums: Vec<f64> = d2.par_chunks(SEED_BLOCK).map(block_sum).collect();
+    let (mut centroids, mut d2, mut sums) = first_centre(data, dim, n, k, rng);
     // Centres chosen since the last refresh start at this row of `centroids`.
     let mut fresh_from = 1;
     let mut rejections = 0;

@@ -14,12 +14,12 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// A quick run on 8 glyph classes (4 train, 4 unseen), 2 renders per font, 2 epochs
-/// unless `extra` says otherwise.
-fn tiny_run(tmp: &Path, name: &str, seed: &str, extra: &[&str]) -> Output {
+/// The arguments of a quick run on 8 glyph classes (4 train, 4 unseen), 2 renders per
+/// font, into `tmp/runs/<name>`.
+fn tiny_args(tmp: &Path, name: &str, seed: &str) -> Vec<String> {
     let data = tmp.join("glyphs");
     let runs = tmp.join("runs");
-    let mut args = vec![
+    [
         "train",
         "--data-dir",
         data.to_str().unwrap(),
@@ -40,11 +40,20 @@ fn tiny_run(tmp: &Path, name: &str, seed: &str, extra: &[&str]) -> Output {
         "--seed",
         seed,
         "--quiet",
-    ];
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A quick run (see [`tiny_args`]), 2 epochs unless `extra` says otherwise.
+fn tiny_run(tmp: &Path, name: &str, seed: &str, extra: &[&str]) -> Output {
+    let mut args = tiny_args(tmp, name, seed);
     if !extra.contains(&"--epochs") {
-        args.extend_from_slice(&["--epochs", "2"]);
+        args.extend(["--epochs".to_string(), "2".to_string()]);
     }
-    args.extend_from_slice(extra);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     nofuss(&args)
 }
 
@@ -895,23 +904,9 @@ fn optimiser_schedule_and_clipping_options_reach_the_run() {
 /// Starts `nofuss train` as a child and kills it once `metrics.jsonl` has `lines`
 /// lines (epoch 0 is the first), so the kill lands inside the next epoch.
 fn train_and_kill(tmp: &Path, name: &str, lines: usize) {
-    let data = tmp.join("glyphs");
-    let runs = tmp.join("runs");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nofuss"))
-        .args([
-            "train",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--max-classes",
-            "8",
-            "--renders-per-font",
-            "2",
-            "--widths",
-            "8,16",
-            "--batch-size",
-            "16",
-            "--eval-k",
-            "1,2",
+    let mut args = tiny_args(tmp, name, "5");
+    args.extend(
+        [
             "--epochs",
             "4",
             "--optimizer",
@@ -920,18 +915,17 @@ fn train_and_kill(tmp: &Path, name: &str, lines: usize) {
             "exponential:0.9",
             "--warmup-steps",
             "5",
-            "--out-dir",
-            runs.to_str().unwrap(),
-            "--name",
-            name,
-            "--seed",
-            "5",
-            "--quiet",
-        ])
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nofuss"))
+        .args(&args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let runs = tmp.join("runs");
     let metrics = runs.join(name).join("metrics.jsonl");
     let t0 = std::time::Instant::now();
     loop {
