@@ -73,6 +73,9 @@ pub enum BadImages {
     Skip,
 }
 
+/// Where skipped images are recorded: path and reason, in the order met.
+pub type SkipLog = Arc<Mutex<Vec<(PathBuf, String)>>>;
+
 /// Settings of a [`Loader`].
 #[derive(Debug, Clone)]
 pub struct LoaderConfig {
@@ -126,7 +129,7 @@ pub struct Loader {
     paths: Arc<Vec<PathBuf>>,
     labels: Arc<Vec<u32>>,
     cfg: Arc<LoaderConfig>,
-    skipped: Arc<Mutex<Vec<(PathBuf, String)>>>,
+    skipped: SkipLog,
     pool: Option<Arc<rayon::ThreadPool>>,
     /// Bounding box of each image, when crops stay inside them.
     boxes: Option<Arc<Vec<BBox>>>,
@@ -220,6 +223,13 @@ impl Loader {
     /// The batches of epoch `epoch`: lists of subset positions.
     pub fn plan(&self, epoch: u64) -> Vec<Vec<usize>> {
         plan(&self.labels, &self.cfg, epoch)
+    }
+
+    /// Records skipped images into `sink` (shared with other loaders, or kept after this
+    /// one is dropped) instead of a list of its own.
+    pub fn with_skip_log(mut self, sink: SkipLog) -> Self {
+        self.skipped = sink;
+        self
     }
 
     /// Images skipped so far under [`BadImages::Skip`], with the reason.
@@ -333,7 +343,7 @@ struct Source {
     labels: Arc<Vec<u32>>,
     boxes: Option<Arc<Vec<BBox>>>,
     cfg: Arc<LoaderConfig>,
-    skipped: Arc<Mutex<Vec<(PathBuf, String)>>>,
+    skipped: SkipLog,
 }
 
 impl Source {

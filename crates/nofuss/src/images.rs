@@ -3,7 +3,7 @@
 //! (RandomResizedCrop + flip for training, resize + center crop for evaluation).
 
 use candle_core::{Device, Tensor};
-use nofuss_data::pipeline::{BadImages, Loader, LoaderConfig, Sampler};
+use nofuss_data::pipeline::{BadImages, Loader, LoaderConfig, Sampler, SkipLog};
 use nofuss_data::transform::Transform;
 use nofuss_data::{Augment, BBox, Batches, ImageBank, ImageDataset, Subset};
 use nofuss_tensor::Normalization;
@@ -38,9 +38,29 @@ pub struct PhotoSource {
     pub boxes: Option<Vec<BBox>>,
     /// Skip unreadable images instead of failing.
     pub skip_bad_images: bool,
+    /// Where skipped images are recorded, across epochs and loaders.
+    pub skipped: SkipLog,
 }
 
 impl Images {
+    /// Distinct images the photo pipeline skipped so far (unreadable, with
+    /// `skip_bad_images`), with the reason; empty for in-memory images.
+    pub fn skipped(&self) -> Vec<(std::path::PathBuf, String)> {
+        match self {
+            Self::Memory(_) => Vec::new(),
+            Self::Photos(p) => {
+                let mut seen = std::collections::HashSet::new();
+                p.skipped
+                    .lock()
+                    .map(|v| v.clone())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(path, _)| seen.insert(path.clone()))
+                    .collect()
+            }
+        }
+    }
+
     /// Number of images.
     pub fn len(&self) -> usize {
         match self {
@@ -151,7 +171,8 @@ impl PhotoSource {
                 },
                 threads: 0,
             },
-        )?;
+        )?
+        .with_skip_log(self.skipped.clone());
         Ok(match &self.boxes {
             Some(b) => loader.with_boxes(b)?,
             None => loader,

@@ -510,6 +510,7 @@ pub fn prepare_data(cfg: &TrainConfig, opts: &TrainOptions) -> Result<PreparedDa
                     m_per_class: cfg.data.m_per_class,
                     boxes: boxes.clone(),
                     skip_bad_images: cfg.data.skip_bad_images,
+                    skipped: Default::default(),
                 })),
                 subset,
             ),
@@ -535,8 +536,8 @@ pub fn prepare_data(cfg: &TrainConfig, opts: &TrainOptions) -> Result<PreparedDa
             "warning: skipped {} unreadable image(s) (--skip-bad-images):",
             skipped.len()
         );
-        for (path, why) in skipped.iter().take(20) {
-            eprintln!("  {}: {why}", path.display());
+        for (_, why) in skipped.iter().take(20) {
+            eprintln!("  {why}"); // the reason names the file
         }
         if skipped.len() > 20 {
             eprintln!("  ... and {} more", skipped.len() - 20);
@@ -881,6 +882,20 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         }
     }
     save_checkpoint(&dir.join(run_dir::FINAL_CHECKPOINT), &model.state())?;
+    let mut skipped = train_bank.skipped();
+    skipped.extend(test_bank.skipped());
+    if let Some((_, v)) = &val {
+        skipped.extend(v.skipped());
+    }
+    if !skipped.is_empty() {
+        eprintln!(
+            "warning: the photo pipeline skipped {} unreadable image(s) (--skip-bad-images):",
+            skipped.len()
+        );
+        for (_, why) in skipped.iter().take(20) {
+            eprintln!("  {why}"); // the reason names the file
+        }
+    }
     Ok(RunSummary {
         run_dir: dir,
         device: picked.description,

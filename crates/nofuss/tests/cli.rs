@@ -832,6 +832,51 @@ fn cars_layout_trains_from_its_mat_file() {
         "{}",
         text(&out.stderr)
     );
+    // With --skip-bad-images it is left out, named, and training goes on: in memory...
+    let skip_run = |pipeline: &str| {
+        nofuss(&[
+            "train",
+            "--dataset",
+            "cars",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--pipeline",
+            pipeline,
+            "--channels",
+            "3",
+            "--image-size",
+            "16",
+            "--widths",
+            "4,8",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "3",
+            "--eval-k",
+            "1",
+            "--no-nmi",
+            "--skip-bad-images",
+            "--out-dir",
+            runs.to_str().unwrap(),
+            "--quiet",
+        ])
+    };
+    let out = skip_run("memory");
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("skipped 1 unreadable image(s)") && err.contains("000002.jpg"),
+        "{err}"
+    );
+    // ... and in the photo pipeline, reported once at the end.
+    let out = skip_run("photo");
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("the photo pipeline skipped 1 unreadable image(s)")
+            && err.contains("000002.jpg"),
+        "{err}"
+    );
 }
 
 #[test]
