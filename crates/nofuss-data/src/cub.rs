@@ -7,7 +7,8 @@
 //!   classes.txt             <class_id> <class_name>
 //!   images/<class_dir>/<file>
 //! ```
-//! Other files of the real dataset (bounding boxes, parts, the train/test list of the
+//! `bounding_boxes.txt` (`<image_id> <x> <y> <width> <height>`) is read on request by
+//! [`load_boxes`]; the other files of the real dataset (parts, the train/test list of the
 //! classification task) are not needed for the zero-shot protocol and are ignored.
 
 use std::collections::HashMap;
@@ -15,7 +16,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::{DataError, ImageDataset, ImageRecord, Result};
+use crate::{BBox, DataError, ImageDataset, ImageRecord, Result};
 
 /// Images list file name.
 pub const IMAGES: &str = "images.txt";
@@ -25,6 +26,8 @@ pub const LABELS: &str = "image_class_labels.txt";
 pub const CLASSES: &str = "classes.txt";
 /// Image folder name.
 pub const IMAGES_DIR: &str = "images";
+/// Bounding boxes file name.
+pub const BOXES: &str = "bounding_boxes.txt";
 
 /// Reads `<id> <rest>` lines; blank lines are skipped; `rest` must not be empty.
 fn read_pairs(path: &Path) -> Result<Vec<(usize, u32, String)>> {
@@ -57,6 +60,62 @@ fn read_pairs(path: &Path) -> Result<Vec<(usize, u32, String)>> {
         out.push((line_no, id, rest.to_string()));
     }
     Ok(out)
+}
+
+/// The bounding box of every record of `ds` (loaded by [`load`] from `root`), from
+/// `root/bounding_boxes.txt`: pixel rectangles `x y width height` from the top-left
+/// corner, turned into 1-based inclusive [`BBox`]es covering every touched pixel. Every
+/// image needs exactly one box; a malformed line is an error naming it.
+pub fn load_boxes(root: impl AsRef<Path>, ds: &ImageDataset) -> Result<Vec<BBox>> {
+    let path = root.as_ref().join(BOXES);
+    let mut by_id: HashMap<u32, BBox> = HashMap::new();
+    for (line, id, rest) in read_pairs(&path)? {
+        let bad = |message: String| DataError::Parse {
+            path: path.clone(),
+            line,
+            message,
+        };
+        let v: Vec<f64> = rest
+            .split_whitespace()
+            .map(|t| {
+                t.parse::<f64>()
+                    .map_err(|_| bad(format!("'{t}' is not a number")))
+            })
+            .collect::<Result<_>>()?;
+        let [x, y, w, h] = v[..] else {
+            return Err(bad(format!(
+                "expected '<id> <x> <y> <width> <height>', got {} values",
+                v.len()
+            )));
+        };
+        let ok = x >= 0.0 && y >= 0.0 && w > 0.0 && h > 0.0;
+        if !(ok && [x, y, w, h].iter().all(|v| v.is_finite())) {
+            return Err(bad(format!(
+                "not a box: x {x}, y {y}, width {w}, height {h}"
+            )));
+        }
+        let b = BBox {
+            x1: x.floor() as u32 + 1,
+            y1: y.floor() as u32 + 1,
+            x2: (x + w).ceil() as u32,
+            y2: (y + h).ceil() as u32,
+        };
+        if by_id.insert(id, b).is_some() {
+            return Err(bad(format!("a second box for image {id}")));
+        }
+    }
+    ds.records
+        .iter()
+        .map(|r| {
+            by_id
+                .get(&r.id)
+                .copied()
+                .ok_or_else(|| DataError::Inconsistent {
+                    path: path.clone(),
+                    message: format!("no box for image {} ({})", r.id, r.path.display()),
+                })
+        })
+        .collect()
 }
 
 /// Loads a dataset in the CUB-200-2011 layout from `root`.
@@ -269,6 +328,47 @@ mod tests {
         );
         assert_eq!(ds.records[1].class, 1);
         assert_eq!(ds.images_dir, d.path().join("images"));
+    }
+
+    #[test]
+    fn bounding_boxes_cover_the_touched_pixels_and_bad_lines_are_named() {
+        let d = fixture("1 a\n2 b\n", "1 a/1.png\n2 b/2.png\n", "1 1\n2 2\n");
+        let ds = load(d.path()).unwrap();
+        fs::write(
+            d.path().join(BOXES),
+            "2 0.0 5.0 10.0 20.5\n1 60.0 27.0 325.0 304.0\n",
+        )
+        .unwrap();
+        let b = load_boxes(d.path(), &ds).unwrap();
+        assert_eq!(
+            b[0],
+            BBox {
+                x1: 61,
+                y1: 28,
+                x2: 385,
+                y2: 331
+            }
+        );
+        assert_eq!(
+            b[1],
+            BBox {
+                x1: 1,
+                y1: 6,
+                x2: 10,
+                y2: 26
+            }
+        );
+        for (text, want) in [
+            ("1 1 2 3\n2 1 1 1 1\n", "bounding_boxes.txt:1: expected"),
+            ("1 1 2 3 x\n", "'x' is not a number"),
+            ("1 1 2 0 4\n2 1 1 1 1\n", "not a box"),
+            ("1 1 1 1 1\n", "no box for image 2"),
+            ("1 1 1 1 1\n1 1 1 1 1\n", "a second box for image 1"),
+        ] {
+            fs::write(d.path().join(BOXES), text).unwrap();
+            let e = load_boxes(d.path(), &ds).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 
     #[test]

@@ -177,7 +177,8 @@ pub struct TrainArgs {
     /// Class-balanced batches with M images per class (photo pipeline).
     #[arg(long, value_name = "M")]
     pub m_per_class: Option<usize>,
-    /// Crop inside the bounding boxes of Cars196 (photo pipeline).
+    /// Crop inside the bounding boxes of CUB-200-2011 (bounding_boxes.txt) or Cars196
+    /// (photo pipeline).
     #[arg(long)]
     pub crop_to_boxes: bool,
     /// Continue the run in RUN_DIR after its last finished epoch, with its own

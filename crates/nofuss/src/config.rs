@@ -71,7 +71,7 @@ pub struct DataConfig {
     pub pipeline: PipelineKind,
     /// Class-balanced training batches of this many images per class (photo pipeline).
     pub m_per_class: Option<usize>,
-    /// Crop inside the dataset's bounding boxes (Cars196; photo pipeline).
+    /// Crop inside the dataset's bounding boxes (CUB-200-2011, Cars196; photo pipeline).
     pub crop_to_boxes: bool,
     /// Leave out images that cannot be read or decoded (counted and listed) instead of
     /// stopping with an error naming the first one.

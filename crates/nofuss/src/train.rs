@@ -459,6 +459,9 @@ pub fn prepare_data(cfg: &TrainConfig, opts: &TrainOptions) -> Result<PreparedDa
         DatasetKind::Glyphs => (cub::load(&cfg.data.dir)?, ZeroShotSplit::Halves, vec![]),
         DatasetKind::Cub => {
             let ds = cub::load(&cfg.data.dir)?;
+            if cfg.data.crop_to_boxes {
+                boxes = Some(cub::load_boxes(&cfg.data.dir, &ds)?);
+            }
             let w = cub::count_warnings(&ds);
             (ds, ZeroShotSplit::Halves, w)
         }
