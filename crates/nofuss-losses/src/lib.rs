@@ -29,6 +29,7 @@ mod error;
 mod metric_loss;
 mod proxy_nca;
 mod proxy_triplet;
+mod reseed;
 
 pub use assignment::{nearest, Assignment, Selection};
 pub use baselines::{nca_loss, triplet_loss, NcaConfig, TripletConfig, TripletMining};
@@ -40,3 +41,4 @@ pub use proxy_nca::{
     ProxyNcaForm,
 };
 pub use proxy_triplet::{proxy_triplet, ProxyTriplet, ProxyTripletConfig};
+pub use reseed::ProxyReseeder;

@@ -224,6 +224,10 @@ pub struct TrainArgs {
     /// Number of proxies (dynamic assignment); default: one per training class.
     #[arg(long, value_name = "P")]
     pub num_proxies: Option<usize>,
+    /// Dynamic assignment: move proxies unused for N steps onto example embeddings
+    /// (off by default; not part of the paper's method).
+    #[arg(long, value_name = "N")]
+    pub reseed_unused: Option<u64>,
     /// Proxy initialisation: normal (randn/8), xavier, or class-means (the classes'
     /// mean embeddings at the start; what dynamic assignment needs).
     #[arg(long, value_enum)]
@@ -501,6 +505,7 @@ impl TrainArgs {
             c.loss.proxy_nca.assignment = a;
             c.loss.proxy_triplet.assignment = a;
         }
+        set!(c.loss.reseed_unused_after, self.reseed_unused);
         if self.num_proxies.is_some() {
             c.loss.num_proxies = self.num_proxies;
         }

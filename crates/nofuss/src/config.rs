@@ -141,6 +141,10 @@ pub struct LossConfig {
     /// dynamic assignment (`assignment = "dynamic"` in the loss section) any number works,
     /// e.g. half the classes; static assignment needs one per class.
     pub num_proxies: Option<usize>,
+    /// Dynamic assignment: move a proxy that no example was assigned to for this many
+    /// steps onto an example's embedding (0: never, the paper's method). See
+    /// `nofuss_losses::ProxyReseeder`.
+    pub reseed_unused_after: u64,
     /// Proxy-NCA settings.
     pub proxy_nca: ProxyNcaConfig,
     /// Proxy-Triplet settings.
@@ -157,6 +161,7 @@ impl Default for LossConfig {
             name: "proxy-nca".into(),
             proxy_init: ProxyInit::Normal,
             num_proxies: None,
+            reseed_unused_after: 0,
             proxy_nca: ProxyNcaConfig::default(),
             proxy_triplet: ProxyTripletConfig::default(),
             triplet: TripletConfig::default(),
@@ -352,6 +357,14 @@ impl TrainConfig {
     pub fn check(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(m));
         self.device.parse::<nofuss_tensor::DeviceSpec>()?;
+        if self.loss.reseed_unused_after > 0
+            && self.loss.spec()?.assignment() != nofuss_losses::Assignment::Dynamic
+        {
+            return bad(
+                "reseeding unused proxies applies to dynamic assignment (--assignment dynamic)"
+                    .into(),
+            );
+        }
         match self.model.backbone.as_str() {
             "small-cnn" => {}
             "bn-inception" => {

@@ -141,6 +141,11 @@ pub fn selected_epoch(history: &[EpochMetrics]) -> Option<usize> {
     best.map(|(e, _)| e)
 }
 
+/// The run-wide index (from 1) of step `step` of epoch `epoch` with `per_epoch` batches.
+fn global_step(epoch: usize, per_epoch: usize, step: usize) -> u64 {
+    ((epoch - 1) * per_epoch + step) as u64
+}
+
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
@@ -671,6 +676,21 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         model.proxies_at_class_means(&train_bank, &train_set.labels, &device)?;
     }
     let mut opt = model.optimizer(&cfg.optim)?;
+    let dynamic = model.loss.spec().assignment() == nofuss_losses::Assignment::Dynamic;
+    let mut reseeder = match (model.loss.proxies(), cfg.loss.reseed_unused_after) {
+        (Some(p), after) if dynamic && after > 0 => Some(nofuss_losses::ProxyReseeder::new(
+            p.dim(0)?,
+            after,
+            cfg.seed,
+        )),
+        _ => None,
+    };
+    let proxy_var = model
+        .proxy_params
+        .named_vars()
+        .into_iter()
+        .find(|(n, _)| n == "proxies")
+        .map(|(_, v)| v);
     let norm = model.embedder.backbone().input().normalization;
     let augment = Augment {
         max_shift: cfg.data.max_shift,
@@ -725,6 +745,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             if finished > 0 {
                 let path = run_dir::resume_checkpoint(&dir, finished);
                 model.load_resume(&path, &mut opt, finished, &device)?;
+                if let Some(r) = reseeder.as_mut() {
+                    let saved = candle_core::safetensors::load(&path, &Device::Cpu)?;
+                    if let Some(t) = saved.get("reseed.last_used") {
+                        let used = t.to_vec1::<f64>()?.into_iter().map(|u| u as u64).collect();
+                        r.set_last_used(used)?;
+                    }
+                }
                 if let Some(last) = history.last() {
                     total_steps = last.steps;
                     total_train_secs = last.train_seconds;
@@ -809,6 +836,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
                 Err(LossError::NoPairs(reason)) => {
                     skipped += 1;
                     skip_reason = reason;
+                    if let (Some(r), Some(v)) = (reseeder.as_mut(), proxy_var.as_ref()) {
+                        r.step(&emb, v, global_step(epoch, num_batches, step))?;
+                    }
                     pb.inc(1);
                     continue;
                 }
@@ -830,6 +860,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
                     * warmup_factor(opt.steps(), cfg.optim.warmup_steps),
             );
             opt.step(&grads)?;
+            if let (Some(r), Some(v)) = (reseeder.as_mut(), proxy_var.as_ref()) {
+                r.step(&emb, v, global_step(epoch, num_batches, step))?;
+            }
             loss_sum += value as f64;
             steps += 1;
             images += batch_len;
@@ -873,6 +906,14 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             "nofuss.epoch".into(),
             Tensor::new(&[epoch as f64], &Device::Cpu)?,
         );
+        if let Some(r) = &reseeder {
+            let used: Vec<f64> = r.last_used().iter().map(|&u| u as f64).collect();
+            let n = used.len();
+            resume.insert(
+                "reseed.last_used".into(),
+                Tensor::from_vec(used, n, &Device::Cpu)?,
+            );
+        }
         save_checkpoint(&run_dir::resume_checkpoint(&dir, epoch), &resume)?;
         save_checkpoint(&dir.join(run_dir::LAST_CHECKPOINT), &model.state())?;
         record(&mut history, m)?;

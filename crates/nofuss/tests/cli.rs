@@ -1106,3 +1106,31 @@ fn validation_classes_choose_the_reported_epoch() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("validation split needs classes on both sides"));
 }
+
+#[test]
+fn reseeding_applies_to_dynamic_assignment_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_run(
+        tmp.path(),
+        "rs",
+        "6",
+        &[
+            "--assignment",
+            "dynamic",
+            "--num-proxies",
+            "3",
+            "--proxy-init",
+            "class-means",
+            "--reseed-unused",
+            "2",
+        ],
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let cfg: nofuss::config::TrainConfig =
+        toml::from_str(&std::fs::read_to_string(tmp.path().join("runs/rs/config.toml")).unwrap())
+            .unwrap();
+    assert_eq!(cfg.loss.reseed_unused_after, 2);
+    let out = tiny_run(tmp.path(), "rs2", "6", &["--reseed-unused", "2"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("applies to dynamic assignment"));
+}
