@@ -102,11 +102,11 @@ impl ProxyReseeder {
         let mut moved = 0;
         let mut rng =
             ChaCha8Rng::seed_from_u64(self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        for j in 0..p {
-            if step.saturating_sub(self.last_used[j]) >= self.after {
+        for (row, used) in pr.iter_mut().zip(self.last_used.iter_mut()) {
+            if step.saturating_sub(*used) >= self.after {
                 let pick = rng.gen_range(0..x.len());
-                pr[j] = x[pick].clone();
-                self.last_used[j] = step;
+                *row = x[pick].clone();
+                *used = step;
                 moved += 1;
             }
         }
