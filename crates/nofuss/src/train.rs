@@ -141,6 +141,24 @@ pub fn selected_epoch(history: &[EpochMetrics]) -> Option<usize> {
     best.map(|(e, _)| e)
 }
 
+/// Prints the images left out under `--skip-bad-images` (the first 20; each reason
+/// names its file).
+fn report_skipped(what: &str, skipped: &[nofuss_data::Skipped]) {
+    if skipped.is_empty() {
+        return;
+    }
+    eprintln!(
+        "warning: {what} {} unreadable image(s) (--skip-bad-images):",
+        skipped.len()
+    );
+    for (_, why) in skipped.iter().take(20) {
+        eprintln!("  {why}");
+    }
+    if skipped.len() > 20 {
+        eprintln!("  ... and {} more", skipped.len() - 20);
+    }
+}
+
 /// The run-wide index (from 1) of step `step` of epoch `epoch` with `per_epoch` batches.
 fn global_step(epoch: usize, per_epoch: usize, step: usize) -> u64 {
     ((epoch - 1) * per_epoch + step) as u64
@@ -539,18 +557,7 @@ pub fn prepare_data(cfg: &TrainConfig, opts: &TrainOptions) -> Result<PreparedDa
         }
         None => None,
     };
-    if !skipped.is_empty() {
-        eprintln!(
-            "warning: skipped {} unreadable image(s) (--skip-bad-images):",
-            skipped.len()
-        );
-        for (_, why) in skipped.iter().take(20) {
-            eprintln!("  {why}"); // the reason names the file
-        }
-        if skipped.len() > 20 {
-            eprintln!("  ... and {} more", skipped.len() - 20);
-        }
-    }
+    report_skipped("skipped", &skipped);
     Ok(PreparedData {
         train_set,
         test_set,
@@ -931,15 +938,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     if let Some((_, v)) = &val {
         skipped.extend(v.skipped());
     }
-    if !skipped.is_empty() {
-        eprintln!(
-            "warning: the photo pipeline skipped {} unreadable image(s) (--skip-bad-images):",
-            skipped.len()
-        );
-        for (_, why) in skipped.iter().take(20) {
-            eprintln!("  {why}"); // the reason names the file
-        }
-    }
+    report_skipped("the photo pipeline skipped", &skipped);
     Ok(RunSummary {
         run_dir: dir,
         device: picked.description,
