@@ -781,6 +781,46 @@ mod tests {
     }
 
     #[test]
+    fn big_endian_files_read_the_same() {
+        // A hand-made big-endian file: header "MI", then x = [7 300] as uint16 in a
+        // double array, and a packed char name.
+        let be_el = |ty: u32, data: &[u8]| {
+            let mut b = ty.to_be_bytes().to_vec();
+            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            b.extend_from_slice(data);
+            while b.len() % 8 != 0 {
+                b.push(0);
+            }
+            b
+        };
+        let mut body = be_el(MI_UINT32, &[6u32.to_be_bytes(), [0; 4]].concat());
+        body.extend(be_el(
+            MI_INT32,
+            &[1i32.to_be_bytes(), 2i32.to_be_bytes()].concat(),
+        ));
+        let mut name = (1u32 << 16 | MI_INT8).to_be_bytes().to_vec();
+        name.extend_from_slice(&[b'x', 0, 0, 0]);
+        body.extend(name);
+        body.extend(be_el(
+            MI_UINT16,
+            &[7u16.to_be_bytes(), 300u16.to_be_bytes()].concat(),
+        ));
+        let mut bytes = vec![b' '; 116];
+        bytes.extend_from_slice(&[0; 8]);
+        bytes.extend_from_slice(&0x0100u16.to_be_bytes());
+        bytes.extend_from_slice(b"MI");
+        bytes.extend(be_el(MI_MATRIX, &body));
+        let f = parse(&bytes).unwrap();
+        match f.get("x").unwrap() {
+            MatValue::Numeric { data, dims, .. } => {
+                assert_eq!(data, &vec![7.0, 300.0]);
+                assert_eq!(dims, &vec![1, 2]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn damaged_files_are_errors_naming_the_place() {
         let x = matrix(6, &[1, 3], "x", &[packed(MI_UINT8, &[7, 9])]);
         let e = parse(&file(&[x])).unwrap_err();
