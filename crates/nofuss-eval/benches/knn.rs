@@ -5,6 +5,10 @@
 //! line: median seconds of `knn` (K = 1,000) + Recall@{1,10,100,1000} over REPEATS runs,
 //! and the process's peak resident memory.
 //!
+//! `... --features cuda --bench knn -- EMB.npy LABELS.npy REPEATS cuda` runs the search on
+//! the GPU (`nofuss_eval::device::knn_on`) instead; `benches/torch_knn.py` is the PyTorch
+//! reference for that case (blocked matmul + topk on the same GPU).
+//!
 //! `... --bench knn -- EMB.npy LABELS.npy REPEATS kmeans RESTARTS ITERS [TRIALS]` times
 //! k-means (k = number of classes, greedy k-means++ seeding with TRIALS candidates, 0 = auto, RESTARTS runs of at most ITERS Lloyd
 //! iterations) + NMI instead, as `benches/kmeans_ref.py` does with faiss and scikit-learn.
@@ -120,17 +124,34 @@ fn main() -> Result<(), String> {
         return Ok(());
     }
     let ks = [1, 10, 100, 1000];
+    let device = args.get(3).map(String::as_str).unwrap_or("cpu").to_string();
+    let search = |emb: &[f32]| -> Result<nofuss_eval::Neighbors, String> {
+        match device.as_str() {
+            "cpu" => knn(emb, dim, 1000, Metric::Euclidean).map_err(|e| e.to_string()),
+            #[cfg(feature = "candle")]
+            "cuda" => {
+                let dev = candle_core::Device::new_cuda(0).map_err(|e| e.to_string())?;
+                let nb = nofuss_eval::device::knn_on(&dev, emb, dim, 1000, Metric::Euclidean)
+                    .map_err(|e| e.to_string())?;
+                Ok(nb)
+            }
+            other => Err(format!(
+                "device '{other}': cpu, or cuda with --features cuda"
+            )),
+        }
+    };
     let mut times = Vec::new();
     let mut recall = Vec::new();
     for _ in 0..repeats.max(1) {
         let t = Instant::now();
-        let nb = knn(&emb, dim, 1000, Metric::Euclidean).map_err(|e| e.to_string())?;
+        let nb = search(&emb)?;
         recall = recall_from_neighbors(&nb, &labels, &ks).map_err(|e| e.to_string())?;
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
     let mut line = serde_json::json!({
         "impl": "nofuss-eval knn",
+        "device": device,
         "threads": rayon::current_num_threads(),
         "n": n,
         "dim": dim,
