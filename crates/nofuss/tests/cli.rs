@@ -751,27 +751,32 @@ fn cars_layout_trains_from_its_mat_file() {
             .unwrap();
     }
     let runs = tmp.path().join("runs");
-    let out = nofuss(&[
-        "train",
-        "--dataset",
-        "cars",
-        "--data-dir",
-        data.to_str().unwrap(),
+    // `nofuss train` on this data into `runs`, with `extra` options.
+    let cars = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--dataset",
+            "cars",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--out-dir",
+            runs.to_str().unwrap(),
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        nofuss(&args)
+    };
+    // A quick model: 16-pixel images, a tiny CNN, Recall@1 only.
+    let quick = [
         "--image-size",
         "16",
         "--widths",
         "4,8",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
         "--eval-k",
         "1",
         "--no-nmi",
-        "--out-dir",
-        runs.to_str().unwrap(),
-        "--quiet",
-    ]);
+    ];
+    let out = cars(&[&quick[..], &["--epochs", "1", "--batch-size", "4"]].concat());
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     assert!(
         text(&out.stdout).contains("on 3 unseen classes"),
@@ -780,52 +785,29 @@ fn cars_layout_trains_from_its_mat_file() {
     );
     assert!(text(&out.stderr).contains("warning: Cars196: 6 classes"));
     // The photo pipeline: RandomResizedCrop inside the boxes, class-balanced batches.
-    let out = nofuss(&[
-        "train",
-        "--dataset",
-        "cars",
-        "--data-dir",
-        data.to_str().unwrap(),
+    let photo = [
         "--pipeline",
         "photo",
         "--channels",
         "3",
-        "--image-size",
-        "16",
         "--m-per-class",
         "2",
         "--crop-to-boxes",
-        "--widths",
-        "4,8",
         "--epochs",
         "2",
         "--batch-size",
         "4",
-        "--eval-k",
-        "1",
-        "--no-nmi",
-        "--out-dir",
-        runs.to_str().unwrap(),
         "--name",
         "photo",
-        "--quiet",
-    ]);
+    ];
+    let out = cars(&[&quick[..], &photo[..]].concat());
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     let m = metrics(&runs.join("photo"));
     assert_eq!(m.len(), 3);
     assert!(m[2]["train_loss"].as_f64().unwrap().is_finite());
     // A missing image is named.
     std::fs::remove_file(data.join("car_ims/000002.jpg")).unwrap();
-    let out = nofuss(&[
-        "train",
-        "--dataset",
-        "cars",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--out-dir",
-        runs.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let out = cars(&[]);
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("000002.jpg"),
@@ -834,32 +816,18 @@ fn cars_layout_trains_from_its_mat_file() {
     );
     // With --skip-bad-images it is left out, named, and training goes on: in memory...
     let skip_run = |pipeline: &str| {
-        nofuss(&[
-            "train",
-            "--dataset",
-            "cars",
-            "--data-dir",
-            data.to_str().unwrap(),
+        let skip = [
             "--pipeline",
             pipeline,
             "--channels",
             "3",
-            "--image-size",
-            "16",
-            "--widths",
-            "4,8",
             "--epochs",
             "2",
             "--batch-size",
             "3",
-            "--eval-k",
-            "1",
-            "--no-nmi",
             "--skip-bad-images",
-            "--out-dir",
-            runs.to_str().unwrap(),
-            "--quiet",
-        ])
+        ];
+        cars(&[&quick[..], &skip[..]].concat())
     };
     let out = skip_run("memory");
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
