@@ -28,6 +28,9 @@ pub const TRAIN_IMAGES: usize = 8_054;
 /// Test images of the zero-shot split (classes 99-196).
 pub const TEST_IMAGES: usize = 8_131;
 
+/// The box fields of `annotations`, in [`BBox`] order.
+const BOX_FIELDS: [&str; 4] = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"];
+
 /// A loaded Cars196 dataset.
 #[derive(Debug, Clone)]
 pub struct Loaded {
@@ -96,12 +99,10 @@ pub fn load(root: impl AsRef<Path>) -> Result<Loaded> {
             .ok_or_else(|| bad(format!("`annotations` has no field `{name}`")))
     };
     let (f_path, f_class, f_test) = (col("relative_im_path")?, col("class")?, col("test")?);
-    let f_box = [
-        col("bbox_x1")?,
-        col("bbox_y1")?,
-        col("bbox_x2")?,
-        col("bbox_y2")?,
-    ];
+    let f_box = BOX_FIELDS
+        .iter()
+        .map(|n| col(n))
+        .collect::<Result<Vec<usize>>>()?;
 
     let names = file
         .get("class_names")
@@ -160,12 +161,10 @@ pub fn load(root: impl AsRef<Path>) -> Result<Loaded> {
                 class_names.len()
             )));
         }
-        let b = [
-            whole(f_box[0], "bbox_x1")?,
-            whole(f_box[1], "bbox_y1")?,
-            whole(f_box[2], "bbox_x2")?,
-            whole(f_box[3], "bbox_y2")?,
-        ];
+        let mut b = [0u32; 4];
+        for (slot, (&f, name)) in b.iter_mut().zip(f_box.iter().zip(BOX_FIELDS)) {
+            *slot = whole(f, name)?;
+        }
         if b[2] < b[0] || b[3] < b[1] {
             return Err(bad(format!("{}: empty bounding box {b:?}", at("bbox_x1"))));
         }

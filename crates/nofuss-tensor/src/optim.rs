@@ -223,19 +223,22 @@ impl Optimizer {
 
     /// Global L2 norm of the gradients of all parameters (missing gradients count 0).
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut total = 0f64;
+        // Per-parameter sums stay on the device; one read brings back the total.
+        let mut sums = Vec::new();
         for g in &self.groups {
             for v in &g.vars {
                 if let Some(gr) = grads.get(v.as_tensor()) {
-                    total += gr
-                        .to_dtype(candle_core::DType::F64)?
-                        .sqr()?
-                        .sum_all()?
-                        .to_scalar::<f64>()?;
+                    sums.push(gr.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?);
                 }
             }
         }
-        Ok(total.sqrt())
+        if sums.is_empty() {
+            return Ok(0.0);
+        }
+        Ok(Tensor::stack(&sums, 0)?
+            .sum_all()?
+            .to_scalar::<f64>()?
+            .sqrt())
     }
 
     /// One update of every parameter that has a gradient in `grads`. Returns the global

@@ -18,8 +18,13 @@ pub type BatchIter<'a> = Box<dyn Iterator<Item = Result<ModelBatch>> + 'a>;
 
 /// The images of one subset (training or test).
 pub enum Images {
-    /// Decoded into memory.
-    Memory(ImageBank),
+    /// Decoded into memory (build with [`Images::memory`]).
+    Memory {
+        /// The decoded images.
+        bank: ImageBank,
+        /// One 0 label per image: evaluation batches need labels and must borrow them.
+        zeros: Vec<u32>,
+    },
     /// Streamed through the photo pipeline.
     Photos(Box<PhotoSource>),
 }
@@ -43,11 +48,17 @@ pub struct PhotoSource {
 }
 
 impl Images {
+    /// In-memory images.
+    pub fn memory(bank: ImageBank) -> Self {
+        let zeros = vec![0; bank.len()];
+        Self::Memory { bank, zeros }
+    }
+
     /// Distinct images the photo pipeline skipped so far (unreadable, with
     /// `skip_bad_images`), with the reason; empty for in-memory images.
     pub fn skipped(&self) -> Vec<(std::path::PathBuf, String)> {
         match self {
-            Self::Memory(_) => Vec::new(),
+            Self::Memory { .. } => Vec::new(),
             Self::Photos(p) => {
                 let mut seen = std::collections::HashSet::new();
                 p.skipped
@@ -64,7 +75,7 @@ impl Images {
     /// Number of images.
     pub fn len(&self) -> usize {
         match self {
-            Self::Memory(b) => b.len(),
+            Self::Memory { bank, .. } => bank.len(),
             Self::Photos(p) => p.subset.len(),
         }
     }
@@ -88,18 +99,10 @@ impl Images {
         device: &Device,
     ) -> Result<(usize, BatchIter<'a>)> {
         match self {
-            Self::Memory(bank) => {
+            Self::Memory { bank, .. } => {
                 let b =
                     Batches::train(bank, labels, batch_size, seed, epoch, augment, norm, device)?;
-                let n = b.num_batches();
-                Ok((
-                    n,
-                    Box::new(b.map(|r| {
-                        let b = r?;
-                        let n = b.indices.len();
-                        Ok((b.images, b.labels, n))
-                    })),
-                ))
+                Ok((b.num_batches(), bank_batches(b)))
             }
             Self::Photos(p) => {
                 let sampler = match p.m_per_class {
@@ -120,17 +123,8 @@ impl Images {
         device: &Device,
     ) -> Result<BatchIter<'a>> {
         match self {
-            Self::Memory(bank) => {
-                let labels = vec![0u32; bank.len()];
-                let b = Batches::eval(bank, &labels, 256, norm, device)?;
-                let batches: Vec<Result<ModelBatch>> = b
-                    .map(|r| {
-                        let b = r?;
-                        let n = b.indices.len();
-                        Ok((b.images, b.labels, n))
-                    })
-                    .collect();
-                Ok(Box::new(batches.into_iter()))
+            Self::Memory { bank, zeros } => {
+                Ok(bank_batches(Batches::eval(bank, zeros, 256, norm, device)?))
             }
             Self::Photos(p) => {
                 let loader = p.loader(64, Sampler::Sequential, Transform::eval(p.size), norm, 0)?;
@@ -178,6 +172,15 @@ impl PhotoSource {
             None => loader,
         })
     }
+}
+
+/// In-memory batches as model batches, one at a time.
+fn bank_batches(b: Batches<'_>) -> BatchIter<'_> {
+    Box::new(b.map(|r| {
+        let b = r?;
+        let n = b.indices.len();
+        Ok((b.images, b.labels, n))
+    }))
 }
 
 fn photo_batches<'a>(loader: Loader, epoch: u64, device: Device) -> BatchIter<'a> {

@@ -329,14 +329,15 @@ impl Model {
     }
 
     /// Restores the state saved after epoch `epoch` (see [`run_dir::resume_checkpoint`]):
-    /// every parameter, BN statistic and proxy, and `opt`'s state.
+    /// every parameter, BN statistic and proxy, and `opt`'s state. Returns the file's
+    /// other tensors (the trainer's own state, e.g. `reseed.last_used`).
     pub fn load_resume(
         &self,
         path: &Path,
         opt: &mut Optimizer,
         epoch: usize,
         device: &Device,
-    ) -> Result<()> {
+    ) -> Result<HashMap<String, Tensor>> {
         let bad = |message: String| {
             TrainError::Config(format!("cannot resume from {}: {message}", path.display()))
         };
@@ -350,12 +351,15 @@ impl Model {
             return Err(bad(format!("it holds epoch {saved_epoch:?}, not {epoch}")));
         }
         self.set_vars(&mut tensors, path)?;
-        let optim: HashMap<String, Tensor> = tensors
+        let (optim, rest): (HashMap<String, Tensor>, HashMap<String, Tensor>) = tensors
             .into_iter()
-            .filter_map(|(k, v)| k.strip_prefix("optim.").map(|s| (s.to_string(), v)))
+            .partition(|(k, _)| k.starts_with("optim."));
+        let optim: HashMap<String, Tensor> = optim
+            .into_iter()
+            .map(|(k, v)| (k["optim.".len()..].to_string(), v))
             .collect();
         opt.load_state(&optim)?;
-        Ok(())
+        Ok(rest)
     }
 
     /// Loads a checkpoint of this model (`last.safetensors`, `final.safetensors`, or a
@@ -543,9 +547,9 @@ pub fn prepare_data(cfg: &TrainConfig, opts: &TrainOptions) -> Result<PreparedDa
             PipelineKind::Memory if cfg.data.skip_bad_images => {
                 let (bank, kept, more) = ImageBank::load_skipping(&ds, &subset, spec)?;
                 skipped.extend(more);
-                (Images::Memory(bank), kept)
+                (Images::memory(bank), kept)
             }
-            PipelineKind::Memory => (Images::Memory(ImageBank::load(&ds, &subset, spec)?), subset),
+            PipelineKind::Memory => (Images::memory(ImageBank::load(&ds, &subset, spec)?), subset),
         })
     };
     let (train_bank, train_set) = images_of(train_set)?;
@@ -751,9 +755,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             }
             if finished > 0 {
                 let path = run_dir::resume_checkpoint(&dir, finished);
-                model.load_resume(&path, &mut opt, finished, &device)?;
+                let saved = model.load_resume(&path, &mut opt, finished, &device)?;
                 if let Some(r) = reseeder.as_mut() {
-                    let saved = candle_core::safetensors::load(&path, &Device::Cpu)?;
                     if let Some(t) = saved.get("reseed.last_used") {
                         let used = t.to_vec1::<f64>()?.into_iter().map(|u| u as u64).collect();
                         r.set_last_used(used)?;
