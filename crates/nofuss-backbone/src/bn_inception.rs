@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear, Module, ModuleT, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, Module, VarBuilder};
+use nofuss_tensor::batch_norm::BatchNorm2d;
+use nofuss_tensor::conv::Conv2d;
 use nofuss_tensor::pool::{avg_pool2d, max_pool2d, Pool2d};
 use nofuss_tensor::Normalization;
 use serde::{Deserialize, Serialize};
@@ -53,12 +55,13 @@ impl Default for BnInceptionConfig {
     }
 }
 
-/// Convolution (with bias, as in the port), batch norm and ReLU. Parameters
-/// `{name}.{weight,bias}` and `{name}_bn.{weight,bias,running_mean,running_var}`.
+/// Convolution (with bias, as in the port), batch norm and ReLU (fused with the batch
+/// norm). Parameters `{name}.{weight,bias}` and
+/// `{name}_bn.{weight,bias,running_mean,running_var}`.
 #[derive(Debug, Clone)]
 struct ConvBnRelu {
     conv: Conv2d,
-    bn: BatchNorm,
+    bn: BatchNorm2d,
 }
 
 impl ConvBnRelu {
@@ -78,19 +81,18 @@ impl ConvBnRelu {
             stride,
             ..Default::default()
         };
-        let conv = candle_nn::conv2d(c_in, c_out, kernel, conv_cfg, vb.pp(name))?;
-        let bn_cfg = candle_nn::BatchNormConfig {
-            eps: cfg.bn_eps,
-            remove_mean: true,
-            affine: true,
-            momentum: cfg.bn_momentum,
-        };
-        let bn = candle_nn::batch_norm(c_out, bn_cfg, vb.pp(format!("{name}_bn")))?;
+        let conv = Conv2d::new(c_in, c_out, kernel, conv_cfg, true, vb.pp(name))?;
+        let bn = BatchNorm2d::new(
+            c_out,
+            cfg.bn_eps,
+            cfg.bn_momentum,
+            vb.pp(format!("{name}_bn")),
+        )?;
         Ok(Self { conv, bn })
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(x)?, train)?.relu()
+        self.bn.forward_t(&self.conv.forward(x)?, train, true)
     }
 }
 

@@ -34,7 +34,7 @@ pub use bn_inception::{
 };
 pub use error::{BackboneError, Result};
 pub use head::{EmbeddingHead, HeadConfig, HeadInit, Pooling};
-pub use nofuss_tensor::{ChannelOrder, Normalization};
+pub use nofuss_tensor::{ChannelOrder, Normalization, Precision};
 pub use small_cnn::{SmallCnn, SmallCnnConfig};
 
 use candle_core::Tensor;
@@ -67,12 +67,38 @@ pub trait Backbone: Send + Sync {
 pub struct Embedder {
     backbone: Box<dyn Backbone>,
     head: EmbeddingHead,
+    precision: Precision,
 }
 
 impl Embedder {
-    /// Chains `backbone` and `head`.
+    /// Chains `backbone` and `head`, everything in f32.
     pub fn new(backbone: Box<dyn Backbone>, head: EmbeddingHead) -> Self {
-        Self { backbone, head }
+        Self {
+            backbone,
+            head,
+            precision: Precision::F32,
+        }
+    }
+
+    /// Runs the backbone in `precision`'s compute dtype (bf16: autocast-style mixed
+    /// precision: images, activations and the convolutions' weight copies in bf16, batch
+    /// norm statistics in f32, parameters and their gradients in f32); the feature map is
+    /// brought back to f32 before the head, so embeddings, proxies and the loss stay f32.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// The backbone's precision.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    fn map(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let x = x.to_dtype(self.precision.compute_dtype())?;
+        self.backbone
+            .forward_map(&x, train)?
+            .to_dtype(self.precision.loss_dtype())
     }
 
     /// The backbone.
@@ -87,13 +113,11 @@ impl Embedder {
 
     /// Globally average-pooled backbone features `[N,F]`, for feature extraction.
     pub fn forward_features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let map = self.backbone.forward_map(x, train)?;
-        Ok(Pooling::Average.apply(&map)?)
+        Ok(Pooling::Average.apply(&self.map(x, train)?)?)
     }
 
     /// Images to embeddings `[N,D]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let map = self.backbone.forward_map(x, train)?;
-        self.head.forward(&map)
+        self.head.forward(&self.map(x, train)?)
     }
 }

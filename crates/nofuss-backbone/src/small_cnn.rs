@@ -1,5 +1,7 @@
 use candle_core::Tensor;
-use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Module, ModuleT, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use nofuss_tensor::batch_norm::BatchNorm2d;
+use nofuss_tensor::conv::Conv2d;
 use nofuss_tensor::pool::{max_pool2d, Pool2d};
 use nofuss_tensor::Normalization;
 use serde::{Deserialize, Serialize};
@@ -34,7 +36,7 @@ impl Default for SmallCnnConfig {
 /// `blocks.{i}.bn.{weight,bias,running_mean,running_var}`.
 #[derive(Debug, Clone)]
 pub struct SmallCnn {
-    blocks: Vec<(Conv2d, BatchNorm)>,
+    blocks: Vec<(Conv2d, BatchNorm2d)>,
     cfg: SmallCnnConfig,
 }
 
@@ -61,8 +63,8 @@ impl SmallCnn {
         let mut c_in = cfg.in_channels;
         for (i, &c_out) in cfg.widths.iter().enumerate() {
             let vb = vb.pp(format!("blocks.{i}"));
-            let conv = candle_nn::conv2d_no_bias(c_in, c_out, 3, conv_cfg, vb.pp("conv"))?;
-            let bn = candle_nn::batch_norm(c_out, 1e-5, vb.pp("bn"))?;
+            let conv = Conv2d::new(c_in, c_out, 3, conv_cfg, false, vb.pp("conv"))?;
+            let bn = BatchNorm2d::new(c_out, 1e-5, 0.1, vb.pp("bn"))?;
             blocks.push((conv, bn));
             c_in = c_out;
         }
@@ -81,7 +83,7 @@ impl Backbone for SmallCnn {
     fn forward_map(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut h = x.clone();
         for (conv, bn) in &self.blocks {
-            let a = bn.forward_t(&conv.forward(&h)?, train)?.relu()?;
+            let a = bn.forward_t(&conv.forward(&h)?, train, true)?;
             h = max_pool2d(&a, &Pool2d::new(2, 2))?;
         }
         Ok(h)

@@ -11,12 +11,13 @@
 //! - average pooling divides by the window clipped to the padded input
 //!   (`count_include_pad = true`) or to the input itself (`false`).
 //!
-//! They are built from candle operations that all have gradients (pad, reshape,
-//! strided slices, element-wise maximum / sum), so they run and differentiate on CPU
-//! and CUDA alike. When an average window tiles the input exactly (no padding, kernel
-//! equal to stride) candle's native kernel is used. One difference from PyTorch's backward:
-//! where two inputs of a max window are exactly equal, the gradient is shared between
-//! them (candle's `maximum` rule) rather than routed to the first.
+//! Both are custom operations with their own kernels, forward and backward: direct loops
+//! over the planes on the CPU (in parallel with rayon), and on CUDA the kernels of
+//! `kernels/pool.cu` (one thread per output forward, one thread per input backward: a
+//! gather, so no atomics and the same result every run). Max pooling routes each window's
+//! gradient to its first maximum in row-major order (a NaN wins), as PyTorch does; this
+//! also avoids candle 0.11's max-pool backward, which scales a unique maximum's gradient
+//! by 1/k². Inputs may be f32, f64 or bf16 (f16 too on the CPU).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -29,7 +30,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use candle_core::{Result, Tensor};
+use candle_core::backend::BackendStorage;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use crate::cpu::{slice, with_cpu_dtype};
 
 /// A square pooling window: kernel size, stride, symmetric zero padding, ceil mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,160 +87,321 @@ impl Pool2d {
         let out = out as usize;
         Ok(out)
     }
-
-    fn tiles_exactly(&self, h: usize, w: usize) -> bool {
-        self.padding == 0
-            && self.kernel == self.stride
-            && h % self.kernel == 0
-            && w % self.kernel == 0
-    }
 }
 
 /// Max pooling of `[N,C,H,W]` with PyTorch's `nn.MaxPool2d` semantics.
 pub fn max_pool2d(x: &Tensor, p: &Pool2d) -> Result<Tensor> {
-    // candle's native max pooling backward (0.11) scales the gradient of the maximum by
-    // (number of maxima / window size) instead of dividing it among the maxima, so a
-    // unique maximum gets 1/k^2 of its gradient. Where the window tiles the input, the
-    // native forward is used through an expression with the right gradient:
-    // max = avg(x * m) / avg(m), m = (x == max) without gradient, so ties share it.
-    let (_, _, h, w) = x.dims4()?;
-    if p.tiles_exactly(h, w) {
-        let (k, s) = (p.kernel, p.stride);
-        let y = x.detach().max_pool2d_with_stride(k, s)?;
-        let m = x
-            .detach()
-            .eq(&y.upsample_nearest2d(h, w)?)?
-            .to_dtype(x.dtype())?;
-        let num = (x * &m)?.avg_pool2d_with_stride(k, s)?;
-        let den = m.avg_pool2d_with_stride(k, s)?;
-        return num.div(&den);
-    }
-    let windows = Windows::new(x, p, f64::NEG_INFINITY)?;
-    let mut out: Option<Tensor> = None;
-    for dy in 0..p.kernel {
-        for dx in 0..p.kernel {
-            let win = windows.get(dy, dx)?;
-            out = Some(match out {
-                None => win,
-                Some(acc) => acc.maximum(&win)?,
-            });
-        }
-    }
-    out.ok_or_else(|| candle_core::Error::Msg("empty pooling window".into()))
+    Geom::new(x.dims(), p)?;
+    x.contiguous()?.apply_op1(MaxPool(*p))
 }
 
 /// Average pooling of `[N,C,H,W]` with PyTorch's `nn.AvgPool2d` semantics
 /// (`count_include_pad` chooses whether padded zeros count in the divisor).
 pub fn avg_pool2d(x: &Tensor, p: &Pool2d, count_include_pad: bool) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    if p.tiles_exactly(h, w) {
-        return x.avg_pool2d_with_stride(p.kernel, p.stride);
-    }
-    let windows = Windows::new(x, p, 0.0)?;
-    let mut sum: Option<Tensor> = None;
-    for dy in 0..p.kernel {
-        for dx in 0..p.kernel {
-            let win = windows.get(dy, dx)?;
-            sum = Some(match sum {
-                None => win,
-                Some(acc) => (acc + win)?,
-            });
-        }
-    }
-    let sum = sum.ok_or_else(|| candle_core::Error::Msg("empty pooling window".into()))?;
-    let divisor = divisors(h, w, windows.out_h, windows.out_w, p, count_include_pad);
-    let divisor = Tensor::from_vec(divisor, (1, 1, windows.out_h, windows.out_w), x.device())?
-        .to_dtype(x.dtype())?;
-    sum.broadcast_div(&divisor)
+    Geom::new(x.dims(), p)?;
+    x.contiguous()?.apply_op1(AvgPool {
+        pool: *p,
+        include_pad: count_include_pad,
+    })
 }
 
-/// Per-output-position divisors of average pooling, as PyTorch computes them.
-fn divisors(h: usize, w: usize, oh: usize, ow: usize, p: &Pool2d, include_pad: bool) -> Vec<f32> {
-    let axis = |len: usize, o: usize| -> (usize, usize) {
-        let start = (o * p.stride) as isize - p.padding as isize;
-        let end = (start + p.kernel as isize).min((len + p.padding) as isize);
-        let with_pad = (end - start) as usize;
-        let clipped = (end.min(len as isize) - start.max(0)) as usize;
-        (with_pad, clipped)
-    };
-    let mut out = Vec::with_capacity(oh * ow);
-    for y in 0..oh {
-        let (hy, cy) = axis(h, y);
-        for x in 0..ow {
-            let (wx, cx) = axis(w, x);
-            out.push(if include_pad { hy * wx } else { cy * cx } as f32);
-        }
-    }
-    out
-}
-
-/// The padded input, reshaped so that window element `(dy, dx)` of every output
-/// position is one strided slice.
-struct Windows {
-    /// `[N, C, qh, s, qw, s]`.
-    grid: Tensor,
-    stride: usize,
-    out_h: usize,
-    out_w: usize,
+/// Sizes of one pooling: planes (N*C) of `h x w` into `oh x ow`.
+#[derive(Debug, Clone, Copy)]
+struct Geom {
     n: usize,
     c: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    k: usize,
+    s: usize,
+    p: usize,
 }
 
-impl Windows {
-    fn new(x: &Tensor, p: &Pool2d, fill: f64) -> Result<Self> {
-        let (n, c, h, w) = x.dims4()?;
-        let (out_h, out_w) = (p.output_len(h)?, p.output_len(w)?);
-        let s = p.stride;
-        // Rows needed: every window inside, and a whole number of strides.
-        let rows = |len: usize, out: usize| -> usize {
-            let needed = (len + 2 * p.padding).max((out - 1) * s + p.kernel);
-            let q = needed.div_ceil(s).max(out + (p.kernel - 1) / s);
-            q * s
+impl Geom {
+    fn new(dims: &[usize], pool: &Pool2d) -> Result<Self> {
+        let &[n, c, h, w] = dims else {
+            candle_core::bail!("pooling expects [N,C,H,W], got {dims:?}");
         };
-        let (ph, pw) = (rows(h, out_h), rows(w, out_w));
-        let x = pad_axis(x, 2, p.padding, ph - h - p.padding, fill)?;
-        let x = pad_axis(&x, 3, p.padding, pw - w - p.padding, fill)?;
-        let grid = x.reshape((n, c, ph / s, s, pw / s, s))?;
         Ok(Self {
-            grid,
-            stride: s,
-            out_h,
-            out_w,
             n,
             c,
+            h,
+            w,
+            oh: pool.output_len(h)?,
+            ow: pool.output_len(w)?,
+            k: pool.kernel,
+            s: pool.stride,
+            p: pool.padding,
         })
     }
 
-    fn get(&self, dy: usize, dx: usize) -> Result<Tensor> {
-        let s = self.stride;
-        self.grid
-            .narrow(2, dy / s, self.out_h)?
-            .narrow(3, dy % s, 1)?
-            .narrow(4, dx / s, self.out_w)?
-            .narrow(5, dx % s, 1)?
-            .reshape((self.n, self.c, self.out_h, self.out_w))
+    fn in_plane(&self) -> usize {
+        self.h * self.w
+    }
+
+    fn out_plane(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    fn out_shape(&self) -> Shape {
+        Shape::from((self.n, self.c, self.oh, self.ow))
+    }
+
+    /// Rows `[start, end)` of input along one axis covered by output `o`, clipped.
+    fn span(&self, o: usize, len: usize) -> (usize, usize) {
+        let start = (o * self.s) as isize - self.p as isize;
+        let end = (start + self.k as isize).min(len as isize);
+        (start.max(0) as usize, end.max(0) as usize)
+    }
+
+    /// PyTorch's divisor of average pooling at output `(y, x)`.
+    fn divisor(&self, y: usize, x: usize, include_pad: bool) -> f64 {
+        if include_pad {
+            let axis = |o: usize, len: usize| {
+                let start = (o * self.s) as isize - self.p as isize;
+                let end = (start + self.k as isize).min((len + self.p) as isize);
+                (end - start) as f64
+            };
+            axis(y, self.h) * axis(x, self.w)
+        } else {
+            let (hs, he) = self.span(y, self.h);
+            let (ws, we) = self.span(x, self.w);
+            ((he - hs) * (we - ws)) as f64
+        }
+    }
+
+    /// Position in the plane of the window's first maximum (a NaN wins, as in PyTorch).
+    fn argmax<T: WithDType>(&self, plane: &[T], y: usize, x: usize) -> usize {
+        let (hs, he) = self.span(y, self.h);
+        let (ws, we) = self.span(x, self.w);
+        let mut best = hs * self.w + ws;
+        let mut m = f64::NEG_INFINITY;
+        for yy in hs..he {
+            for xx in ws..we {
+                let v = plane[yy * self.w + xx].to_f64();
+                if v > m || v.is_nan() {
+                    m = v;
+                    best = yy * self.w + xx;
+                }
+            }
+        }
+        best
+    }
+
+    #[cfg(feature = "cuda")]
+    fn device(&self) -> crate::cuda::PoolGeom {
+        crate::cuda::PoolGeom {
+            planes: (self.n * self.c) as i64,
+            h: self.h as i32,
+            w: self.w as i32,
+            oh: self.oh as i32,
+            ow: self.ow as i32,
+            k: self.k as i32,
+            s: self.s as i32,
+            p: self.p as i32,
+        }
     }
 }
 
-/// Pads `dim` of `x` with `before` and `after` copies of `fill`.
-fn pad_axis(x: &Tensor, dim: usize, before: usize, after: usize, fill: f64) -> Result<Tensor> {
-    if before == 0 && after == 0 {
-        return Ok(x.clone());
+struct MaxPool(Pool2d);
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "nofuss-max-pool2d"
     }
-    let block = |len: usize| -> Result<Tensor> {
-        let mut shape = x.dims().to_vec();
-        shape[dim] = len;
-        Tensor::full(fill, shape, x.device())?.to_dtype(x.dtype())
-    };
-    let mut parts = Vec::with_capacity(3);
-    if before > 0 {
-        parts.push(block(before)?);
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l.dims(), &self.0)?;
+        with_cpu_dtype!(s.dtype(), T, {
+            let x = slice::<T>(s, l)?;
+            let mut y = vec![T::from_f64(0.0); g.n * g.c * g.out_plane()];
+            y.par_chunks_mut(g.out_plane())
+                .zip(x.par_chunks(g.in_plane()))
+                .for_each(|(out, plane)| {
+                    for yo in 0..g.oh {
+                        for xo in 0..g.ow {
+                            out[yo * g.ow + xo] = plane[g.argmax(plane, yo, xo)];
+                        }
+                    }
+                });
+            Ok((T::to_cpu_storage_owned(y), g.out_shape()))
+        })
     }
-    parts.push(x.clone());
-    if after > 0 {
-        parts.push(block(after)?);
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let g = Geom::new(l.dims(), &self.0)?;
+        let out = crate::cuda::pool_fwd(s, l, g.device(), g.n * g.c * g.out_plane(), None)?;
+        Ok((out, g.out_shape()))
     }
-    Tensor::cat(&parts, dim)
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &MaxPoolBwd(self.0),
+        )?))
+    }
+}
+
+/// Gradient of max pooling with respect to its input: `(x, dy) -> dx`.
+struct MaxPoolBwd(Pool2d);
+
+impl CustomOp2 for MaxPoolBwd {
+    fn name(&self) -> &'static str {
+        "nofuss-max-pool2d-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), &self.0)?;
+        with_cpu_dtype!(s1.dtype(), T, {
+            let x = slice::<T>(s1, l1)?;
+            let dy = slice::<T>(s2, l2)?;
+            let mut dx = vec![T::from_f64(0.0); x.len()];
+            dx.par_chunks_mut(g.in_plane())
+                .zip(x.par_chunks(g.in_plane()))
+                .zip(dy.par_chunks(g.out_plane()))
+                .for_each(|((dx, plane), dy)| {
+                    let mut acc = vec![0f64; plane.len()];
+                    for yo in 0..g.oh {
+                        for xo in 0..g.ow {
+                            acc[g.argmax(plane, yo, xo)] += dy[yo * g.ow + xo].to_f64();
+                        }
+                    }
+                    for (d, a) in dx.iter_mut().zip(acc) {
+                        *d = T::from_f64(a);
+                    }
+                });
+            Ok((T::to_cpu_storage_owned(dx), l1.shape().clone()))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let g = Geom::new(l1.dims(), &self.0)?;
+        let out = crate::cuda::pool_bwd(Some((s1, l1)), s2, l2, g.device(), None)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+struct AvgPool {
+    pool: Pool2d,
+    include_pad: bool,
+}
+
+impl CustomOp1 for AvgPool {
+    fn name(&self) -> &'static str {
+        "nofuss-avg-pool2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l.dims(), &self.pool)?;
+        with_cpu_dtype!(s.dtype(), T, {
+            let x = slice::<T>(s, l)?;
+            let mut y = vec![T::from_f64(0.0); g.n * g.c * g.out_plane()];
+            y.par_chunks_mut(g.out_plane())
+                .zip(x.par_chunks(g.in_plane()))
+                .for_each(|(out, plane)| {
+                    for yo in 0..g.oh {
+                        let (hs, he) = g.span(yo, g.h);
+                        for xo in 0..g.ow {
+                            let (ws, we) = g.span(xo, g.w);
+                            let mut sum = 0f64;
+                            for row in plane[hs * g.w..he * g.w].chunks_exact(g.w) {
+                                sum += row[ws..we].iter().map(|v| v.to_f64()).sum::<f64>();
+                            }
+                            out[yo * g.ow + xo] =
+                                T::from_f64(sum / g.divisor(yo, xo, self.include_pad));
+                        }
+                    }
+                });
+            Ok((T::to_cpu_storage_owned(y), g.out_shape()))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let g = Geom::new(l.dims(), &self.pool)?;
+        let out = crate::cuda::pool_fwd(
+            s,
+            l,
+            g.device(),
+            g.n * g.c * g.out_plane(),
+            Some(self.include_pad),
+        )?;
+        Ok((out, g.out_shape()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = AvgPoolBwd {
+            geom: Geom::new(arg.dims(), &self.pool)?,
+            include_pad: self.include_pad,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// Gradient of average pooling with respect to its input: `dy -> dx`.
+struct AvgPoolBwd {
+    geom: Geom,
+    include_pad: bool,
+}
+
+impl CustomOp1 for AvgPoolBwd {
+    fn name(&self) -> &'static str {
+        "nofuss-avg-pool2d-bwd"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.geom;
+        with_cpu_dtype!(s.dtype(), T, {
+            let dy = slice::<T>(s, l)?;
+            let mut dx = vec![T::from_f64(0.0); g.n * g.c * g.in_plane()];
+            dx.par_chunks_mut(g.in_plane())
+                .zip(dy.par_chunks(g.out_plane()))
+                .for_each(|(dx, dy)| {
+                    let mut acc = vec![0f64; dx.len()];
+                    for yo in 0..g.oh {
+                        let (hs, he) = g.span(yo, g.h);
+                        for xo in 0..g.ow {
+                            let (ws, we) = g.span(xo, g.w);
+                            let v =
+                                dy[yo * g.ow + xo].to_f64() / g.divisor(yo, xo, self.include_pad);
+                            for row in acc[hs * g.w..he * g.w].chunks_exact_mut(g.w) {
+                                row[ws..we].iter_mut().for_each(|a| *a += v);
+                            }
+                        }
+                    }
+                    for (d, a) in dx.iter_mut().zip(acc) {
+                        *d = T::from_f64(a);
+                    }
+                });
+            Ok((
+                T::to_cpu_storage_owned(dx),
+                Shape::from((g.n, g.c, g.h, g.w)),
+            ))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let g = self.geom;
+        let out = crate::cuda::pool_bwd(None, s, l, g.device(), Some(self.include_pad))?;
+        Ok((out, Shape::from((g.n, g.c, g.h, g.w))))
+    }
 }
 
 #[cfg(test)]
@@ -404,6 +572,61 @@ mod tests {
                         ceil_mode: ceil,
                     };
                     check((1, 2, hw.0, hw.1), p, Some(inc));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn max_ties_route_to_the_first_and_nan_wins() {
+        // PyTorch: the first maximum in row-major order takes the gradient; a NaN wins.
+        let x = Var::new(&[[[[1f32, 1.0], [1.0, 0.0]]]], &Device::Cpu).unwrap();
+        let y = max_pool2d(x.as_tensor(), &Pool2d::new(2, 2)).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let gx = g.get(x.as_tensor()).unwrap().flatten_all().unwrap();
+        assert_eq!(gx.to_vec1::<f32>().unwrap(), vec![1.0, 0.0, 0.0, 0.0]);
+        let x = Tensor::new(&[[[[1f32, f32::NAN], [3.0, 0.0]]]], &Device::Cpu).unwrap();
+        let y = max_pool2d(&x, &Pool2d::new(2, 2)).unwrap();
+        assert!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0].is_nan());
+    }
+
+    #[test]
+    fn f64_and_bf16_agree_with_f32() {
+        let x = Tensor::arange(0f32, 2.0 * 3.0 * 7.0 * 7.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3, 7, 7))
+            .unwrap()
+            .sin()
+            .unwrap();
+        let p = Pool2d {
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+            ceil_mode: true,
+        };
+        for avg in [false, true] {
+            let run = |dt: candle_core::DType| {
+                let x = x.to_dtype(dt).unwrap();
+                let y = if avg {
+                    avg_pool2d(&x, &p, false).unwrap()
+                } else {
+                    max_pool2d(&x, &p).unwrap()
+                };
+                assert_eq!(y.dtype(), dt);
+                y.to_dtype(candle_core::DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            };
+            let want = run(candle_core::DType::F32);
+            for (dt, tol) in [
+                (candle_core::DType::F64, 1e-6),
+                (candle_core::DType::BF16, 1e-2),
+            ] {
+                for (a, b) in run(dt).iter().zip(&want) {
+                    assert!((a - b).abs() < tol, "{dt:?} avg={avg}: {a} vs {b}");
                 }
             }
         }

@@ -7,7 +7,8 @@ use crate::{Error, Result};
 
 /// The dtype policy of a run: parameters, losses and proxies stay in f32 (the
 /// "master" precision); only the backbone's activations may run in bf16.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// Everything in f32.
     #[default]

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
-use nofuss_tensor::DeviceSpec;
+use nofuss_tensor::{DeviceSpec, Precision};
 use serde_json::{json, Value};
 
 use crate::config::TrainConfig;
@@ -29,6 +29,8 @@ pub struct TrainStepBench {
     pub warmup: usize,
     /// Device string (`auto`, `cpu`, `cuda[:N]`).
     pub device: String,
+    /// Backbone arithmetic.
+    pub precision: Precision,
 }
 
 impl Default for TrainStepBench {
@@ -41,6 +43,7 @@ impl Default for TrainStepBench {
             steps: 20,
             warmup: 3,
             device: "auto".into(),
+            precision: Precision::F32,
         }
     }
 }
@@ -59,6 +62,7 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         b.batch_size,
         &b.device,
         b.classes,
+        b.precision,
     )?;
     let mut opt = model.optimizer(&cfg.optim)?;
     let size = cfg.data.image_size;
@@ -83,6 +87,7 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         "impl": "nofuss (candle 0.11.1)",
         "device": description,
         "backbone": b.backbone,
+        "precision": b.precision.to_string(),
         "batch": b.batch_size,
         "image_size": size,
         "steps": b.steps,
@@ -100,6 +105,7 @@ fn setup(
     batch_size: usize,
     device: &str,
     classes: usize,
+    precision: Precision,
 ) -> Result<(TrainConfig, String, candle_core::Device, Model, Tensor)> {
     let mut cfg = TrainConfig::default();
     cfg.model.backbone = backbone.to_string();
@@ -112,6 +118,7 @@ fn setup(
     }
     cfg.optim.batch_size = batch_size.max(2);
     cfg.device = device.to_string();
+    cfg.model.precision = precision;
     cfg.check()?;
     let picked = device.parse::<DeviceSpec>()?.select()?;
     let model = Model::new(&cfg, classes, &picked.device)?;
@@ -146,6 +153,8 @@ pub struct BackboneBench {
     pub warmup: usize,
     /// Device string.
     pub device: String,
+    /// Backbone arithmetic.
+    pub precision: Precision,
 }
 
 /// Images per second of the backbone's pooled features: forward in evaluation mode
@@ -157,8 +166,14 @@ pub fn backbone(b: &BackboneBench) -> Result<Value> {
             "bench needs steps >= 1 and a batch".into(),
         ));
     }
-    let (cfg, description, _, model, x) =
-        setup(&b.backbone, b.image_size, b.batch_size, &b.device, 2)?;
+    let (cfg, description, _, model, x) = setup(
+        &b.backbone,
+        b.image_size,
+        b.batch_size,
+        &b.device,
+        2,
+        b.precision,
+    )?;
     let size = cfg.data.image_size;
     let embedder = &model.embedder;
     let time = |train: bool| -> Result<f64> {
@@ -183,6 +198,7 @@ pub fn backbone(b: &BackboneBench) -> Result<Value> {
         "impl": "nofuss (candle 0.11.1)",
         "device": description,
         "backbone": b.backbone,
+        "precision": b.precision.to_string(),
         "batch": b.batch_size,
         "image_size": size,
         "steps": b.steps,
@@ -216,6 +232,7 @@ mod tests {
             steps: 1,
             warmup: 0,
             device: "cpu".into(),
+            precision: Precision::F32,
         })
         .unwrap();
         assert!(v["forward_backward_images_per_sec"].as_f64().unwrap() > 0.0);

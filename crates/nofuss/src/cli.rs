@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use nofuss_backbone::BatchNormMode;
 use nofuss_losses::{Assignment, ProxyInit, ProxyNcaForm};
 use nofuss_tensor::optim::{OptimizerKind, Schedule};
+use nofuss_tensor::Precision;
 
 use crate::config::{DatasetKind, PipelineKind, TrainConfig};
 use crate::train::{summary_table, train, TrainOptions};
@@ -100,6 +101,9 @@ pub enum BenchCommand {
         /// Device: auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Backbone arithmetic: f32 or bf16 (mixed precision).
+        #[arg(long, default_value = "f32")]
+        precision: Precision,
     },
     /// Images/s of whole training steps (forward, Proxy-NCA, backward, optimisers) on
     /// synthetic input already on the device; prints one JSON line.
@@ -125,6 +129,9 @@ pub enum BenchCommand {
         /// Device: auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Backbone arithmetic: f32 or bf16 (mixed precision).
+        #[arg(long, default_value = "f32")]
+        precision: Precision,
     },
 }
 
@@ -207,6 +214,10 @@ pub struct TrainArgs {
     /// (running statistics; BN-Inception only).
     #[arg(long, value_enum)]
     pub bn: Option<BnArg>,
+    /// Backbone arithmetic: f32, or bf16 (mixed precision: parameters, batch-norm
+    /// statistics, embeddings, proxies and the loss stay f32).
+    #[arg(long)]
+    pub precision: Option<Precision>,
     /// Small CNN block widths, e.g. 16,32,64.
     #[arg(long, value_delimiter = ',', value_name = "W,W,...")]
     pub widths: Option<Vec<usize>>,
@@ -478,6 +489,7 @@ impl TrainArgs {
         }
         set!(c.data.glyphs.renders_per_font, self.renders_per_font);
         set!(c.model.backbone, self.backbone);
+        set!(c.model.precision, self.precision);
         if self.weights.is_some() {
             c.model.weights = self.weights.clone();
         }
@@ -635,6 +647,7 @@ pub fn run(cli: Cli) -> Result<()> {
             steps,
             warmup,
             device,
+            precision,
         }) => {
             let b = crate::bench::BackboneBench {
                 backbone,
@@ -643,6 +656,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 steps,
                 warmup,
                 device,
+                precision,
             };
             println!("{}", crate::bench::backbone(&b)?);
             Ok(())
@@ -655,6 +669,7 @@ pub fn run(cli: Cli) -> Result<()> {
             steps,
             warmup,
             device,
+            precision,
         }) => {
             let b = crate::bench::TrainStepBench {
                 backbone,
@@ -664,6 +679,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 steps,
                 warmup,
                 device,
+                precision,
             };
             println!("{}", crate::bench::train_step(&b)?);
             Ok(())

@@ -13,6 +13,7 @@ use nofuss_losses::{
 use serde::{Deserialize, Serialize};
 
 use nofuss_tensor::optim::{OptimizerKind, Schedule};
+use nofuss_tensor::Precision;
 
 use crate::{Result, TrainError};
 
@@ -114,6 +115,9 @@ pub struct ModelConfig {
     pub bn_inception: BnInceptionConfig,
     /// Embedding head.
     pub head: HeadConfig,
+    /// Backbone arithmetic: `f32`, or `bf16` (mixed precision: parameters, batch-norm
+    /// statistics, embeddings, proxies and the loss stay f32).
+    pub precision: Precision,
 }
 
 impl Default for ModelConfig {
@@ -124,6 +128,7 @@ impl Default for ModelConfig {
             small_cnn: SmallCnnConfig::default(),
             bn_inception: BnInceptionConfig::default(),
             head: HeadConfig::default(),
+            precision: Precision::F32,
         }
     }
 }

@@ -12,7 +12,7 @@ use nofuss_data::{cars, cub, folder, glyphs, sop, Augment, ImageBank, ImageSpec,
 use nofuss_eval::{EvalConfig, EvalReport, KMeansConfig};
 use nofuss_losses::{LossError, MetricLoss, ProxyInit};
 use nofuss_tensor::optim::{warmup_factor, Optimizer, ParamGroup};
-use nofuss_tensor::{DeviceSpec, SeededVarMap};
+use nofuss_tensor::{DeviceSpec, Precision, SeededVarMap};
 use serde::Serialize;
 
 use crate::config::{DatasetKind, OptimConfig, PipelineKind, TrainConfig};
@@ -205,6 +205,13 @@ pub struct Model {
 impl Model {
     /// Builds the model of `cfg` for `num_classes` training classes on `device`.
     pub fn new(cfg: &TrainConfig, num_classes: usize, device: &Device) -> Result<Self> {
+        if cfg.model.precision == Precision::Bf16 && device.is_cpu() {
+            return Err(TrainError::Config(
+                "--precision bf16 runs on CUDA only (candle's CPU matrix products have no \
+                 bf16); use f32 on the CPU"
+                    .into(),
+            ));
+        }
         let params = SeededVarMap::new(cfg.seed);
         let vb = params.var_builder(DType::F32, device);
         let backbone: Box<dyn Backbone> = match cfg.model.backbone.as_str() {
@@ -239,7 +246,7 @@ impl Model {
             proxy_params.var_builder(DType::F32, device),
         )?;
         Ok(Self {
-            embedder: Embedder::new(backbone, head),
+            embedder: Embedder::new(backbone, head).with_precision(cfg.model.precision),
             params,
             loss,
             proxy_params,

@@ -1,0 +1,207 @@
+// Batch normalisation (+ optional ReLU) over contiguous NCHW tensors, channel statistics
+// by Welford/Chan merges, forward and backward. `params` rows (length C each, accumulator
+// type): 0 gamma, 1 beta, 2 mean, 3 1/sqrt(var + eps); for the input gradient also
+// 4 sum(g) and 5 sum(g * xhat), where g is the output gradient masked by the ReLU.
+// Reductions run on a (slices, channels) grid writing per-block partials that one thread
+// per channel merges in order: no atomics, the same result every run.
+#include "common.cuh"
+
+struct BnGeom {
+    int64_t n;       // batch
+    int64_t c;       // channels
+    int64_t hw;      // plane size
+    int64_t slices;  // blocks per channel
+};
+
+#define THREADS 256
+
+// Element `e` (0 <= e < n*hw) of channel `ch`.
+__device__ __forceinline__ int64_t at(const BnGeom& g, int64_t ch, int64_t e) {
+    return ((e / g.hw) * g.c + ch) * g.hw + e % g.hw;
+}
+
+template <typename A>
+__device__ __forceinline__ void chan_merge(A& n, A& mean, A& m2, A n2, A mean2, A m22) {
+    if (n2 == 0) return;
+    A tot = n + n2;
+    A d = mean2 - mean;
+    mean += d * n2 / tot;
+    m2 += m22 + d * d * n * n2 / tot;
+    n = tot;
+}
+
+// partial[(ch * slices + s) * 3 + {0,1,2}] = (count, mean, M2) of one slice of a channel.
+template <typename T>
+__device__ void bn_stats_partial(const T* x, typename Acc<T>::type* partial, BnGeom g) {
+    typedef typename Acc<T>::type A;
+    __shared__ A sn[THREADS], smean[THREADS], sm2[THREADS];
+    int64_t ch = blockIdx.y, s = blockIdx.x, m = g.n * g.hw;
+    int64_t chunk = (m + g.slices - 1) / g.slices;
+    int64_t lo = s * chunk, hi = min(lo + chunk, m);
+    A n = 0, mean = 0, m2 = 0;
+    for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
+        A v = to_acc(x[at(g, ch, e)]);
+        n += 1;
+        A d = v - mean;
+        mean += d / n;
+        m2 += d * (v - mean);
+    }
+    sn[threadIdx.x] = n;
+    smean[threadIdx.x] = mean;
+    sm2[threadIdx.x] = m2;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) {
+            A a = sn[threadIdx.x], b = smean[threadIdx.x], c = sm2[threadIdx.x];
+            chan_merge(a, b, c, sn[threadIdx.x + stride], smean[threadIdx.x + stride],
+                       sm2[threadIdx.x + stride]);
+            sn[threadIdx.x] = a;
+            smean[threadIdx.x] = b;
+            sm2[threadIdx.x] = c;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        A* p = partial + (ch * g.slices + s) * 3;
+        p[0] = sn[0];
+        p[1] = smean[0];
+        p[2] = sm2[0];
+    }
+}
+
+// out[ch] = mean, out[C + ch] = biased variance.
+template <typename A>
+__device__ void bn_stats_final(const A* partial, A* out, BnGeom g) {
+    int64_t ch = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= g.c) return;
+    A n = 0, mean = 0, m2 = 0;
+    for (int64_t s = 0; s < g.slices; ++s) {
+        const A* p = partial + (ch * g.slices + s) * 3;
+        chan_merge(n, mean, m2, p[0], p[1], p[2]);
+    }
+    out[ch] = mean;
+    out[g.c + ch] = n > 0 ? m2 / n : (A)0;
+}
+
+template <typename T>
+__device__ void bn_apply(const T* x, const typename Acc<T>::type* params, T* y, BnGeom g,
+                         int relu) {
+    typedef typename Acc<T>::type A;
+    int64_t total = g.n * g.c * g.hw;
+    GRID_STRIDE(i, total) {
+        int64_t ch = (i / g.hw) % g.c;
+        A v = (to_acc(x[i]) - params[2 * g.c + ch]) * params[3 * g.c + ch] * params[ch] +
+              params[g.c + ch];
+        if (relu && v <= 0) v = 0;  // a NaN stays NaN, as in PyTorch
+        y[i] = from_acc<T>(v);
+    }
+}
+
+// Output gradient masked by the ReLU (recomputed from x and the parameters).
+template <typename T>
+__device__ __forceinline__ typename Acc<T>::type masked_grad(
+    const T* x, const T* dy, const typename Acc<T>::type* params, const BnGeom& g,
+    int64_t i, int64_t ch, int relu, typename Acc<T>::type& xhat) {
+    typedef typename Acc<T>::type A;
+    xhat = (to_acc(x[i]) - params[2 * g.c + ch]) * params[3 * g.c + ch];
+    A d = to_acc(dy[i]);
+    if (relu && !(xhat * params[ch] + params[g.c + ch] > 0)) d = 0;
+    return d;
+}
+
+// partial[(ch * slices + s) * 2 + {0,1}] = (sum g, sum g * xhat) over one slice.
+template <typename T>
+__device__ void bn_bwd_partial(const T* x, const T* dy, const typename Acc<T>::type* params,
+                               typename Acc<T>::type* partial, BnGeom g, int relu) {
+    typedef typename Acc<T>::type A;
+    __shared__ A s0[THREADS], s1[THREADS];
+    int64_t ch = blockIdx.y, s = blockIdx.x, m = g.n * g.hw;
+    int64_t chunk = (m + g.slices - 1) / g.slices;
+    int64_t lo = s * chunk, hi = min(lo + chunk, m);
+    A a = 0, b = 0;
+    for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
+        A xhat;
+        A d = masked_grad(x, dy, params, g, at(g, ch, e), ch, relu, xhat);
+        a += d;
+        b += d * xhat;
+    }
+    s0[threadIdx.x] = a;
+    s1[threadIdx.x] = b;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) {
+            s0[threadIdx.x] += s0[threadIdx.x + stride];
+            s1[threadIdx.x] += s1[threadIdx.x + stride];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        partial[(ch * g.slices + s) * 2] = s0[0];
+        partial[(ch * g.slices + s) * 2 + 1] = s1[0];
+    }
+}
+
+// out[ch] = sum g (the shift's gradient), out[C + ch] = sum g * xhat (the scale's).
+template <typename A>
+__device__ void bn_bwd_final(const A* partial, A* out, BnGeom g) {
+    int64_t ch = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= g.c) return;
+    A a = 0, b = 0;
+    for (int64_t s = 0; s < g.slices; ++s) {
+        a += partial[(ch * g.slices + s) * 2];
+        b += partial[(ch * g.slices + s) * 2 + 1];
+    }
+    out[ch] = a;
+    out[g.c + ch] = b;
+}
+
+// dx = gamma * invstd * (g - [batch statistics] (sum g + xhat * sum g xhat) / M).
+template <typename T>
+__device__ void bn_bwd_data(const T* x, const T* dy, const typename Acc<T>::type* params, T* dx,
+                            BnGeom g, int relu, int batch_stats) {
+    typedef typename Acc<T>::type A;
+    int64_t total = g.n * g.c * g.hw;
+    A inv_m = (A)1 / (A)(g.n * g.hw);
+    GRID_STRIDE(i, total) {
+        int64_t ch = (i / g.hw) % g.c;
+        A xhat;
+        A d = masked_grad(x, dy, params, g, i, ch, relu, xhat);
+        if (batch_stats) d -= (params[4 * g.c + ch] + xhat * params[5 * g.c + ch]) * inv_m;
+        dx[i] = from_acc<T>(d * params[ch] * params[3 * g.c + ch]);
+    }
+}
+
+#define BN_KERNELS(T, SUF)                                                                     \
+    extern "C" __global__ void bn_stats_partial_##SUF(const T* x, Acc<T>::type* partial,      \
+                                                      BnGeom g) {                              \
+        bn_stats_partial<T>(x, partial, g);                                                    \
+    }                                                                                          \
+    extern "C" __global__ void bn_apply_##SUF(const T* x, const Acc<T>::type* params, T* y,   \
+                                              BnGeom g, int relu) {                            \
+        bn_apply<T>(x, params, y, g, relu);                                                    \
+    }                                                                                          \
+    extern "C" __global__ void bn_bwd_partial_##SUF(const T* x, const T* dy,                  \
+                                                    const Acc<T>::type* params,                \
+                                                    Acc<T>::type* partial, BnGeom g, int relu) { \
+        bn_bwd_partial<T>(x, dy, params, partial, g, relu);                                    \
+    }                                                                                          \
+    extern "C" __global__ void bn_bwd_data_##SUF(const T* x, const T* dy,                     \
+                                                 const Acc<T>::type* params, T* dx, BnGeom g, \
+                                                 int relu, int batch_stats) {                  \
+        bn_bwd_data<T>(x, dy, params, dx, g, relu, batch_stats);                               \
+    }
+
+FOR_EACH_DTYPE(BN_KERNELS)
+
+extern "C" __global__ void bn_stats_final_f32(const float* p, float* out, BnGeom g) {
+    bn_stats_final<float>(p, out, g);
+}
+extern "C" __global__ void bn_stats_final_f64(const double* p, double* out, BnGeom g) {
+    bn_stats_final<double>(p, out, g);
+}
+extern "C" __global__ void bn_bwd_final_f32(const float* p, float* out, BnGeom g) {
+    bn_bwd_final<float>(p, out, g);
+}
+extern "C" __global__ void bn_bwd_final_f64(const double* p, double* out, BnGeom g) {
+    bn_bwd_final<double>(p, out, g);
+}

@@ -1,0 +1,36 @@
+// Shared helpers of nofuss's CUDA kernels: element types and their accumulators.
+#pragma once
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+// Accumulator of an element type: float for float and bfloat16, double for double.
+template <typename T> struct Acc { typedef float type; };
+template <> struct Acc<double> { typedef double type; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+    return __float2bfloat16(v);
+}
+
+template <typename A> __device__ __forceinline__ A neg_inf();
+template <> __device__ __forceinline__ float neg_inf<float>() { return -__int_as_float(0x7f800000); }
+template <> __device__ __forceinline__ double neg_inf<double>() {
+    return -__longlong_as_double(0x7ff0000000000000LL);
+}
+
+#define GRID_STRIDE(i, n) \
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+         i += (int64_t)blockDim.x * gridDim.x)
+
+// Instantiates `NAME_f32`, `NAME_f64` and `NAME_bf16` from a template kernel `NAME<T>`
+// whose parameter list is `ARGS` (with `T` standing for the element type).
+#define FOR_EACH_DTYPE(MACRO) \
+    MACRO(float, f32)         \
+    MACRO(double, f64)        \
+    MACRO(__nv_bfloat16, bf16)

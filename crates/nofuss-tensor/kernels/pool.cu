@@ -1,0 +1,142 @@
+// 2-D max and average pooling with padding and ceil mode (PyTorch's semantics), forward
+// and backward, over contiguous NCHW planes. Backward kernels gather (one thread per input
+// element) so they need no atomics and are deterministic.
+#include "common.cuh"
+
+struct PoolGeom {
+    int64_t planes;
+    int h, w, oh, ow, k, s, p;
+};
+
+// Window of output (y, x): [hs, he) x [ws, we), clipped to the input.
+__device__ __forceinline__ void window(const PoolGeom& g, int y, int x, int& hs, int& he,
+                                       int& ws, int& we) {
+    hs = y * g.s - g.p;
+    ws = x * g.s - g.p;
+    he = min(hs + g.k, g.h);
+    we = min(ws + g.k, g.w);
+    hs = max(hs, 0);
+    ws = max(ws, 0);
+}
+
+// PyTorch's divisor: the window clipped to the padded input, or to the input itself.
+__device__ __forceinline__ int avg_divisor(const PoolGeom& g, int y, int x, bool include_pad) {
+    int hs = y * g.s - g.p, ws = x * g.s - g.p;
+    int he = min(hs + g.k, g.h + g.p), we = min(ws + g.k, g.w + g.p);
+    if (include_pad) return (he - hs) * (we - ws);
+    he = min(he, g.h);
+    we = min(we, g.w);
+    return (he - max(hs, 0)) * (we - max(ws, 0));
+}
+
+// Position in the plane of the first maximum of the window (a NaN wins, as in PyTorch).
+template <typename T>
+__device__ __forceinline__ int argmax(const T* plane, const PoolGeom& g, int y, int x) {
+    typedef typename Acc<T>::type A;
+    int hs, he, ws, we;
+    window(g, y, x, hs, he, ws, we);
+    int best = hs * g.w + ws;
+    A m = neg_inf<A>();
+    for (int yy = hs; yy < he; ++yy)
+        for (int xx = ws; xx < we; ++xx) {
+            A v = to_acc(plane[yy * g.w + xx]);
+            if (v > m || isnan(v)) {
+                m = v;
+                best = yy * g.w + xx;
+            }
+        }
+    return best;
+}
+
+// Outputs whose windows contain input row `r`: [lo, hi].
+__device__ __forceinline__ void covering(int r, int k, int s, int p, int out, int& lo, int& hi) {
+    lo = (r + p < k) ? 0 : (r + p - k) / s + 1;
+    hi = min((r + p) / s, out - 1);
+}
+
+template <typename T>
+__device__ void max_pool_fwd(const T* x, T* y, PoolGeom g) {
+    int64_t n = g.planes * g.oh * g.ow;
+    GRID_STRIDE(i, n) {
+        int xo = i % g.ow;
+        int yo = (i / g.ow) % g.oh;
+        int64_t b = i / ((int64_t)g.oh * g.ow);
+        const T* plane = x + b * g.h * g.w;
+        y[i] = plane[argmax(plane, g, yo, xo)];
+    }
+}
+
+template <typename T>
+__device__ void max_pool_bwd(const T* x, const T* dy, T* dx, PoolGeom g) {
+    typedef typename Acc<T>::type A;
+    int64_t n = g.planes * g.h * g.w;
+    GRID_STRIDE(i, n) {
+        int c = i % g.w;
+        int r = (i / g.w) % g.h;
+        int64_t b = i / ((int64_t)g.h * g.w);
+        const T* plane = x + b * g.h * g.w;
+        const T* grad = dy + b * g.oh * g.ow;
+        int ylo, yhi, xlo, xhi;
+        covering(r, g.k, g.s, g.p, g.oh, ylo, yhi);
+        covering(c, g.k, g.s, g.p, g.ow, xlo, xhi);
+        A acc = 0;
+        for (int yo = ylo; yo <= yhi; ++yo)
+            for (int xo = xlo; xo <= xhi; ++xo)
+                if (argmax(plane, g, yo, xo) == r * g.w + c) acc += to_acc(grad[yo * g.ow + xo]);
+        dx[i] = from_acc<T>(acc);
+    }
+}
+
+template <typename T>
+__device__ void avg_pool_fwd(const T* x, T* y, PoolGeom g, int include_pad) {
+    typedef typename Acc<T>::type A;
+    int64_t n = g.planes * g.oh * g.ow;
+    GRID_STRIDE(i, n) {
+        int xo = i % g.ow;
+        int yo = (i / g.ow) % g.oh;
+        int64_t b = i / ((int64_t)g.oh * g.ow);
+        const T* plane = x + b * g.h * g.w;
+        int hs, he, ws, we;
+        window(g, yo, xo, hs, he, ws, we);
+        A acc = 0;
+        for (int yy = hs; yy < he; ++yy)
+            for (int xx = ws; xx < we; ++xx) acc += to_acc(plane[yy * g.w + xx]);
+        y[i] = from_acc<T>(acc / (A)avg_divisor(g, yo, xo, include_pad != 0));
+    }
+}
+
+template <typename T>
+__device__ void avg_pool_bwd(const T* dy, T* dx, PoolGeom g, int include_pad) {
+    typedef typename Acc<T>::type A;
+    int64_t n = g.planes * g.h * g.w;
+    GRID_STRIDE(i, n) {
+        int c = i % g.w;
+        int r = (i / g.w) % g.h;
+        int64_t b = i / ((int64_t)g.h * g.w);
+        const T* grad = dy + b * g.oh * g.ow;
+        int ylo, yhi, xlo, xhi;
+        covering(r, g.k, g.s, g.p, g.oh, ylo, yhi);
+        covering(c, g.k, g.s, g.p, g.ow, xlo, xhi);
+        A acc = 0;
+        for (int yo = ylo; yo <= yhi; ++yo)
+            for (int xo = xlo; xo <= xhi; ++xo)
+                acc += to_acc(grad[yo * g.ow + xo]) / (A)avg_divisor(g, yo, xo, include_pad != 0);
+        dx[i] = from_acc<T>(acc);
+    }
+}
+
+#define POOL_KERNELS(T, SUF)                                                                 \
+    extern "C" __global__ void max_pool_fwd_##SUF(const T* x, T* y, PoolGeom g) {            \
+        max_pool_fwd<T>(x, y, g);                                                            \
+    }                                                                                        \
+    extern "C" __global__ void max_pool_bwd_##SUF(const T* x, const T* dy, T* dx, PoolGeom g) { \
+        max_pool_bwd<T>(x, dy, dx, g);                                                       \
+    }                                                                                        \
+    extern "C" __global__ void avg_pool_fwd_##SUF(const T* x, T* y, PoolGeom g, int inc) {    \
+        avg_pool_fwd<T>(x, y, g, inc);                                                       \
+    }                                                                                        \
+    extern "C" __global__ void avg_pool_bwd_##SUF(const T* dy, T* dx, PoolGeom g, int inc) {  \
+        avg_pool_bwd<T>(dy, dx, g, inc);                                                     \
+    }
+
+FOR_EACH_DTYPE(POOL_KERNELS)

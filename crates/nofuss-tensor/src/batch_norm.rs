@@ -1,0 +1,737 @@
+//! Batch normalisation of `[N,C,H,W]` (or `[N,C]`) with an optional fused ReLU, forward
+//! and backward in one pass each.
+//!
+//! candle's `BatchNorm` runs training mode as a dozen generic operations (transpose, copy,
+//! two means, broadcasts), each allocating a whole activation, and as many again backward.
+//! Here a training step is three custom operations: per-channel statistics (two-pass in
+//! f64 on the CPU; Welford partials merged in a fixed order on CUDA), one fused
+//! normalise-scale-shift(-ReLU) pass, and for the gradient one reduction plus one pass
+//! (`dx = γ σ⁻¹ (g - mean(g) - x̂ mean(g x̂))`, with `g` the output gradient masked by the
+//! ReLU). The ReLU mask is recomputed from the input, so nothing but the input is kept for
+//! the backward pass. CPU kernels run over channels or planes with rayon; CUDA kernels are
+//! in `kernels/batch_norm.cu`.
+//!
+//! Semantics are PyTorch's `nn.BatchNorm2d`: biased variance to normalise, unbiased to
+//! update the running variance, `running = (1 - momentum) running + momentum batch`.
+//! Inputs may be f32, f64 or bf16; scale, shift and statistics stay in f32 (f64 for f64
+//! inputs), as under PyTorch's autocast.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use nofuss_tensor::batch_norm::BatchNorm2d;
+//!
+//! let params = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&params, DType::F32, &Device::Cpu);
+//! let bn = BatchNorm2d::new(3, 1e-5, 0.1, vb.pp("bn"))?;
+//! let x = Tensor::randn(0f32, 1.0, (4, 3, 5, 5), &Device::Cpu)?;
+//! let y = bn.forward_t(&x, true, true)?; // training mode, ReLU fused
+//! assert!(y.flatten_all()?.min(0)?.to_scalar::<f32>()? >= 0.0);
+//! // The running statistics moved 10 % of the way to the batch's.
+//! assert!(bn.running_var().to_vec1::<f32>()?[0] != 1.0);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use candle_core::backend::BackendStorage;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, Var,
+    WithDType,
+};
+use candle_nn::{Init, VarBuilder};
+use rayon::prelude::*;
+
+use crate::cpu::{params_f64, slice, with_cpu_dtype};
+
+/// A batch-normalisation layer over channels (dimension 1) with PyTorch's parameter
+/// names (`weight`, `bias`, `running_mean`, `running_var`) and initial values.
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    eps: f64,
+    momentum: f64,
+}
+
+impl BatchNorm2d {
+    /// Creates (or loads, through `vb`) the layer's four tensors.
+    pub fn new(channels: usize, eps: f64, momentum: f64, vb: VarBuilder) -> Result<Self> {
+        if eps.is_nan() || eps < 0.0 || !(0.0..=1.0).contains(&momentum) {
+            candle_core::bail!(
+                "batch norm needs eps >= 0 and momentum in [0, 1] ({eps}, {momentum})"
+            );
+        }
+        let running_mean = vb.get_with_hints(channels, "running_mean", Init::Const(0.))?;
+        let running_var = vb.get_with_hints(channels, "running_var", Init::Const(1.))?;
+        Ok(Self {
+            weight: vb.get_with_hints(channels, "weight", Init::Const(1.))?,
+            bias: vb.get_with_hints(channels, "bias", Init::Const(0.))?,
+            // Shares storage with the variable store's entry when `vb` holds variables.
+            running_mean: Var::from_tensor(&running_mean)?,
+            running_var: Var::from_tensor(&running_var)?,
+            eps,
+            momentum,
+        })
+    }
+
+    /// Training mode (`train`): normalises with the batch's statistics and updates the
+    /// running ones. Otherwise normalises with the running statistics (scale and shift
+    /// still receive gradients: "frozen" batch norm). `relu` applies a ReLU in the same pass.
+    pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if !train {
+            return batch_norm_fixed(
+                x,
+                &self.weight,
+                &self.bias,
+                self.running_mean.as_tensor(),
+                self.running_var.as_tensor(),
+                self.eps,
+                relu,
+            );
+        }
+        let out = batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
+        let m = self.momentum;
+        let dt = self.running_mean.dtype();
+        let count = (x.elem_count() / x.dim(1)?) as f64;
+        let mean = out.mean.to_dtype(dt)?;
+        let var = (out.var.to_dtype(dt)? * (count / (count - 1.0)))?;
+        self.running_mean
+            .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?)?;
+        self.running_var
+            .set(&((self.running_var.as_tensor() * (1.0 - m))? + (var * m)?)?)?;
+        Ok(out.y)
+    }
+
+    /// Scale (γ).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Shift (β).
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// Running mean.
+    pub fn running_mean(&self) -> &Tensor {
+        self.running_mean.as_tensor()
+    }
+
+    /// Running (unbiased) variance.
+    pub fn running_var(&self) -> &Tensor {
+        self.running_var.as_tensor()
+    }
+
+    /// Epsilon added to the variance.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// Momentum of the running statistics (PyTorch's convention).
+    pub fn momentum(&self) -> f64 {
+        self.momentum
+    }
+}
+
+/// Result of [`batch_norm_train`].
+#[derive(Debug, Clone)]
+pub struct BatchNormOutput {
+    /// The normalised (and possibly rectified) output, in the input's dtype.
+    pub y: Tensor,
+    /// Per-channel batch mean (no gradient).
+    pub mean: Tensor,
+    /// Per-channel biased batch variance (no gradient).
+    pub var: Tensor,
+}
+
+/// Batch normalisation with the batch's statistics (training mode), differentiable with
+/// respect to `x`, `gamma` and `beta` (including the statistics' dependence on `x`).
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<BatchNormOutput> {
+    let g = Geom::of(x)?;
+    if g.count() < 2 {
+        candle_core::bail!(
+            "batch norm in training mode needs more than one value per channel, got {:?}",
+            x.dims()
+        );
+    }
+    let x = x.contiguous()?;
+    let stats = x.apply_op1_no_bwd(&Stats)?;
+    let mean = stats.get(0)?;
+    let var = stats.get(1)?;
+    let invstd = (&var + eps)?.sqrt()?.recip()?;
+    let y = apply(&x, gamma, beta, &mean, &invstd, relu, true)?;
+    Ok(BatchNormOutput { y, mean, var })
+}
+
+/// Batch normalisation with given statistics (evaluation, or frozen batch norm in
+/// training), differentiable with respect to `x`, `gamma` and `beta`.
+pub fn batch_norm_fixed(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<Tensor> {
+    Geom::of(x)?;
+    let pdt = param_dtype(x.dtype());
+    let invstd = (var.detach().to_dtype(pdt)? + eps)?.sqrt()?.recip()?;
+    apply(
+        &x.contiguous()?,
+        gamma,
+        beta,
+        &mean.detach(),
+        &invstd,
+        relu,
+        false,
+    )
+}
+
+fn param_dtype(dt: DType) -> DType {
+    if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+fn apply(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    invstd: &Tensor,
+    relu: bool,
+    batch_stats: bool,
+) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    let pdt = param_dtype(x.dtype());
+    let row = |t: &Tensor, what: &str| -> Result<Tensor> {
+        if t.dims() != [c] {
+            candle_core::bail!(
+                "batch norm {what} must have shape [{c}], got {:?}",
+                t.dims()
+            );
+        }
+        t.to_dtype(pdt)?.reshape((1, c))
+    };
+    let params = Tensor::cat(
+        &[
+            row(gamma, "scale")?,
+            row(beta, "shift")?,
+            row(&mean.detach(), "mean")?,
+            row(&invstd.detach(), "inverse std")?,
+        ],
+        0,
+    )?;
+    x.apply_op2(&params, Apply { relu, batch_stats })
+}
+
+/// Sizes: `n` samples, `c` channels, planes of `hw` elements.
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    n: usize,
+    c: usize,
+    hw: usize,
+}
+
+impl Geom {
+    fn of(x: &Tensor) -> Result<Self> {
+        Self::from_dims(x.dims())
+    }
+
+    fn from_dims(d: &[usize]) -> Result<Self> {
+        if d.len() < 2 {
+            candle_core::bail!("batch norm expects [N,C,...], got {d:?}");
+        }
+        Ok(Self {
+            n: d[0],
+            c: d[1],
+            hw: d[2..].iter().product(),
+        })
+    }
+
+    /// Values per channel.
+    fn count(&self) -> usize {
+        self.n * self.hw
+    }
+
+    /// Channel `ch`'s planes of a contiguous `[N,C,...]` buffer.
+    fn planes<'a, T>(&self, x: &'a [T], ch: usize) -> impl Iterator<Item = &'a [T]> + 'a {
+        let (c, hw) = (self.c, self.hw);
+        (0..self.n).map(move |n| &x[(n * c + ch) * hw..(n * c + ch + 1) * hw])
+    }
+
+    #[cfg(feature = "cuda")]
+    fn device(&self) -> crate::cuda::BnGeom {
+        crate::cuda::BnGeom::new(self.n, self.c, self.hw)
+    }
+}
+
+/// `x -> [2, C]`: per-channel mean and biased variance (f32, or f64 for f64 input).
+struct Stats;
+
+impl CustomOp1 for Stats {
+    fn name(&self) -> &'static str {
+        "nofuss-batch-norm-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::from_dims(l.dims())?;
+        let stats: Vec<(f64, f64)> = with_cpu_dtype!(s.dtype(), T, {
+            let x = slice::<T>(s, l)?;
+            (0..g.c)
+                .into_par_iter()
+                .map(|ch| {
+                    let m = g.count() as f64;
+                    let mean = g
+                        .planes(x, ch)
+                        .map(|p| p.iter().map(|v| v.to_f64()).sum::<f64>())
+                        .sum::<f64>()
+                        / m;
+                    let var = g
+                        .planes(x, ch)
+                        .map(|p| p.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>())
+                        .sum::<f64>()
+                        / m;
+                    (mean, var)
+                })
+                .collect()
+        });
+        let flat = stats.iter().map(|s| s.0).chain(stats.iter().map(|s| s.1));
+        let shape = Shape::from((2, g.c));
+        Ok(match param_dtype(s.dtype()) {
+            DType::F64 => (CpuStorage::F64(flat.collect()), shape),
+            _ => (CpuStorage::F32(flat.map(|v| v as f32).collect()), shape),
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let g = Geom::from_dims(l.dims())?;
+        Ok((
+            crate::cuda::bn_stats(s, l, g.device())?,
+            Shape::from((2, g.c)),
+        ))
+    }
+}
+
+/// `(x, params[4, C]) -> y`: rows of `params` are γ, β, mean, 1/σ.
+struct Apply {
+    relu: bool,
+    /// Whether mean and 1/σ are the batch's own (their dependence on `x` enters the
+    /// gradient) or constants.
+    batch_stats: bool,
+}
+
+impl CustomOp2 for Apply {
+    fn name(&self) -> &'static str {
+        "nofuss-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::from_dims(l1.dims())?;
+        let p = params_f64(s2, l2)?;
+        let c = g.c;
+        with_cpu_dtype!(s1.dtype(), T, {
+            let x = slice::<T>(s1, l1)?;
+            let mut y = vec![T::from_f64(0.0); x.len()];
+            y.par_chunks_mut(g.hw.max(1))
+                .zip(x.par_chunks(g.hw.max(1)))
+                .enumerate()
+                .for_each(|(i, (y, x))| {
+                    let ch = i % c;
+                    let a = p[3 * c + ch] * p[ch];
+                    let b = p[c + ch] - p[2 * c + ch] * a;
+                    for (o, v) in y.iter_mut().zip(x) {
+                        let z = v.to_f64() * a + b;
+                        // A NaN stays NaN, as in PyTorch.
+                        *o = T::from_f64(if self.relu && z <= 0.0 { 0.0 } else { z });
+                    }
+                });
+            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let g = Geom::from_dims(l1.dims())?;
+        let y = crate::cuda::bn_apply(s1, l1, s2, l2, g.device(), self.relu)?;
+        Ok((y, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let sums = x.apply_op3_no_bwd(&grad, params, &GradSums { relu: self.relu })?;
+        let p6 = Tensor::cat(&[params, &sums], 0)?;
+        let dx = x.apply_op3_no_bwd(
+            &grad,
+            &p6,
+            &GradInput {
+                relu: self.relu,
+                batch_stats: self.batch_stats,
+            },
+        )?;
+        let c = params.dim(1)?;
+        let dparams = Tensor::cat(
+            &[
+                sums.narrow(0, 1, 1)?,
+                sums.narrow(0, 0, 1)?,
+                Tensor::zeros((2, c), params.dtype(), params.device())?,
+            ],
+            0,
+        )?;
+        Ok((Some(dx), Some(dparams)))
+    }
+}
+
+/// Output gradient masked by the ReLU, and x̂, at one element.
+#[inline]
+fn masked(v: f64, d: f64, gamma: f64, beta: f64, mean: f64, invstd: f64, relu: bool) -> (f64, f64) {
+    let xhat = (v - mean) * invstd;
+    let pre = xhat * gamma + beta;
+    // PyTorch's ReLU gradient: zero unless the output is positive (so also at NaN).
+    let d = if relu && (pre <= 0.0 || pre.is_nan()) {
+        0.0
+    } else {
+        d
+    };
+    (d, xhat)
+}
+
+/// `(x, dy, params[4, C]) -> [2, C]`: per channel Σg (β's gradient) and Σg·x̂ (γ's).
+struct GradSums {
+    relu: bool,
+}
+
+impl CustomOp3 for GradSums {
+    fn name(&self) -> &'static str {
+        "nofuss-batch-norm-grad-sums"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::from_dims(l1.dims())?;
+        let p = params_f64(s3, l3)?;
+        let c = g.c;
+        let sums: Vec<(f64, f64)> = with_cpu_dtype!(s1.dtype(), T, {
+            let x = slice::<T>(s1, l1)?;
+            let dy = slice::<T>(s2, l2)?;
+            (0..c)
+                .into_par_iter()
+                .map(|ch| {
+                    let (gm, bt, mu, is) = (p[ch], p[c + ch], p[2 * c + ch], p[3 * c + ch]);
+                    let mut acc = (0f64, 0f64);
+                    for (xp, dp) in g.planes(x, ch).zip(g.planes(dy, ch)) {
+                        for (v, d) in xp.iter().zip(dp) {
+                            let (d, xhat) =
+                                masked(v.to_f64(), d.to_f64(), gm, bt, mu, is, self.relu);
+                            acc.0 += d;
+                            acc.1 += d * xhat;
+                        }
+                    }
+                    acc
+                })
+                .collect()
+        });
+        let flat = sums.iter().map(|s| s.0).chain(sums.iter().map(|s| s.1));
+        let shape = Shape::from((2, c));
+        Ok(match s3.dtype() {
+            DType::F64 => (CpuStorage::F64(flat.collect()), shape),
+            _ => (CpuStorage::F32(flat.map(|v| v as f32).collect()), shape),
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let g = Geom::from_dims(l1.dims())?;
+        let out = crate::cuda::bn_grad_sums(s1, l1, s2, l2, s3, l3, g.device(), self.relu)?;
+        Ok((out, Shape::from((2, g.c))))
+    }
+}
+
+/// `(x, dy, params[6, C]) -> dx`: rows γ, β, mean, 1/σ, Σg, Σg·x̂.
+struct GradInput {
+    relu: bool,
+    batch_stats: bool,
+}
+
+impl CustomOp3 for GradInput {
+    fn name(&self) -> &'static str {
+        "nofuss-batch-norm-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::from_dims(l1.dims())?;
+        let p = params_f64(s3, l3)?;
+        let c = g.c;
+        let inv_m = 1.0 / g.count() as f64;
+        with_cpu_dtype!(s1.dtype(), T, {
+            let x = slice::<T>(s1, l1)?;
+            let dy = slice::<T>(s2, l2)?;
+            let mut dx = vec![T::from_f64(0.0); x.len()];
+            dx.par_chunks_mut(g.hw.max(1))
+                .zip(x.par_chunks(g.hw.max(1)).zip(dy.par_chunks(g.hw.max(1))))
+                .enumerate()
+                .for_each(|(i, (dx, (x, dy)))| {
+                    let ch = i % c;
+                    let (gm, bt, mu, is) = (p[ch], p[c + ch], p[2 * c + ch], p[3 * c + ch]);
+                    let (sg, sgx) = if self.batch_stats {
+                        (p[4 * c + ch] * inv_m, p[5 * c + ch] * inv_m)
+                    } else {
+                        (0.0, 0.0)
+                    };
+                    for ((o, v), d) in dx.iter_mut().zip(x).zip(dy) {
+                        let (d, xhat) = masked(v.to_f64(), d.to_f64(), gm, bt, mu, is, self.relu);
+                        *o = T::from_f64((d - sg - xhat * sgx) * gm * is);
+                    }
+                });
+            Ok((T::to_cpu_storage_owned(dx), l1.shape().clone()))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let g = Geom::from_dims(l1.dims())?;
+        let dx = crate::cuda::bn_grad_input(
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            g.device(),
+            self.relu,
+            self.batch_stats,
+        )?;
+        Ok((dx, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use candle_nn::{ModuleT, VarMap};
+
+    /// Inputs with a channel offset (so the mean matters) and some negatives (so the ReLU
+    /// mask matters).
+    fn input(shape: (usize, usize, usize, usize), dt: DType) -> Tensor {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let v: Vec<f64> = (0..n)
+            .map(|i| {
+                ((i * 7919) % 101) as f64 / 50.0 - 0.7 + (i / (shape.2 * shape.3) % shape.1) as f64
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
+    }
+
+    fn vec(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn close(a: &[f64], b: &[f64], tol: f64, what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * y.abs().max(1.0),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    /// Forward, running statistics and gradients against candle's composite batch norm.
+    fn against_candle(train: bool, relu: bool, dt: DType, tol: f64) {
+        let shape = (3, 4, 5, 6);
+        let (mine, theirs) = (VarMap::new(), VarMap::new());
+        let bn = BatchNorm2d::new(
+            4,
+            1e-5,
+            0.1,
+            VarBuilder::from_varmap(&mine, dt, &Device::Cpu),
+        )
+        .unwrap();
+        let cfg = candle_nn::BatchNormConfig {
+            eps: 1e-5,
+            remove_mean: true,
+            affine: true,
+            momentum: 0.1,
+        };
+        let reference =
+            candle_nn::batch_norm(4, cfg, VarBuilder::from_varmap(&theirs, dt, &Device::Cpu))
+                .unwrap();
+        // Non-trivial scale, shift and running statistics on both sides.
+        for vars in [&mine, &theirs] {
+            for (name, v) in vars.data().lock().unwrap().iter() {
+                let vals: Vec<f64> = (0..4)
+                    .map(|i| match name.as_str() {
+                        "weight" => 0.5 + i as f64 * 0.3,
+                        "bias" => 0.2 - i as f64 * 0.15,
+                        "running_mean" => i as f64 * 0.9,
+                        _ => 0.5 + i as f64,
+                    })
+                    .collect();
+                v.set(
+                    &Tensor::new(vals, &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dt)
+                        .unwrap(),
+                )
+                .unwrap();
+            }
+        }
+        let x = Var::from_tensor(&input(shape, dt)).unwrap();
+        let g = input(shape, dt).sin().unwrap();
+        let y = bn.forward_t(x.as_tensor(), train, relu).unwrap();
+        let ry = reference.forward_t(x.as_tensor(), train).unwrap();
+        let ry = if relu { ry.relu().unwrap() } else { ry };
+        close(&vec(&y), &vec(&ry), tol, "y");
+        close(
+            &vec(bn.running_mean()),
+            &vec(reference.running_mean()),
+            tol,
+            "running mean",
+        );
+        close(
+            &vec(bn.running_var()),
+            &vec(reference.running_var()),
+            tol,
+            "running var",
+        );
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let rgrads = (&ry * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        close(
+            &vec(grads.get(x.as_tensor()).unwrap()),
+            &vec(rgrads.get(x.as_tensor()).unwrap()),
+            tol,
+            "dx",
+        );
+        let (rw, rb) = reference.weight_and_bias().unwrap();
+        close(
+            &vec(grads.get(bn.weight()).unwrap()),
+            &vec(rgrads.get(rw).unwrap()),
+            tol,
+            "dgamma",
+        );
+        close(
+            &vec(grads.get(bn.bias()).unwrap()),
+            &vec(rgrads.get(rb).unwrap()),
+            tol,
+            "dbeta",
+        );
+    }
+
+    #[test]
+    fn training_mode_matches_candle_forward_and_backward() {
+        for relu in [false, true] {
+            against_candle(true, relu, DType::F64, 1e-9);
+            against_candle(true, relu, DType::F32, 2e-4);
+        }
+    }
+
+    #[test]
+    fn fixed_statistics_match_candle_eval() {
+        for relu in [false, true] {
+            against_candle(false, relu, DType::F64, 1e-9);
+        }
+    }
+
+    #[test]
+    fn bf16_input_keeps_f32_statistics() {
+        let x = input((2, 3, 4, 4), DType::F32);
+        let gamma = Tensor::new(&[1f32, 2.0, 0.5], &Device::Cpu).unwrap();
+        let beta = Tensor::new(&[0f32, 0.1, -0.1], &Device::Cpu).unwrap();
+        let full = batch_norm_train(&x, &gamma, &beta, 1e-5, true).unwrap();
+        let half =
+            batch_norm_train(&x.to_dtype(DType::BF16).unwrap(), &gamma, &beta, 1e-5, true).unwrap();
+        assert_eq!(half.y.dtype(), DType::BF16);
+        assert_eq!(half.mean.dtype(), DType::F32);
+        close(&vec(&half.y), &vec(&full.y), 3e-2, "bf16 y");
+        close(&vec(&half.mean), &vec(&full.mean), 1e-2, "bf16 mean");
+    }
+
+    #[test]
+    fn two_dimensional_input_and_bad_shapes() {
+        let x = Tensor::new(&[[1f32, 2.0], [3.0, 6.0]], &Device::Cpu).unwrap();
+        let ones = Tensor::ones(2, DType::F32, &Device::Cpu).unwrap();
+        let zeros = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+        let out = batch_norm_train(&x, &ones, &zeros, 0.0, false).unwrap();
+        assert_eq!(vec(&out.y), vec![-1.0, -1.0, 1.0, 1.0]);
+        assert_eq!(vec(&out.var), vec![1.0, 4.0]);
+        let one = Tensor::new(&[[1f32, 2.0]], &Device::Cpu).unwrap();
+        let err = batch_norm_train(&one, &ones, &zeros, 1e-5, false).unwrap_err();
+        assert!(err.to_string().contains("more than one value"), "{err}");
+        let three = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
+        let err = batch_norm_train(&x, &three, &zeros, 1e-5, false).unwrap_err();
+        assert!(
+            err.to_string().contains("scale must have shape [2]"),
+            "{err}"
+        );
+        let err = batch_norm_train(&ones, &ones, &zeros, 1e-5, false).unwrap_err();
+        assert!(err.to_string().contains("[N,C"), "{err}");
+    }
+}

@@ -1,0 +1,587 @@
+//! Launch helpers of the crate's own CUDA kernels (`kernels/*.cu`, compiled to PTX by
+//! `build.rs`) and the per-thread cuDNN handles.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cudnn::sys as cudnn_sys;
+use candle_core::cuda_backend::cudarc::cudnn::{
+    ConvBackwardData, ConvBackwardFilter, ConvForward, Cudnn, CudnnDataType, CudnnError,
+};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
+use candle_core::{CudaStorage, DType, Layout, Result};
+
+/// PTX of `kernels/pool.cu`.
+pub(crate) const POOL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pool.ptx"));
+/// PTX of `kernels/batch_norm.cu`.
+pub(crate) const BN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/batch_norm.ptx"));
+
+/// Threads per block of the element-wise kernels (and the reductions' fixed block size).
+pub(crate) const THREADS: u32 = 256;
+
+/// The kernel-name suffix of a dtype (`max_pool_fwd_f32`, ...).
+pub(crate) fn suffix(dt: DType) -> Result<&'static str> {
+    Ok(match dt {
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        DType::BF16 => "bf16",
+        dt => candle_core::bail!("nofuss CUDA kernels support f32, f64 and bf16, not {dt:?}"),
+    })
+}
+
+/// Loads `name_<dtype>` from a module (cached by candle per device).
+pub(crate) fn func(
+    dev: &CudaDevice,
+    module: &str,
+    ptx: &str,
+    name: &str,
+    dt: DType,
+) -> Result<CudaFunction> {
+    Ok(dev
+        .get_or_load_custom_func(&format!("{name}_{}", suffix(dt)?), module, ptx)?
+        .into_cuda_function())
+}
+
+/// A grid-stride launch over `n` elements.
+pub(crate) fn grid_1d(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The contiguous part of a storage a layout describes.
+pub(crate) fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        None => candle_core::bail!("nofuss CUDA kernels need contiguous inputs"),
+    }
+}
+
+/// The device of a storage.
+pub(crate) fn device(s: &CudaStorage) -> &CudaDevice {
+    s.device()
+}
+
+thread_local! {
+    // cuDNN handles are neither Send nor Sync: one per thread and device.
+    static CUDNN: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
+}
+
+/// This thread's cuDNN handle on `dev`, bound to the device's stream.
+pub(crate) fn cudnn(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
+    CUDNN.with(|map| {
+        if let Some(h) = map.borrow().get(&dev.id()) {
+            return Ok(h.clone());
+        }
+        let h = Cudnn::new(dev.cuda_stream()).map_err(|e| {
+            candle_core::Error::Msg(format!(
+                "cuDNN could not start (is libcudnn.so.9 on the library path?): {e:?}"
+            ))
+        })?;
+        map.borrow_mut().insert(dev.id(), h.clone());
+        Ok(h)
+    })
+}
+
+/// Dispatches on a dtype with `$T` bound to the element type (f32, f64, bf16) and `$A`
+/// to its accumulator (f32 for f32 and bf16, f64 for f64).
+macro_rules! with_cuda_dtype {
+    ($dt:expr, $T:ident, $A:ident, $body:block) => {
+        match $dt {
+            candle_core::DType::F32 => {
+                type $T = f32;
+                #[allow(dead_code)]
+                type $A = f32;
+                $body
+            }
+            candle_core::DType::F64 => {
+                type $T = f64;
+                #[allow(dead_code)]
+                type $A = f64;
+                $body
+            }
+            candle_core::DType::BF16 => {
+                type $T = half::bf16;
+                #[allow(dead_code)]
+                type $A = f32;
+                $body
+            }
+            dt => candle_core::bail!("nofuss CUDA kernels support f32, f64 and bf16, not {dt:?}"),
+        }
+    };
+}
+
+/// Geometry of a pooling, laid out as `PoolGeom` in `kernels/pool.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PoolGeom {
+    pub planes: i64,
+    pub h: i32,
+    pub w: i32,
+    pub oh: i32,
+    pub ow: i32,
+    pub k: i32,
+    pub s: i32,
+    pub p: i32,
+}
+
+// SAFETY: plain old data with the C layout the kernels declare.
+unsafe impl DeviceRepr for PoolGeom {}
+
+/// Max (`avg: None`) or average (`Some(count_include_pad)`) pooling forward.
+pub(crate) fn pool_fwd(
+    s: &CudaStorage,
+    l: &Layout,
+    g: PoolGeom,
+    out_len: usize,
+    avg: Option<bool>,
+) -> Result<CudaStorage> {
+    let dev = device(s);
+    let name = if avg.is_some() {
+        "avg_pool_fwd"
+    } else {
+        "max_pool_fwd"
+    };
+    let f = func(dev, "nofuss_pool", POOL_PTX, name, s.dtype())?;
+    let stream = dev.cuda_stream();
+    with_cuda_dtype!(s.dtype(), T, A, {
+        let x = view::<T>(s, l)?;
+        // SAFETY: every element is written by the kernel.
+        let mut y = unsafe { dev.alloc::<T>(out_len)? };
+        let inc = avg.unwrap_or(false) as i32;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&mut y).arg(&g);
+        if avg.is_some() {
+            b.arg(&inc);
+        }
+        // SAFETY: argument types and count match the kernel's signature.
+        unsafe { b.launch(grid_1d(out_len)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    })
+}
+
+/// Max pooling backward (`x` given, `avg: None`) or average pooling backward (`x: None`,
+/// `avg: Some(count_include_pad)`); `dy` is the output gradient.
+pub(crate) fn pool_bwd(
+    x: Option<(&CudaStorage, &Layout)>,
+    dy: &CudaStorage,
+    dy_l: &Layout,
+    g: PoolGeom,
+    avg: Option<bool>,
+) -> Result<CudaStorage> {
+    let dev = device(dy);
+    let name = if avg.is_some() {
+        "avg_pool_bwd"
+    } else {
+        "max_pool_bwd"
+    };
+    let f = func(dev, "nofuss_pool", POOL_PTX, name, dy.dtype())?;
+    let stream = dev.cuda_stream();
+    let in_len = g.planes as usize * g.h as usize * g.w as usize;
+    with_cuda_dtype!(dy.dtype(), T, A, {
+        let grad = view::<T>(dy, dy_l)?;
+        // SAFETY: every element is written by the kernel.
+        let mut dx = unsafe { dev.alloc::<T>(in_len)? };
+        let inc = avg.unwrap_or(false) as i32;
+        let mut b = stream.launch_builder(&f);
+        let xv;
+        if let Some((xs, xl)) = x {
+            xv = view::<T>(xs, xl)?;
+            b.arg(&xv);
+        }
+        b.arg(&grad).arg(&mut dx).arg(&g);
+        if avg.is_some() {
+            b.arg(&inc);
+        }
+        // SAFETY: argument types and count match the kernel's signature.
+        unsafe { b.launch(grid_1d(in_len)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+    })
+}
+
+/// Sizes of a batch norm, laid out as `BnGeom` in `kernels/batch_norm.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BnGeom {
+    pub n: i64,
+    pub c: i64,
+    pub hw: i64,
+    /// Blocks per channel of the reductions.
+    pub slices: i64,
+}
+
+// SAFETY: plain old data with the C layout the kernels declare.
+unsafe impl DeviceRepr for BnGeom {}
+
+impl BnGeom {
+    pub(crate) fn new(n: usize, c: usize, hw: usize) -> Self {
+        // About 512 reduction blocks in all, each with at least 4 elements per thread.
+        let m = n * hw;
+        let by_blocks = 512usize.div_ceil(c.max(1));
+        let by_work = m.div_ceil(THREADS as usize * 4).max(1);
+        Self {
+            n: n as i64,
+            c: c as i64,
+            hw: hw as i64,
+            slices: by_blocks.min(by_work).clamp(1, 1024) as i64,
+        }
+    }
+
+    fn total(&self) -> usize {
+        (self.n * self.c * self.hw) as usize
+    }
+
+    fn reduce_grid(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.slices as u32, self.c as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn channel_grid(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: ((self.c as u32).div_ceil(THREADS), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+/// The accumulator dtype of an element dtype (what statistics and parameters are kept in).
+fn acc_dtype(dt: DType) -> DType {
+    if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Per-channel mean and biased variance, `[2, C]` in the accumulator dtype.
+pub(crate) fn bn_stats(s: &CudaStorage, l: &Layout, g: BnGeom) -> Result<CudaStorage> {
+    let dev = device(s);
+    let stream = dev.cuda_stream();
+    let partial_f = func(dev, "nofuss_bn", BN_PTX, "bn_stats_partial", s.dtype())?;
+    let final_f = func(
+        dev,
+        "nofuss_bn",
+        BN_PTX,
+        "bn_stats_final",
+        acc_dtype(s.dtype()),
+    )?;
+    with_cuda_dtype!(s.dtype(), T, A, {
+        let x = view::<T>(s, l)?;
+        // SAFETY: every element is written by the kernels.
+        let mut partial = unsafe { dev.alloc::<A>((3 * g.c * g.slices) as usize)? };
+        let mut out = unsafe { dev.alloc::<A>((2 * g.c) as usize)? };
+        let mut b = stream.launch_builder(&partial_f);
+        b.arg(&x).arg(&mut partial).arg(&g);
+        // SAFETY: argument types and count match the kernel's signature.
+        unsafe { b.launch(g.reduce_grid()) }.w()?;
+        let mut b = stream.launch_builder(&final_f);
+        b.arg(&partial).arg(&mut out).arg(&g);
+        unsafe { b.launch(g.channel_grid()) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    })
+}
+
+/// `y = relu?((x - mean) / σ γ + β)` with `params` rows γ, β, mean, 1/σ.
+pub(crate) fn bn_apply(
+    s: &CudaStorage,
+    l: &Layout,
+    ps: &CudaStorage,
+    pl: &Layout,
+    g: BnGeom,
+    relu: bool,
+) -> Result<CudaStorage> {
+    let dev = device(s);
+    let stream = dev.cuda_stream();
+    let f = func(dev, "nofuss_bn", BN_PTX, "bn_apply", s.dtype())?;
+    let relu = relu as i32;
+    with_cuda_dtype!(s.dtype(), T, A, {
+        let x = view::<T>(s, l)?;
+        let p = view::<A>(ps, pl)?;
+        // SAFETY: every element is written by the kernel.
+        let mut y = unsafe { dev.alloc::<T>(g.total())? };
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&p).arg(&mut y).arg(&g).arg(&relu);
+        // SAFETY: argument types and count match the kernel's signature.
+        unsafe { b.launch(grid_1d(g.total())) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    })
+}
+
+/// Per channel Σg and Σg·x̂, `[2, C]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bn_grad_sums(
+    xs: &CudaStorage,
+    xl: &Layout,
+    ds: &CudaStorage,
+    dl: &Layout,
+    ps: &CudaStorage,
+    pl: &Layout,
+    g: BnGeom,
+    relu: bool,
+) -> Result<CudaStorage> {
+    let dev = device(xs);
+    let stream = dev.cuda_stream();
+    let partial_f = func(dev, "nofuss_bn", BN_PTX, "bn_bwd_partial", xs.dtype())?;
+    let final_f = func(
+        dev,
+        "nofuss_bn",
+        BN_PTX,
+        "bn_bwd_final",
+        acc_dtype(xs.dtype()),
+    )?;
+    let relu = relu as i32;
+    with_cuda_dtype!(xs.dtype(), T, A, {
+        let x = view::<T>(xs, xl)?;
+        let dy = view::<T>(ds, dl)?;
+        let p = view::<A>(ps, pl)?;
+        // SAFETY: every element is written by the kernels.
+        let mut partial = unsafe { dev.alloc::<A>((2 * g.c * g.slices) as usize)? };
+        let mut out = unsafe { dev.alloc::<A>((2 * g.c) as usize)? };
+        let mut b = stream.launch_builder(&partial_f);
+        b.arg(&x)
+            .arg(&dy)
+            .arg(&p)
+            .arg(&mut partial)
+            .arg(&g)
+            .arg(&relu);
+        // SAFETY: argument types and count match the kernel's signature.
+        unsafe { b.launch(g.reduce_grid()) }.w()?;
+        let mut b = stream.launch_builder(&final_f);
+        b.arg(&partial).arg(&mut out).arg(&g);
+        unsafe { b.launch(g.channel_grid()) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    })
+}
+
+/// The input gradient, with `params` rows γ, β, mean, 1/σ, Σg, Σg·x̂.
+pub(crate) fn bn_grad_input(
+    (xs, xl): (&CudaStorage, &Layout),
+    (ds, dl): (&CudaStorage, &Layout),
+    (ps, pl): (&CudaStorage, &Layout),
+    g: BnGeom,
+    relu: bool,
+    batch_stats: bool,
+) -> Result<CudaStorage> {
+    let dev = device(xs);
+    let stream = dev.cuda_stream();
+    let f = func(dev, "nofuss_bn", BN_PTX, "bn_bwd_data", xs.dtype())?;
+    let (relu, batch_stats) = (relu as i32, batch_stats as i32);
+    with_cuda_dtype!(xs.dtype(), T, A, {
+        let x = view::<T>(xs, xl)?;
+        let dy = view::<T>(ds, dl)?;
+        let p = view::<A>(ps, pl)?;
+        // SAFETY: every element is written by the kernel.
+        let mut dx = unsafe { dev.alloc::<T>(g.total())? };
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x)
+            .arg(&dy)
+            .arg(&p)
+            .arg(&mut dx)
+            .arg(&g)
+            .arg(&relu)
+            .arg(&batch_stats);
+        // SAFETY: argument types and count match the kernel's signature.
+        unsafe { b.launch(grid_1d(g.total())) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+    })
+}
+
+/// Shapes and settings of one convolution, the key of the cuDNN algorithm caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ConvKey {
+    pub x: [i32; 4],
+    pub w: [i32; 4],
+    pub y: [i32; 4],
+    pub padding: i32,
+    pub stride: i32,
+    pub dilation: i32,
+    pub groups: i32,
+    pub dtype: DType,
+    pub tf32: bool,
+}
+
+type AlgoCache<A> = std::sync::Mutex<Option<HashMap<ConvKey, A>>>;
+static FWD_ALGOS: AlgoCache<cudnn_sys::cudnnConvolutionFwdAlgo_t> = std::sync::Mutex::new(None);
+static BWD_DATA_ALGOS: AlgoCache<cudnn_sys::cudnnConvolutionBwdDataAlgo_t> =
+    std::sync::Mutex::new(None);
+static BWD_FILTER_ALGOS: AlgoCache<cudnn_sys::cudnnConvolutionBwdFilterAlgo_t> =
+    std::sync::Mutex::new(None);
+
+/// The cached algorithm for `key`, or `pick()`'s, remembered.
+fn cached<A: Copy>(
+    cache: &AlgoCache<A>,
+    key: &ConvKey,
+    pick: impl FnOnce() -> Result<A>,
+) -> Result<A> {
+    if let Some(a) = cache
+        .lock()
+        .ok()
+        .and_then(|m| m.as_ref()?.get(key).copied())
+    {
+        return Ok(a);
+    }
+    let a = pick()?;
+    if let Ok(mut m) = cache.lock() {
+        m.get_or_insert_with(HashMap::new).insert(*key, a);
+    }
+    Ok(a)
+}
+
+fn cudnn_err(what: &str) -> impl Fn(CudnnError) -> candle_core::Error + '_ {
+    move |e| candle_core::Error::Msg(format!("cuDNN {what}: {e:?}"))
+}
+
+/// Which convolution to run, with its three tensors (`x`/`dx`, `w`/`dw`, `y`/`dy`).
+pub(crate) enum ConvPass<'a> {
+    /// `y = conv(x, w)`.
+    Forward {
+        x: (&'a CudaStorage, &'a Layout),
+        w: (&'a CudaStorage, &'a Layout),
+    },
+    /// `dx = conv_bwd_data(dy, w)`.
+    BackwardData {
+        dy: (&'a CudaStorage, &'a Layout),
+        w: (&'a CudaStorage, &'a Layout),
+    },
+    /// `dw = conv_bwd_filter(x, dy)`.
+    BackwardFilter {
+        x: (&'a CudaStorage, &'a Layout),
+        dy: (&'a CudaStorage, &'a Layout),
+    },
+}
+
+/// Runs one cuDNN convolution pass; returns the output (`y`, `dx` or `dw`).
+pub(crate) fn cudnn_conv(pass: ConvPass<'_>, key: ConvKey) -> Result<CudaStorage> {
+    let first = match &pass {
+        ConvPass::Forward { x, .. } => x.0,
+        ConvPass::BackwardData { dy, .. } => dy.0,
+        ConvPass::BackwardFilter { x, .. } => x.0,
+    };
+    let dev = device(first).clone();
+    match key.dtype {
+        DType::F32 => conv_typed::<f32, f32>(&dev, pass, key),
+        DType::F64 => conv_typed::<f64, f64>(&dev, pass, key),
+        DType::BF16 => conv_typed::<half::bf16, f32>(&dev, pass, key),
+        dt => candle_core::bail!("cuDNN convolution supports f32, f64 and bf16, not {dt:?}"),
+    }
+}
+
+fn conv_typed<T, C>(dev: &CudaDevice, pass: ConvPass<'_>, key: ConvKey) -> Result<CudaStorage>
+where
+    T: CudaDType + CudnnDataType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType,
+    C: CudnnDataType,
+{
+    use cudnn_sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+    let handle = cudnn(dev)?;
+    let mut conv = handle
+        .create_conv2d::<C>(
+            [key.padding; 2],
+            [key.stride; 2],
+            [key.dilation; 2],
+            cudnn_sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+        )
+        .map_err(cudnn_err("convolution descriptor"))?;
+    if key.groups > 1 {
+        conv.set_group_count(key.groups)
+            .map_err(cudnn_err("group count"))?;
+    }
+    let math = if key.tf32 || key.dtype != DType::F32 {
+        cudnn_sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
+    } else {
+        cudnn_sys::cudnnMathType_t::CUDNN_FMA_MATH
+    };
+    conv.set_math_type(math).map_err(cudnn_err("math type"))?;
+    let xd = handle
+        .create_4d_tensor::<T>(CUDNN_TENSOR_NCHW, key.x)
+        .map_err(cudnn_err("input descriptor"))?;
+    let wd = handle
+        .create_4d_filter::<T>(CUDNN_TENSOR_NCHW, key.w)
+        .map_err(cudnn_err("filter descriptor"))?;
+    let yd = handle
+        .create_4d_tensor::<T>(CUDNN_TENSOR_NCHW, key.y)
+        .map_err(cudnn_err("output descriptor"))?;
+    let numel = |s: [i32; 4]| s.iter().map(|&d| d as usize).product::<usize>();
+    let one_zero = (T::from_f64(1.0), T::from_f64(0.0));
+    match pass {
+        ConvPass::Forward { x, w } => {
+            let op = ConvForward {
+                conv: &conv,
+                x: &xd,
+                w: &wd,
+                y: &yd,
+            };
+            let algo = cached(&FWD_ALGOS, &key, || {
+                op.pick_algorithm().map_err(cudnn_err("forward algorithm"))
+            })?;
+            let size = op
+                .get_workspace_size(algo)
+                .map_err(cudnn_err("forward workspace"))?;
+            let mut ws = dev.alloc_zeros::<u8>(size.max(1))?;
+            let (xv, wv) = (view::<T>(x.0, x.1)?, view::<T>(w.0, w.1)?);
+            // SAFETY: every element is written by cuDNN.
+            let mut y = unsafe { dev.alloc::<T>(numel(key.y))? };
+            // SAFETY: buffers match the descriptors' types and shapes.
+            unsafe { op.launch(algo, Some(&mut ws), one_zero, &xv, &wv, &mut y) }
+                .map_err(cudnn_err("forward"))?;
+            Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        }
+        ConvPass::BackwardData { dy, w } => {
+            let op = ConvBackwardData {
+                conv: &conv,
+                dx: &xd,
+                w: &wd,
+                dy: &yd,
+            };
+            let algo = cached(&BWD_DATA_ALGOS, &key, || {
+                op.pick_algorithm()
+                    .map_err(cudnn_err("backward-data algorithm"))
+            })?;
+            let size = op
+                .get_workspace_size(algo)
+                .map_err(cudnn_err("backward-data workspace"))?;
+            let mut ws = dev.alloc_zeros::<u8>(size.max(1))?;
+            let (dyv, wv) = (view::<T>(dy.0, dy.1)?, view::<T>(w.0, w.1)?);
+            // SAFETY: every element is written by cuDNN (beta = 0).
+            let mut dx = unsafe { dev.alloc::<T>(numel(key.x))? };
+            // SAFETY: buffers match the descriptors' types and shapes.
+            unsafe { op.launch(algo, Some(&mut ws), one_zero, &mut dx, &wv, &dyv) }
+                .map_err(cudnn_err("backward data"))?;
+            Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+        }
+        ConvPass::BackwardFilter { x, dy } => {
+            let op = ConvBackwardFilter {
+                conv: &conv,
+                x: &xd,
+                dw: &wd,
+                dy: &yd,
+            };
+            let algo = cached(&BWD_FILTER_ALGOS, &key, || {
+                op.pick_algorithm()
+                    .map_err(cudnn_err("backward-filter algorithm"))
+            })?;
+            let size = op
+                .get_workspace_size(algo)
+                .map_err(cudnn_err("backward-filter workspace"))?;
+            let mut ws = dev.alloc_zeros::<u8>(size.max(1))?;
+            let (xv, dyv) = (view::<T>(x.0, x.1)?, view::<T>(dy.0, dy.1)?);
+            // Zeroed: some algorithms accumulate.
+            let mut dw = dev.alloc_zeros::<T>(numel(key.w))?;
+            // SAFETY: buffers match the descriptors' types and shapes.
+            unsafe { op.launch(algo, Some(&mut ws), one_zero, &xv, &mut dw, &dyv) }
+                .map_err(cudnn_err("backward filter"))?;
+            Ok(CudaStorage::wrap_cuda_slice(dw, dev.clone()))
+        }
+    }
+}

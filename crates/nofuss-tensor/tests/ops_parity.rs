@@ -1,0 +1,215 @@
+//! The custom operations (cuDNN/candle convolution, pooling, fused batch norm) against
+//! PyTorch, forward and backward: `tests/reference/tensor_ops.py` wrote the fixture.
+//! Runs on `NOFUSS_TEST_DEVICE` (the CPU by default; `cuda` on a GPU machine).
+//!
+//! Tolerances, relative to the largest reference value of each tensor: 1e-9 in f64,
+//! 1e-4 in f32 (TF32 is switched off for this test), 4e-2 in bf16 (pooling and batch
+//! norm everywhere, convolution on CUDA only: candle's CPU matmul has no bf16).
+
+use candle_core::{DType, Device, Tensor, Var};
+use nofuss_tensor::batch_norm::{batch_norm_fixed, batch_norm_train};
+use nofuss_tensor::conv::{conv2d, set_tf32};
+use nofuss_tensor::pool::{avg_pool2d, max_pool2d, Pool2d};
+use serde_json::Value;
+
+fn fixture() -> Value {
+    let path = nofuss_tensor::fixtures_dir(env!("CARGO_MANIFEST_DIR")).join("tensor_ops.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run tests/reference/tensor_ops.py)",
+            path.display()
+        )
+    });
+    serde_json::from_str(&text).expect("fixture parses")
+}
+
+fn nums(c: &Value, key: &str) -> Vec<f64> {
+    c[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("{key} missing"))
+        .iter()
+        .map(|v| v.as_f64().expect("number"))
+        .collect()
+}
+
+fn shape(c: &Value, key: &str) -> Vec<usize> {
+    c[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect()
+}
+
+fn tensor(c: &Value, key: &str, shape: &[usize], dt: DType, dev: &Device) -> Tensor {
+    Tensor::from_vec(nums(c, key), shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dt)
+        .unwrap()
+        .to_device(dev)
+        .unwrap()
+}
+
+fn var(c: &Value, key: &str, shape: &[usize], dt: DType, dev: &Device) -> Var {
+    Var::from_tensor(&tensor(c, key, shape, dt, dev)).unwrap()
+}
+
+fn check(got: &Tensor, c: &Value, key: &str, tol: f64) {
+    let want = nums(c, key);
+    let got: Vec<f64> = got
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let name = c["name"].as_str().unwrap();
+    assert_eq!(got.len(), want.len(), "{name}: {key} length");
+    let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * scale,
+            "{name}: {key}[{i}] = {a}, PyTorch {b} (tolerance {tol} x {scale})"
+        );
+    }
+}
+
+/// Runs one case in `dt`; `grads: false` checks the forward pass only.
+fn run_case(c: &Value, dt: DType, dev: &Device, tol: f64, grads: bool) {
+    let op = c["op"].as_str().unwrap();
+    let xs = shape(c, "x_shape");
+    let x = var(c, "x", &xs, dt, dev);
+    match op {
+        "conv2d" => {
+            let ws = shape(c, "w_shape");
+            let w = var(c, "w", &ws, dt, dev);
+            let b = c.get("b").map(|_| var(c, "b", &[ws[0]], dt, dev));
+            let cfg = candle_nn::Conv2dConfig {
+                padding: c["padding"].as_u64().unwrap() as usize,
+                stride: c["stride"].as_u64().unwrap() as usize,
+                dilation: 1,
+                groups: c["groups"].as_u64().unwrap() as usize,
+                cudnn_fwd_algo: None,
+            };
+            let y = conv2d(
+                x.as_tensor(),
+                w.as_tensor(),
+                b.as_ref().map(|b| b.as_tensor()),
+                &cfg,
+            )
+            .unwrap();
+            check(&y, c, "y", tol);
+            let r = tensor(c, "r", y.dims(), dt, dev);
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            check(g.get(x.as_tensor()).unwrap(), c, "dx", tol);
+            check(g.get(w.as_tensor()).unwrap(), c, "dw", tol);
+            if let Some(b) = &b {
+                check(g.get(b.as_tensor()).unwrap(), c, "db", tol);
+            }
+        }
+        "max_pool2d" | "avg_pool2d" => {
+            let p = Pool2d {
+                kernel: c["kernel"].as_u64().unwrap() as usize,
+                stride: c["stride"].as_u64().unwrap() as usize,
+                padding: c["padding"].as_u64().unwrap() as usize,
+                ceil_mode: c["ceil_mode"].as_bool().unwrap(),
+            };
+            let y = if op == "max_pool2d" {
+                max_pool2d(x.as_tensor(), &p).unwrap()
+            } else {
+                avg_pool2d(x.as_tensor(), &p, c["count_include_pad"].as_bool().unwrap()).unwrap()
+            };
+            assert_eq!(y.dims(), shape(c, "y_shape").as_slice());
+            check(&y, c, "y", tol);
+            let r = tensor(c, "r", y.dims(), dt, dev);
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            check(g.get(x.as_tensor()).unwrap(), c, "dx", tol);
+        }
+        "batch_norm" => {
+            let ch = xs[1];
+            // Scale and shift are f32 master parameters (f64 with f64 input).
+            let pdt = if dt == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
+            let gamma = var(c, "gamma", &[ch], pdt, dev);
+            let beta = var(c, "beta", &[ch], pdt, dev);
+            let relu = c["relu"].as_bool().unwrap();
+            let eps = c["eps"].as_f64().unwrap();
+            let y = if c["train"].as_bool().unwrap() {
+                let out = batch_norm_train(
+                    x.as_tensor(),
+                    gamma.as_tensor(),
+                    beta.as_tensor(),
+                    eps,
+                    relu,
+                )
+                .unwrap();
+                // PyTorch's running-statistics update, from the returned batch statistics.
+                let m = c["momentum"].as_f64().unwrap();
+                let count = (xs[0] * xs[2] * xs[3]) as f64;
+                let rm = tensor(c, "running_mean", &[ch], pdt, dev);
+                let rv = tensor(c, "running_var", &[ch], pdt, dev);
+                let new_rm = ((rm * (1.0 - m)).unwrap() + (&out.mean * m).unwrap()).unwrap();
+                let unbiased = (&out.var * (count / (count - 1.0))).unwrap();
+                let new_rv = ((rv * (1.0 - m)).unwrap() + (unbiased * m).unwrap()).unwrap();
+                check(&new_rm, c, "new_running_mean", tol);
+                check(&new_rv, c, "new_running_var", tol);
+                out.y
+            } else {
+                let rm = tensor(c, "running_mean", &[ch], pdt, dev);
+                let rv = tensor(c, "running_var", &[ch], pdt, dev);
+                batch_norm_fixed(
+                    x.as_tensor(),
+                    gamma.as_tensor(),
+                    beta.as_tensor(),
+                    &rm,
+                    &rv,
+                    eps,
+                    relu,
+                )
+                .unwrap()
+            };
+            assert_eq!(y.dtype(), dt);
+            check(&y, c, "y", tol);
+            if !grads {
+                return;
+            }
+            let r = tensor(c, "r", y.dims(), dt, dev);
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            check(g.get(x.as_tensor()).unwrap(), c, "dx", tol);
+            check(g.get(gamma.as_tensor()).unwrap(), c, "dgamma", tol);
+            check(g.get(beta.as_tensor()).unwrap(), c, "dbeta", tol);
+        }
+        other => panic!("unknown op {other}"),
+    }
+}
+
+#[test]
+fn custom_ops_match_pytorch_in_f64_and_f32() {
+    set_tf32(false);
+    let dev = nofuss_tensor::test_device().unwrap();
+    let f = fixture();
+    let cases = f["cases"].as_array().unwrap();
+    assert!(cases.len() >= 15);
+    for c in cases {
+        run_case(c, DType::F64, &dev, 1e-9, true);
+        run_case(c, DType::F32, &dev, 1e-4, true);
+    }
+}
+
+#[test]
+fn bf16_stays_close_to_pytorch() {
+    let dev = nofuss_tensor::test_device().unwrap();
+    let f = fixture();
+    for c in f["cases"].as_array().unwrap() {
+        if c["op"] == "conv2d" && dev.is_cpu() {
+            continue;
+        }
+        // Batch norm's input gradient subtracts two bf16-rounded means from the output
+        // gradient, cancelling most digits: its forward pass is the bf16 check.
+        let grads = c["op"] != "batch_norm";
+        run_case(c, DType::BF16, &dev, 4e-2, grads);
+    }
+}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU check, run on the GPU machine from the repository root after
+# xtask/scripts/gpu-bundle.sh filled .gpu/: CUDA parity tests (custom ops, BN-Inception,
+# losses), then nofuss's and PyTorch's training-step benchmarks in the same call, and a
+# summary table. Builds nothing. Everything goes under $OUT (default: ./gpu-out).
+# Usage: OUT=dir xtask/scripts/gpu-check.sh [quick]     (quick: fewer steps)
+set -u
+OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
+STEPS=10; [ "${1:-}" = quick ] && STEPS=3
+PY="${PYTHON:-python3}"
+# CUDA libraries of PyTorch's wheels (cuBLAS, cuDNN, ...) for the nofuss binaries.
+NV="$($PY -c 'import os, nvidia; print(os.path.dirname(list(nvidia.__path__)[0] + "/x"))' 2>/dev/null)"
+for d in "$NV"/cu13/lib "$NV"/cudnn/lib /usr/local/cuda/lib64; do
+  [ -d "$d" ] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+export LD_LIBRARY_PATH
+for f in nofuss ops_parity bn_inception_parity reference_parity; do
+  [ -f ".gpu/$f.xz" ] && xz -d -k -f ".gpu/$f.xz" && chmod +x ".gpu/$f"
+done
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  $PY -c "import torch; print('torch', torch.__version__, 'cuDNN', torch.backends.cudnn.version())"
+} > "$OUT/gpu.txt" 2>&1
+export NOFUSS_FIXTURES="$PWD/tests/reference/fixtures" NOFUSS_TEST_DEVICE=cuda
+for t in ops_parity bn_inception_parity reference_parity; do
+  ( time timeout 240 ".gpu/$t" --test-threads 1 ) > "$OUT/parity_$t.txt" 2>&1
+  echo "rc=$?" >> "$OUT/parity_$t.txt"
+done
+B="$OUT/bench.jsonl"; : > "$B"
+run() { timeout 200 "$@" >> "$B" 2>> "$OUT/bench.err" || echo "failed: $*" >> "$OUT/bench.err"; }
+for cfg in "32 f32" "128 f32" "128 bf16" "32 bf16"; do
+  set -- $cfg
+  run .gpu/nofuss bench train-step --backbone bn-inception --batch-size "$1" --precision "$2" --steps "$STEPS" --device cuda
+  run $PY crates/nofuss/benches/torch_train_step.py "$1" "$STEPS" --backbone bn-inception --device cuda --classes 100 --precision "$2"
+done
+run .gpu/nofuss bench train-step --batch-size 256 --steps "$STEPS" --device cuda
+run $PY crates/nofuss/benches/torch_train_step.py 256 "$STEPS" --device cuda --classes 100
+$PY - "$B" > "$OUT/summary.md" <<'PYEOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+key = lambda r: (r.get("backbone"), r.get("batch"), r.get("precision", "f32"))
+ours = {key(r): r for r in rows if str(r.get("impl", "")).startswith("nofuss")}
+ref = {key(r): r for r in rows if not str(r.get("impl", "")).startswith("nofuss")}
+print("| backbone | batch | precision | nofuss img/s | PyTorch img/s | ratio |")
+print("| --- | --- | --- | --- | --- | --- |")
+for k in ours:
+    a, b = ours[k]["images_per_sec"], ref.get(k, {}).get("images_per_sec")
+    print(f"| {k[0]} | {k[1]} | {k[2]} | {a} | {b} | {a / b:.2f}x |" if b else f"| {k[0]} | {k[1]} | {k[2]} | {a} | - | - |")
+PYEOF
+cat "$OUT/summary.md"; grep -h "test result\|rc=" "$OUT"/parity_*.txt
