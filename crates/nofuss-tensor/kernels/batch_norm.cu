@@ -1,7 +1,8 @@
-// Batch normalisation (+ optional ReLU) over contiguous NCHW tensors, channel statistics
-// by Welford/Chan merges, forward and backward. `params` rows (length C each, accumulator
-// type): 0 gamma, 1 beta, 2 mean, 3 1/sqrt(var + eps); for the input gradient also
-// 4 sum(g) and 5 sum(g * xhat), where g is the output gradient masked by the ReLU.
+// Batch normalisation (+ optional ReLU) over contiguous NCHW tensors: channel statistics
+// by Welford/Chan merges, the fused normalise-scale-shift(-ReLU) pass, the backward
+// reduction and input gradient, and the running-statistics update. Per-channel vectors
+// (gamma, beta, mean, 1/sigma, sums) are in the accumulator type. `g` in the backward
+// pass is the output gradient, zeroed where the rectified output is not positive.
 // Reductions run on a (slices, channels) grid writing per-block partials that one thread
 // per channel merges in order: no atomics, the same result every run.
 #include "common.cuh"
@@ -69,9 +70,9 @@ __device__ void bn_stats_partial(const T* x, typename Acc<T>::type* partial, BnG
     }
 }
 
-// out[ch] = mean, out[C + ch] = biased variance.
+// out rows (length C): mean, biased variance, 1/sqrt(variance + eps).
 template <typename A>
-__device__ void bn_stats_final(const A* partial, A* out, BnGeom g) {
+__device__ void bn_stats_final(const A* partial, A* out, BnGeom g, double eps) {
     int64_t ch = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= g.c) return;
     A n = 0, mean = 0, m2 = 0;
@@ -79,39 +80,41 @@ __device__ void bn_stats_final(const A* partial, A* out, BnGeom g) {
         const A* p = partial + (ch * g.slices + s) * 3;
         chan_merge(n, mean, m2, p[0], p[1], p[2]);
     }
+    A var = n > 0 ? m2 / n : (A)0;
     out[ch] = mean;
-    out[g.c + ch] = n > 0 ? m2 / n : (A)0;
+    out[g.c + ch] = var;
+    out[2 * g.c + ch] = (A)1 / sqrt(var + (A)eps);
 }
 
 template <typename T>
-__device__ void bn_apply(const T* x, const typename Acc<T>::type* params, T* y, BnGeom g,
-                         int relu) {
+__device__ void bn_apply(const T* x, const typename Acc<T>::type* gamma,
+                         const typename Acc<T>::type* beta, const typename Acc<T>::type* mean,
+                         const typename Acc<T>::type* invstd, T* y, BnGeom g, int relu) {
     typedef typename Acc<T>::type A;
     int64_t total = g.n * g.c * g.hw;
     GRID_STRIDE(i, total) {
         int64_t ch = (i / g.hw) % g.c;
-        A v = (to_acc(x[i]) - params[2 * g.c + ch]) * params[3 * g.c + ch] * params[ch] +
-              params[g.c + ch];
+        A v = (to_acc(x[i]) - mean[ch]) * invstd[ch] * gamma[ch] + beta[ch];
         if (relu && v <= 0) v = 0;  // a NaN stays NaN, as in PyTorch
         y[i] = from_acc<T>(v);
     }
 }
 
-// Output gradient masked by the ReLU (recomputed from x and the parameters).
+// The output gradient where the rectified output is positive (PyTorch's ReLU gradient).
 template <typename T>
-__device__ __forceinline__ typename Acc<T>::type masked_grad(
-    const T* x, const T* dy, const typename Acc<T>::type* params, const BnGeom& g,
-    int64_t i, int64_t ch, int relu, typename Acc<T>::type& xhat) {
+__device__ __forceinline__ typename Acc<T>::type masked(const T* dy, const T* y, int64_t i,
+                                                        int relu) {
     typedef typename Acc<T>::type A;
-    xhat = (to_acc(x[i]) - params[2 * g.c + ch]) * params[3 * g.c + ch];
     A d = to_acc(dy[i]);
-    if (relu && !(xhat * params[ch] + params[g.c + ch] > 0)) d = 0;
+    if (relu && !(to_acc(y[i]) > 0)) d = 0;
     return d;
 }
 
 // partial[(ch * slices + s) * 2 + {0,1}] = (sum g, sum g * xhat) over one slice.
 template <typename T>
-__device__ void bn_bwd_partial(const T* x, const T* dy, const typename Acc<T>::type* params,
+__device__ void bn_bwd_partial(const T* x, const T* dy, const T* y,
+                               const typename Acc<T>::type* mean,
+                               const typename Acc<T>::type* invstd,
                                typename Acc<T>::type* partial, BnGeom g, int relu) {
     typedef typename Acc<T>::type A;
     __shared__ A s0[THREADS], s1[THREADS];
@@ -120,10 +123,10 @@ __device__ void bn_bwd_partial(const T* x, const T* dy, const typename Acc<T>::t
     int64_t lo = s * chunk, hi = min(lo + chunk, m);
     A a = 0, b = 0;
     for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
-        A xhat;
-        A d = masked_grad(x, dy, params, g, at(g, ch, e), ch, relu, xhat);
+        int64_t i = at(g, ch, e);
+        A d = masked(dy, y, i, relu);
         a += d;
-        b += d * xhat;
+        b += d * (to_acc(x[i]) - mean[ch]) * invstd[ch];
     }
     s0[threadIdx.x] = a;
     s1[threadIdx.x] = b;
@@ -157,51 +160,67 @@ __device__ void bn_bwd_final(const A* partial, A* out, BnGeom g) {
 
 // dx = gamma * invstd * (g - [batch statistics] (sum g + xhat * sum g xhat) / M).
 template <typename T>
-__device__ void bn_bwd_data(const T* x, const T* dy, const typename Acc<T>::type* params, T* dx,
-                            BnGeom g, int relu, int batch_stats) {
+__device__ void bn_bwd_data(const T* x, const T* dy, const T* y,
+                            const typename Acc<T>::type* gamma, const typename Acc<T>::type* mean,
+                            const typename Acc<T>::type* invstd, const typename Acc<T>::type* sums,
+                            T* dx, BnGeom g, int relu, int batch_stats) {
     typedef typename Acc<T>::type A;
     int64_t total = g.n * g.c * g.hw;
     A inv_m = (A)1 / (A)(g.n * g.hw);
     GRID_STRIDE(i, total) {
         int64_t ch = (i / g.hw) % g.c;
-        A xhat;
-        A d = masked_grad(x, dy, params, g, i, ch, relu, xhat);
-        if (batch_stats) d -= (params[4 * g.c + ch] + xhat * params[5 * g.c + ch]) * inv_m;
-        dx[i] = from_acc<T>(d * params[ch] * params[3 * g.c + ch]);
+        A d = masked(dy, y, i, relu);
+        if (batch_stats) {
+            A xhat = (to_acc(x[i]) - mean[ch]) * invstd[ch];
+            d -= (sums[ch] + xhat * sums[g.c + ch]) * inv_m;
+        }
+        dx[i] = from_acc<T>(d * gamma[ch] * invstd[ch]);
     }
 }
 
-#define BN_KERNELS(T, SUF)                                                                     \
-    extern "C" __global__ void bn_stats_partial_##SUF(const T* x, Acc<T>::type* partial,      \
-                                                      BnGeom g) {                              \
-        bn_stats_partial<T>(x, partial, g);                                                    \
-    }                                                                                          \
-    extern "C" __global__ void bn_apply_##SUF(const T* x, const Acc<T>::type* params, T* y,   \
-                                              BnGeom g, int relu) {                            \
-        bn_apply<T>(x, params, y, g, relu);                                                    \
-    }                                                                                          \
-    extern "C" __global__ void bn_bwd_partial_##SUF(const T* x, const T* dy,                  \
-                                                    const Acc<T>::type* params,                \
-                                                    Acc<T>::type* partial, BnGeom g, int relu) { \
-        bn_bwd_partial<T>(x, dy, params, partial, g, relu);                                    \
-    }                                                                                          \
-    extern "C" __global__ void bn_bwd_data_##SUF(const T* x, const T* dy,                     \
-                                                 const Acc<T>::type* params, T* dx, BnGeom g, \
-                                                 int relu, int batch_stats) {                  \
-        bn_bwd_data<T>(x, dy, params, dx, g, relu, batch_stats);                               \
+// running = (1 - momentum) running + momentum factor batch, over n channels.
+template <typename A>
+__device__ void bn_update_running(A* running, const A* batch, int64_t n, double momentum,
+                                  double factor) {
+    GRID_STRIDE(i, n) {
+        running[i] = (A)((1.0 - momentum) * running[i] + momentum * factor * batch[i]);
+    }
+}
+
+#define ACC(T) Acc<T>::type
+#define BN_KERNELS(T, SUF)                                                                      \
+    extern "C" __global__ void bn_stats_partial_##SUF(const T* x, ACC(T) * partial, BnGeom g) { \
+        bn_stats_partial<T>(x, partial, g);                                                     \
+    }                                                                                           \
+    extern "C" __global__ void bn_apply_##SUF(const T* x, const ACC(T) * gamma,                 \
+                                              const ACC(T) * beta, const ACC(T) * mean,         \
+                                              const ACC(T) * invstd, T* y, BnGeom g, int relu) { \
+        bn_apply<T>(x, gamma, beta, mean, invstd, y, g, relu);                                  \
+    }                                                                                           \
+    extern "C" __global__ void bn_bwd_partial_##SUF(const T* x, const T* dy, const T* y,        \
+                                                    const ACC(T) * mean, const ACC(T) * invstd, \
+                                                    ACC(T) * partial, BnGeom g, int relu) {     \
+        bn_bwd_partial<T>(x, dy, y, mean, invstd, partial, g, relu);                            \
+    }                                                                                           \
+    extern "C" __global__ void bn_bwd_data_##SUF(                                               \
+        const T* x, const T* dy, const T* y, const ACC(T) * gamma, const ACC(T) * mean,         \
+        const ACC(T) * invstd, const ACC(T) * sums, T* dx, BnGeom g, int relu, int batch_stats) { \
+        bn_bwd_data<T>(x, dy, y, gamma, mean, invstd, sums, dx, g, relu, batch_stats);          \
     }
 
 FOR_EACH_DTYPE(BN_KERNELS)
 
-extern "C" __global__ void bn_stats_final_f32(const float* p, float* out, BnGeom g) {
-    bn_stats_final<float>(p, out, g);
-}
-extern "C" __global__ void bn_stats_final_f64(const double* p, double* out, BnGeom g) {
-    bn_stats_final<double>(p, out, g);
-}
-extern "C" __global__ void bn_bwd_final_f32(const float* p, float* out, BnGeom g) {
-    bn_bwd_final<float>(p, out, g);
-}
-extern "C" __global__ void bn_bwd_final_f64(const double* p, double* out, BnGeom g) {
-    bn_bwd_final<double>(p, out, g);
-}
+#define BN_ACC_KERNELS(A, SUF)                                                                  \
+    extern "C" __global__ void bn_stats_final_##SUF(const A* p, A* out, BnGeom g, double eps) { \
+        bn_stats_final<A>(p, out, g, eps);                                                      \
+    }                                                                                           \
+    extern "C" __global__ void bn_bwd_final_##SUF(const A* p, A* out, BnGeom g) {               \
+        bn_bwd_final<A>(p, out, g);                                                             \
+    }                                                                                           \
+    extern "C" __global__ void bn_update_running_##SUF(A* running, const A* batch, int64_t n,   \
+                                                       double momentum, double factor) {        \
+        bn_update_running<A>(running, batch, n, momentum, factor);                              \
+    }
+
+BN_ACC_KERNELS(float, f32)
+BN_ACC_KERNELS(double, f64)

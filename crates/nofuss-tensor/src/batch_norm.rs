@@ -3,13 +3,15 @@
 //!
 //! candle's `BatchNorm` runs training mode as a dozen generic operations (transpose, copy,
 //! two means, broadcasts), each allocating a whole activation, and as many again backward.
-//! Here a training step is three custom operations: per-channel statistics (two-pass in
-//! f64 on the CPU; Welford partials merged in a fixed order on CUDA), one fused
-//! normalise-scale-shift(-ReLU) pass, and for the gradient one reduction plus one pass
-//! (`dx = γ σ⁻¹ (g - mean(g) - x̂ mean(g x̂))`, with `g` the output gradient masked by the
-//! ReLU). The ReLU mask is recomputed from the input, so nothing but the input is kept for
-//! the backward pass. CPU kernels run over channels or planes with rayon; CUDA kernels are
-//! in `kernels/batch_norm.cu`.
+//! Here a training step is a handful of kernels: per-channel statistics (mean, variance
+//! and 1/σ; two-pass in f64 on the CPU, Welford partials merged in a fixed order on CUDA),
+//! one fused normalise-scale-shift(-ReLU) pass, two in-place updates of the running
+//! statistics, and for the gradient one reduction plus one pass
+//! (`dx = γ σ⁻¹ (g - mean(g) - x̂ mean(g x̂))`, with `g` the output gradient masked where
+//! the output is not positive). The backward pass reads the input and the output, which
+//! the next layer keeps anyway. CPU kernels run over channels or planes with rayon; CUDA
+//! kernels are in `kernels/batch_norm.cu`; the reductions' results do not depend on
+//! thread timing.
 //!
 //! Semantics are PyTorch's `nn.BatchNorm2d`: biased variance to normalise, unbiased to
 //! update the running variance, `running = (1 - momentum) running + momentum batch`.
@@ -36,7 +38,7 @@ use candle_core::backend::BackendStorage;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, Var,
+    CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp2, Layout, Result, Shape, Tensor, Var,
     WithDType,
 };
 use candle_nn::{Init, VarBuilder};
@@ -93,15 +95,20 @@ impl BatchNorm2d {
             );
         }
         let out = batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
-        let m = self.momentum;
-        let dt = self.running_mean.dtype();
         let count = (x.elem_count() / x.dim(1)?) as f64;
-        let mean = out.mean.to_dtype(dt)?;
-        let var = (out.var.to_dtype(dt)? * (count / (count - 1.0)))?;
-        self.running_mean
-            .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?)?;
-        self.running_var
-            .set(&((self.running_var.as_tensor() * (1.0 - m))? + (var * m)?)?)?;
+        let update = |running: &Var, batch: &Tensor, factor: f64| -> Result<()> {
+            let batch = batch.to_dtype(running.dtype())?;
+            running.inplace_op2(
+                &batch,
+                &UpdateRunning {
+                    momentum: self.momentum,
+                    factor,
+                },
+            )
+        };
+        update(&self.running_mean, &out.mean, 1.0)?;
+        // PyTorch keeps the unbiased variance.
+        update(&self.running_var, &out.var, count / (count - 1.0))?;
         Ok(out.y)
     }
 
@@ -164,11 +171,10 @@ pub fn batch_norm_train(
         );
     }
     let x = x.contiguous()?;
-    let stats = x.apply_op1_no_bwd(&Stats)?;
-    let mean = stats.get(0)?;
-    let var = stats.get(1)?;
-    let invstd = (&var + eps)?.sqrt()?.recip()?;
-    let y = apply(&x, gamma, beta, &mean, &invstd, relu, true)?;
+    // Rows: mean, biased variance, 1/sqrt(variance + eps).
+    let stats = x.apply_op1_no_bwd(&Stats { eps })?;
+    let (mean, var, invstd) = (stats.get(0)?, stats.get(1)?, stats.get(2)?);
+    let y = apply(&x, gamma, beta, mean.clone(), invstd, relu, true)?;
     Ok(BatchNormOutput { y, mean, var })
 }
 
@@ -186,15 +192,8 @@ pub fn batch_norm_fixed(
     Geom::of(x)?;
     let pdt = param_dtype(x.dtype());
     let invstd = (var.detach().to_dtype(pdt)? + eps)?.sqrt()?.recip()?;
-    apply(
-        &x.contiguous()?,
-        gamma,
-        beta,
-        &mean.detach(),
-        &invstd,
-        relu,
-        false,
-    )
+    let mean = mean.detach().to_dtype(pdt)?.contiguous()?;
+    apply(&x.contiguous()?, gamma, beta, mean, invstd, relu, false)
 }
 
 fn param_dtype(dt: DType) -> DType {
@@ -209,32 +208,36 @@ fn apply(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
-    mean: &Tensor,
-    invstd: &Tensor,
+    mean: Tensor,
+    invstd: Tensor,
     relu: bool,
     batch_stats: bool,
 ) -> Result<Tensor> {
     let c = x.dim(1)?;
     let pdt = param_dtype(x.dtype());
-    let row = |t: &Tensor, what: &str| -> Result<Tensor> {
+    let param = |t: &Tensor, what: &str| -> Result<Tensor> {
         if t.dims() != [c] {
             candle_core::bail!(
                 "batch norm {what} must have shape [{c}], got {:?}",
                 t.dims()
             );
         }
-        t.to_dtype(pdt)?.reshape((1, c))
+        t.to_dtype(pdt)?.contiguous()
     };
-    let params = Tensor::cat(
-        &[
-            row(gamma, "scale")?,
-            row(beta, "shift")?,
-            row(&mean.detach(), "mean")?,
-            row(&invstd.detach(), "inverse std")?,
-        ],
-        0,
-    )?;
-    x.apply_op2(&params, Apply { relu, batch_stats })
+    let (gamma, beta) = (param(gamma, "scale")?, param(beta, "shift")?);
+    let stats = ChannelStats {
+        mean: param(&mean, "mean")?,
+        invstd: param(&invstd, "inverse std")?,
+    };
+    x.apply_op3(
+        &gamma,
+        &beta,
+        Apply {
+            stats,
+            relu,
+            batch_stats,
+        },
+    )
 }
 
 /// Sizes: `n` samples, `c` channels, planes of `hw` elements.
@@ -278,8 +281,29 @@ impl Geom {
     }
 }
 
-/// `x -> [2, C]`: per-channel mean and biased variance (f32, or f64 for f64 input).
-struct Stats;
+/// Per-channel values a kernel reads besides its inputs (`[C]`, contiguous, f32 or f64).
+#[derive(Debug, Clone)]
+struct ChannelStats {
+    mean: Tensor,
+    invstd: Tensor,
+}
+
+impl ChannelStats {
+    fn host(&self) -> Result<(Vec<f64>, Vec<f64>)> {
+        Ok((host(&self.mean)?, host(&self.invstd)?))
+    }
+}
+
+/// A small CPU tensor's values as f64.
+fn host(t: &Tensor) -> Result<Vec<f64>> {
+    t.to_dtype(DType::F64)?.to_vec1()
+}
+
+/// `x -> [3, C]`: per-channel mean, biased variance and 1/sqrt(variance + eps), in f32
+/// (f64 for f64 input).
+struct Stats {
+    eps: f64,
+}
 
 impl CustomOp1 for Stats {
     fn name(&self) -> &'static str {
@@ -308,8 +332,12 @@ impl CustomOp1 for Stats {
                 })
                 .collect()
         });
-        let flat = stats.iter().map(|s| s.0).chain(stats.iter().map(|s| s.1));
-        let shape = Shape::from((2, g.c));
+        let flat = stats
+            .iter()
+            .map(|s| s.0)
+            .chain(stats.iter().map(|s| s.1))
+            .chain(stats.iter().map(|s| 1.0 / (s.1 + self.eps).sqrt()));
+        let shape = Shape::from((3, g.c));
         Ok(match param_dtype(s.dtype()) {
             DType::F64 => (CpuStorage::F64(flat.collect()), shape),
             _ => (CpuStorage::F32(flat.map(|v| v as f32).collect()), shape),
@@ -319,22 +347,21 @@ impl CustomOp1 for Stats {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let g = Geom::from_dims(l.dims())?;
-        Ok((
-            crate::cuda::bn_stats(s, l, g.device())?,
-            Shape::from((2, g.c)),
-        ))
+        let out = crate::cuda::bn_stats(s, l, g.device(), self.eps)?;
+        Ok((out, Shape::from((3, g.c))))
     }
 }
 
-/// `(x, params[4, C]) -> y`: rows of `params` are γ, β, mean, 1/σ.
+/// `(x, γ, β) -> y = relu?((x - mean) / σ γ + β)`.
 struct Apply {
+    stats: ChannelStats,
     relu: bool,
     /// Whether mean and 1/σ are the batch's own (their dependence on `x` enters the
     /// gradient) or constants.
     batch_stats: bool,
 }
 
-impl CustomOp2 for Apply {
+impl CustomOp3 for Apply {
     fn name(&self) -> &'static str {
         "nofuss-batch-norm"
     }
@@ -345,9 +372,12 @@ impl CustomOp2 for Apply {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::from_dims(l1.dims())?;
-        let p = params_f64(s2, l2)?;
+        let (gamma, beta) = (params_f64(s2, l2)?, params_f64(s3, l3)?);
+        let (mean, invstd) = self.stats.host()?;
         let c = g.c;
         with_cpu_dtype!(s1.dtype(), T, {
             let x = slice::<T>(s1, l1)?;
@@ -357,8 +387,8 @@ impl CustomOp2 for Apply {
                 .enumerate()
                 .for_each(|(i, (y, x))| {
                     let ch = i % c;
-                    let a = p[3 * c + ch] * p[ch];
-                    let b = p[c + ch] - p[2 * c + ch] * a;
+                    let a = invstd[ch] * gamma[ch];
+                    let b = beta[ch] - mean[ch] * a;
                     for (o, v) in y.iter_mut().zip(x) {
                         let z = v.to_f64() * a + b;
                         // A NaN stays NaN, as in PyTorch.
@@ -376,59 +406,67 @@ impl CustomOp2 for Apply {
         l1: &Layout,
         s2: &CudaStorage,
         l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let g = Geom::from_dims(l1.dims())?;
-        let y = crate::cuda::bn_apply(s1, l1, s2, l2, g.device(), self.relu)?;
+        let y = crate::cuda::bn_apply(
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            (&self.stats.mean, &self.stats.invstd),
+            g.device(),
+            self.relu,
+        )?;
         Ok((y, l1.shape().clone()))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        params: &Tensor,
-        _res: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        y: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let sums = x.apply_op3_no_bwd(&grad, params, &GradSums { relu: self.relu })?;
-        let p6 = Tensor::cat(&[params, &sums], 0)?;
+        let sums = x.apply_op3_no_bwd(
+            &grad,
+            y,
+            &GradSums {
+                stats: self.stats.clone(),
+                relu: self.relu,
+            },
+        )?;
         let dx = x.apply_op3_no_bwd(
             &grad,
-            &p6,
+            y,
             &GradInput {
+                stats: self.stats.clone(),
+                gamma: gamma.detach(),
+                sums: sums.clone(),
                 relu: self.relu,
                 batch_stats: self.batch_stats,
             },
         )?;
-        let c = params.dim(1)?;
-        let dparams = Tensor::cat(
-            &[
-                sums.narrow(0, 1, 1)?,
-                sums.narrow(0, 0, 1)?,
-                Tensor::zeros((2, c), params.dtype(), params.device())?,
-            ],
-            0,
-        )?;
-        Ok((Some(dx), Some(dparams)))
+        Ok((Some(dx), Some(sums.get(1)?), Some(sums.get(0)?)))
     }
 }
 
-/// Output gradient masked by the ReLU, and x̂, at one element.
+/// The output gradient where the (rectified) output is positive, else zero: PyTorch's
+/// ReLU gradient, also at NaN.
 #[inline]
-fn masked(v: f64, d: f64, gamma: f64, beta: f64, mean: f64, invstd: f64, relu: bool) -> (f64, f64) {
-    let xhat = (v - mean) * invstd;
-    let pre = xhat * gamma + beta;
-    // PyTorch's ReLU gradient: zero unless the output is positive (so also at NaN).
-    let d = if relu && (pre <= 0.0 || pre.is_nan()) {
+fn masked(d: f64, y: f64, relu: bool) -> f64 {
+    if relu && (y <= 0.0 || y.is_nan()) {
         0.0
     } else {
         d
-    };
-    (d, xhat)
+    }
 }
 
-/// `(x, dy, params[4, C]) -> [2, C]`: per channel Σg (β's gradient) and Σg·x̂ (γ's).
+/// `(x, dy, y) -> [2, C]`: per channel Σg (β's gradient) and Σg·x̂ (γ's).
 struct GradSums {
+    stats: ChannelStats,
     relu: bool,
 }
 
@@ -447,22 +485,22 @@ impl CustomOp3 for GradSums {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::from_dims(l1.dims())?;
-        let p = params_f64(s3, l3)?;
+        let (mean, invstd) = self.stats.host()?;
         let c = g.c;
         let sums: Vec<(f64, f64)> = with_cpu_dtype!(s1.dtype(), T, {
             let x = slice::<T>(s1, l1)?;
             let dy = slice::<T>(s2, l2)?;
+            let y = slice::<T>(s3, l3)?;
             (0..c)
                 .into_par_iter()
                 .map(|ch| {
-                    let (gm, bt, mu, is) = (p[ch], p[c + ch], p[2 * c + ch], p[3 * c + ch]);
                     let mut acc = (0f64, 0f64);
-                    for (xp, dp) in g.planes(x, ch).zip(g.planes(dy, ch)) {
-                        for (v, d) in xp.iter().zip(dp) {
-                            let (d, xhat) =
-                                masked(v.to_f64(), d.to_f64(), gm, bt, mu, is, self.relu);
+                    let planes = g.planes(x, ch).zip(g.planes(dy, ch)).zip(g.planes(y, ch));
+                    for ((xp, dp), yp) in planes {
+                        for ((v, d), o) in xp.iter().zip(dp).zip(yp) {
+                            let d = masked(d.to_f64(), o.to_f64(), self.relu);
                             acc.0 += d;
-                            acc.1 += d * xhat;
+                            acc.1 += d * (v.to_f64() - mean[ch]) * invstd[ch];
                         }
                     }
                     acc
@@ -471,7 +509,7 @@ impl CustomOp3 for GradSums {
         });
         let flat = sums.iter().map(|s| s.0).chain(sums.iter().map(|s| s.1));
         let shape = Shape::from((2, c));
-        Ok(match s3.dtype() {
+        Ok(match self.stats.mean.dtype() {
             DType::F64 => (CpuStorage::F64(flat.collect()), shape),
             _ => (CpuStorage::F32(flat.map(|v| v as f32).collect()), shape),
         })
@@ -488,13 +526,22 @@ impl CustomOp3 for GradSums {
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let g = Geom::from_dims(l1.dims())?;
-        let out = crate::cuda::bn_grad_sums(s1, l1, s2, l2, s3, l3, g.device(), self.relu)?;
+        let out = crate::cuda::bn_grad_sums(
+            [(s1, l1), (s2, l2), (s3, l3)],
+            (&self.stats.mean, &self.stats.invstd),
+            g.device(),
+            self.relu,
+        )?;
         Ok((out, Shape::from((2, g.c))))
     }
 }
 
-/// `(x, dy, params[6, C]) -> dx`: rows γ, β, mean, 1/σ, Σg, Σg·x̂.
+/// `(x, dy, y) -> dx`.
 struct GradInput {
+    stats: ChannelStats,
+    gamma: Tensor,
+    /// `[2, C]`: Σg, Σg·x̂.
+    sums: Tensor,
     relu: bool,
     batch_stats: bool,
 }
@@ -514,27 +561,36 @@ impl CustomOp3 for GradInput {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::from_dims(l1.dims())?;
-        let p = params_f64(s3, l3)?;
+        let (mean, invstd) = self.stats.host()?;
+        let gamma = host(&self.gamma)?;
+        let sums = host(&self.sums.flatten_all()?)?;
         let c = g.c;
         let inv_m = 1.0 / g.count() as f64;
         with_cpu_dtype!(s1.dtype(), T, {
             let x = slice::<T>(s1, l1)?;
             let dy = slice::<T>(s2, l2)?;
+            let y = slice::<T>(s3, l3)?;
             let mut dx = vec![T::from_f64(0.0); x.len()];
-            dx.par_chunks_mut(g.hw.max(1))
-                .zip(x.par_chunks(g.hw.max(1)).zip(dy.par_chunks(g.hw.max(1))))
+            let hw = g.hw.max(1);
+            dx.par_chunks_mut(hw)
+                .zip(
+                    x.par_chunks(hw)
+                        .zip(dy.par_chunks(hw))
+                        .zip(y.par_chunks(hw)),
+                )
                 .enumerate()
-                .for_each(|(i, (dx, (x, dy)))| {
+                .for_each(|(i, (dx, ((x, dy), y)))| {
                     let ch = i % c;
-                    let (gm, bt, mu, is) = (p[ch], p[c + ch], p[2 * c + ch], p[3 * c + ch]);
+                    let (mu, is) = (mean[ch], invstd[ch]);
                     let (sg, sgx) = if self.batch_stats {
-                        (p[4 * c + ch] * inv_m, p[5 * c + ch] * inv_m)
+                        (sums[ch] * inv_m, sums[c + ch] * inv_m)
                     } else {
                         (0.0, 0.0)
                     };
-                    for ((o, v), d) in dx.iter_mut().zip(x).zip(dy) {
-                        let (d, xhat) = masked(v.to_f64(), d.to_f64(), gm, bt, mu, is, self.relu);
-                        *o = T::from_f64((d - sg - xhat * sgx) * gm * is);
+                    for (((o, v), d), out) in dx.iter_mut().zip(x).zip(dy).zip(y) {
+                        let d = masked(d.to_f64(), out.to_f64(), self.relu);
+                        let xhat = (v.to_f64() - mu) * is;
+                        *o = T::from_f64((d - sg - xhat * sgx) * gamma[ch] * is);
                     }
                 });
             Ok((T::to_cpu_storage_owned(dx), l1.shape().clone()))
@@ -553,14 +609,67 @@ impl CustomOp3 for GradInput {
     ) -> Result<(CudaStorage, Shape)> {
         let g = Geom::from_dims(l1.dims())?;
         let dx = crate::cuda::bn_grad_input(
-            (s1, l1),
-            (s2, l2),
-            (s3, l3),
+            [(s1, l1), (s2, l2), (s3, l3)],
+            [
+                &self.gamma,
+                &self.stats.mean,
+                &self.stats.invstd,
+                &self.sums,
+            ],
             g.device(),
             self.relu,
             self.batch_stats,
         )?;
         Ok((dx, l1.shape().clone()))
+    }
+}
+
+/// In place: `running = (1 - momentum) running + momentum factor batch`.
+struct UpdateRunning {
+    momentum: f64,
+    factor: f64,
+}
+
+impl InplaceOp2 for UpdateRunning {
+    fn name(&self) -> &'static str {
+        "nofuss-batch-norm-running-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let Some((a, b)) = l1.contiguous_offsets() else {
+            candle_core::bail!("running statistics must be contiguous");
+        };
+        let batch = params_f64(s2, l2)?;
+        let (m, f) = (self.momentum, self.factor);
+        match s1 {
+            CpuStorage::F32(v) => v[a..b]
+                .iter_mut()
+                .zip(&batch)
+                .for_each(|(r, &x)| *r = ((1.0 - m) * *r as f64 + m * f * x) as f32),
+            CpuStorage::F64(v) => v[a..b]
+                .iter_mut()
+                .zip(&batch)
+                .for_each(|(r, &x)| *r = (1.0 - m) * *r + m * f * x),
+            s => candle_core::bail!("running statistics must be f32 or f64, not {:?}", s.dtype()),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        crate::cuda::bn_update_running(s1, l1, s2, l2, self.momentum, self.factor)
     }
 }
 

@@ -14,7 +14,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
-use candle_core::{CudaStorage, DType, Layout, Result};
+use candle_core::{CudaStorage, DType, Layout, Result, Storage, StorageRef, Tensor};
 
 /// PTX of `kernels/pool.cu`.
 pub(crate) const POOL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pool.ptx"));
@@ -265,8 +265,17 @@ fn acc_dtype(dt: DType) -> DType {
     }
 }
 
-/// Per-channel mean and biased variance, `[2, C]` in the accumulator dtype.
-pub(crate) fn bn_stats(s: &CudaStorage, l: &Layout, g: BnGeom) -> Result<CudaStorage> {
+/// The CUDA storage behind a guard of a side tensor (statistics, scale) of an operation.
+fn cuda_of<'a>(guard: &'a StorageRef<'_>) -> Result<&'a CudaStorage> {
+    match &**guard {
+        Storage::Cuda(s) => Ok(s),
+        _ => candle_core::bail!("batch-norm statistics must live on the input's CUDA device"),
+    }
+}
+
+/// Per-channel mean, biased variance and 1/sqrt(variance + eps): `[3, C]` in the
+/// accumulator dtype.
+pub(crate) fn bn_stats(s: &CudaStorage, l: &Layout, g: BnGeom, eps: f64) -> Result<CudaStorage> {
     let dev = device(s);
     let stream = dev.cuda_stream();
     let partial_f = func(dev, "nofuss_bn", BN_PTX, "bn_stats_partial", s.dtype())?;
@@ -281,53 +290,52 @@ pub(crate) fn bn_stats(s: &CudaStorage, l: &Layout, g: BnGeom) -> Result<CudaSto
         let x = view::<T>(s, l)?;
         // SAFETY: every element is written by the kernels.
         let mut partial = unsafe { dev.alloc::<A>((3 * g.c * g.slices) as usize)? };
-        let mut out = unsafe { dev.alloc::<A>((2 * g.c) as usize)? };
+        let mut out = unsafe { dev.alloc::<A>((3 * g.c) as usize)? };
         let mut b = stream.launch_builder(&partial_f);
         b.arg(&x).arg(&mut partial).arg(&g);
         // SAFETY: argument types and count match the kernel's signature.
         unsafe { b.launch(g.reduce_grid()) }.w()?;
         let mut b = stream.launch_builder(&final_f);
-        b.arg(&partial).arg(&mut out).arg(&g);
+        b.arg(&partial).arg(&mut out).arg(&g).arg(&eps);
         unsafe { b.launch(g.channel_grid()) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     })
 }
 
-/// `y = relu?((x - mean) / σ γ + β)` with `params` rows γ, β, mean, 1/σ.
+/// `y = relu?((x - mean) / σ γ + β)`.
 pub(crate) fn bn_apply(
-    s: &CudaStorage,
-    l: &Layout,
-    ps: &CudaStorage,
-    pl: &Layout,
+    (xs, xl): (&CudaStorage, &Layout),
+    (gs, gl): (&CudaStorage, &Layout),
+    (bs, bl): (&CudaStorage, &Layout),
+    (mean, invstd): (&Tensor, &Tensor),
     g: BnGeom,
     relu: bool,
 ) -> Result<CudaStorage> {
-    let dev = device(s);
+    let dev = device(xs);
     let stream = dev.cuda_stream();
-    let f = func(dev, "nofuss_bn", BN_PTX, "bn_apply", s.dtype())?;
+    let f = func(dev, "nofuss_bn", BN_PTX, "bn_apply", xs.dtype())?;
     let relu = relu as i32;
-    with_cuda_dtype!(s.dtype(), T, A, {
-        let x = view::<T>(s, l)?;
-        let p = view::<A>(ps, pl)?;
+    let (mg, ml) = mean.storage_and_layout();
+    let (ig, il) = invstd.storage_and_layout();
+    with_cuda_dtype!(xs.dtype(), T, A, {
+        let x = view::<T>(xs, xl)?;
+        let (gamma, beta) = (view::<A>(gs, gl)?, view::<A>(bs, bl)?);
+        let (mv, iv) = (view::<A>(cuda_of(&mg)?, ml)?, view::<A>(cuda_of(&ig)?, il)?);
         // SAFETY: every element is written by the kernel.
         let mut y = unsafe { dev.alloc::<T>(g.total())? };
         let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&p).arg(&mut y).arg(&g).arg(&relu);
+        b.arg(&x).arg(&gamma).arg(&beta).arg(&mv).arg(&iv);
+        b.arg(&mut y).arg(&g).arg(&relu);
         // SAFETY: argument types and count match the kernel's signature.
         unsafe { b.launch(grid_1d(g.total())) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     })
 }
 
-/// Per channel Σg and Σg·x̂, `[2, C]`.
-#[allow(clippy::too_many_arguments)]
+/// Per channel Σg and Σg·x̂, `[2, C]`, from `[x, dy, y]`.
 pub(crate) fn bn_grad_sums(
-    xs: &CudaStorage,
-    xl: &Layout,
-    ds: &CudaStorage,
-    dl: &Layout,
-    ps: &CudaStorage,
-    pl: &Layout,
+    [(xs, xl), (ds, dl), (ys, yl)]: [(&CudaStorage, &Layout); 3],
+    (mean, invstd): (&Tensor, &Tensor),
     g: BnGeom,
     relu: bool,
 ) -> Result<CudaStorage> {
@@ -342,20 +350,17 @@ pub(crate) fn bn_grad_sums(
         acc_dtype(xs.dtype()),
     )?;
     let relu = relu as i32;
+    let (mg, ml) = mean.storage_and_layout();
+    let (ig, il) = invstd.storage_and_layout();
     with_cuda_dtype!(xs.dtype(), T, A, {
-        let x = view::<T>(xs, xl)?;
-        let dy = view::<T>(ds, dl)?;
-        let p = view::<A>(ps, pl)?;
+        let (x, dy, y) = (view::<T>(xs, xl)?, view::<T>(ds, dl)?, view::<T>(ys, yl)?);
+        let (mv, iv) = (view::<A>(cuda_of(&mg)?, ml)?, view::<A>(cuda_of(&ig)?, il)?);
         // SAFETY: every element is written by the kernels.
         let mut partial = unsafe { dev.alloc::<A>((2 * g.c * g.slices) as usize)? };
         let mut out = unsafe { dev.alloc::<A>((2 * g.c) as usize)? };
         let mut b = stream.launch_builder(&partial_f);
-        b.arg(&x)
-            .arg(&dy)
-            .arg(&p)
-            .arg(&mut partial)
-            .arg(&g)
-            .arg(&relu);
+        b.arg(&x).arg(&dy).arg(&y).arg(&mv).arg(&iv);
+        b.arg(&mut partial).arg(&g).arg(&relu);
         // SAFETY: argument types and count match the kernel's signature.
         unsafe { b.launch(g.reduce_grid()) }.w()?;
         let mut b = stream.launch_builder(&final_f);
@@ -365,11 +370,10 @@ pub(crate) fn bn_grad_sums(
     })
 }
 
-/// The input gradient, with `params` rows γ, β, mean, 1/σ, Σg, Σg·x̂.
+/// The input gradient from `[x, dy, y]` and `[γ, mean, 1/σ, sums]`.
 pub(crate) fn bn_grad_input(
-    (xs, xl): (&CudaStorage, &Layout),
-    (ds, dl): (&CudaStorage, &Layout),
-    (ps, pl): (&CudaStorage, &Layout),
+    [(xs, xl), (ds, dl), (ys, yl)]: [(&CudaStorage, &Layout); 3],
+    [gamma, mean, invstd, sums]: [&Tensor; 4],
     g: BnGeom,
     relu: bool,
     batch_stats: bool,
@@ -378,23 +382,64 @@ pub(crate) fn bn_grad_input(
     let stream = dev.cuda_stream();
     let f = func(dev, "nofuss_bn", BN_PTX, "bn_bwd_data", xs.dtype())?;
     let (relu, batch_stats) = (relu as i32, batch_stats as i32);
+    let (gg, gl) = gamma.storage_and_layout();
+    let (mg, ml) = mean.storage_and_layout();
+    let (ig, il) = invstd.storage_and_layout();
+    let (sg, sl) = sums.storage_and_layout();
     with_cuda_dtype!(xs.dtype(), T, A, {
-        let x = view::<T>(xs, xl)?;
-        let dy = view::<T>(ds, dl)?;
-        let p = view::<A>(ps, pl)?;
+        let (x, dy, y) = (view::<T>(xs, xl)?, view::<T>(ds, dl)?, view::<T>(ys, yl)?);
+        let gv = view::<A>(cuda_of(&gg)?, gl)?;
+        let (mv, iv) = (view::<A>(cuda_of(&mg)?, ml)?, view::<A>(cuda_of(&ig)?, il)?);
+        let sv = view::<A>(cuda_of(&sg)?, sl)?;
         // SAFETY: every element is written by the kernel.
         let mut dx = unsafe { dev.alloc::<T>(g.total())? };
         let mut b = stream.launch_builder(&f);
         b.arg(&x)
             .arg(&dy)
-            .arg(&p)
-            .arg(&mut dx)
-            .arg(&g)
-            .arg(&relu)
-            .arg(&batch_stats);
+            .arg(&y)
+            .arg(&gv)
+            .arg(&mv)
+            .arg(&iv)
+            .arg(&sv);
+        b.arg(&mut dx).arg(&g).arg(&relu).arg(&batch_stats);
         // SAFETY: argument types and count match the kernel's signature.
         unsafe { b.launch(grid_1d(g.total())) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+    })
+}
+
+/// In place: `running = (1 - momentum) running + momentum factor batch`.
+pub(crate) fn bn_update_running(
+    rs: &mut CudaStorage,
+    rl: &Layout,
+    bs: &CudaStorage,
+    bl: &Layout,
+    momentum: f64,
+    factor: f64,
+) -> Result<()> {
+    let Some((a, b)) = rl.contiguous_offsets() else {
+        candle_core::bail!("running statistics must be contiguous");
+    };
+    let dt = rs.dtype();
+    if dt != bs.dtype() || !matches!(dt, DType::F32 | DType::F64) {
+        candle_core::bail!("running statistics must be f32 or f64 like the batch's");
+    }
+    let dev = rs.device.clone();
+    let stream = dev.cuda_stream();
+    let f = func(&dev, "nofuss_bn", BN_PTX, "bn_update_running", dt)?;
+    let n = (b - a) as i64;
+    with_cuda_dtype!(dt, T, A, {
+        let batch = view::<T>(bs, bl)?;
+        let mut run = rs.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
+        let mut l = stream.launch_builder(&f);
+        l.arg(&mut run)
+            .arg(&batch)
+            .arg(&n)
+            .arg(&momentum)
+            .arg(&factor);
+        // SAFETY: argument types and count match the kernel's signature.
+        unsafe { l.launch(grid_1d(n as usize)) }.w()?;
+        Ok(())
     })
 }
 

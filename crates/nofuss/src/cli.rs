@@ -381,6 +381,10 @@ pub struct EvalArgs {
     /// Print JSON (keys recall@K, nmi, map@r, r_precision) instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Where the neighbour search runs: auto, cpu, cuda or cuda:N (auto: the GPU when
+    /// built with CUDA and one answers; the choice is printed to stderr).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 /// An optimiser by name, with its usual defaults.
@@ -626,7 +630,9 @@ pub fn run(cli: Cli) -> Result<()> {
                     ..Default::default()
                 },
             };
-            let report = nofuss_eval::evaluate(&e.data, e.dim, &e.labels, &cfg)?;
+            let picked = a.device.parse::<nofuss_tensor::DeviceSpec>()?.select()?;
+            eprintln!("device: {}", picked.description);
+            let report = nofuss_eval::evaluate_on(&picked.device, &e.data, e.dim, &e.labels, &cfg)?;
             if a.json {
                 println!("{}", crate::eval_cmd::report_json(&report));
             } else {
