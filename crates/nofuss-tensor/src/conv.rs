@@ -27,7 +27,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 static TF32: AtomicBool = AtomicBool::new(true);
@@ -47,12 +47,269 @@ pub fn tf32() -> bool {
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: &Conv2dConfig) -> Result<Tensor> {
     let y = if x.device().is_cuda() {
         cuda_conv(x, w, cfg)?
+    } else if x.device().is_cpu()
+        && cfg.groups == 1
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.dtype() == w.dtype()
+    {
+        let g = cpu_ops::Geom::new(x, w, cfg)?;
+        x.contiguous()?
+            .apply_op2(&w.contiguous()?, cpu_ops::Conv(g))?
     } else {
         x.conv2d(w, cfg.padding, cfg.stride, cfg.dilation, cfg.groups)?
     };
     match bias {
         None => Ok(y),
         Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+    }
+}
+
+/// The CPU convolution: im2col into a `[C_in K K, N OH OW]` matrix and one matrix
+/// product forward; backward, one product for the weight gradient against the recomputed
+/// columns and one for the column gradient, folded back by col2im. (candle 0.11's own CPU
+/// backward computes the input gradient with a direct transposed convolution, several
+/// times slower.)
+mod cpu_ops {
+    use candle_core::backend::BackendStorage;
+    use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+    use candle_nn::Conv2dConfig;
+    use rayon::prelude::*;
+
+    use crate::cpu::slice;
+
+    /// Sizes of one convolution (groups = 1).
+    #[derive(Debug, Clone, Copy)]
+    pub(super) struct Geom {
+        n: usize,
+        c_in: usize,
+        h: usize,
+        w: usize,
+        c_out: usize,
+        k_h: usize,
+        k_w: usize,
+        oh: usize,
+        ow: usize,
+        stride: usize,
+        pad: usize,
+        dil: usize,
+    }
+
+    impl Geom {
+        pub(super) fn new(x: &Tensor, w: &Tensor, cfg: &Conv2dConfig) -> Result<Self> {
+            let (n, c_in, h, wd) = x.dims4()?;
+            let (c_out, c_w, k_h, k_w) = w.dims4()?;
+            if c_w != c_in {
+                candle_core::bail!("conv2d: input has {c_in} channels, weight {:?}", w.dims());
+            }
+            let out = |len: usize, k: usize| -> Result<usize> {
+                let reach = cfg.dilation * (k - 1) + 1;
+                if cfg.stride == 0 || len + 2 * cfg.padding < reach {
+                    candle_core::bail!("conv2d: kernel {k} does not fit input {len} ({cfg:?})");
+                }
+                Ok((len + 2 * cfg.padding - reach) / cfg.stride + 1)
+            };
+            Ok(Self {
+                n,
+                c_in,
+                h,
+                w: wd,
+                c_out,
+                k_h,
+                k_w,
+                oh: out(h, k_h)?,
+                ow: out(wd, k_w)?,
+                stride: cfg.stride,
+                pad: cfg.padding,
+                dil: cfg.dilation,
+            })
+        }
+
+        /// Rows of the column matrix: `C_in K_h K_w`, the weight's inner order.
+        fn rows(&self) -> usize {
+            self.c_in * self.k_h * self.k_w
+        }
+
+        /// Columns: every output position of every image.
+        fn cols(&self) -> usize {
+            self.n * self.oh * self.ow
+        }
+
+        /// Input row (or column) read by output `o` at kernel offset `k`, if inside.
+        fn src(&self, o: usize, k: usize, len: usize) -> Option<usize> {
+            let i = (o * self.stride + k * self.dil) as isize - self.pad as isize;
+            (i >= 0 && (i as usize) < len).then_some(i as usize)
+        }
+
+        fn x_shape(&self) -> Shape {
+            Shape::from((self.n, self.c_in, self.h, self.w))
+        }
+
+        fn y_shape(&self) -> Shape {
+            Shape::from((self.n, self.c_out, self.oh, self.ow))
+        }
+    }
+
+    fn im2col<T: WithDType>(g: &Geom, x: &[T]) -> Vec<T> {
+        let (ohw, hw) = (g.oh * g.ow, g.h * g.w);
+        let mut cols = vec![T::zero(); g.rows() * g.cols()];
+        cols.par_chunks_mut(g.cols())
+            .enumerate()
+            .for_each(|(r, row)| {
+                let (ci, kk) = (r / (g.k_h * g.k_w), r % (g.k_h * g.k_w));
+                let (ky, kx) = (kk / g.k_w, kk % g.k_w);
+                for b in 0..g.n {
+                    let plane = &x[(b * g.c_in + ci) * hw..][..hw];
+                    let out = &mut row[b * ohw..][..ohw];
+                    for oy in 0..g.oh {
+                        let Some(iy) = g.src(oy, ky, g.h) else {
+                            continue;
+                        };
+                        let src = &plane[iy * g.w..][..g.w];
+                        let dst = &mut out[oy * g.ow..][..g.ow];
+                        for (ox, d) in dst.iter_mut().enumerate() {
+                            if let Some(ix) = g.src(ox, kx, g.w) {
+                                *d = src[ix];
+                            }
+                        }
+                    }
+                }
+            });
+        cols
+    }
+
+    fn col2im<T: WithDType>(g: &Geom, cols: &[T]) -> Vec<T> {
+        let (ohw, hw, kk) = (g.oh * g.ow, g.h * g.w, g.k_h * g.k_w);
+        let mut x = vec![T::zero(); g.n * g.c_in * hw];
+        x.par_chunks_mut(hw).enumerate().for_each(|(p, plane)| {
+            let (b, ci) = (p / g.c_in, p % g.c_in);
+            for k in 0..kk {
+                let (ky, kx) = (k / g.k_w, k % g.k_w);
+                let row = &cols[(ci * kk + k) * g.cols() + b * ohw..][..ohw];
+                for oy in 0..g.oh {
+                    let Some(iy) = g.src(oy, ky, g.h) else {
+                        continue;
+                    };
+                    let dst = &mut plane[iy * g.w..][..g.w];
+                    for (ox, &v) in row[oy * g.ow..][..g.ow].iter().enumerate() {
+                        if let Some(ix) = g.src(ox, kx, g.w) {
+                            dst[ix] += v;
+                        }
+                    }
+                }
+            }
+        });
+        x
+    }
+
+    /// `[C_out, N, OH, OW]` (the product's layout) to `[N, C_out, OH, OW]`.
+    fn to_nchw<T: WithDType>(g: &Geom, y: &[T]) -> Vec<T> {
+        let ohw = g.oh * g.ow;
+        let mut out = vec![T::zero(); y.len()];
+        out.par_chunks_mut(ohw).enumerate().for_each(|(p, plane)| {
+            let (b, co) = (p / g.c_out, p % g.c_out);
+            plane.copy_from_slice(&y[(co * g.n + b) * ohw..][..ohw]);
+        });
+        out
+    }
+
+    /// `y = conv(x, w)`; inputs contiguous.
+    pub(super) struct Conv(pub Geom);
+
+    impl CustomOp2 for Conv {
+        fn name(&self) -> &'static str {
+            "nofuss-conv2d-cpu"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            let g = self.0;
+            let (rows, cols) = (g.rows(), g.cols());
+            if !l2.is_contiguous() {
+                candle_core::bail!("conv2d weight must be contiguous");
+            }
+            let w_layout = Layout::new(
+                Shape::from((g.c_out, rows)),
+                vec![rows, 1],
+                l2.start_offset(),
+            );
+            let col_layout = Layout::contiguous((rows, cols));
+            macro_rules! run {
+                ($T:ty, $wrap:path) => {{
+                    let x = slice::<$T>(s1, l1)?;
+                    let col = $wrap(im2col(&g, x));
+                    let y = s2.matmul(&col, (1, g.c_out, cols, rows), &w_layout, &col_layout)?;
+                    let y = y.as_slice::<$T>()?;
+                    Ok(($wrap(to_nchw(&g, y)), g.y_shape()))
+                }};
+            }
+            match s1 {
+                CpuStorage::F32(_) => run!(f32, CpuStorage::F32),
+                CpuStorage::F64(_) => run!(f64, CpuStorage::F64),
+                s => candle_core::bail!("CPU conv2d supports f32 and f64, not {:?}", s.dtype()),
+            }
+        }
+
+        fn bwd(
+            &self,
+            x: &Tensor,
+            w: &Tensor,
+            _y: &Tensor,
+            dy: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            let g = self.0;
+            // [C_out, N OH OW], the product's layout.
+            let dy = dy
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((g.c_out, g.cols()))?;
+            let cols = x.apply_op1_no_bwd(&Im2Col(g))?;
+            let dw = dy.matmul(&cols.t()?)?.reshape(w.shape())?;
+            let dcols = w.reshape((g.c_out, g.rows()))?.t()?.matmul(&dy)?;
+            let dx = dcols.apply_op1_no_bwd(&Col2Im(g))?;
+            Ok((Some(dx), Some(dw)))
+        }
+    }
+
+    /// `x -> [C_in K K, N OH OW]`.
+    struct Im2Col(Geom);
+
+    impl CustomOp1 for Im2Col {
+        fn name(&self) -> &'static str {
+            "nofuss-im2col"
+        }
+
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+            let g = self.0;
+            let shape = Shape::from((g.rows(), g.cols()));
+            Ok(match s {
+                CpuStorage::F32(_) => (CpuStorage::F32(im2col(&g, slice(s, l)?)), shape),
+                CpuStorage::F64(_) => (CpuStorage::F64(im2col(&g, slice(s, l)?)), shape),
+                s => candle_core::bail!("im2col supports f32 and f64, not {:?}", s.dtype()),
+            })
+        }
+    }
+
+    /// `[C_in K K, N OH OW] -> dx`, summing overlapping windows.
+    struct Col2Im(Geom);
+
+    impl CustomOp1 for Col2Im {
+        fn name(&self) -> &'static str {
+            "nofuss-col2im"
+        }
+
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+            let g = self.0;
+            Ok(match s {
+                CpuStorage::F32(_) => (CpuStorage::F32(col2im(&g, slice(s, l)?)), g.x_shape()),
+                CpuStorage::F64(_) => (CpuStorage::F64(col2im(&g, slice(s, l)?)), g.x_shape()),
+                s => candle_core::bail!("col2im supports f32 and f64, not {:?}", s.dtype()),
+            })
+        }
     }
 }
 

@@ -176,12 +176,15 @@ impl Geom {
     fn argmax<T: WithDType>(&self, plane: &[T], y: usize, x: usize) -> usize {
         let (hs, he) = self.span(y, self.h);
         let (ws, we) = self.span(x, self.w);
+        // Starting from the first element is PyTorch's -inf start: the first element wins
+        // unless something is larger (or NaN: `v != v`, after which only NaNs move it).
         let mut best = hs * self.w + ws;
-        let mut m = f64::NEG_INFINITY;
+        let mut m = plane[best];
         for yy in hs..he {
-            for xx in ws..we {
-                let v = plane[yy * self.w + xx].to_f64();
-                if v > m || v.is_nan() {
+            let row = &plane[yy * self.w..(yy + 1) * self.w];
+            for (xx, &v) in row.iter().enumerate().take(we).skip(ws) {
+                #[allow(clippy::eq_op)]
+                if v > m || v != v {
                     m = v;
                     best = yy * self.w + xx;
                 }
