@@ -14,7 +14,7 @@ export CARGO_TARGET_DIR="$TARGET"
 cargo build --release -p nofuss --features cuda
 mkdir -p .gpu
 # Test binaries: name -> package/test target.
-tests=(ops_parity:nofuss-tensor bn_inception_parity:nofuss-backbone reference_parity:nofuss-losses)
+tests=(ops_parity:nofuss-tensor optim_parity:nofuss-tensor bn_inception_parity:nofuss-backbone reference_parity:nofuss-losses)
 for t in "${tests[@]}"; do
   name="${t%%:*}"; pkg="${t##*:}"
   exe="$(cargo test --release --features cuda -p "$pkg" --test "$name" --no-run --message-format=json 2>/dev/null \
@@ -26,7 +26,7 @@ for l in sys.stdin:
   cp "$exe" ".gpu/$name"
 done
 cp "$TARGET/release/nofuss" .gpu/nofuss
-for f in nofuss ops_parity bn_inception_parity reference_parity; do
+for f in nofuss ops_parity optim_parity bn_inception_parity reference_parity; do
   strip ".gpu/$f" && xz -9 -T0 -f ".gpu/$f"
 done
 ls -l .gpu

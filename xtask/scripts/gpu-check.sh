@@ -14,14 +14,14 @@ for d in "$NV"/cu13/lib "$NV"/cudnn/lib /usr/local/cuda/lib64; do
   [ -d "$d" ] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
 export LD_LIBRARY_PATH
-for f in nofuss ops_parity bn_inception_parity reference_parity; do
+for f in nofuss ops_parity optim_parity bn_inception_parity reference_parity; do
   [ -f ".gpu/$f.xz" ] && xz -d -k -f ".gpu/$f.xz" && chmod +x ".gpu/$f"
 done
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   $PY -c "import torch; print('torch', torch.__version__, 'cuDNN', torch.backends.cudnn.version())"
 } > "$OUT/gpu.txt" 2>&1
 export NOFUSS_FIXTURES="$PWD/tests/reference/fixtures" NOFUSS_TEST_DEVICE=cuda
-for t in ops_parity bn_inception_parity reference_parity; do
+for t in ops_parity optim_parity bn_inception_parity reference_parity; do
   ( time timeout 240 ".gpu/$t" --test-threads 1 ) > "$OUT/parity_$t.txt" 2>&1
   echo "rc=$?" >> "$OUT/parity_$t.txt"
 done

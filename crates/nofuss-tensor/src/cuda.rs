@@ -20,6 +20,8 @@ use candle_core::{CudaStorage, DType, Layout, Result, Storage, StorageRef, Tenso
 pub(crate) const POOL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pool.ptx"));
 /// PTX of `kernels/batch_norm.cu`.
 pub(crate) const BN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/batch_norm.ptx"));
+/// PTX of `kernels/optim.cu`.
+pub(crate) const OPTIM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
 
 /// Threads per block of the element-wise kernels (and the reductions' fixed block size).
 pub(crate) const THREADS: u32 = 256;
@@ -629,4 +631,44 @@ where
             Ok(CudaStorage::wrap_cuda_slice(dw, dev.clone()))
         }
     }
+}
+
+// SAFETY: plain old data with the C layout `kernels/optim.cu` declares.
+unsafe impl DeviceRepr for crate::fused_step::StepArgs {}
+
+/// One in-place pass of an optimiser step: the state `[3, n]` (`state_pass`) or the
+/// parameter, from the two read-only inputs (`grad` and the other of the two).
+pub(crate) fn optim_update(
+    state_pass: bool,
+    (ds, dl): (&mut CudaStorage, &Layout),
+    (gs, gl): (&CudaStorage, &Layout),
+    (os, ol): (&CudaStorage, &Layout),
+    args: &crate::fused_step::StepArgs,
+) -> Result<()> {
+    let Some((a, b)) = dl.contiguous_offsets() else {
+        candle_core::bail!("optimiser tensors must be contiguous");
+    };
+    let dt = ds.dtype();
+    if !matches!(dt, DType::F32 | DType::F64) || gs.dtype() != dt || os.dtype() != dt {
+        candle_core::bail!("optimiser tensors must all be f32 or all f64");
+    }
+    let dev = ds.device.clone();
+    let stream = dev.cuda_stream();
+    let name = if state_pass {
+        "optim_state"
+    } else {
+        "optim_param"
+    };
+    let f = func(&dev, "nofuss_optim", OPTIM_PTX, name, dt)?;
+    let n = gl.shape().elem_count() as i64;
+    with_cuda_dtype!(dt, T, A, {
+        let grad = view::<T>(gs, gl)?;
+        let other = view::<T>(os, ol)?;
+        let mut dst = ds.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
+        let mut l = stream.launch_builder(&f);
+        l.arg(&mut dst).arg(&grad).arg(&other).arg(&n).arg(args);
+        // SAFETY: argument types and count match the kernel's signature.
+        unsafe { l.launch(grid_1d(n as usize)) }.w()?;
+        Ok(())
+    })
 }

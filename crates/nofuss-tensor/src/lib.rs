@@ -32,6 +32,7 @@ mod cpu;
 mod cuda;
 mod device;
 mod error;
+mod fused_step;
 mod init;
 mod normalization;
 pub mod ops;

@@ -24,6 +24,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::fused_step::{StepArgs, UpdateParam, UpdateState};
 use crate::{Error, Result};
 
 /// The update rule and its hyper-parameters.
@@ -115,6 +116,90 @@ impl OptimizerKind {
     }
 }
 
+impl OptimizerKind {
+    /// Whether state row `row` (0 a, 1 b, 2 c) carries information for this optimiser.
+    fn uses_row(&self, row: usize) -> bool {
+        match *self {
+            Self::Sgd { momentum, .. } => row == 0 && momentum != 0.0,
+            Self::RmsProp {
+                momentum,
+                centered,
+                tf_style,
+                ..
+            } => match row {
+                0 => tf_style || momentum > 0.0,
+                1 => true,
+                _ => centered,
+            },
+            Self::Adam { .. } | Self::AdamW { .. } => row < 2,
+        }
+    }
+
+    /// A parameter's state before its first step: zeros (TensorFlow's RMSprop starts its
+    /// mean square at one).
+    fn fresh_state(&self, p: &Tensor) -> Result<Tensor> {
+        let n = p.elem_count();
+        let zeros = Tensor::zeros((1, n), p.dtype(), p.device())?;
+        let b = match self {
+            Self::RmsProp { tf_style: true, .. } => Tensor::ones((1, n), p.dtype(), p.device())?,
+            _ => zeros.clone(),
+        };
+        Ok(Tensor::cat(&[&zeros, &b, &zeros], 0)?.contiguous()?)
+    }
+
+    /// The kernels' arguments for one step `t` (1-based) at learning rate `lr`.
+    fn args(&self, lr: f64, wd: f64, scale: f64, t: i32, first: bool) -> StepArgs {
+        let mut a = StepArgs {
+            lr,
+            scale,
+            first: first as i32,
+            ..StepArgs::default()
+        };
+        match *self {
+            Self::Sgd {
+                momentum,
+                dampening,
+                nesterov,
+            } => {
+                a.kind = 0;
+                a.wd_l2 = wd;
+                a.momentum = momentum;
+                a.dampening = dampening;
+                a.nesterov = nesterov as i32;
+            }
+            Self::RmsProp {
+                alpha,
+                eps,
+                momentum,
+                centered,
+                tf_style,
+            } => {
+                a.kind = 1;
+                a.wd_l2 = wd;
+                a.alpha = alpha;
+                a.eps = eps;
+                a.momentum = momentum;
+                a.centered = centered as i32;
+                a.tf_style = tf_style as i32;
+            }
+            Self::Adam { beta1, beta2, eps } | Self::AdamW { beta1, beta2, eps } => {
+                a.kind = 2;
+                if matches!(self, Self::AdamW { .. }) {
+                    a.wd_decoupled = wd;
+                } else {
+                    a.wd_l2 = wd;
+                }
+                a.beta1 = beta1;
+                a.beta2 = beta2;
+                a.eps = eps;
+                a.bc1 = 1.0 - beta1.powi(t);
+                a.bc2 = 1.0 - beta2.powi(t);
+            }
+        }
+        a
+    }
+}
+
 /// Parameters that share a learning-rate factor and a weight decay.
 #[derive(Debug, Clone)]
 pub struct ParamGroup {
@@ -152,17 +237,17 @@ impl ParamGroup {
     }
 }
 
-/// Per-parameter state, named as it is checkpointed.
+/// Per-parameter state: `[3, numel]`, rows a (momentum buffer, Adam's first moment), b
+/// (mean square, Adam's second moment), c (mean gradient of centred RMSprop); checkpointed
+/// as `<group>.<index>.{a,b,c}` with the parameter's shape.
 #[derive(Debug, Clone, Default)]
 struct Slots {
-    /// Momentum buffer, Adam's first moment.
-    a: Option<Tensor>,
-    /// Mean square, Adam's second moment.
-    b: Option<Tensor>,
-    /// Mean gradient (centred RMSprop).
-    c: Option<Tensor>,
+    packed: Option<Tensor>,
+    /// Whether row a holds a momentum buffer yet (SGD starts it as the gradient).
+    started: bool,
 }
 
+const ROWS: [&str; 3] = ["a", "b", "c"];
 /// An optimiser over parameter groups.
 #[derive(Debug)]
 pub struct Optimizer {
@@ -261,124 +346,26 @@ impl Optimizer {
         let t = self.steps as i32;
         for (g, slots) in self.groups.iter().zip(&mut self.slots) {
             let lr = self.lr * g.lr_scale;
-            let wd = g.weight_decay;
             for (v, s) in g.vars.iter().zip(slots.iter_mut()) {
                 let Some(grad) = grads.get(v.as_tensor()) else {
                     continue;
                 };
-                // Detached: the update and the state it leaves must not record a
-                // computation graph, or every step would keep the previous ones alive.
-                let p = &v.as_tensor().detach();
-                let grad = grad.detach();
-                let mut grad = if scale < 1.0 {
-                    grad.affine(scale, 0.0)?
-                } else {
-                    grad
-                };
-                if wd != 0.0 && !matches!(self.kind, OptimizerKind::AdamW { .. }) {
-                    grad = (grad + p.affine(wd, 0.0)?)?;
-                }
-                let new = match self.kind {
-                    OptimizerKind::Sgd {
-                        momentum,
-                        dampening,
-                        nesterov,
-                    } => {
-                        let d = if momentum != 0.0 {
-                            let buf = match &s.a {
-                                None => grad.clone(),
-                                Some(b) => {
-                                    (b.affine(momentum, 0.0)?
-                                        + grad.affine(1.0 - dampening, 0.0)?)?
-                                }
-                            };
-                            s.a = Some(buf.clone());
-                            if nesterov {
-                                (grad + buf.affine(momentum, 0.0)?)?
-                            } else {
-                                buf
-                            }
-                        } else {
-                            grad
-                        };
-                        (p - d.affine(lr, 0.0)?)?
-                    }
-                    OptimizerKind::RmsProp {
-                        alpha,
-                        eps,
-                        momentum,
-                        centered,
-                        tf_style,
-                    } => {
-                        let prev = match &s.b {
-                            Some(b) => b.clone(),
-                            None if tf_style => p.ones_like()?,
-                            None => p.zeros_like()?,
-                        };
-                        let sq =
-                            (prev.affine(alpha, 0.0)? + grad.sqr()?.affine(1.0 - alpha, 0.0)?)?;
-                        s.b = Some(sq.clone());
-                        let var = if centered {
-                            let gm = match &s.c {
-                                Some(c) => c.affine(alpha, 0.0)?,
-                                None => p.zeros_like()?,
-                            };
-                            let gm = (gm + grad.affine(1.0 - alpha, 0.0)?)?;
-                            s.c = Some(gm.clone());
-                            (sq - gm.sqr()?)?
-                        } else {
-                            sq
-                        };
-                        let denom = if tf_style {
-                            var.affine(1.0, eps)?.sqrt()?
-                        } else {
-                            var.sqrt()?.affine(1.0, eps)?
-                        };
-                        let ratio = (grad / denom)?;
-                        if tf_style {
-                            // mom = momentum * mom + lr * g / sqrt(ms + eps); p -= mom
-                            let mom = match &s.a {
-                                Some(m) => (m.affine(momentum, 0.0)? + ratio.affine(lr, 0.0)?)?,
-                                None => ratio.affine(lr, 0.0)?,
-                            };
-                            s.a = Some(mom.clone());
-                            (p - mom)?
-                        } else if momentum > 0.0 {
-                            let buf = match &s.a {
-                                Some(m) => (m.affine(momentum, 0.0)? + ratio)?,
-                                None => ratio,
-                            };
-                            s.a = Some(buf.clone());
-                            (p - buf.affine(lr, 0.0)?)?
-                        } else {
-                            (p - ratio.affine(lr, 0.0)?)?
-                        }
-                    }
-                    OptimizerKind::Adam { beta1, beta2, eps }
-                    | OptimizerKind::AdamW { beta1, beta2, eps } => {
-                        let p = if wd != 0.0 && matches!(self.kind, OptimizerKind::AdamW { .. }) {
-                            p.affine(1.0 - lr * wd, 0.0)?
-                        } else {
-                            p.clone()
-                        };
-                        let m = match &s.a {
-                            Some(m) => (m.affine(beta1, 0.0)? + grad.affine(1.0 - beta1, 0.0)?)?,
-                            None => grad.affine(1.0 - beta1, 0.0)?,
-                        };
-                        let g2 = grad.sqr()?;
-                        let v2 = match &s.b {
-                            Some(v) => (v.affine(beta2, 0.0)? + g2.affine(1.0 - beta2, 0.0)?)?,
-                            None => g2.affine(1.0 - beta2, 0.0)?,
-                        };
-                        s.a = Some(m.clone());
-                        s.b = Some(v2.clone());
-                        let bc1 = 1.0 - beta1.powi(t);
-                        let bc2 = 1.0 - beta2.powi(t);
-                        let denom = v2.affine(1.0 / bc2, 0.0)?.sqrt()?.affine(1.0, eps)?;
-                        (p - (m / denom)?.affine(lr / bc1, 0.0)?)?
+                // Detached and in place: the update and the state it leaves record no
+                // computation graph.
+                let grad = grad.detach().contiguous()?;
+                let p = v.as_tensor();
+                let packed = match &s.packed {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = self.kind.fresh_state(p)?;
+                        s.packed = Some(t.clone());
+                        t
                     }
                 };
-                v.set(&new)?;
+                let args = self.kind.args(lr, g.weight_decay, scale, t, !s.started);
+                packed.inplace_op3(&grad, p, &UpdateState(args))?;
+                p.inplace_op3(&grad, &packed, &UpdateParam(args))?;
+                s.started = true;
             }
         }
         Ok(norm)
@@ -400,10 +387,12 @@ impl Optimizer {
             Tensor::new(&[self.steps as f64], &dev)?,
         );
         for (g, slots) in self.groups.iter().zip(&self.slots) {
-            for (i, s) in slots.iter().enumerate() {
-                for (k, t) in [("a", &s.a), ("b", &s.b), ("c", &s.c)] {
-                    if let Some(t) = t {
-                        m.insert(format!("{}.{i}.{k}", g.name), t.clone());
+            for (i, (s, v)) in slots.iter().zip(&g.vars).enumerate() {
+                let Some(packed) = &s.packed else { continue };
+                for (row, k) in ROWS.iter().enumerate() {
+                    if self.kind.uses_row(row) {
+                        let t = packed.get(row)?.reshape(v.dims())?;
+                        m.insert(format!("{}.{i}.{k}", g.name), t);
                     }
                 }
             }
@@ -424,18 +413,30 @@ impl Optimizer {
         }
         for (g, slots) in self.groups.iter().zip(&mut self.slots) {
             for (i, (s, v)) in slots.iter_mut().zip(&g.vars).enumerate() {
-                for (k, slot) in [("a", &mut s.a), ("b", &mut s.b), ("c", &mut s.c)] {
+                let fresh = self.kind.fresh_state(v.as_tensor())?;
+                let mut rows = Vec::with_capacity(3);
+                let mut found = false;
+                for (row, k) in ROWS.iter().enumerate() {
                     let key = format!("{}.{i}.{k}", g.name);
-                    if let Some(t) = state.get(&key) {
-                        if t.dims() != v.dims() {
-                            return Err(Error::Optim(format!(
-                                "optimiser state {key} has shape {:?}, the parameter {:?}",
-                                t.dims(),
-                                v.dims()
-                            )));
+                    match state.get(&key) {
+                        Some(t) => {
+                            if t.dims() != v.dims() {
+                                return Err(Error::Optim(format!(
+                                    "optimiser state {key} has shape {:?}, the parameter {:?}",
+                                    t.dims(),
+                                    v.dims()
+                                )));
+                            }
+                            found = true;
+                            let t = t.to_dtype(v.dtype())?.to_device(v.device())?;
+                            rows.push(t.flatten_all()?.unsqueeze(0)?);
                         }
-                        *slot = Some(t.to_dtype(v.dtype())?.to_device(v.device())?);
+                        None => rows.push(fresh.narrow(0, row, 1)?),
                     }
+                }
+                if found {
+                    s.packed = Some(Tensor::cat(&rows, 0)?.contiguous()?);
+                    s.started = true;
                 }
             }
         }

@@ -1,8 +1,9 @@
 //! nofuss-tensor's optimisers against torch.optim on the same problem
 //! (`tests/reference/optim.py`): six steps, two parameter groups with their own learning
-//! rates and weight decays, float64, every intermediate parameter compared.
+//! rates and weight decays, float64, every intermediate parameter compared. Runs on
+//! `NOFUSS_TEST_DEVICE` (CPU by default).
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use nofuss_tensor::optim::{Optimizer, OptimizerKind, ParamGroup};
 use serde_json::Value;
 
@@ -21,7 +22,7 @@ fn floats(v: &Value) -> Vec<f64> {
 fn trajectories_match_torch_optim() {
     let path = nofuss_tensor::fixtures_dir(env!("CARGO_MANIFEST_DIR")).join("optim.json");
     let fx: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let dev = Device::Cpu;
+    let dev = nofuss_tensor::test_device().unwrap();
     let c = Tensor::from_vec(floats(&fx["c"]), (2, 3), &dev).unwrap();
     let d = Tensor::from_vec(floats(&fx["d"]), 3, &dev).unwrap();
     let cases = fx["cases"].as_array().unwrap();

@@ -1,0 +1,262 @@
+//! One optimiser step of one parameter in two in-place passes: the state (`[3, numel]`:
+//! rows a, b, c) from the gradient and the parameter, then the parameter from the gradient
+//! and the state. candle operations would take a dozen launches and allocations per
+//! parameter (BN-Inception has about 280 parameter tensors); this is two, on the CPU and
+//! on CUDA (`kernels/optim.cu`), with the formulas of `torch.optim`.
+
+use candle_core::backend::BackendStorage;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+use candle_core::{CpuStorage, InplaceOp3, Layout, Result};
+use rayon::prelude::*;
+
+use crate::cpu::slice;
+
+/// Which update, with its constants (every field used by the kernels, `#[repr(C)]` for
+/// CUDA).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct StepArgs {
+    /// 0 SGD, 1 RMSprop, 2 Adam / AdamW.
+    pub kind: i32,
+    /// First step of SGD with momentum: the buffer starts as the gradient.
+    pub first: i32,
+    pub nesterov: i32,
+    pub centered: i32,
+    pub tf_style: i32,
+    pub _pad: i32,
+    /// Gradient scale (clipping).
+    pub scale: f64,
+    /// L2 weight decay added to the gradient.
+    pub wd_l2: f64,
+    /// Decoupled weight decay (AdamW): the parameter shrinks by `lr * wd` first.
+    pub wd_decoupled: f64,
+    pub lr: f64,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub alpha: f64,
+    pub eps: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// Bias corrections `1 - beta^t`.
+    pub bc1: f64,
+    pub bc2: f64,
+}
+
+impl StepArgs {
+    /// The effective gradient at one element.
+    #[inline]
+    fn g(&self, grad: f64, p: f64) -> f64 {
+        self.scale * grad + self.wd_l2 * p
+    }
+
+    /// RMSprop's `g / denominator` from the (updated) state.
+    #[inline]
+    fn rms_ratio(&self, g: f64, b: f64, c: f64) -> f64 {
+        let var = if self.centered != 0 { b - c * c } else { b };
+        if self.tf_style != 0 {
+            g / (var + self.eps).sqrt()
+        } else {
+            g / (var.sqrt() + self.eps)
+        }
+    }
+
+    /// New state `(a, b, c)` of one element.
+    #[inline]
+    fn state(&self, grad: f64, p: f64, (a, b, c): (f64, f64, f64)) -> (f64, f64, f64) {
+        let g = self.g(grad, p);
+        match self.kind {
+            0 => {
+                let a = if self.momentum == 0.0 {
+                    a
+                } else if self.first != 0 {
+                    g
+                } else {
+                    self.momentum * a + (1.0 - self.dampening) * g
+                };
+                (a, b, c)
+            }
+            1 => {
+                let b = self.alpha * b + (1.0 - self.alpha) * g * g;
+                let c = if self.centered != 0 {
+                    self.alpha * c + (1.0 - self.alpha) * g
+                } else {
+                    c
+                };
+                let ratio = self.rms_ratio(g, b, c);
+                let a = if self.tf_style != 0 {
+                    self.momentum * a + self.lr * ratio
+                } else if self.momentum > 0.0 {
+                    self.momentum * a + ratio
+                } else {
+                    a
+                };
+                (a, b, c)
+            }
+            _ => (
+                self.beta1 * a + (1.0 - self.beta1) * g,
+                self.beta2 * b + (1.0 - self.beta2) * g * g,
+                c,
+            ),
+        }
+    }
+
+    /// New value of one parameter element from the updated state.
+    #[inline]
+    fn param(&self, grad: f64, p: f64, (a, b, c): (f64, f64, f64)) -> f64 {
+        let g = self.g(grad, p);
+        match self.kind {
+            0 => {
+                let d = if self.momentum == 0.0 {
+                    g
+                } else if self.nesterov != 0 {
+                    g + self.momentum * a
+                } else {
+                    a
+                };
+                p - self.lr * d
+            }
+            1 => {
+                if self.tf_style != 0 {
+                    p - a
+                } else if self.momentum > 0.0 {
+                    p - self.lr * a
+                } else {
+                    p - self.lr * self.rms_ratio(g, b, c)
+                }
+            }
+            _ => {
+                let p = p * (1.0 - self.lr * self.wd_decoupled);
+                let denom = (b / self.bc2).sqrt() + self.eps;
+                p - (self.lr / self.bc1) * (a / denom)
+            }
+        }
+    }
+}
+
+/// `state[3, n] <- f(grad, param, state)`, in place.
+pub(crate) struct UpdateState(pub StepArgs);
+/// `param[n] <- f(grad, state, param)`, in place.
+pub(crate) struct UpdateParam(pub StepArgs);
+
+fn offsets(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("optimiser {what} must be contiguous")))
+}
+
+macro_rules! cpu_step {
+    ($dst:expr, $range:expr, |$d:ident, $T:ident| $body:block) => {
+        match $dst {
+            CpuStorage::F32(v) => {
+                type $T = f32;
+                let $d = &mut v[$range];
+                $body
+            }
+            CpuStorage::F64(v) => {
+                type $T = f64;
+                let $d = &mut v[$range];
+                $body
+            }
+            s => candle_core::bail!("optimiser state must be f32 or f64, not {:?}", s.dtype()),
+        }
+    };
+}
+
+// The loops serve f32 and f64 storage alike: for f64 the casts are no-ops.
+#[allow(clippy::unnecessary_cast)]
+impl InplaceOp3 for UpdateState {
+    fn name(&self) -> &'static str {
+        "nofuss-optim-state"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &mut CpuStorage,
+        l: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<()> {
+        let (a0, a1) = offsets(l, "state")?;
+        let args = self.0;
+        cpu_step!(s, a0..a1, |st, T| {
+            let grad = slice::<T>(gs, gl)?;
+            let p = slice::<T>(ps, pl)?;
+            let n = p.len();
+            let (ra, rest) = st.split_at_mut(n);
+            let (rb, rc) = rest.split_at_mut(n);
+            ra.par_iter_mut()
+                .zip(rb.par_iter_mut())
+                .zip(rc.par_iter_mut())
+                .zip(grad.par_iter().zip(p.par_iter()))
+                .for_each(|(((a, b), c), (&g, &p))| {
+                    let (na, nb, nc) =
+                        args.state(g as f64, p as f64, (*a as f64, *b as f64, *c as f64));
+                    (*a, *b, *c) = (na as T, nb as T, nc as T);
+                });
+        });
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &mut CudaStorage,
+        l: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+        ps: &CudaStorage,
+        pl: &Layout,
+    ) -> Result<()> {
+        crate::cuda::optim_update(true, (s, l), (gs, gl), (ps, pl), &self.0)
+    }
+}
+
+#[allow(clippy::unnecessary_cast)]
+impl InplaceOp3 for UpdateParam {
+    fn name(&self) -> &'static str {
+        "nofuss-optim-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p: &mut CpuStorage,
+        l: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        let (p0, p1) = offsets(l, "parameter")?;
+        let args = self.0;
+        cpu_step!(p, p0..p1, |param, T| {
+            let grad = slice::<T>(gs, gl)?;
+            let st = slice::<T>(ss, sl)?;
+            let n = param.len();
+            let (ra, rest) = st.split_at(n);
+            let (rb, rc) = rest.split_at(n);
+            param
+                .par_iter_mut()
+                .zip(grad.par_iter())
+                .zip(ra.par_iter().zip(rb.par_iter()).zip(rc.par_iter()))
+                .for_each(|((p, &g), ((&a, &b), &c))| {
+                    *p = args.param(g as f64, *p as f64, (a as f64, b as f64, c as f64)) as T;
+                });
+        });
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        p: &mut CudaStorage,
+        l: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+        ss: &CudaStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        crate::cuda::optim_update(false, (p, l), (gs, gl), (ss, sl), &self.0)
+    }
+}
