@@ -1,6 +1,10 @@
 // Shared helpers of nofuss's CUDA kernels: element types and their accumulators.
 #pragma once
+#ifdef NOFUSS_HOST_EMULATION
+#include "host_emulation.h"  // the kernels compiled as plain C++ (tests/kernels_on_host)
+#else
 #include <cuda_bf16.h>
+#endif
 #include <stdint.h>
 
 // Accumulator of an element type: float for float and bfloat16, double for double.

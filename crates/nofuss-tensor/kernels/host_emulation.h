@@ -1,0 +1,68 @@
+// Lets the kernels compile as plain C++ on a machine without CUDA, to check their
+// arithmetic and indexing against PyTorch (tests/kernels_on_host). A "launch" runs the
+// blocks and threads one after another: grid-stride kernels with one thread, reduction
+// kernels with one thread per block (so the shared-memory tree is trivial; its pattern
+// is the standard one).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+
+struct EmuDim3 {
+    unsigned x = 0, y = 0, z = 0;
+};
+inline EmuDim3 blockIdx, threadIdx, blockDim, gridDim;
+inline void __syncthreads() {}
+
+using std::isnan;
+using std::sqrt;
+template <typename A, typename B> inline auto min(A a, B b) { return a < b ? a : b; }
+template <typename A, typename B> inline auto max(A a, B b) { return a > b ? a : b; }
+
+inline float __int_as_float(int v) {
+    float f;
+    std::memcpy(&f, &v, 4);
+    return f;
+}
+inline double __longlong_as_double(long long v) {
+    double d;
+    std::memcpy(&d, &v, 8);
+    return d;
+}
+
+// bfloat16 as the top 16 bits of a float, rounded to nearest even.
+struct __nv_bfloat16 {
+    uint16_t bits;
+};
+inline float __bfloat162float(__nv_bfloat16 v) {
+    uint32_t u = (uint32_t)v.bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline __nv_bfloat16 __float2bfloat16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if (std::isnan(f)) return {0x7fc0};
+    u += 0x7fff + ((u >> 16) & 1);
+    return {(uint16_t)(u >> 16)};
+}
+
+// Runs a kernel over a (gx, gy) grid of `threads`-thread blocks, sequentially.
+template <typename F>
+inline void emu_launch(unsigned gx, unsigned gy, unsigned threads, F kernel) {
+    gridDim = {gx, gy, 1};
+    blockDim = {threads, 1, 1};
+    for (unsigned by = 0; by < gy; ++by)
+        for (unsigned bx = 0; bx < gx; ++bx)
+            for (unsigned t = 0; t < threads; ++t) {
+                blockIdx = {bx, by, 0};
+                threadIdx = {t, 0, 0};
+                kernel();
+            }
+}

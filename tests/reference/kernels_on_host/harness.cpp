@@ -1,0 +1,165 @@
+// Runs nofuss-tensor's CUDA kernels as plain C++ (kernels/host_emulation.h) on raw
+// little-endian inputs and writes raw outputs; kernels_on_host.py drives it and compares
+// with PyTorch. Usage: harness OP DTYPE DIR ARGS...   (files DIR/<name>.bin)
+#ifndef NOFUSS_HOST_EMULATION
+#define NOFUSS_HOST_EMULATION
+#endif
+#include "pool.cu"
+#include "batch_norm.cu"
+#include "optim.cu"
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+static std::string dir;
+
+template <typename T> std::vector<T> load(const char* name) {
+    std::string p = dir + "/" + name + ".bin";
+    FILE* f = std::fopen(p.c_str(), "rb");
+    if (!f) { std::fprintf(stderr, "cannot read %s\n", p.c_str()); std::exit(2); }
+    std::fseek(f, 0, SEEK_END);
+    long n = std::ftell(f);
+    std::fseek(f, 0, SEEK_SET);
+    std::vector<T> v(n / sizeof(T));
+    if (std::fread(v.data(), sizeof(T), v.size(), f) != v.size()) std::exit(2);
+    std::fclose(f);
+    return v;
+}
+
+template <typename T> void save(const char* name, const std::vector<T>& v) {
+    std::string p = dir + "/" + name + ".bin";
+    FILE* f = std::fopen(p.c_str(), "wb");
+    std::fwrite(v.data(), sizeof(T), v.size(), f);
+    std::fclose(f);
+}
+
+#define EMU1(...) emu_launch(1, 1, 1, [&] { __VA_ARGS__; })
+
+template <typename T>
+void pool(char** a, const char* sfx) {
+    // max|avg n c h w oh ow k s p include_pad
+    bool avg = std::string(a[0]) == "avg";
+    PoolGeom g{std::atoll(a[1]) * std::atoll(a[2]), std::atoi(a[3]), std::atoi(a[4]),
+               std::atoi(a[5]), std::atoi(a[6]), std::atoi(a[7]), std::atoi(a[8]),
+               std::atoi(a[9])};
+    int inc = std::atoi(a[10]);
+    auto x = load<T>("x");
+    auto dy = load<T>("dy");
+    std::vector<T> y(g.planes * g.oh * g.ow), dx(x.size());
+    if (avg) {
+        EMU1(avg_pool_fwd<T>(x.data(), y.data(), g, inc));
+        EMU1(avg_pool_bwd<T>(dy.data(), dx.data(), g, inc));
+    } else {
+        EMU1(max_pool_fwd<T>(x.data(), y.data(), g));
+        EMU1(max_pool_bwd<T>(x.data(), dy.data(), dx.data(), g));
+    }
+    save("y", y);
+    save("dx", dx);
+}
+
+template <typename T>
+void bn(char** a) {
+    // n c hw slices relu batch_stats eps ; files x dy gamma beta [mean var for fixed]
+    typedef typename Acc<T>::type A;
+    BnGeom g{std::atoll(a[0]), std::atoll(a[1]), std::atoll(a[2]), std::atoll(a[3])};
+    int relu = std::atoi(a[4]), batch = std::atoi(a[5]);
+    double eps = std::atof(a[6]);
+    auto x = load<T>("x");
+    auto dy = load<T>("dy");
+    auto gamma = load<A>("gamma");
+    auto beta = load<A>("beta");
+    std::vector<A> stats(3 * g.c), partial(3 * g.c * g.slices);
+    if (batch) {
+        emu_launch(g.slices, g.c, 1, [&] { bn_stats_partial<T>(x.data(), partial.data(), g); });
+        for (int64_t c = 0; c < g.c; ++c) {
+            blockIdx = {0, 0, 0};
+            threadIdx = {(unsigned)c, 0, 0};
+            blockDim = {1, 1, 1};
+            bn_stats_final<A>(partial.data(), stats.data(), g, eps);
+        }
+    } else {
+        auto mean = load<A>("mean");
+        auto var = load<A>("var");
+        for (int64_t c = 0; c < g.c; ++c) {
+            stats[c] = mean[c];
+            stats[g.c + c] = var[c];
+            stats[2 * g.c + c] = (A)1 / std::sqrt(var[c] + (A)eps);
+        }
+    }
+    const A* mean = stats.data();
+    const A* invstd = stats.data() + 2 * g.c;
+    std::vector<T> y(x.size()), dx(x.size());
+    EMU1(bn_apply<T>(x.data(), gamma.data(), beta.data(), mean, invstd, y.data(), g, relu));
+    std::vector<A> bpartial(2 * g.c * g.slices), sums(2 * g.c);
+    emu_launch(g.slices, g.c, 1, [&] {
+        bn_bwd_partial<T>(x.data(), dy.data(), y.data(), mean, invstd, bpartial.data(), g, relu);
+    });
+    for (int64_t c = 0; c < g.c; ++c) {
+        blockIdx = {0, 0, 0};
+        threadIdx = {(unsigned)c, 0, 0};
+        blockDim = {1, 1, 1};
+        bn_bwd_final<A>(bpartial.data(), sums.data(), g);
+    }
+    EMU1(bn_bwd_data<T>(x.data(), dy.data(), y.data(), gamma.data(), mean, invstd, sums.data(),
+                        dx.data(), g, relu, batch));
+    // Running statistics: momentum 0.1, unbiased variance.
+    auto rm = load<A>("running_mean");
+    auto rv = load<A>("running_var");
+    double m = (double)(g.n * g.hw);
+    if (batch) {
+        EMU1(bn_update_running<A>(rm.data(), stats.data(), g.c, 0.1, 1.0));
+        EMU1(bn_update_running<A>(rv.data(), stats.data() + g.c, g.c, 0.1, m / (m - 1)));
+    }
+    save("y", y);
+    save("dx", dx);
+    save("stats", stats);
+    save("sums", sums);
+    save("running_mean", rm);
+    save("running_var", rv);
+}
+
+template <typename T>
+void optim(char** a) {
+    // kind first nesterov centered tf scale wd_l2 wd_dec lr momentum dampening alpha eps
+    // beta1 beta2 bc1 bc2 ; files p grad state -> p state
+    StepArgs s{};
+    s.kind = std::atoi(a[0]);
+    s.first = std::atoi(a[1]);
+    s.nesterov = std::atoi(a[2]);
+    s.centered = std::atoi(a[3]);
+    s.tf_style = std::atoi(a[4]);
+    double* d = &s.scale;
+    for (int i = 0; i < 12; ++i) d[i] = std::atof(a[5 + i]);
+    auto p = load<T>("p");
+    auto grad = load<T>("grad");
+    auto st = load<T>("state");
+    int64_t n = p.size();
+    EMU1(update_state<T>(st.data(), grad.data(), p.data(), n, s));
+    EMU1(update_param<T>(p.data(), grad.data(), st.data(), n, s));
+    save("p", p);
+    save("state", st);
+}
+
+int main(int argc, char** argv) {
+    if (argc < 4) return 2;
+    std::string op = argv[1], dt = argv[2];
+    dir = argv[3];
+    char** a = argv + 4;
+    if (op == "pool") {
+        if (dt == "f32") pool<float>(a, "f32");
+        else if (dt == "f64") pool<double>(a, "f64");
+        else pool<__nv_bfloat16>(a, "bf16");
+    } else if (op == "bn") {
+        if (dt == "f32") bn<float>(a);
+        else if (dt == "f64") bn<double>(a);
+        else bn<__nv_bfloat16>(a);
+    } else if (op == "optim") {
+        if (dt == "f32") optim<float>(a);
+        else optim<double>(a);
+    } else {
+        return 2;
+    }
+    return 0;
+}
