@@ -1,12 +1,15 @@
 // Lets the kernels compile as plain C++ on a machine without CUDA, to check their
-// arithmetic and indexing against PyTorch (tests/kernels_on_host). A "launch" runs the
-// blocks and threads one after another: grid-stride kernels with one thread, reduction
-// kernels with one thread per block (so the shared-memory tree is trivial; its pattern
-// is the standard one).
+// arithmetic and indexing against PyTorch (tests/reference/kernels_on_host). A "launch"
+// runs the blocks one after another; the threads of a block run as real threads that meet
+// at `__syncthreads` (a barrier), so shared-memory reductions run as they would on a GPU.
 #pragma once
+#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
 
 #define __global__
 #define __device__
@@ -16,8 +19,12 @@
 struct EmuDim3 {
     unsigned x = 0, y = 0, z = 0;
 };
-inline EmuDim3 blockIdx, threadIdx, blockDim, gridDim;
-inline void __syncthreads() {}
+inline EmuDim3 blockIdx, blockDim, gridDim;
+inline thread_local EmuDim3 threadIdx;
+inline std::barrier<>* emu_barrier = nullptr;
+inline void __syncthreads() {
+    if (emu_barrier) emu_barrier->arrive_and_wait();
+}
 
 using std::isnan;
 using std::sqrt;
@@ -53,16 +60,24 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
     return {(uint16_t)(u >> 16)};
 }
 
-// Runs a kernel over a (gx, gy) grid of `threads`-thread blocks, sequentially.
+// Runs a kernel over a (gx, gy) grid of `threads`-thread blocks: blocks one after another,
+// the threads of a block concurrently.
 template <typename F>
 inline void emu_launch(unsigned gx, unsigned gy, unsigned threads, F kernel) {
     gridDim = {gx, gy, 1};
     blockDim = {threads, 1, 1};
     for (unsigned by = 0; by < gy; ++by)
-        for (unsigned bx = 0; bx < gx; ++bx)
-            for (unsigned t = 0; t < threads; ++t) {
-                blockIdx = {bx, by, 0};
-                threadIdx = {t, 0, 0};
-                kernel();
-            }
+        for (unsigned bx = 0; bx < gx; ++bx) {
+            blockIdx = {bx, by, 0};
+            std::barrier<> bar(threads);
+            emu_barrier = &bar;
+            std::vector<std::thread> pool;
+            for (unsigned t = 0; t < threads; ++t)
+                pool.emplace_back([&, t] {
+                    threadIdx = {t, 0, 0};
+                    kernel();
+                });
+            for (auto& th : pool) th.join();
+            emu_barrier = nullptr;
+        }
 }

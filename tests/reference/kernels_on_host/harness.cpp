@@ -35,7 +35,8 @@ template <typename T> void save(const char* name, const std::vector<T>& v) {
     std::fclose(f);
 }
 
-#define EMU1(...) emu_launch(1, 1, 1, [&] { __VA_ARGS__; })
+// Grid-stride kernels: 3 blocks of 64 threads.
+#define EMU1(...) emu_launch(3, 1, 64, [&] { __VA_ARGS__; })
 
 template <typename T>
 void pool(char** a, const char* sfx) {
@@ -72,7 +73,7 @@ void bn(char** a) {
     auto beta = load<A>("beta");
     std::vector<A> stats(3 * g.c), partial(3 * g.c * g.slices);
     if (batch) {
-        emu_launch(g.slices, g.c, 1, [&] { bn_stats_partial<T>(x.data(), partial.data(), g); });
+        emu_launch(g.slices, g.c, THREADS, [&] { bn_stats_partial<T>(x.data(), partial.data(), g); });
         for (int64_t c = 0; c < g.c; ++c) {
             blockIdx = {0, 0, 0};
             threadIdx = {(unsigned)c, 0, 0};
@@ -93,7 +94,7 @@ void bn(char** a) {
     std::vector<T> y(x.size()), dx(x.size());
     EMU1(bn_apply<T>(x.data(), gamma.data(), beta.data(), mean, invstd, y.data(), g, relu));
     std::vector<A> bpartial(2 * g.c * g.slices), sums(2 * g.c);
-    emu_launch(g.slices, g.c, 1, [&] {
+    emu_launch(g.slices, g.c, THREADS, [&] {
         bn_bwd_partial<T>(x.data(), dy.data(), y.data(), mean, invstd, bpartial.data(), g, relu);
     });
     for (int64_t c = 0; c < g.c; ++c) {

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Checks nofuss-tensor's CUDA kernels without a GPU: compiles them as plain C++
-(crates/nofuss-tensor/kernels/host_emulation.h, blocks and threads run one after another)
+(crates/nofuss-tensor/kernels/host_emulation.h: blocks one after another, a block's
+threads as real threads meeting at __syncthreads)
 with harness.cpp, runs pooling, batch norm (+ReLU, statistics, backward, running
 statistics) and the fused optimiser steps on random inputs in f64, f32 and bf16, and
-compares with PyTorch. It checks the kernels' arithmetic and indexing; the launch code in
-src/cuda.rs and the parallel reductions still need a GPU run (xtask/scripts/gpu-check.sh).
+compares with PyTorch. It checks the kernels' arithmetic, indexing and block reductions;
+the launch code in src/cuda.rs, cuDNN and speed still need a GPU run
+(xtask/scripts/gpu-check.sh).
 
-    python3 tests/reference/kernels_on_host/kernels_on_host.py    (needs g++ and torch)
+    python3 tests/reference/kernels_on_host/kernels_on_host.py    (needs g++ with C++20 and torch)
 """
 import pathlib
 import subprocess
@@ -24,7 +26,7 @@ failures = []
 
 
 def build(out):
-    cmd = ["g++", "-std=c++17", "-O1", "-DNOFUSS_HOST_EMULATION",
+    cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-DNOFUSS_HOST_EMULATION",
            f"-I{ROOT / 'crates/nofuss-tensor/kernels'}", str(HERE / "harness.cpp"), "-o", str(out)]
     subprocess.run(cmd, check=True)
 
