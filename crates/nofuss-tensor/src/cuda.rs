@@ -544,10 +544,11 @@ where
         conv.set_group_count(key.groups)
             .map_err(cudnn_err("group count"))?;
     }
-    let math = if key.tf32 || key.dtype != DType::F32 {
-        cudnn_sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
-    } else {
-        cudnn_sys::cudnnMathType_t::CUDNN_FMA_MATH
+    // PyTorch's choice: tensor cores for bf16 and (TF32) for f32 unless forbidden.
+    let math = match key.dtype {
+        DType::F64 => cudnn_sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+        DType::F32 if !key.tf32 => cudnn_sys::cudnnMathType_t::CUDNN_FMA_MATH,
+        _ => cudnn_sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
     };
     conv.set_math_type(math).map_err(cudnn_err("math type"))?;
     let xd = handle
@@ -575,7 +576,8 @@ where
             let size = op
                 .get_workspace_size(algo)
                 .map_err(cudnn_err("forward workspace"))?;
-            let mut ws = dev.alloc_zeros::<u8>(size.max(1))?;
+            // SAFETY: scratch space, never read before cuDNN writes it.
+            let mut ws = unsafe { dev.alloc::<u8>(size.max(1))? };
             let (xv, wv) = (view::<T>(x.0, x.1)?, view::<T>(w.0, w.1)?);
             // SAFETY: every element is written by cuDNN.
             let mut y = unsafe { dev.alloc::<T>(numel(key.y))? };
@@ -598,7 +600,8 @@ where
             let size = op
                 .get_workspace_size(algo)
                 .map_err(cudnn_err("backward-data workspace"))?;
-            let mut ws = dev.alloc_zeros::<u8>(size.max(1))?;
+            // SAFETY: scratch space, never read before cuDNN writes it.
+            let mut ws = unsafe { dev.alloc::<u8>(size.max(1))? };
             let (dyv, wv) = (view::<T>(dy.0, dy.1)?, view::<T>(w.0, w.1)?);
             // SAFETY: every element is written by cuDNN (beta = 0).
             let mut dx = unsafe { dev.alloc::<T>(numel(key.x))? };
@@ -621,7 +624,8 @@ where
             let size = op
                 .get_workspace_size(algo)
                 .map_err(cudnn_err("backward-filter workspace"))?;
-            let mut ws = dev.alloc_zeros::<u8>(size.max(1))?;
+            // SAFETY: scratch space, never read before cuDNN writes it.
+            let mut ws = unsafe { dev.alloc::<u8>(size.max(1))? };
             let (xv, dyv) = (view::<T>(x.0, x.1)?, view::<T>(dy.0, dy.1)?);
             // Zeroed: some algorithms accumulate.
             let mut dw = dev.alloc_zeros::<T>(numel(key.w))?;
