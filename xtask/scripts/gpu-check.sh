@@ -10,7 +10,8 @@ STEPS=10; [ "${1:-}" = quick ] && STEPS=3
 PY="${PYTHON:-python3}"
 # CUDA libraries of PyTorch's wheels (cuBLAS, cuDNN, ...) for the nofuss binaries.
 NV="$($PY -c 'import os, nvidia; print(os.path.dirname(list(nvidia.__path__)[0] + "/x"))' 2>/dev/null)"
-for d in "$NV"/cu13/lib "$NV"/cudnn/lib /usr/local/cuda/lib64; do
+CUDNN_DIR="$(find "${NV:-/nonexistent}" -name 'libcudnn.so.9' -printf '%h\n' 2>/dev/null | head -1)"
+for d in "$NV"/cu13/lib "$NV"/cudnn/lib "$CUDNN_DIR" /usr/local/cuda/lib64; do
   [ -d "$d" ] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
 export LD_LIBRARY_PATH
@@ -42,8 +43,10 @@ ours = {key(r): r for r in rows if str(r.get("impl", "")).startswith("nofuss")}
 ref = {key(r): r for r in rows if not str(r.get("impl", "")).startswith("nofuss")}
 print("| backbone | batch | precision | nofuss img/s | PyTorch img/s | ratio |")
 print("| --- | --- | --- | --- | --- | --- |")
-for k in ours:
-    a, b = ours[k]["images_per_sec"], ref.get(k, {}).get("images_per_sec")
-    print(f"| {k[0]} | {k[1]} | {k[2]} | {a} | {b} | {a / b:.2f}x |" if b else f"| {k[0]} | {k[1]} | {k[2]} | {a} | - | - |")
+for k in sorted(set(ours) | set(ref), key=str):
+    a = ours.get(k, {}).get("images_per_sec")
+    b = ref.get(k, {}).get("images_per_sec")
+    ratio = f"{a / b:.2f}x" if a and b else "-"
+    print(f"| {k[0]} | {k[1]} | {k[2]} | {a or 'failed'} | {b or 'failed'} | {ratio} |")
 PYEOF
 cat "$OUT/summary.md"; grep -h "test result\|rc=" "$OUT"/parity_*.txt
