@@ -64,7 +64,7 @@ impl DeviceSpec {
                 if !crate::cuda_compiled() {
                     return Err(Error::CudaNotCompiled(n));
                 }
-                let device = Device::new_cuda(n)?;
+                let device = single_stream(Device::new_cuda(n)?);
                 Ok(SelectedDevice {
                     device,
                     description: format!("cuda:{n}"),
@@ -76,7 +76,7 @@ impl DeviceSpec {
                 }
                 match Device::new_cuda(0) {
                     Ok(device) => Ok(SelectedDevice {
-                        device,
+                        device: single_stream(device),
                         description: "cuda:0 (auto)".into(),
                     }),
                     Err(e) => Ok(cpu(format!("cpu (auto: no usable GPU: {e})"))),
@@ -101,6 +101,46 @@ pub fn fixtures_dir(manifest_dir: &str) -> std::path::PathBuf {
     match std::env::var_os("NOFUSS_FIXTURES") {
         Some(p) => p.into(),
         None => std::path::Path::new(manifest_dir).join("../../tests/reference/fixtures"),
+    }
+}
+
+/// Turns off cudarc's per-launch event tracking on a fresh CUDA device (set
+/// `NOFUSS_CUDA_EVENT_TRACKING=1` to keep it). candle gives each device one stream of its
+/// own, which puts cudarc in multi-stream mode: every kernel launch then records a CUDA
+/// event for each buffer it touches, a few driver calls per launch for nothing, since all
+/// of nofuss's work (candle's kernels, ours, cuDNN, copies) runs on that one stream.
+fn single_stream(device: Device) -> Device {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        if std::env::var_os("NOFUSS_CUDA_EVENT_TRACKING").is_none_or(|v| v != "1") {
+            // SAFETY: called before any tensor exists on the device, and every later use
+            // of it is ordered on its single stream (no cross-stream hazards to track).
+            unsafe { d.disable_event_tracking() };
+        }
+        keep_freed_memory(d);
+    }
+    device
+}
+
+/// Lets the device's default memory pool (where cudarc's stream-ordered allocations come
+/// from) keep freed memory instead of returning it to the driver at every
+/// synchronisation: a training step frees and reallocates the same activation sizes each
+/// time, and PyTorch's caching allocator keeps them too. Best effort: a failure only
+/// costs speed.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(d: &candle_core::CudaDevice) {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let dev = d.cuda_stream().context().cu_device();
+    let mut threshold = u64::MAX;
+    // SAFETY: `dev` comes from a live context; the release threshold is a u64 attribute.
+    unsafe {
+        if let Ok(pool) = result::device::get_default_mem_pool(dev) {
+            let _ = result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            );
+        }
     }
 }
 
