@@ -18,7 +18,8 @@ struct BnGeom {
 
 // Element `e` (0 <= e < n*hw) of channel `ch`.
 __device__ __forceinline__ int64_t at(const BnGeom& g, int64_t ch, int64_t e) {
-    return ((e / g.hw) * g.c + ch) * g.hw + e % g.hw;
+    int64_t r, q = divmod(e, g.hw, r);
+    return (q * g.c + ch) * g.hw + r;
 }
 
 template <typename A>
@@ -93,7 +94,8 @@ __device__ void bn_apply(const T* x, const typename Acc<T>::type* gamma,
     typedef typename Acc<T>::type A;
     int64_t total = g.n * g.c * g.hw;
     GRID_STRIDE(i, total) {
-        int64_t ch = (i / g.hw) % g.c;
+        int64_t r, ch;
+        divmod(divmod(i, g.hw, r), g.c, ch);
         A v = (to_acc(x[i]) - mean[ch]) * invstd[ch] * gamma[ch] + beta[ch];
         if (relu && v <= 0) v = 0;  // a NaN stays NaN, as in PyTorch
         y[i] = from_acc<T>(v);
@@ -168,7 +170,8 @@ __device__ void bn_bwd_data(const T* x, const T* dy, const T* y,
     int64_t total = g.n * g.c * g.hw;
     A inv_m = (A)1 / (A)(g.n * g.hw);
     GRID_STRIDE(i, total) {
-        int64_t ch = (i / g.hw) % g.c;
+        int64_t r, ch;
+        divmod(divmod(i, g.hw, r), g.c, ch);
         A d = masked(dy, y, i, relu);
         if (batch_stats) {
             A xhat = (to_acc(x[i]) - mean[ch]) * invstd[ch];

@@ -28,6 +28,19 @@ template <> __device__ __forceinline__ double neg_inf<double>() {
     return -__longlong_as_double(0x7ff0000000000000LL);
 }
 
+// q = a / b with r = a % b, for a >= 0, b > 0: in 32-bit arithmetic when both fit (the
+// usual case; 64-bit division takes many times longer on a GPU).
+__device__ __forceinline__ int64_t divmod(int64_t a, int64_t b, int64_t& r) {
+    if ((uint64_t)a <= 0xffffffffULL && (uint64_t)b <= 0xffffffffULL) {
+        uint32_t q = (uint32_t)a / (uint32_t)b;
+        r = (int64_t)((uint32_t)a - q * (uint32_t)b);
+        return q;
+    }
+    int64_t q = a / b;
+    r = a - q * b;
+    return q;
+}
+
 #define GRID_STRIDE(i, n) \
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
          i += (int64_t)blockDim.x * gridDim.x)

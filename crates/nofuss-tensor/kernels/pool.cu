@@ -58,9 +58,7 @@ template <typename T>
 __device__ void max_pool_fwd(const T* x, T* y, PoolGeom g) {
     int64_t n = g.planes * g.oh * g.ow;
     GRID_STRIDE(i, n) {
-        int xo = i % g.ow;
-        int yo = (i / g.ow) % g.oh;
-        int64_t b = i / ((int64_t)g.oh * g.ow);
+        int64_t xo, yo, b = divmod(divmod(i, g.ow, xo), g.oh, yo);
         const T* plane = x + b * g.h * g.w;
         y[i] = plane[argmax(plane, g, yo, xo)];
     }
@@ -71,9 +69,7 @@ __device__ void max_pool_bwd(const T* x, const T* dy, T* dx, PoolGeom g) {
     typedef typename Acc<T>::type A;
     int64_t n = g.planes * g.h * g.w;
     GRID_STRIDE(i, n) {
-        int c = i % g.w;
-        int r = (i / g.w) % g.h;
-        int64_t b = i / ((int64_t)g.h * g.w);
+        int64_t c, r, b = divmod(divmod(i, g.w, c), g.h, r);
         const T* plane = x + b * g.h * g.w;
         const T* grad = dy + b * g.oh * g.ow;
         int ylo, yhi, xlo, xhi;
@@ -92,9 +88,7 @@ __device__ void avg_pool_fwd(const T* x, T* y, PoolGeom g, int include_pad) {
     typedef typename Acc<T>::type A;
     int64_t n = g.planes * g.oh * g.ow;
     GRID_STRIDE(i, n) {
-        int xo = i % g.ow;
-        int yo = (i / g.ow) % g.oh;
-        int64_t b = i / ((int64_t)g.oh * g.ow);
+        int64_t xo, yo, b = divmod(divmod(i, g.ow, xo), g.oh, yo);
         const T* plane = x + b * g.h * g.w;
         int hs, he, ws, we;
         window(g, yo, xo, hs, he, ws, we);
@@ -110,9 +104,7 @@ __device__ void avg_pool_bwd(const T* dy, T* dx, PoolGeom g, int include_pad) {
     typedef typename Acc<T>::type A;
     int64_t n = g.planes * g.h * g.w;
     GRID_STRIDE(i, n) {
-        int c = i % g.w;
-        int r = (i / g.w) % g.h;
-        int64_t b = i / ((int64_t)g.h * g.w);
+        int64_t c, r, b = divmod(divmod(i, g.w, c), g.h, r);
         const T* grad = dy + b * g.oh * g.ow;
         int ylo, yhi, xlo, xhi;
         covering(r, g.k, g.s, g.p, g.oh, ylo, yhi);
