@@ -1,6 +1,7 @@
 // 2-D max and average pooling with padding and ceil mode (PyTorch's semantics), forward
-// and backward, over contiguous NCHW planes. Backward kernels gather (one thread per input
-// element) so they need no atomics and are deterministic.
+// and backward, over contiguous NCHW planes. Max pooling keeps each window's argmax for
+// its backward pass. Backward kernels gather (one thread per input element) so they need
+// no atomics and are deterministic.
 #include "common.cuh"
 
 struct PoolGeom {
@@ -54,31 +55,36 @@ __device__ __forceinline__ void covering(int r, int k, int s, int p, int out, in
     hi = min((r + p) / s, out - 1);
 }
 
+// y and, for the backward pass, each window's argmax position in its plane.
 template <typename T>
-__device__ void max_pool_fwd(const T* x, T* y, PoolGeom g) {
+__device__ void max_pool_fwd(const T* x, T* y, uint32_t* idx, PoolGeom g) {
     int64_t n = g.planes * g.oh * g.ow;
     GRID_STRIDE(i, n) {
         int64_t xo, yo, b = divmod(divmod(i, g.ow, xo), g.oh, yo);
         const T* plane = x + b * g.h * g.w;
-        y[i] = plane[argmax(plane, g, yo, xo)];
+        int a = argmax(plane, g, yo, xo);
+        y[i] = plane[a];
+        idx[i] = (uint32_t)a;
     }
 }
 
+// dx at an input element: the output gradients of the windows whose argmax it is.
 template <typename T>
-__device__ void max_pool_bwd(const T* x, const T* dy, T* dx, PoolGeom g) {
+__device__ void max_pool_bwd(const uint32_t* idx, const T* dy, T* dx, PoolGeom g) {
     typedef typename Acc<T>::type A;
     int64_t n = g.planes * g.h * g.w;
     GRID_STRIDE(i, n) {
         int64_t c, r, b = divmod(divmod(i, g.w, c), g.h, r);
-        const T* plane = x + b * g.h * g.w;
+        const uint32_t* win = idx + b * g.oh * g.ow;
         const T* grad = dy + b * g.oh * g.ow;
         int ylo, yhi, xlo, xhi;
         covering(r, g.k, g.s, g.p, g.oh, ylo, yhi);
         covering(c, g.k, g.s, g.p, g.ow, xlo, xhi);
+        uint32_t self = (uint32_t)(r * g.w + c);
         A acc = 0;
         for (int yo = ylo; yo <= yhi; ++yo)
             for (int xo = xlo; xo <= xhi; ++xo)
-                if (argmax(plane, g, yo, xo) == r * g.w + c) acc += to_acc(grad[yo * g.ow + xo]);
+                if (win[yo * g.ow + xo] == self) acc += to_acc(grad[yo * g.ow + xo]);
         dx[i] = from_acc<T>(acc);
     }
 }
@@ -118,11 +124,13 @@ __device__ void avg_pool_bwd(const T* dy, T* dx, PoolGeom g, int include_pad) {
 }
 
 #define POOL_KERNELS(T, SUF)                                                                 \
-    extern "C" __global__ void max_pool_fwd_##SUF(const T* x, T* y, PoolGeom g) {            \
-        max_pool_fwd<T>(x, y, g);                                                            \
+    extern "C" __global__ void max_pool_fwd_##SUF(const T* x, T* y, uint32_t* idx,          \
+                                                  PoolGeom g) {                              \
+        max_pool_fwd<T>(x, y, idx, g);                                                       \
     }                                                                                        \
-    extern "C" __global__ void max_pool_bwd_##SUF(const T* x, const T* dy, T* dx, PoolGeom g) { \
-        max_pool_bwd<T>(x, dy, dx, g);                                                       \
+    extern "C" __global__ void max_pool_bwd_##SUF(const uint32_t* idx, const T* dy, T* dx,   \
+                                                  PoolGeom g) {                              \
+        max_pool_bwd<T>(idx, dy, dx, g);                                                     \
     }                                                                                        \
     extern "C" __global__ void avg_pool_fwd_##SUF(const T* x, T* y, PoolGeom g, int inc) {    \
         avg_pool_fwd<T>(x, y, g, inc);                                                       \

@@ -11,7 +11,7 @@ use candle_core::cuda_backend::cudarc::cudnn::{
     ConvBackwardData, ConvBackwardFilter, ConvForward, Cudnn, CudnnDataType, CudnnError,
 };
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result, Storage, StorageRef, Tensor};
@@ -138,71 +138,96 @@ pub(crate) struct PoolGeom {
 // SAFETY: plain old data with the C layout the kernels declare.
 unsafe impl DeviceRepr for PoolGeom {}
 
-/// Max (`avg: None`) or average (`Some(count_include_pad)`) pooling forward.
-pub(crate) fn pool_fwd(
+/// Max pooling forward: the output and, when `keep_argmax`, each window's argmax.
+pub(crate) fn max_pool_fwd(
     s: &CudaStorage,
     l: &Layout,
     g: PoolGeom,
     out_len: usize,
-    avg: Option<bool>,
-) -> Result<CudaStorage> {
+    keep_argmax: bool,
+) -> Result<(CudaStorage, Option<CudaSlice<u32>>)> {
     let dev = device(s);
-    let name = if avg.is_some() {
-        "avg_pool_fwd"
-    } else {
-        "max_pool_fwd"
-    };
-    let f = func(dev, "nofuss_pool", POOL_PTX, name, s.dtype())?;
+    let f = func(dev, "nofuss_pool", POOL_PTX, "max_pool_fwd", s.dtype())?;
     let stream = dev.cuda_stream();
     with_cuda_dtype!(s.dtype(), T, A, {
         let x = view::<T>(s, l)?;
         // SAFETY: every element is written by the kernel.
         let mut y = unsafe { dev.alloc::<T>(out_len)? };
-        let inc = avg.unwrap_or(false) as i32;
+        let mut idx = unsafe { dev.alloc::<u32>(out_len)? };
         let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&mut y).arg(&g);
-        if avg.is_some() {
-            b.arg(&inc);
-        }
+        b.arg(&x).arg(&mut y).arg(&mut idx).arg(&g);
         // SAFETY: argument types and count match the kernel's signature.
         unsafe { b.launch(grid_1d(out_len)) }.w()?;
-        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        let y = CudaStorage::wrap_cuda_slice(y, dev.clone());
+        Ok((y, keep_argmax.then_some(idx)))
     })
 }
 
-/// Max pooling backward (`x` given, `avg: None`) or average pooling backward (`x: None`,
-/// `avg: Some(count_include_pad)`); `dy` is the output gradient.
-pub(crate) fn pool_bwd(
-    x: Option<(&CudaStorage, &Layout)>,
+/// Max pooling backward from the forward pass's argmax positions.
+pub(crate) fn max_pool_bwd(
+    idx: &CudaSlice<u32>,
     dy: &CudaStorage,
     dy_l: &Layout,
     g: PoolGeom,
-    avg: Option<bool>,
 ) -> Result<CudaStorage> {
     let dev = device(dy);
-    let name = if avg.is_some() {
-        "avg_pool_bwd"
-    } else {
-        "max_pool_bwd"
-    };
-    let f = func(dev, "nofuss_pool", POOL_PTX, name, dy.dtype())?;
+    let f = func(dev, "nofuss_pool", POOL_PTX, "max_pool_bwd", dy.dtype())?;
     let stream = dev.cuda_stream();
     let in_len = g.planes as usize * g.h as usize * g.w as usize;
     with_cuda_dtype!(dy.dtype(), T, A, {
         let grad = view::<T>(dy, dy_l)?;
         // SAFETY: every element is written by the kernel.
         let mut dx = unsafe { dev.alloc::<T>(in_len)? };
-        let inc = avg.unwrap_or(false) as i32;
         let mut b = stream.launch_builder(&f);
-        let xv;
-        if let Some((xs, xl)) = x {
-            xv = view::<T>(xs, xl)?;
-            b.arg(&xv);
-        }
-        b.arg(&grad).arg(&mut dx).arg(&g);
-        if avg.is_some() {
-            b.arg(&inc);
-        }
+        b.arg(idx).arg(&grad).arg(&mut dx).arg(&g);
+        // SAFETY: argument types and count match the kernel's signature.
+        unsafe { b.launch(grid_1d(in_len)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+    })
+}
+
+/// Average pooling forward (`count_include_pad` chooses the divisor).
+pub(crate) fn avg_pool_fwd(
+    s: &CudaStorage,
+    l: &Layout,
+    g: PoolGeom,
+    out_len: usize,
+    include_pad: bool,
+) -> Result<CudaStorage> {
+    let dev = device(s);
+    let f = func(dev, "nofuss_pool", POOL_PTX, "avg_pool_fwd", s.dtype())?;
+    let stream = dev.cuda_stream();
+    let inc = include_pad as i32;
+    with_cuda_dtype!(s.dtype(), T, A, {
+        let x = view::<T>(s, l)?;
+        // SAFETY: every element is written by the kernel.
+        let mut y = unsafe { dev.alloc::<T>(out_len)? };
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&mut y).arg(&g).arg(&inc);
+        // SAFETY: argument types and count match the kernel's signature.
+        unsafe { b.launch(grid_1d(out_len)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    })
+}
+
+/// Average pooling backward: `dy -> dx`.
+pub(crate) fn avg_pool_bwd(
+    dy: &CudaStorage,
+    dy_l: &Layout,
+    g: PoolGeom,
+    include_pad: bool,
+) -> Result<CudaStorage> {
+    let dev = device(dy);
+    let f = func(dev, "nofuss_pool", POOL_PTX, "avg_pool_bwd", dy.dtype())?;
+    let stream = dev.cuda_stream();
+    let in_len = g.planes as usize * g.h as usize * g.w as usize;
+    let inc = include_pad as i32;
+    with_cuda_dtype!(dy.dtype(), T, A, {
+        let grad = view::<T>(dy, dy_l)?;
+        // SAFETY: every element is written by the kernel.
+        let mut dx = unsafe { dev.alloc::<T>(in_len)? };
+        let mut b = stream.launch_builder(&f);
+        b.arg(&grad).arg(&mut dx).arg(&g).arg(&inc);
         // SAFETY: argument types and count match the kernel's signature.
         unsafe { b.launch(grid_1d(in_len)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))

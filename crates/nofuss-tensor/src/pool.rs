@@ -14,10 +14,11 @@
 //! Both are custom operations with their own kernels, forward and backward: direct loops
 //! over the planes on the CPU (in parallel with rayon), and on CUDA the kernels of
 //! `kernels/pool.cu` (one thread per output forward, one thread per input backward: a
-//! gather, so no atomics and the same result every run). Max pooling routes each window's
-//! gradient to its first maximum in row-major order (a NaN wins), as PyTorch does; this
-//! also avoids candle 0.11's max-pool backward, which scales a unique maximum's gradient
-//! by 1/k². Inputs may be f32, f64 or bf16 (f16 too on the CPU).
+//! gather, so no atomics and the same result every run). Max pooling keeps each window's
+//! argmax (a `u32` per output, only when a gradient will be needed) and routes the
+//! window's gradient there: the first maximum in row-major order (a NaN wins), as PyTorch
+//! does; this also avoids candle 0.11's max-pool backward, which scales a unique maximum's
+//! gradient by 1/k². Inputs may be f32, f64 or bf16 (f16 too on the CPU).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -33,8 +34,9 @@
 use candle_core::backend::BackendStorage;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
 
 use crate::cpu::{slice, with_cpu_dtype};
 
@@ -92,7 +94,12 @@ impl Pool2d {
 /// Max pooling of `[N,C,H,W]` with PyTorch's `nn.MaxPool2d` semantics.
 pub fn max_pool2d(x: &Tensor, p: &Pool2d) -> Result<Tensor> {
     Geom::new(x.dims(), p)?;
-    x.contiguous()?.apply_op1(MaxPool(*p))
+    let op = MaxPool {
+        pool: *p,
+        // Keep each window's argmax for the backward pass only when there will be one.
+        saved: x.track_op().then(|| Arc::new(Mutex::new(None))),
+    };
+    x.contiguous()?.apply_op1(op)
 }
 
 /// Average pooling of `[N,C,H,W]` with PyTorch's `nn.AvgPool2d` semantics
@@ -208,7 +215,29 @@ impl Geom {
     }
 }
 
-struct MaxPool(Pool2d);
+/// Each window's argmax (position in its plane), kept by the forward pass for the
+/// backward pass, where the tensor was computed.
+enum Argmax {
+    Cpu(Vec<u32>),
+    #[cfg(feature = "cuda")]
+    Cuda(candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>),
+}
+
+type SavedArgmax = Arc<Mutex<Option<Argmax>>>;
+
+fn save(saved: &Option<SavedArgmax>, a: Argmax) {
+    if let Some(slot) = saved {
+        if let Ok(mut s) = slot.lock() {
+            *s = Some(a);
+        }
+    }
+}
+
+struct MaxPool {
+    pool: Pool2d,
+    /// Where the forward pass leaves the argmax positions (`None`: no backward pass).
+    saved: Option<SavedArgmax>,
+}
 
 impl CustomOp1 for MaxPool {
     fn name(&self) -> &'static str {
@@ -216,87 +245,108 @@ impl CustomOp1 for MaxPool {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l.dims(), &self.0)?;
+        let g = Geom::new(l.dims(), &self.pool)?;
         with_cpu_dtype!(s.dtype(), T, {
             let x = slice::<T>(s, l)?;
             let mut y = vec![T::from_f64(0.0); g.n * g.c * g.out_plane()];
+            let mut idx = vec![0u32; y.len()];
             y.par_chunks_mut(g.out_plane())
+                .zip(idx.par_chunks_mut(g.out_plane()))
                 .zip(x.par_chunks(g.in_plane()))
-                .for_each(|(out, plane)| {
+                .for_each(|((out, idx), plane)| {
                     for yo in 0..g.oh {
                         for xo in 0..g.ow {
-                            out[yo * g.ow + xo] = plane[g.argmax(plane, yo, xo)];
+                            let a = g.argmax(plane, yo, xo);
+                            out[yo * g.ow + xo] = plane[a];
+                            idx[yo * g.ow + xo] = a as u32;
                         }
                     }
                 });
+            save(&self.saved, Argmax::Cpu(idx));
             Ok((T::to_cpu_storage_owned(y), g.out_shape()))
         })
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let g = Geom::new(l.dims(), &self.0)?;
-        let out = crate::cuda::pool_fwd(s, l, g.device(), g.n * g.c * g.out_plane(), None)?;
+        let g = Geom::new(l.dims(), &self.pool)?;
+        let len = g.n * g.c * g.out_plane();
+        let (out, idx) = crate::cuda::max_pool_fwd(s, l, g.device(), len, self.saved.is_some())?;
+        if let Some(idx) = idx {
+            save(&self.saved, Argmax::Cuda(idx));
+        }
         Ok((out, g.out_shape()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(
-            &grad.contiguous()?,
-            &MaxPoolBwd(self.0),
-        )?))
+        let saved = self.saved.clone().ok_or_else(|| {
+            candle_core::Error::Msg("max pooling ran without gradient tracking".into())
+        })?;
+        let op = MaxPoolBwd {
+            geom: Geom::new(arg.dims(), &self.pool)?,
+            saved,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
     }
 }
 
-/// Gradient of max pooling with respect to its input: `(x, dy) -> dx`.
-struct MaxPoolBwd(Pool2d);
+/// Gradient of max pooling with respect to its input: `dy -> dx`, each output's
+/// gradient routed to its window's saved argmax.
+struct MaxPoolBwd {
+    geom: Geom,
+    saved: SavedArgmax,
+}
 
-impl CustomOp2 for MaxPoolBwd {
+impl MaxPoolBwd {
+    fn missing() -> candle_core::Error {
+        candle_core::Error::Msg("max pooling's argmax was not kept by its forward pass".into())
+    }
+}
+
+impl CustomOp1 for MaxPoolBwd {
     fn name(&self) -> &'static str {
         "nofuss-max-pool2d-bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), &self.0)?;
-        with_cpu_dtype!(s1.dtype(), T, {
-            let x = slice::<T>(s1, l1)?;
-            let dy = slice::<T>(s2, l2)?;
-            let mut dx = vec![T::from_f64(0.0); x.len()];
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.geom;
+        let guard = self.saved.lock().map_err(|_| Self::missing())?;
+        let Some(Argmax::Cpu(idx)) = guard.as_ref() else {
+            return Err(Self::missing());
+        };
+        with_cpu_dtype!(s.dtype(), T, {
+            let dy = slice::<T>(s, l)?;
+            let mut dx = vec![T::from_f64(0.0); g.n * g.c * g.in_plane()];
             dx.par_chunks_mut(g.in_plane())
-                .zip(x.par_chunks(g.in_plane()))
-                .zip(dy.par_chunks(g.out_plane()))
-                .for_each(|((dx, plane), dy)| {
-                    let mut acc = vec![0f64; plane.len()];
-                    for yo in 0..g.oh {
-                        for xo in 0..g.ow {
-                            acc[g.argmax(plane, yo, xo)] += dy[yo * g.ow + xo].to_f64();
-                        }
+                .zip(
+                    dy.par_chunks(g.out_plane())
+                        .zip(idx.par_chunks(g.out_plane())),
+                )
+                .for_each(|(dx, (dy, idx))| {
+                    let mut acc = vec![0f64; dx.len()];
+                    for (&d, &i) in dy.iter().zip(idx) {
+                        acc[i as usize] += d.to_f64();
                     }
                     for (d, a) in dx.iter_mut().zip(acc) {
                         *d = T::from_f64(a);
                     }
                 });
-            Ok((T::to_cpu_storage_owned(dx), l1.shape().clone()))
+            Ok((
+                T::to_cpu_storage_owned(dx),
+                Shape::from((g.n, g.c, g.h, g.w)),
+            ))
         })
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let g = Geom::new(l1.dims(), &self.0)?;
-        let out = crate::cuda::pool_bwd(Some((s1, l1)), s2, l2, g.device(), None)?;
-        Ok((out, l1.shape().clone()))
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let g = self.geom;
+        let guard = self.saved.lock().map_err(|_| Self::missing())?;
+        let Some(Argmax::Cuda(idx)) = guard.as_ref() else {
+            return Err(Self::missing());
+        };
+        let out = crate::cuda::max_pool_bwd(idx, s, l, g.device())?;
+        Ok((out, Shape::from((g.n, g.c, g.h, g.w))))
     }
 }
 
@@ -338,13 +388,8 @@ impl CustomOp1 for AvgPool {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let g = Geom::new(l.dims(), &self.pool)?;
-        let out = crate::cuda::pool_fwd(
-            s,
-            l,
-            g.device(),
-            g.n * g.c * g.out_plane(),
-            Some(self.include_pad),
-        )?;
+        let len = g.n * g.c * g.out_plane();
+        let out = crate::cuda::avg_pool_fwd(s, l, g.device(), len, self.include_pad)?;
         Ok((out, g.out_shape()))
     }
 
@@ -402,7 +447,7 @@ impl CustomOp1 for AvgPoolBwd {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let g = self.geom;
-        let out = crate::cuda::pool_bwd(None, s, l, g.device(), Some(self.include_pad))?;
+        let out = crate::cuda::avg_pool_bwd(s, l, g.device(), self.include_pad)?;
         Ok((out, Shape::from((g.n, g.c, g.h, g.w))))
     }
 }

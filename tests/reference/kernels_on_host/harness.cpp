@@ -53,8 +53,9 @@ void pool(char** a, const char* sfx) {
         EMU1(avg_pool_fwd<T>(x.data(), y.data(), g, inc));
         EMU1(avg_pool_bwd<T>(dy.data(), dx.data(), g, inc));
     } else {
-        EMU1(max_pool_fwd<T>(x.data(), y.data(), g));
-        EMU1(max_pool_bwd<T>(x.data(), dy.data(), dx.data(), g));
+        std::vector<uint32_t> idx(y.size());
+        EMU1(max_pool_fwd<T>(x.data(), y.data(), idx.data(), g));
+        EMU1(max_pool_bwd<T>(idx.data(), dy.data(), dx.data(), g));
     }
     save("y", y);
     save("dx", dx);
