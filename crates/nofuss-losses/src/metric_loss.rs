@@ -27,6 +27,19 @@ impl LossSpec {
     /// The names [`LossSpec::name`] gives, for messages.
     pub const NAMES: &'static str = "proxy-nca, proxy-triplet, triplet, triplet-semihard, nca";
 
+    /// The same loss with its finiteness checks (one host synchronisation each, every
+    /// call) on or off. A caller that reads the loss value anyway can turn them off and
+    /// treat a non-finite loss as the error: on a GPU the checks stall the device queue.
+    pub fn with_check_finite(mut self, on: bool) -> Self {
+        match &mut self {
+            Self::ProxyNca(c) => c.check_finite = on,
+            Self::ProxyTriplet(c) => c.check_finite = on,
+            Self::Triplet(c) => c.check_finite = on,
+            Self::Nca(c) => c.check_finite = on,
+        }
+        self
+    }
+
     /// The command-line name: `proxy-nca`, `proxy-triplet`, `triplet` (all triplets),
     /// `triplet-semihard` or `nca`.
     pub fn name(&self) -> &'static str {

@@ -26,7 +26,9 @@ inline void __syncthreads() {
     if (emu_barrier) emu_barrier->arrive_and_wait();
 }
 
+using std::exp;
 using std::isnan;
+using std::log;
 using std::sqrt;
 template <typename A, typename B> inline auto min(A a, B b) { return a < b ? a : b; }
 template <typename A, typename B> inline auto max(A a, B b) { return a > b ? a : b; }

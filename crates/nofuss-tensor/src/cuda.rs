@@ -20,6 +20,8 @@ use candle_core::{CudaStorage, DType, Layout, Result, Storage, StorageRef, Tenso
 pub(crate) const POOL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pool.ptx"));
 /// PTX of `kernels/batch_norm.cu`.
 pub(crate) const BN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/batch_norm.ptx"));
+/// PTX of `kernels/nca.cu`.
+pub(crate) const NCA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nca.ptx"));
 /// PTX of `kernels/optim.cu`.
 pub(crate) const OPTIM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
 
@@ -699,5 +701,71 @@ pub(crate) fn optim_update(
         // SAFETY: argument types and count match the kernel's signature.
         unsafe { l.launch(grid_1d(n as usize)) }.w()?;
         Ok(())
+    })
+}
+
+/// The fused NCA rows: `[N, 2]` (loss, log-sum-exp) from `dist` `[N, P]` and u32 labels.
+pub(crate) fn nca_fwd(
+    (ds, dl): (&CudaStorage, &Layout),
+    (ls, ll): (&CudaStorage, &Layout),
+    n: usize,
+    p: usize,
+    paper: bool,
+    smoothing: f64,
+) -> Result<CudaStorage> {
+    let dev = device(ds);
+    let stream = dev.cuda_stream();
+    let f = func(dev, "nofuss_nca", NCA_PTX, "nca_fwd", ds.dtype())?;
+    let (p64, paper) = (p as i64, paper as i32);
+    with_cuda_dtype!(ds.dtype(), T, A, {
+        let d = view::<T>(ds, dl)?;
+        let labels = view::<u32>(ls, ll)?;
+        // SAFETY: every element is written by the kernel.
+        let mut out = unsafe { dev.alloc::<T>(2 * n)? };
+        let mut b = stream.launch_builder(&f);
+        b.arg(&d)
+            .arg(&labels)
+            .arg(&mut out)
+            .arg(&p64)
+            .arg(&paper)
+            .arg(&smoothing);
+        let cfg = LaunchConfig {
+            grid_dim: (n.max(1) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types and count match the kernel's signature.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    })
+}
+
+/// The gradient of the fused NCA rows with respect to `dist`, from `[dist, res, grad]`.
+pub(crate) fn nca_bwd(
+    [(ds, dl), (rs, rl), (gs, gl)]: [(&CudaStorage, &Layout); 3],
+    labels: &Tensor,
+    n: usize,
+    p: usize,
+    paper: bool,
+    smoothing: f64,
+) -> Result<CudaStorage> {
+    let dev = device(ds);
+    let stream = dev.cuda_stream();
+    let f = func(dev, "nofuss_nca", NCA_PTX, "nca_bwd", ds.dtype())?;
+    let (n64, p64, paper) = (n as i64, p as i64, paper as i32);
+    let (lg, ll) = labels.storage_and_layout();
+    with_cuda_dtype!(ds.dtype(), T, A, {
+        let d = view::<T>(ds, dl)?;
+        let res = view::<T>(rs, rl)?;
+        let grad = view::<T>(gs, gl)?;
+        let lv = view::<u32>(cuda_of(&lg)?, ll)?;
+        // SAFETY: every element is written by the kernel.
+        let mut dd = unsafe { dev.alloc::<T>(n * p)? };
+        let mut b = stream.launch_builder(&f);
+        b.arg(&d).arg(&lv).arg(&res).arg(&grad).arg(&mut dd);
+        b.arg(&n64).arg(&p64).arg(&paper).arg(&smoothing);
+        // SAFETY: argument types and count match the kernel's signature.
+        unsafe { b.launch(grid_1d(n * p)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(dd, dev.clone()))
     })
 }

@@ -238,8 +238,16 @@ impl Model {
         }
         let head = EmbeddingHead::new(backbone.out_channels(), &cfg.model.head, vb.pp("head"))?;
         let proxy_params = SeededVarMap::new(cfg.seed ^ 0x0005_EED0_F9A0_C1E5);
+        // On a GPU the loss's own input checks would each wait for the device; the
+        // training loop reads every step's loss and stops on a non-finite one instead.
+        let spec = cfg.loss.spec()?;
+        let spec = if device.is_cpu() {
+            spec
+        } else {
+            spec.with_check_finite(false)
+        };
         let loss = MetricLoss::new(
-            cfg.loss.spec()?,
+            spec,
             cfg.loss.proxies_for(num_classes)?,
             cfg.model.head.dim,
             cfg.loss.proxy_init,

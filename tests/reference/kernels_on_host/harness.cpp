@@ -7,6 +7,7 @@
 #include "pool.cu"
 #include "batch_norm.cu"
 #include "optim.cu"
+#include "nca.cu"
 
 #include <cstdio>
 #include <cstdlib>
@@ -144,6 +145,22 @@ void optim(char** a) {
     save("state", st);
 }
 
+template <typename T>
+void nca(char** a) {
+    // n p paper smoothing ; files d labels g -> out dd
+    int64_t n = std::atoll(a[0]), p = std::atoll(a[1]);
+    int paper = std::atoi(a[2]);
+    double eps = std::atof(a[3]);
+    auto d = load<T>("d");
+    auto labels = load<uint32_t>("labels");
+    auto g = load<T>("g");
+    std::vector<T> out(2 * n), dd(n * p);
+    emu_launch(n, 1, THREADS, [&] { nca_fwd<T>(d.data(), labels.data(), out.data(), p, paper, eps); });
+    EMU1(nca_bwd<T>(d.data(), labels.data(), out.data(), g.data(), dd.data(), n, p, paper, eps));
+    save("out", out);
+    save("dd", dd);
+}
+
 int main(int argc, char** argv) {
     if (argc < 4) return 2;
     std::string op = argv[1], dt = argv[2];
@@ -157,6 +174,9 @@ int main(int argc, char** argv) {
         if (dt == "f32") bn<float>(a);
         else if (dt == "f64") bn<double>(a);
         else bn<__nv_bfloat16>(a);
+    } else if (op == "nca") {
+        if (dt == "f32") nca<float>(a);
+        else nca<double>(a);
     } else if (op == "optim") {
         if (dt == "f32") optim<float>(a);
         else optim<double>(a);

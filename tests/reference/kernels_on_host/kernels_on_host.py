@@ -3,7 +3,7 @@
 (crates/nofuss-tensor/kernels/host_emulation.h: blocks one after another, a block's
 threads as real threads meeting at __syncthreads)
 with harness.cpp, runs pooling, batch norm (+ReLU, statistics, backward, running
-statistics) and the fused optimiser steps on random inputs in f64, f32 and bf16, and
+statistics), the fused NCA rows of the proxy losses and the fused optimiser steps on random inputs in f64, f32 and bf16, and
 compares with PyTorch. It checks the kernels' arithmetic, indexing and block reductions;
 the launch code in src/cuda.rs, cuDNN and speed still need a GPU run
 (xtask/scripts/gpu-check.sh).
@@ -110,6 +110,48 @@ def bn_case(exe, d, dt, shape, relu, batch, slices):
         check(tag + " running var", read(d, "running_var", acc, (c,)), rv_ref, max(tol, 1e-6))
 
 
+def nca_case(exe, d, dt, n, p, paper, eps, bad_label=False):
+    dist = (torch.rand(n, p, dtype=torch.float64) * 8).to(DT[dt])
+    labels = torch.randint(0, p, (n,), dtype=torch.int64)
+    if bad_label:
+        labels[1] = p + 3
+    g = torch.randn(n, 2, dtype=torch.float64).to(DT[dt])
+    g[:, 1] = 0
+    write(d, "d", dist)
+    (d / "labels.bin").write_bytes(labels.to(torch.int32).numpy().astype("uint32").tobytes())
+    write(d, "g", g)
+    run(exe, d, "nca", dt, n, p, int(paper), eps)
+    dr = dist.double().requires_grad_()
+    rows = []
+    for i in range(n):
+        y = int(labels[i])
+        if y >= p:
+            rows.append(torch.tensor(float("nan"), dtype=torch.float64))
+            continue
+        mask = torch.ones(p, dtype=torch.bool)
+        if paper:
+            mask[y] = False
+        lse = torch.logsumexp(-dr[i][mask], 0)
+        if paper:
+            rows.append(dr[i, y] + lse)
+        else:
+            neg = torch.ones(p, dtype=torch.bool)
+            neg[y] = False
+            rows.append((1 - eps) * dr[i, y] + eps * dr[i][neg].mean() + lse)
+    loss = torch.stack(rows)
+    tag = f"nca {dt} {n}x{p} paper={paper} eps={eps} bad_label={bad_label}"
+    out = read(d, "out", DT[dt], (n, 2))
+    if bad_label:
+        ok = torch.isnan(out[1, 0]) and torch.isfinite(out[0, 0])
+        print(("ok  " if ok else "FAIL") + f" {tag}: NaN for the bad label only")
+        if not ok:
+            failures.append(tag)
+        return
+    check(tag + " loss", out[:, 0], loss, TOL[dt])
+    (loss * g[:, 0].double()).sum().backward()
+    check(tag + " grad", read(d, "dd", DT[dt], (n, p)), dr.grad, TOL[dt])
+
+
 def optim_case(exe, d, dt, name, make, args, steps=3):
     torch.manual_seed(1)
     p0 = torch.randn(37, dtype=torch.float64)
@@ -155,6 +197,11 @@ def main():
                 bn_case(exe, d, dt, (4, 5, 6, 7), relu, True, 3)
                 bn_case(exe, d, dt, (3, 4, 5, 5), relu, False, 1)
             bn_case(exe, d, dt, (2, 3, 4, 4), True, True, 7)
+        for dt in ["f64", "f32"]:
+            for paper, eps in [(True, 0.0), (False, 0.0), (False, 0.1)]:
+                nca_case(exe, d, dt, 6, 11, paper, eps)
+                nca_case(exe, d, dt, 3, 700, paper, eps)
+            nca_case(exe, d, dt, 4, 9, True, 0.0, bad_label=True)
         base = dict(scale=1.0)
         cases = [
             ("sgd nesterov wd", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
