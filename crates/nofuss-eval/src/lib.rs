@@ -5,8 +5,8 @@
 //! Works on plain row-major `&[f32]` slices, so embeddings from any framework can be
 //! evaluated. Nearest neighbours are exact, computed tile by tile with a running
 //! top-K per query (memory `O(N·K)`, never the `N×N` distance matrix), in parallel
-//! with rayon. With the `candle` feature, [`device::knn_on`] runs the same search on a
-//! candle device (the GPU with the `cuda` feature) and [`evaluate_on`] uses it.
+//! with rayon. With the `candle` feature, `device::knn_on` runs the same search on a
+//! candle device (the GPU with the `cuda` feature) and `evaluate_on` uses it.
 //!
 //! ```
 //! use nofuss_eval::{recall_at_k, Metric};

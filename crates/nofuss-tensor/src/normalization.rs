@@ -30,7 +30,7 @@ pub struct Normalization {
 }
 
 impl Normalization {
-    /// ImageNet statistics of torchvision: RGB in [0,1], mean (0.485, 0.456, 0.406),
+    /// ImageNet statistics of torchvision: RGB in `[0, 1]`, mean (0.485, 0.456, 0.406),
     /// std (0.229, 0.224, 0.225).
     pub fn imagenet_rgb() -> Self {
         Self {
