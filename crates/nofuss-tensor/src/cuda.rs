@@ -552,6 +552,21 @@ pub(crate) fn cudnn_conv(pass: ConvPass<'_>, key: ConvKey) -> Result<CudaStorage
     }
 }
 
+/// cuDNN's heuristic algorithm for `$op` (cached per shape) and a workspace for it.
+macro_rules! algo_and_workspace {
+    ($op:ident, $cache:ident, $key:ident, $dev:ident, $what:literal) => {{
+        let algo = cached(&$cache, &$key, || {
+            $op.pick_algorithm()
+                .map_err(cudnn_err(concat!($what, " algorithm")))
+        })?;
+        let size = $op
+            .get_workspace_size(algo)
+            .map_err(cudnn_err(concat!($what, " workspace")))?;
+        // SAFETY: scratch space, never read before cuDNN writes it.
+        (algo, unsafe { $dev.alloc::<u8>(size.max(1))? })
+    }};
+}
+
 fn conv_typed<T, C>(dev: &CudaDevice, pass: ConvPass<'_>, key: ConvKey) -> Result<CudaStorage>
 where
     T: CudaDType + CudnnDataType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType,
@@ -597,14 +612,7 @@ where
                 w: &wd,
                 y: &yd,
             };
-            let algo = cached(&FWD_ALGOS, &key, || {
-                op.pick_algorithm().map_err(cudnn_err("forward algorithm"))
-            })?;
-            let size = op
-                .get_workspace_size(algo)
-                .map_err(cudnn_err("forward workspace"))?;
-            // SAFETY: scratch space, never read before cuDNN writes it.
-            let mut ws = unsafe { dev.alloc::<u8>(size.max(1))? };
+            let (algo, mut ws) = algo_and_workspace!(op, FWD_ALGOS, key, dev, "forward");
             let (xv, wv) = (view::<T>(x.0, x.1)?, view::<T>(w.0, w.1)?);
             // SAFETY: every element is written by cuDNN.
             let mut y = unsafe { dev.alloc::<T>(numel(key.y))? };
@@ -620,15 +628,7 @@ where
                 w: &wd,
                 dy: &yd,
             };
-            let algo = cached(&BWD_DATA_ALGOS, &key, || {
-                op.pick_algorithm()
-                    .map_err(cudnn_err("backward-data algorithm"))
-            })?;
-            let size = op
-                .get_workspace_size(algo)
-                .map_err(cudnn_err("backward-data workspace"))?;
-            // SAFETY: scratch space, never read before cuDNN writes it.
-            let mut ws = unsafe { dev.alloc::<u8>(size.max(1))? };
+            let (algo, mut ws) = algo_and_workspace!(op, BWD_DATA_ALGOS, key, dev, "backward-data");
             let (dyv, wv) = (view::<T>(dy.0, dy.1)?, view::<T>(w.0, w.1)?);
             // SAFETY: every element is written by cuDNN (beta = 0).
             let mut dx = unsafe { dev.alloc::<T>(numel(key.x))? };
@@ -644,15 +644,8 @@ where
                 dw: &wd,
                 dy: &yd,
             };
-            let algo = cached(&BWD_FILTER_ALGOS, &key, || {
-                op.pick_algorithm()
-                    .map_err(cudnn_err("backward-filter algorithm"))
-            })?;
-            let size = op
-                .get_workspace_size(algo)
-                .map_err(cudnn_err("backward-filter workspace"))?;
-            // SAFETY: scratch space, never read before cuDNN writes it.
-            let mut ws = unsafe { dev.alloc::<u8>(size.max(1))? };
+            let (algo, mut ws) =
+                algo_and_workspace!(op, BWD_FILTER_ALGOS, key, dev, "backward-filter");
             let (xv, dyv) = (view::<T>(x.0, x.1)?, view::<T>(dy.0, dy.1)?);
             // Zeroed: some algorithms accumulate.
             let mut dw = dev.alloc_zeros::<T>(numel(key.w))?;
