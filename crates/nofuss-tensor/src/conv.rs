@@ -556,3 +556,98 @@ impl Module for Conv2d {
         Conv2d::forward(self, x)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn ramp(shape: (usize, usize, usize, usize), k: usize) -> Tensor {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let v: Vec<f64> = (0..n).map(|i| ((i * k) % 17) as f64 / 8.0 - 1.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The CPU op (im2col + products) against candle's own convolution, including
+    /// dilation, which the PyTorch fixture does not cover; gradients against exact central
+    /// differences (the loss is linear in each input). candle 0.11's own backward is not
+    /// the reference: it pads the input gradient of a strided convolution by the height's
+    /// remainder in both directions, so a 9 x 8 input with stride 2 gets a 9 x 7 gradient.
+    #[test]
+    fn cpu_op_matches_candle_with_stride_padding_dilation() {
+        for &(k, stride, padding, dilation) in
+            &[(3, 1, 1, 1), (3, 2, 2, 2), (1, 1, 0, 1), (5, 3, 1, 1)]
+        {
+            let (x0, w0) = (ramp((2, 3, 9, 8), 5), ramp((4, 3, k, k), 3));
+            let cfg = Conv2dConfig {
+                padding,
+                stride,
+                dilation,
+                groups: 1,
+                cudnn_fwd_algo: None,
+            };
+            let (x, w) = (
+                Var::from_tensor(&x0).unwrap(),
+                Var::from_tensor(&w0).unwrap(),
+            );
+            let ours = conv2d(x.as_tensor(), w.as_tensor(), None, &cfg).unwrap();
+            let theirs = x0.conv2d(&w0, padding, stride, dilation, 1).unwrap();
+            assert_eq!(ours.dims(), theirs.dims());
+            let diff = (&ours - &theirs)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap();
+            assert!(
+                diff.max(0).unwrap().to_scalar::<f64>().unwrap() < 1e-12,
+                "{cfg:?}"
+            );
+            let g = ramp(ours.dims4().unwrap(), 7);
+            let loss = |x: &Tensor, w: &Tensor| -> f64 {
+                let y = x.conv2d(w, padding, stride, dilation, 1).unwrap();
+                (y * &g).unwrap().sum_all().unwrap().to_scalar().unwrap()
+            };
+            let grads = (&ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            for (v, is_x) in [(&x, true), (&w, false)] {
+                let got = grads.get(v.as_tensor()).unwrap();
+                assert_eq!(got.dims(), v.dims(), "{cfg:?}");
+                let got = got.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let base = v
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
+                for i in (0..base.len()).step_by(if is_x { 5 } else { 1 }) {
+                    let nudge = |h: f64| {
+                        let mut b = base.clone();
+                        b[i] += h;
+                        let t = Tensor::from_vec(b, v.dims(), &Device::Cpu).unwrap();
+                        if is_x {
+                            loss(&t, &w0)
+                        } else {
+                            loss(&x0, &t)
+                        }
+                    };
+                    let num = (nudge(0.5) - nudge(-0.5)) / 1.0;
+                    assert!(
+                        (got[i] - num).abs() < 1e-9,
+                        "{cfg:?} x={is_x} [{i}]: {} vs {num}",
+                        got[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shape_errors_are_clear() {
+        let x = ramp((1, 3, 5, 5), 1);
+        let cfg = Conv2dConfig::default();
+        let err = conv2d(&x, &ramp((2, 4, 3, 3), 1), None, &cfg).unwrap_err();
+        assert!(err.to_string().contains("3 channels"), "{err}");
+        let err = conv2d(&x, &ramp((2, 3, 7, 7), 1), None, &cfg).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
+    }
+}
