@@ -68,7 +68,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: &Conv2dConfig)
 /// product forward; backward, one product for the weight gradient against the recomputed
 /// columns and one for the column gradient, folded back by col2im. (candle 0.11's own CPU
 /// backward computes the input gradient with a direct transposed convolution, several
-/// times slower.)
+/// times slower, and gives it the wrong width when a non-square input leaves different
+/// remainders under the stride.)
 mod cpu_ops {
     use candle_core::backend::BackendStorage;
     use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
