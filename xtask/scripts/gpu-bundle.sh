@@ -25,8 +25,16 @@ for l in sys.stdin:
   [ -n "$exe" ] || { echo "no test binary for $pkg/$name" >&2; exit 1; }
   cp "$exe" ".gpu/$name"
 done
+# The GPU kNN benchmark (SOP-scale evaluation), nofuss-eval's bench target.
+exe="$(cargo bench -p nofuss-eval --features cuda --bench knn --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable"): print(m["executable"])' | tail -1)"
+[ -n "$exe" ] || { echo "no knn bench binary" >&2; exit 1; }
+cp "$exe" .gpu/knn_bench
 cp "$TARGET/release/nofuss" .gpu/nofuss
-for f in nofuss ops_parity optim_parity bn_inception_parity reference_parity; do
+for f in nofuss ops_parity optim_parity bn_inception_parity reference_parity knn_bench; do
   strip ".gpu/$f" && xz -9 -T0 -f ".gpu/$f"
 done
 ls -l .gpu

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, run on the GPU machine from the repository root after
-# xtask/scripts/gpu-bundle.sh filled .gpu/: CUDA parity tests (custom ops, BN-Inception,
-# losses), then nofuss's and PyTorch's training-step benchmarks in the same call, and a
-# summary table. Builds nothing. Everything goes under $OUT (default: ./gpu-out).
+# xtask/scripts/gpu-bundle.sh filled .gpu/: CUDA parity tests (custom ops, optimisers,
+# BN-Inception, losses), then nofuss's and PyTorch's training-step benchmarks and the
+# SOP-scale kNN in the same call, and a summary table. Builds nothing. Everything goes under $OUT (default: ./gpu-out).
 # Usage: OUT=dir xtask/scripts/gpu-check.sh [quick]     (quick: fewer steps)
 set -u
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
@@ -15,7 +15,7 @@ for d in "$NV"/cu13/lib "$NV"/cudnn/lib "$CUDNN_DIR" /usr/local/cuda/lib64; do
   [ -d "$d" ] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
 export LD_LIBRARY_PATH
-for f in nofuss ops_parity optim_parity bn_inception_parity reference_parity; do
+for f in nofuss ops_parity optim_parity bn_inception_parity reference_parity knn_bench; do
   [ -f ".gpu/$f.xz" ] && xz -d -k -f ".gpu/$f.xz" && chmod +x ".gpu/$f"
 done
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -35,9 +35,27 @@ for cfg in "32 f32" "128 f32" "128 bf16" "32 bf16"; do
 done
 run .gpu/nofuss bench train-step --batch-size 256 --steps "$STEPS" --device cuda
 run $PY crates/nofuss/benches/torch_train_step.py 256 "$STEPS" --device cuda --classes 100
+# SOP-scale evaluation: 60,502 synthetic 64-d embeddings in 11,316 classes, exact kNN and
+# Recall@{1,10,100,1000} on the GPU, nofuss-eval then PyTorch (matmul + topk).
+K="$OUT/knn"; mkdir -p "$K"
+$PY - "$K" <<'PYEOF'
+import sys, numpy as np
+rng = np.random.default_rng(0)
+classes = rng.integers(0, 11316, 60502)
+centres = rng.standard_normal((11316, 64)).astype(np.float32)
+x = centres[classes] + 1.0 * rng.standard_normal((60502, 64)).astype(np.float32)
+x /= np.linalg.norm(x, axis=1, keepdims=True)
+np.save(f"{sys.argv[1]}/emb.npy", x.astype("<f4"))
+np.save(f"{sys.argv[1]}/labels.npy", classes.astype("<i8"))
+PYEOF
+run .gpu/knn_bench "$K/emb.npy" "$K/labels.npy" 3 cuda
+run $PY crates/nofuss-eval/benches/torch_knn.py "$K/emb.npy" "$K/labels.npy" 3 cuda
+rm -f "$K"/*.npy
 $PY - "$B" > "$OUT/summary.md" <<'PYEOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+knn = [r for r in rows if "seconds" in r]
+rows = [r for r in rows if "images_per_sec" in r]
 key = lambda r: (r.get("backbone"), r.get("batch"), r.get("precision", "f32"))
 ours = {key(r): r for r in rows if str(r.get("impl", "")).startswith("nofuss")}
 ref = {key(r): r for r in rows if not str(r.get("impl", "")).startswith("nofuss")}
@@ -48,5 +66,10 @@ for k in sorted(set(ours) | set(ref), key=str):
     b = ref.get(k, {}).get("images_per_sec")
     ratio = f"{a / b:.2f}x" if a and b else "-"
     print(f"| {k[0]} | {k[1]} | {k[2]} | {a or 'failed'} | {b or 'failed'} | {ratio} |")
+print()
+print("| kNN at SOP scale (60,502 x 64, K = 1000) | seconds | Recall@1 |")
+print("| --- | --- | --- |")
+for r in knn:
+    print(f"| {r.get('impl')} | {r.get('seconds')} | {r.get('recall@1')} |")
 PYEOF
 cat "$OUT/summary.md"; grep -h "test result\|rc=" "$OUT"/parity_*.txt
