@@ -3,10 +3,22 @@
 //! Everything above this crate is device-generic candle code; this crate decides
 //! *which* device ([`DeviceSpec`]), *which* precision ([`Precision`]) and gives
 //! reproducible parameter initialisation ([`SeededVarMap`]), which candle's CPU
-//! backend cannot seed on its own. With the `cuda` feature it forwards CUDA
-//! support to candle; building and testing without a GPU needs nothing CUDA-specific.
-//! [`optim`] holds the optimisers (PyTorch's update rules, parameter groups, schedules,
-//! clipping) and [`pool`] the pooling layers with PyTorch's padding semantics.
+//! backend cannot seed on its own. It also holds the operations candle lacks or does
+//! slowly, each a candle custom op with autograd and a kernel for the CPU (rayon loops)
+//! and for CUDA (`kernels/*.cu`, or cuDNN):
+//!
+//! - [`conv`]: 2-D convolution (cuDNN forward / backward-data / backward-filter on CUDA;
+//!   im2col + GEMM with a GEMM backward on the CPU);
+//! - [`pool`]: max and average pooling with PyTorch's padding, ceil mode and
+//!   `count_include_pad`;
+//! - [`batch_norm`]: batch normalisation fused with ReLU, statistics and running
+//!   statistics included;
+//! - [`ops::nca_rows`]: the per-row NCA objective of the proxy losses in one pass;
+//! - [`optim`]: the optimisers (PyTorch's update rules, parameter groups, schedules,
+//!   clipping), each step two fused in-place kernels per parameter.
+//!
+//! With the `cuda` feature it also forwards CUDA support to candle; building and testing
+//! without a GPU needs nothing CUDA-specific (docs/GPU.md).
 //!
 //! ```
 //! use nofuss_tensor::{DeviceSpec, SeededVarMap};
