@@ -1,0 +1,370 @@
+//! The CUDA kernels of `kernels/*.cu`, compiled as plain C++ with `kernels/host_emulation.h`
+//! (a block's threads as real threads meeting at `__syncthreads`) by
+//! `tests/reference/kernels_on_host/harness.cpp`, against this crate's CPU operations, which
+//! the PyTorch parity tests check: pooling, batch norm + ReLU (statistics, backward,
+//! running statistics), the fused NCA rows and fused Adam steps, in f32 and f64. So the GPU
+//! kernels' arithmetic, indexing and reductions are tested on every CI run, without a GPU.
+//! Needs a C++20 compiler: `CXX`, else `g++`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor, Var};
+use nofuss_tensor::batch_norm::batch_norm_train;
+use nofuss_tensor::ops::nca_rows;
+use nofuss_tensor::optim::{Optimizer, OptimizerKind, ParamGroup};
+use nofuss_tensor::pool::{avg_pool2d, max_pool2d, Pool2d};
+
+struct Harness {
+    exe: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Harness {
+    fn build() -> Self {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("harness");
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+        let out = Command::new(&cxx)
+            .args(["-std=c++20", "-O1", "-pthread", "-DNOFUSS_HOST_EMULATION"])
+            .arg(format!("-I{}", root.join("kernels").display()))
+            .arg(root.join("../../tests/reference/kernels_on_host/harness.cpp"))
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .unwrap_or_else(|e| panic!("{cxx} (a C++20 compiler) is needed: {e}"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { exe, dir }
+    }
+
+    fn write(&self, name: &str, v: &[f64], dt: DType) {
+        let bytes: Vec<u8> = match dt {
+            DType::F64 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            _ => v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect(),
+        };
+        std::fs::write(self.dir.path().join(format!("{name}.bin")), bytes).unwrap();
+    }
+
+    fn write_u32(&self, name: &str, v: &[u32]) {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        std::fs::write(self.dir.path().join(format!("{name}.bin")), bytes).unwrap();
+    }
+
+    fn read(&self, name: &str, dt: DType) -> Vec<f64> {
+        let b = std::fs::read(self.dir.path().join(format!("{name}.bin"))).unwrap();
+        match dt {
+            DType::F64 => b
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            _ => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+        }
+    }
+
+    fn run(&self, op: &str, dt: DType, args: &[String]) {
+        let dts = if dt == DType::F64 { "f64" } else { "f32" };
+        let out = Command::new(&self.exe)
+            .arg(op)
+            .arg(dts)
+            .arg(self.dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{op}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn values(n: usize, seed: usize) -> Vec<f64> {
+    (0..n)
+        .map(|i| (((i * 7919 + seed * 104729) % 1009) as f64 / 504.5 - 1.0) * 1.7)
+        .collect()
+}
+
+fn host(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn close(what: &str, got: &[f64], want: &[f64], dt: DType) {
+    let tol = if dt == DType::F64 { 1e-10 } else { 2e-5 };
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * scale,
+            "{what}[{i}] ({dt:?}): kernel {a}, CPU {b}"
+        );
+    }
+}
+
+fn tensor(v: &[f64], shape: &[usize], dt: DType) -> Tensor {
+    Tensor::from_vec(v.to_vec(), shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dt)
+        .unwrap()
+}
+
+#[test]
+fn cuda_kernels_match_the_cpu_operations() {
+    let h = Harness::build();
+    for dt in [DType::F64, DType::F32] {
+        // Pooling: BN-Inception's three kinds and an odd one.
+        let (n, c, hh, ww) = (2usize, 3usize, 11usize, 9usize);
+        for (avg, k, s, p, ceil, inc) in [
+            (false, 3, 2, 0, true, true),
+            (false, 3, 1, 1, true, true),
+            (true, 3, 1, 1, true, true),
+            (true, 3, 2, 1, true, false),
+        ] {
+            let pool = Pool2d {
+                kernel: k,
+                stride: s,
+                padding: p,
+                ceil_mode: ceil,
+            };
+            let xv = values(n * c * hh * ww, k + s);
+            let x = Var::from_tensor(&tensor(&xv, &[n, c, hh, ww], dt)).unwrap();
+            let y = if avg {
+                avg_pool2d(x.as_tensor(), &pool, inc).unwrap()
+            } else {
+                max_pool2d(x.as_tensor(), &pool).unwrap()
+            };
+            let (oh, ow) = (y.dim(2).unwrap(), y.dim(3).unwrap());
+            let dyv = values(y.elem_count(), 3);
+            let dy = tensor(&dyv, y.dims(), dt);
+            let grads = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+            h.write("x", &xv, dt);
+            h.write("dy", &dyv, dt);
+            let kind = if avg { "avg" } else { "max" };
+            let args = [
+                kind.to_string(),
+                n.to_string(),
+                c.to_string(),
+                hh.to_string(),
+                ww.to_string(),
+                oh.to_string(),
+                ow.to_string(),
+                k.to_string(),
+                s.to_string(),
+                p.to_string(),
+                (inc as i32).to_string(),
+            ];
+            h.run("pool", dt, &args);
+            let what = format!("{kind} pool k{k} s{s} p{p}");
+            close(&format!("{what} y"), &h.read("y", dt), &host(&y), dt);
+            close(
+                &format!("{what} dx"),
+                &h.read("dx", dt),
+                &host(grads.get(x.as_tensor()).unwrap()),
+                dt,
+            );
+        }
+
+        // Batch norm + ReLU in training mode, several reduction slices per channel.
+        let (n, c, hw) = (4usize, 5usize, 42usize);
+        let pdt = if dt == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let xv: Vec<f64> = values(n * c * hw, 11)
+            .iter()
+            .map(|v| v * 2.0 + 0.3)
+            .collect();
+        let (gv, bv) = (
+            values(c, 5).iter().map(|v| v + 1.5).collect::<Vec<_>>(),
+            values(c, 6),
+        );
+        let (rm, rv) = (
+            values(c, 8),
+            values(c, 9)
+                .iter()
+                .map(|v| v.abs() + 0.5)
+                .collect::<Vec<_>>(),
+        );
+        let x = Var::from_tensor(&tensor(&xv, &[n, c, 6, 7], dt)).unwrap();
+        let gamma = Var::from_tensor(&tensor(&gv, &[c], pdt)).unwrap();
+        let beta = Var::from_tensor(&tensor(&bv, &[c], pdt)).unwrap();
+        let out = batch_norm_train(
+            x.as_tensor(),
+            gamma.as_tensor(),
+            beta.as_tensor(),
+            1e-5,
+            true,
+        )
+        .unwrap();
+        let dyv = values(n * c * hw, 12);
+        let grads = (&out.y * tensor(&dyv, &[n, c, 6, 7], dt))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("x", &xv), ("dy", &dyv)] {
+            h.write(name, v, dt);
+        }
+        for (name, v) in [
+            ("gamma", &gv),
+            ("beta", &bv),
+            ("running_mean", &rm),
+            ("running_var", &rv),
+        ] {
+            h.write(name, v, pdt);
+        }
+        h.run(
+            "bn",
+            dt,
+            &[n, c, hw, 3]
+                .map(|v| v.to_string())
+                .into_iter()
+                .chain(["1", "1", "1e-5"].map(String::from))
+                .collect::<Vec<_>>(),
+        );
+        close("bn y", &h.read("y", dt), &host(&out.y), dt);
+        close(
+            "bn dx",
+            &h.read("dx", dt),
+            &host(grads.get(x.as_tensor()).unwrap()),
+            dt,
+        );
+        let stats = h.read("stats", pdt);
+        close("bn mean", &stats[..c], &host(&out.mean), dt);
+        close("bn var", &stats[c..2 * c], &host(&out.var), dt);
+        let sums = h.read("sums", pdt);
+        close(
+            "bn dbeta",
+            &sums[..c],
+            &host(grads.get(beta.as_tensor()).unwrap()),
+            dt,
+        );
+        close(
+            "bn dgamma",
+            &sums[c..],
+            &host(grads.get(gamma.as_tensor()).unwrap()),
+            dt,
+        );
+        let m = (n * hw) as f64;
+        let want_rm: Vec<f64> = rm
+            .iter()
+            .zip(host(&out.mean))
+            .map(|(r, b)| 0.9 * r + 0.1 * b)
+            .collect();
+        let want_rv: Vec<f64> = rv
+            .iter()
+            .zip(host(&out.var))
+            .map(|(r, b)| 0.9 * r + 0.1 * b * m / (m - 1.0))
+            .collect();
+        close(
+            "bn running mean",
+            &h.read("running_mean", pdt),
+            &want_rm,
+            dt,
+        );
+        close("bn running var", &h.read("running_var", pdt), &want_rv, dt);
+
+        // Fused NCA rows, both forms, a row count and width that exercise the reductions.
+        let (n, p) = (5usize, 300usize);
+        let dv: Vec<f64> = values(n * p, 21).iter().map(|v| v.abs() * 4.0).collect();
+        let labels = [0u32, 17, 299, 150, 3];
+        for (paper, eps) in [(true, 0.0), (false, 0.1)] {
+            let d = Var::from_tensor(&tensor(&dv, &[n, p], dt)).unwrap();
+            let lab = Tensor::new(&labels, &Device::Cpu).unwrap();
+            let rows = nca_rows(d.as_tensor(), &lab, paper, eps).unwrap();
+            let gv = values(n, 4);
+            let grads = (&rows * tensor(&gv, &[n], dt))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            h.write("d", &dv, dt);
+            h.write_u32("labels", &labels);
+            let g2: Vec<f64> = gv.iter().flat_map(|&g| [g, 0.0]).collect();
+            h.write("g", &g2, dt);
+            h.run(
+                "nca",
+                dt,
+                &[
+                    n.to_string(),
+                    p.to_string(),
+                    (paper as i32).to_string(),
+                    eps.to_string(),
+                ],
+            );
+            let out = h.read("out", dt);
+            let loss: Vec<f64> = out.chunks(2).map(|c| c[0]).collect();
+            close("nca loss", &loss, &host(&rows), dt);
+            close(
+                "nca grad",
+                &h.read("dd", dt),
+                &host(grads.get(d.as_tensor()).unwrap()),
+                dt,
+            );
+        }
+
+        // Three Adam steps with L2 weight decay and a clipping scale.
+        let pv = values(37, 31);
+        let var = Var::from_tensor(&tensor(&pv, &[37], dt)).unwrap();
+        let mut opt = Optimizer::new(
+            OptimizerKind::adam(),
+            0.01,
+            vec![ParamGroup::new("p", vec![var.clone()]).weight_decay(0.1)],
+        )
+        .unwrap();
+        let (mut p_k, mut state) = (pv.clone(), vec![0f64; 3 * 37]);
+        for t in 1..=3i32 {
+            let gv = values(37, 40 + t as usize);
+            let loss = (var.as_tensor() * tensor(&gv, &[37], dt))
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            opt.step(&loss.backward().unwrap()).unwrap();
+            h.write("p", &p_k, dt);
+            h.write("grad", &gv, dt);
+            h.write("state", &state, dt);
+            let (b1, b2) = (0.9f64, 0.999f64);
+            let args: Vec<String> = ["2", "0", "0", "0", "0"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(
+                    [
+                        1.0,
+                        0.1,
+                        0.0,
+                        0.01,
+                        0.0,
+                        0.0,
+                        0.0,
+                        1e-8,
+                        b1,
+                        b2,
+                        1.0 - b1.powi(t),
+                        1.0 - b2.powi(t),
+                    ]
+                    .iter()
+                    .map(|v| format!("{v:e}")),
+                )
+                .collect();
+            h.run("optim", dt, &args);
+            p_k = h.read("p", dt);
+            state = h.read("state", dt);
+        }
+        close("adam parameter", &p_k, &host(var.as_tensor()), dt);
+    }
+}
