@@ -44,7 +44,7 @@ use candle_core::{
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
-use crate::cpu::{params_f64, slice, with_cpu_dtype};
+use crate::cpu::{from_f64s, slice, to_f64s, with_cpu_dtype};
 
 /// A batch-normalisation layer over channels (dimension 1) with PyTorch's parameter
 /// names (`weight`, `bias`, `running_mean`, `running_var`) and initial values.
@@ -337,11 +337,8 @@ impl CustomOp1 for Stats {
             .map(|s| s.0)
             .chain(stats.iter().map(|s| s.1))
             .chain(stats.iter().map(|s| 1.0 / (s.1 + self.eps).sqrt()));
-        let shape = Shape::from((3, g.c));
-        Ok(match param_dtype(s.dtype()) {
-            DType::F64 => (CpuStorage::F64(flat.collect()), shape),
-            _ => (CpuStorage::F32(flat.map(|v| v as f32).collect()), shape),
-        })
+        let out = from_f64s(param_dtype(s.dtype()), flat.collect());
+        Ok((out, Shape::from((3, g.c))))
     }
 
     #[cfg(feature = "cuda")]
@@ -376,7 +373,7 @@ impl CustomOp3 for Apply {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::from_dims(l1.dims())?;
-        let (gamma, beta) = (params_f64(s2, l2)?, params_f64(s3, l3)?);
+        let (gamma, beta) = (to_f64s(s2, l2)?, to_f64s(s3, l3)?);
         let (mean, invstd) = self.stats.host()?;
         let c = g.c;
         with_cpu_dtype!(s1.dtype(), T, {
@@ -508,11 +505,8 @@ impl CustomOp3 for GradSums {
                 .collect()
         });
         let flat = sums.iter().map(|s| s.0).chain(sums.iter().map(|s| s.1));
-        let shape = Shape::from((2, c));
-        Ok(match self.stats.mean.dtype() {
-            DType::F64 => (CpuStorage::F64(flat.collect()), shape),
-            _ => (CpuStorage::F32(flat.map(|v| v as f32).collect()), shape),
-        })
+        let out = from_f64s(self.stats.mean.dtype(), flat.collect());
+        Ok((out, Shape::from((2, c))))
     }
 
     #[cfg(feature = "cuda")]
@@ -645,7 +639,7 @@ impl InplaceOp2 for UpdateRunning {
         let Some((a, b)) = l1.contiguous_offsets() else {
             candle_core::bail!("running statistics must be contiguous");
         };
-        let batch = params_f64(s2, l2)?;
+        let batch = to_f64s(s2, l2)?;
         let (m, f) = (self.momentum, self.factor);
         match s1 {
             CpuStorage::F32(v) => v[a..b]

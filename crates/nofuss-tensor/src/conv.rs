@@ -102,13 +102,7 @@ mod cpu_ops {
             if c_w != c_in {
                 candle_core::bail!("conv2d: input has {c_in} channels, weight {:?}", w.dims());
             }
-            let out = |len: usize, k: usize| -> Result<usize> {
-                let reach = cfg.dilation * (k - 1) + 1;
-                if cfg.stride == 0 || len + 2 * cfg.padding < reach {
-                    candle_core::bail!("conv2d: kernel {k} does not fit input {len} ({cfg:?})");
-                }
-                Ok((len + 2 * cfg.padding - reach) / cfg.stride + 1)
-            };
+            let out = |len, k| super::output_len(len, k, cfg);
             Ok(Self {
                 n,
                 c_in,
@@ -314,6 +308,17 @@ mod cpu_ops {
     }
 }
 
+/// Output length along one axis of input length `len` under a `k`-wide kernel, or an
+/// error when the kernel does not fit.
+fn output_len(len: usize, k: usize, cfg: &Conv2dConfig) -> Result<usize> {
+    let span = len + 2 * cfg.padding;
+    let reach = cfg.dilation * (k - 1) + 1;
+    if cfg.stride == 0 || span < reach {
+        candle_core::bail!("conv2d: kernel {k} does not fit input {len} ({cfg:?})");
+    }
+    Ok((span - reach) / cfg.stride + 1)
+}
+
 #[cfg(not(feature = "cuda"))]
 fn cuda_conv(x: &Tensor, w: &Tensor, cfg: &Conv2dConfig) -> Result<Tensor> {
     x.conv2d(w, cfg.padding, cfg.stride, cfg.dilation, cfg.groups)
@@ -337,14 +342,7 @@ fn cuda_conv(x: &Tensor, w: &Tensor, cfg: &Conv2dConfig) -> Result<Tensor> {
             cfg.groups
         );
     }
-    let out = |len: usize, k: usize| -> Result<usize> {
-        let span = len + 2 * cfg.padding;
-        let reach = cfg.dilation * (k - 1) + 1;
-        if cfg.stride == 0 || span < reach {
-            candle_core::bail!("conv2d: kernel {k} does not fit input {len} ({cfg:?})");
-        }
-        Ok((span - reach) / cfg.stride + 1)
-    };
+    let out = |len, k| output_len(len, k, cfg);
     let i = |v: usize| v as i32;
     let key = crate::cuda::ConvKey {
         x: [i(n), i(c_in), i(h), i(wd)],

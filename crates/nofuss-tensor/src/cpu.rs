@@ -1,7 +1,7 @@
 //! Helpers of the CPU halves of the crate's custom operations.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout, Result, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Result, WithDType};
 
 /// The contiguous part of a storage a layout describes.
 pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
@@ -11,13 +11,22 @@ pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&
     }
 }
 
-/// A small parameter tensor (`[rows, C]`, f32 or f64) read as f64.
-pub(crate) fn params_f64(s: &CpuStorage, l: &Layout) -> Result<Vec<f64>> {
+/// An f32 or f64 storage's values as f64 (parameters, statistics, distances).
+pub(crate) fn to_f64s(s: &CpuStorage, l: &Layout) -> Result<Vec<f64>> {
     Ok(match s {
         CpuStorage::F32(_) => slice::<f32>(s, l)?.iter().map(|&v| v as f64).collect(),
         CpuStorage::F64(_) => slice::<f64>(s, l)?.to_vec(),
-        _ => candle_core::bail!("parameter tensors must be f32 or f64, not {:?}", s.dtype()),
+        _ => candle_core::bail!("f32 or f64 values expected, got {:?}", s.dtype()),
     })
+}
+
+/// f64 results as a storage of `dtype`: f64 stays f64, anything else becomes f32 (the
+/// accumulator dtype of the crate's operations).
+pub(crate) fn from_f64s(dtype: DType, v: Vec<f64>) -> CpuStorage {
+    match dtype {
+        DType::F64 => CpuStorage::F64(v),
+        _ => CpuStorage::F32(v.into_iter().map(|x| x as f32).collect()),
+    }
 }
 
 /// Dispatches on a CPU storage's dtype with `$T` bound to its element type (f32, f64,

@@ -69,11 +69,6 @@ pub(crate) fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<C
     }
 }
 
-/// The device of a storage.
-pub(crate) fn device(s: &CudaStorage) -> &CudaDevice {
-    s.device()
-}
-
 thread_local! {
     // cuDNN handles are neither Send nor Sync: one per thread and device.
     static CUDNN: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
@@ -148,7 +143,7 @@ pub(crate) fn max_pool_fwd(
     out_len: usize,
     keep_argmax: bool,
 ) -> Result<(CudaStorage, Option<CudaSlice<u32>>)> {
-    let dev = device(s);
+    let dev = s.device();
     let f = func(dev, "nofuss_pool", POOL_PTX, "max_pool_fwd", s.dtype())?;
     let stream = dev.cuda_stream();
     with_cuda_dtype!(s.dtype(), T, A, {
@@ -172,7 +167,7 @@ pub(crate) fn max_pool_bwd(
     dy_l: &Layout,
     g: PoolGeom,
 ) -> Result<CudaStorage> {
-    let dev = device(dy);
+    let dev = dy.device();
     let f = func(dev, "nofuss_pool", POOL_PTX, "max_pool_bwd", dy.dtype())?;
     let stream = dev.cuda_stream();
     let in_len = g.planes as usize * g.h as usize * g.w as usize;
@@ -196,7 +191,7 @@ pub(crate) fn avg_pool_fwd(
     out_len: usize,
     include_pad: bool,
 ) -> Result<CudaStorage> {
-    let dev = device(s);
+    let dev = s.device();
     let f = func(dev, "nofuss_pool", POOL_PTX, "avg_pool_fwd", s.dtype())?;
     let stream = dev.cuda_stream();
     let inc = include_pad as i32;
@@ -219,7 +214,7 @@ pub(crate) fn avg_pool_bwd(
     g: PoolGeom,
     include_pad: bool,
 ) -> Result<CudaStorage> {
-    let dev = device(dy);
+    let dev = dy.device();
     let f = func(dev, "nofuss_pool", POOL_PTX, "avg_pool_bwd", dy.dtype())?;
     let stream = dev.cuda_stream();
     let in_len = g.planes as usize * g.h as usize * g.w as usize;
@@ -305,7 +300,7 @@ fn cuda_of<'a>(guard: &'a StorageRef<'_>) -> Result<&'a CudaStorage> {
 /// Per-channel mean, biased variance and 1/sqrt(variance + eps): `[3, C]` in the
 /// accumulator dtype.
 pub(crate) fn bn_stats(s: &CudaStorage, l: &Layout, g: BnGeom, eps: f64) -> Result<CudaStorage> {
-    let dev = device(s);
+    let dev = s.device();
     let stream = dev.cuda_stream();
     let partial_f = func(dev, "nofuss_bn", BN_PTX, "bn_stats_partial", s.dtype())?;
     let final_f = func(
@@ -340,7 +335,7 @@ pub(crate) fn bn_apply(
     g: BnGeom,
     relu: bool,
 ) -> Result<CudaStorage> {
-    let dev = device(xs);
+    let dev = xs.device();
     let stream = dev.cuda_stream();
     let f = func(dev, "nofuss_bn", BN_PTX, "bn_apply", xs.dtype())?;
     let relu = relu as i32;
@@ -368,7 +363,7 @@ pub(crate) fn bn_grad_sums(
     g: BnGeom,
     relu: bool,
 ) -> Result<CudaStorage> {
-    let dev = device(xs);
+    let dev = xs.device();
     let stream = dev.cuda_stream();
     let partial_f = func(dev, "nofuss_bn", BN_PTX, "bn_bwd_partial", xs.dtype())?;
     let final_f = func(
@@ -407,7 +402,7 @@ pub(crate) fn bn_grad_input(
     relu: bool,
     batch_stats: bool,
 ) -> Result<CudaStorage> {
-    let dev = device(xs);
+    let dev = xs.device();
     let stream = dev.cuda_stream();
     let f = func(dev, "nofuss_bn", BN_PTX, "bn_bwd_data", xs.dtype())?;
     let (relu, batch_stats) = (relu as i32, batch_stats as i32);
@@ -543,7 +538,7 @@ pub(crate) fn cudnn_conv(pass: ConvPass<'_>, key: ConvKey) -> Result<CudaStorage
         ConvPass::BackwardData { dy, .. } => dy.0,
         ConvPass::BackwardFilter { x, .. } => x.0,
     };
-    let dev = device(first).clone();
+    let dev = first.device().clone();
     match key.dtype {
         DType::F32 => conv_typed::<f32, f32>(&dev, pass, key),
         DType::F64 => conv_typed::<f64, f64>(&dev, pass, key),
@@ -706,7 +701,7 @@ pub(crate) fn nca_fwd(
     paper: bool,
     smoothing: f64,
 ) -> Result<CudaStorage> {
-    let dev = device(ds);
+    let dev = ds.device();
     let stream = dev.cuda_stream();
     let f = func(dev, "nofuss_nca", NCA_PTX, "nca_fwd", ds.dtype())?;
     let (p64, paper) = (p as i64, paper as i32);
@@ -742,7 +737,7 @@ pub(crate) fn nca_bwd(
     paper: bool,
     smoothing: f64,
 ) -> Result<CudaStorage> {
-    let dev = device(ds);
+    let dev = ds.device();
     let stream = dev.cuda_stream();
     let f = func(dev, "nofuss_nca", NCA_PTX, "nca_bwd", ds.dtype())?;
     let (n64, p64, paper) = (n as i64, p as i64, paper as i32);

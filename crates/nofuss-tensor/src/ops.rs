@@ -6,7 +6,7 @@ use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::slice;
+use crate::cpu::{from_f64s, slice, to_f64s};
 
 /// Divides each row of `x` (`[N, D]`) by its L2 norm; rows with a norm below `1e-12`
 /// are divided by `1e-12` instead, so a zero row stays zero rather than becoming NaN.
@@ -47,25 +47,28 @@ pub fn nca_rows(
         );
     }
     let labels = labels.to_dtype(DType::U32)?.contiguous()?;
-    let op = NcaRows {
+    let op = NcaRows(NcaForm {
         paper: exclude_positive,
         smoothing,
-        labels: labels.clone(),
-    };
+    });
     dist.contiguous()?
         .apply_op2(&labels, op)?
         .narrow(1, 0, 1)?
         .squeeze(1)
 }
 
-/// `(dist, labels) -> [N, 2]`: loss and log-sum-exp per row.
-struct NcaRows {
+/// Which NCA objective: the paper form (positive left out) or the softmax form with
+/// label smoothing.
+#[derive(Debug, Clone, Copy)]
+struct NcaForm {
     paper: bool,
     smoothing: f64,
-    labels: Tensor,
 }
 
-impl NcaRows {
+/// `(dist, labels) -> [N, 2]`: loss and log-sum-exp per row.
+struct NcaRows(NcaForm);
+
+impl NcaForm {
     /// One row's (loss, log-sum-exp).
     fn row(&self, r: &[f64], y: usize) -> (f64, f64) {
         let p = r.len();
@@ -114,21 +117,6 @@ impl NcaRows {
     }
 }
 
-fn host_f64(s: &CpuStorage, l: &Layout) -> Result<Vec<f64>> {
-    Ok(match s {
-        CpuStorage::F32(_) => slice::<f32>(s, l)?.iter().map(|&v| v as f64).collect(),
-        CpuStorage::F64(_) => slice::<f64>(s, l)?.to_vec(),
-        s => candle_core::bail!("nca_rows: f32 or f64 expected, not {:?}", s.dtype()),
-    })
-}
-
-fn storage_like(s: &CpuStorage, v: Vec<f64>) -> CpuStorage {
-    match s {
-        CpuStorage::F64(_) => CpuStorage::F64(v),
-        _ => CpuStorage::F32(v.into_iter().map(|x| x as f32).collect()),
-    }
-}
-
 impl CustomOp2 for NcaRows {
     fn name(&self) -> &'static str {
         "nofuss-nca-rows"
@@ -142,17 +130,17 @@ impl CustomOp2 for NcaRows {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, p) = l1.shape().dims2()?;
-        let d = host_f64(s1, l1)?;
+        let d = to_f64s(s1, l1)?;
         let labels = slice::<u32>(s2, l2)?;
         let out: Vec<f64> = d
             .par_chunks(p.max(1))
             .zip(labels.par_iter())
             .flat_map_iter(|(r, &y)| {
-                let (loss, lse) = self.row(r, y as usize);
+                let (loss, lse) = self.0.row(r, y as usize);
                 [loss, lse]
             })
             .collect();
-        Ok((storage_like(s1, out), Shape::from((n, 2))))
+        Ok((from_f64s(s1.dtype(), out), Shape::from((n, 2))))
     }
 
     #[cfg(feature = "cuda")]
@@ -164,21 +152,21 @@ impl CustomOp2 for NcaRows {
         l2: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let (n, p) = l1.shape().dims2()?;
-        let out = crate::cuda::nca_fwd((s1, l1), (s2, l2), n, p, self.paper, self.smoothing)?;
+        let f = self.0;
+        let out = crate::cuda::nca_fwd((s1, l1), (s2, l2), n, p, f.paper, f.smoothing)?;
         Ok((out, Shape::from((n, 2))))
     }
 
     fn bwd(
         &self,
         dist: &Tensor,
-        _labels: &Tensor,
+        labels: &Tensor,
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let op = NcaRowsBwd {
-            paper: self.paper,
-            smoothing: self.smoothing,
-            labels: self.labels.clone(),
+            form: self.0,
+            labels: labels.clone(),
         };
         let dd = dist.apply_op3_no_bwd(res, &grad.contiguous()?, &op)?;
         Ok((Some(dd), None))
@@ -187,8 +175,7 @@ impl CustomOp2 for NcaRows {
 
 /// `(dist, [loss, lse], grad) -> d dist`.
 struct NcaRowsBwd {
-    paper: bool,
-    smoothing: f64,
+    form: NcaForm,
     labels: Tensor,
 }
 
@@ -207,15 +194,10 @@ impl CustomOp3 for NcaRowsBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, p) = l1.shape().dims2()?;
-        let d = host_f64(s1, l1)?;
-        let res = host_f64(s2, l2)?;
-        let g = host_f64(s3, l3)?;
+        let d = to_f64s(s1, l1)?;
+        let res = to_f64s(s2, l2)?;
+        let g = to_f64s(s3, l3)?;
         let labels = self.labels.to_vec1::<u32>()?;
-        let fwd = NcaRows {
-            paper: self.paper,
-            smoothing: self.smoothing,
-            labels: self.labels.clone(),
-        };
         let mut out = vec![0f64; d.len()];
         out.par_chunks_mut(p.max(1))
             .zip(d.par_chunks(p.max(1)))
@@ -223,10 +205,10 @@ impl CustomOp3 for NcaRowsBwd {
             .for_each(|(i, (o, r))| {
                 let (y, lse, gi) = (labels[i] as usize, res[2 * i + 1], g[2 * i]);
                 for (j, (o, &v)) in o.iter_mut().zip(r).enumerate() {
-                    *o = fwd.grad(v, j, y, p, lse, gi);
+                    *o = self.form.grad(v, j, y, p, lse, gi);
                 }
             });
-        Ok((storage_like(s1, out), l1.shape().clone()))
+        Ok((from_f64s(s1.dtype(), out), l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -245,8 +227,8 @@ impl CustomOp3 for NcaRowsBwd {
             &self.labels,
             n,
             p,
-            self.paper,
-            self.smoothing,
+            self.form.paper,
+            self.form.smoothing,
         )?;
         Ok((out, l1.shape().clone()))
     }

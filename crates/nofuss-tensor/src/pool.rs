@@ -152,6 +152,10 @@ impl Geom {
         self.oh * self.ow
     }
 
+    fn in_shape(&self) -> Shape {
+        Shape::from((self.n, self.c, self.h, self.w))
+    }
+
     fn out_shape(&self) -> Shape {
         Shape::from((self.n, self.c, self.oh, self.ow))
     }
@@ -198,6 +202,27 @@ impl Geom {
             }
         }
         best
+    }
+
+    /// The input gradient `[N, C, H, W]`, plane by plane: `scatter(plane, dy, acc)` adds
+    /// plane `plane`'s output gradient `dy` into the plane's f64 accumulator `acc`.
+    fn input_grad<T: WithDType>(
+        &self,
+        dy: &[T],
+        scatter: impl Fn(usize, &[T], &mut [f64]) + Sync,
+    ) -> (CpuStorage, Shape) {
+        let mut dx = vec![T::from_f64(0.0); self.n * self.c * self.in_plane()];
+        dx.par_chunks_mut(self.in_plane())
+            .zip(dy.par_chunks(self.out_plane()))
+            .enumerate()
+            .for_each(|(plane, (dx, dy))| {
+                let mut acc = vec![0f64; dx.len()];
+                scatter(plane, dy, &mut acc);
+                for (d, a) in dx.iter_mut().zip(acc) {
+                    *d = T::from_f64(a);
+                }
+            });
+        (T::to_cpu_storage_owned(dx), self.in_shape())
     }
 
     #[cfg(feature = "cuda")]
@@ -316,25 +341,12 @@ impl CustomOp1 for MaxPoolBwd {
         };
         with_cpu_dtype!(s.dtype(), T, {
             let dy = slice::<T>(s, l)?;
-            let mut dx = vec![T::from_f64(0.0); g.n * g.c * g.in_plane()];
-            dx.par_chunks_mut(g.in_plane())
-                .zip(
-                    dy.par_chunks(g.out_plane())
-                        .zip(idx.par_chunks(g.out_plane())),
-                )
-                .for_each(|(dx, (dy, idx))| {
-                    let mut acc = vec![0f64; dx.len()];
-                    for (&d, &i) in dy.iter().zip(idx) {
-                        acc[i as usize] += d.to_f64();
-                    }
-                    for (d, a) in dx.iter_mut().zip(acc) {
-                        *d = T::from_f64(a);
-                    }
-                });
-            Ok((
-                T::to_cpu_storage_owned(dx),
-                Shape::from((g.n, g.c, g.h, g.w)),
-            ))
+            Ok(g.input_grad(dy, |plane, dy, acc| {
+                let idx = &idx[plane * g.out_plane()..][..g.out_plane()];
+                for (&d, &i) in dy.iter().zip(idx) {
+                    acc[i as usize] += d.to_f64();
+                }
+            }))
         })
     }
 
@@ -346,7 +358,7 @@ impl CustomOp1 for MaxPoolBwd {
             return Err(Self::missing());
         };
         let out = crate::cuda::max_pool_bwd(idx, s, l, g.device())?;
-        Ok((out, Shape::from((g.n, g.c, g.h, g.w))))
+        Ok((out, g.in_shape()))
     }
 }
 
@@ -417,30 +429,18 @@ impl CustomOp1 for AvgPoolBwd {
         let g = self.geom;
         with_cpu_dtype!(s.dtype(), T, {
             let dy = slice::<T>(s, l)?;
-            let mut dx = vec![T::from_f64(0.0); g.n * g.c * g.in_plane()];
-            dx.par_chunks_mut(g.in_plane())
-                .zip(dy.par_chunks(g.out_plane()))
-                .for_each(|(dx, dy)| {
-                    let mut acc = vec![0f64; dx.len()];
-                    for yo in 0..g.oh {
-                        let (hs, he) = g.span(yo, g.h);
-                        for xo in 0..g.ow {
-                            let (ws, we) = g.span(xo, g.w);
-                            let v =
-                                dy[yo * g.ow + xo].to_f64() / g.divisor(yo, xo, self.include_pad);
-                            for row in acc[hs * g.w..he * g.w].chunks_exact_mut(g.w) {
-                                row[ws..we].iter_mut().for_each(|a| *a += v);
-                            }
+            Ok(g.input_grad(dy, |_, dy, acc| {
+                for yo in 0..g.oh {
+                    let (hs, he) = g.span(yo, g.h);
+                    for xo in 0..g.ow {
+                        let (ws, we) = g.span(xo, g.w);
+                        let v = dy[yo * g.ow + xo].to_f64() / g.divisor(yo, xo, self.include_pad);
+                        for row in acc[hs * g.w..he * g.w].chunks_exact_mut(g.w) {
+                            row[ws..we].iter_mut().for_each(|a| *a += v);
                         }
                     }
-                    for (d, a) in dx.iter_mut().zip(acc) {
-                        *d = T::from_f64(a);
-                    }
-                });
-            Ok((
-                T::to_cpu_storage_owned(dx),
-                Shape::from((g.n, g.c, g.h, g.w)),
-            ))
+                }
+            }))
         })
     }
 
@@ -448,7 +448,7 @@ impl CustomOp1 for AvgPoolBwd {
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let g = self.geom;
         let out = crate::cuda::avg_pool_bwd(s, l, g.device(), self.include_pad)?;
-        Ok((out, Shape::from((g.n, g.c, g.h, g.w))))
+        Ok((out, g.in_shape()))
     }
 }
 
