@@ -413,31 +413,36 @@ impl Optimizer {
         }
         for (g, slots) in self.groups.iter().zip(&mut self.slots) {
             for (i, (s, v)) in slots.iter_mut().zip(&g.vars).enumerate() {
-                let fresh = self.kind.fresh_state(v.as_tensor())?;
-                let mut rows = Vec::with_capacity(3);
-                let mut found = false;
-                for (row, k) in ROWS.iter().enumerate() {
+                let mut saved = Vec::with_capacity(ROWS.len());
+                for k in ROWS {
                     let key = format!("{}.{i}.{k}", g.name);
-                    match state.get(&key) {
-                        Some(t) => {
-                            if t.dims() != v.dims() {
-                                return Err(Error::Optim(format!(
-                                    "optimiser state {key} has shape {:?}, the parameter {:?}",
-                                    t.dims(),
-                                    v.dims()
-                                )));
-                            }
-                            found = true;
-                            let t = t.to_dtype(v.dtype())?.to_device(v.device())?;
-                            rows.push(t.flatten_all()?.unsqueeze(0)?);
-                        }
-                        None => rows.push(fresh.narrow(0, row, 1)?),
+                    let t = state.get(&key);
+                    if let Some(t) = t.filter(|t| t.dims() != v.dims()) {
+                        return Err(Error::Optim(format!(
+                            "optimiser state {key} has shape {:?}, the parameter {:?}",
+                            t.dims(),
+                            v.dims()
+                        )));
                     }
+                    saved.push(t);
                 }
-                if found {
-                    s.packed = Some(Tensor::cat(&rows, 0)?.contiguous()?);
-                    s.started = true;
+                if saved.iter().all(Option::is_none) {
+                    continue;
                 }
+                // Rows the checkpoint lacks start as a fresh state's.
+                let fresh = self.kind.fresh_state(v.as_tensor())?;
+                let mut rows = Vec::with_capacity(ROWS.len());
+                for (row, t) in saved.into_iter().enumerate() {
+                    rows.push(match t {
+                        Some(t) => {
+                            let t = t.to_dtype(v.dtype())?.to_device(v.device())?;
+                            t.flatten_all()?.unsqueeze(0)?
+                        }
+                        None => fresh.narrow(0, row, 1)?,
+                    });
+                }
+                s.packed = Some(Tensor::cat(&rows, 0)?.contiguous()?);
+                s.started = true;
             }
         }
         Ok(())
