@@ -1,4 +1,8 @@
 //! The `nofuss` command line. `main.rs` only calls [`run`].
+//!
+//! The doc comments of the argument structs are also the `--help` text, so they are
+//! written for a terminal: `<name>` and `[N,D]` there are placeholders, not HTML or links.
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 
 use std::path::PathBuf;
 
