@@ -3,6 +3,7 @@
 // runs the blocks one after another; the threads of a block run as real threads that meet
 // at `__syncthreads` (a barrier), so shared-memory reductions run as they would on a GPU.
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -37,6 +38,26 @@ inline float __int_as_float(int v) {
     float f;
     std::memcpy(&f, &v, 4);
     return f;
+}
+inline unsigned __float_as_uint(float v) {
+    unsigned u;
+    std::memcpy(&u, &v, 4);
+    return u;
+}
+// Shared-memory atomics: the block's threads are real threads here.
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    return std::atomic_ref<unsigned>(*p).fetch_add(v);
+}
+// A barrier that also counts the threads whose predicate is nonzero.
+inline std::atomic<int> emu_count{0};
+inline int __syncthreads_count(int pred) {
+    if (pred) emu_count.fetch_add(1);
+    __syncthreads();
+    int c = emu_count.load();
+    __syncthreads();
+    if (threadIdx.x == 0) emu_count.store(0);
+    __syncthreads();
+    return c;
 }
 inline double __longlong_as_double(long long v) {
     double d;

@@ -24,6 +24,8 @@ pub(crate) const BN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/batch_no
 pub(crate) const NCA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nca.ptx"));
 /// PTX of `kernels/optim.cu`.
 pub(crate) const OPTIM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
+/// PTX of `kernels/select.cu`.
+pub(crate) const SELECT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/select.ptx"));
 
 /// Threads per block of the element-wise kernels (and the reductions' fixed block size).
 pub(crate) const THREADS: u32 = 256;
@@ -756,4 +758,46 @@ pub(crate) fn nca_bwd(
         unsafe { b.launch(grid_1d(n * p)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(dd, dev.clone()))
     })
+}
+
+/// The `k` smallest entries of every row of an f32 `[rows, cols]` matrix, sorted, with
+/// their columns (`kernels/select.cu`; the caller checked `k` and the sizes).
+pub(crate) fn smallest_k(
+    s: &CudaStorage,
+    l: &Layout,
+    rows: usize,
+    cols: usize,
+    k: usize,
+    skip_diagonal: Option<usize>,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let dev = s.device();
+    let stream = dev.cuda_stream();
+    let f = func(dev, "nofuss_select", SELECT_PTX, "smallest_k", DType::F32)?;
+    if rows > i32::MAX as usize {
+        candle_core::bail!("smallest_k: {rows} rows exceed one launch's grid");
+    }
+    let x = view::<f32>(s, l)?;
+    // SAFETY: every element is written by the kernel.
+    let mut vals = unsafe { dev.alloc::<f32>(rows * k)? };
+    let mut idx = unsafe { dev.alloc::<u32>(rows * k)? };
+    let (cols, k32) = (cols as i64, k as i32);
+    let (offset, skip) = (
+        skip_diagonal.unwrap_or(0) as i64,
+        skip_diagonal.is_some() as i32,
+    );
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        // kernels/select.cu's SELECT_THREADS.
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = stream.launch_builder(&f);
+    b.arg(&x).arg(&mut vals).arg(&mut idx);
+    b.arg(&cols).arg(&k32).arg(&offset).arg(&skip);
+    // SAFETY: argument types and count match the kernel's signature.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(vals, dev.clone()),
+        CudaStorage::wrap_cuda_slice(idx, dev.clone()),
+    ))
 }

@@ -14,6 +14,8 @@
 //! - [`batch_norm`]: batch normalisation fused with ReLU, statistics and running
 //!   statistics included;
 //! - [`ops::nca_rows`]: the per-row NCA objective of the proxy losses in one pass;
+//! - [`select::smallest_k`]: the k smallest entries of every row, sorted (the selection
+//!   of an exact kNN search; one kernel per row block on CUDA);
 //! - [`optim`]: the optimisers (PyTorch's update rules, parameter groups, schedules,
 //!   clipping), each step two fused in-place kernels per parameter.
 //!
@@ -51,6 +53,7 @@ pub mod ops;
 pub mod optim;
 pub mod pool;
 mod precision;
+pub mod select;
 
 pub use device::{fixtures_dir, test_device, DeviceSpec, SelectedDevice};
 pub use error::{Error, Result};

@@ -2,7 +2,8 @@
 //! (a block's threads as real threads meeting at `__syncthreads`) by
 //! `tests/reference/kernels_on_host/harness.cpp`, against this crate's CPU operations, which
 //! the PyTorch parity tests check: pooling, batch norm + ReLU (statistics, backward,
-//! running statistics), the fused NCA rows and fused Adam steps, in f32 and f64. So the GPU
+//! running statistics), the fused NCA rows and fused Adam steps, in f32 and f64, and the
+//! row selection of kNN searches. So the GPU
 //! kernels' arithmetic, indexing and reductions are tested on every CI run, without a GPU.
 //! Needs a C++20 compiler: `CXX`, else `g++`.
 
@@ -14,6 +15,7 @@ use nofuss_tensor::batch_norm::batch_norm_train;
 use nofuss_tensor::ops::nca_rows;
 use nofuss_tensor::optim::{Optimizer, OptimizerKind, ParamGroup};
 use nofuss_tensor::pool::{avg_pool2d, max_pool2d, Pool2d};
+use nofuss_tensor::select::smallest_k;
 
 struct Harness {
     exe: PathBuf,
@@ -67,6 +69,13 @@ impl Harness {
                 .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
                 .collect(),
         }
+    }
+
+    fn read_u32(&self, name: &str) -> Vec<u32> {
+        let b = std::fs::read(self.dir.path().join(format!("{name}.bin"))).unwrap();
+        b.chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     }
 
     fn run(&self, op: &str, dt: DType, args: &[String]) {
@@ -366,5 +375,48 @@ fn cuda_kernels_match_the_cpu_operations() {
             state = h.read("state", dt);
         }
         close("adam parameter", &p_k, &host(var.as_tensor()), dt);
+    }
+
+    // Row selection (f32 only): a kNN-sized selection with the query skipped, many ties
+    // across the k-th place, and the largest k over a row that is not a power of two.
+    for (rows, cols, k, skip) in [
+        (3usize, 5000usize, 1000usize, Some(0usize)),
+        (4, 300, 10, Some(2)),
+        (2, 4100, 4096, None),
+    ] {
+        let mut xv: Vec<f64> = values(rows * cols, k)
+            .iter()
+            .map(|v| (v * 8.0).round() / 8.0)
+            .collect();
+        xv[1] = f64::NAN;
+        xv[cols + 3] = -0.0;
+        xv[cols + 4] = f64::NEG_INFINITY;
+        let x = tensor(&xv, &[rows, cols], DType::F32);
+        let (vals, idx) = smallest_k(&x, k, skip).unwrap();
+        h.write("x", &xv, DType::F32);
+        h.run(
+            "select",
+            DType::F32,
+            &[
+                rows.to_string(),
+                cols.to_string(),
+                k.to_string(),
+                skip.unwrap_or(0).to_string(),
+                (skip.is_some() as i32).to_string(),
+            ],
+        );
+        let what = format!("smallest {k} of {cols}");
+        assert_eq!(
+            h.read_u32("idx"),
+            idx.flatten_all().unwrap().to_vec1::<u32>().unwrap(),
+            "{what}: columns"
+        );
+        let (got, want) = (h.read("vals", DType::F32), host(&vals));
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: values"
+        );
     }
 }

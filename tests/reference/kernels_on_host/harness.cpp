@@ -8,6 +8,7 @@
 #include "batch_norm.cu"
 #include "optim.cu"
 #include "nca.cu"
+#include "select.cu"
 
 #include <cstdio>
 #include <cstdlib>
@@ -161,6 +162,20 @@ void nca(char** a) {
     save("dd", dd);
 }
 
+void select_k(char** a) {
+    // rows cols k skip_offset skip ; file x (f32) -> vals (f32) idx (u32)
+    int64_t rows = std::atoll(a[0]), cols = std::atoll(a[1]), off = std::atoll(a[3]);
+    int k = std::atoi(a[2]), skip = std::atoi(a[4]);
+    auto x = load<float>("x");
+    std::vector<float> vals(rows * k);
+    std::vector<uint32_t> idx(rows * k);
+    emu_launch(rows, 1, SELECT_THREADS, [&] {
+        smallest_k_f32(x.data(), vals.data(), idx.data(), cols, k, off, skip);
+    });
+    save("vals", vals);
+    save("idx", idx);
+}
+
 int main(int argc, char** argv) {
     if (argc < 4) return 2;
     std::string op = argv[1], dt = argv[2];
@@ -177,6 +192,8 @@ int main(int argc, char** argv) {
     } else if (op == "nca") {
         if (dt == "f32") nca<float>(a);
         else nca<double>(a);
+    } else if (op == "select") {
+        select_k(a);
     } else if (op == "optim") {
         if (dt == "f32") optim<float>(a);
         else optim<double>(a);

@@ -3,7 +3,8 @@
 (crates/nofuss-tensor/kernels/host_emulation.h: blocks one after another, a block's
 threads as real threads meeting at __syncthreads)
 with harness.cpp, runs pooling, batch norm (+ReLU, statistics, backward, running
-statistics), the fused NCA rows of the proxy losses and the fused optimiser steps on random inputs in f64, f32 and bf16, and
+statistics), the fused NCA rows of the proxy losses, the fused optimiser steps and the
+kNN row selection on random inputs in f64, f32 and bf16, and
 compares with PyTorch. It checks the kernels' arithmetic, indexing and block reductions;
 the launch code in src/cuda.rs, cuDNN and speed still need a GPU run
 (xtask/scripts/gpu-check.sh).
@@ -181,6 +182,31 @@ def optim_case(exe, d, dt, name, make, args, steps=3):
     check(f"optim {name} {dt} after {steps} steps", p, ref.detach(), TOL[dt] * 10)
 
 
+def select_case(exe, d, rows, cols, k, skip):
+    """kNN selection: the k smallest of each row (its own column `r + skip` left out) in
+    ascending order, ties by column: torch.sort(stable=True) of the remaining columns."""
+    torch.manual_seed(rows * cols + k)
+    x = (torch.randn(rows, cols) * 8).round() / 8  # many ties across the k-th place
+    x[0, 1] = float("inf")
+    x[-1, 2] = float("nan")
+    write(d, "x", x)
+    run(exe, d, "select", "f32", rows, cols, k, skip if skip is not None else 0, int(skip is not None))
+    vals = read(d, "vals", torch.float32, (rows, k))
+    idx = read(d, "idx", torch.int32, (rows, k)).long()
+    tag = f"select {rows}x{cols} k={k} skip={skip}"
+    bad = 0
+    for r in range(rows):
+        cols_left = torch.tensor([j for j in range(cols) if skip is None or j != r + skip])
+        v, order = torch.sort(x[r, cols_left], stable=True)
+        want = cols_left[order[:k]]
+        same_vals = torch.equal(vals[r].nan_to_num(7e7), v[:k].nan_to_num(7e7))
+        bad += int(not torch.equal(idx[r], want) or not same_vals)
+    status = "ok" if bad == 0 else "FAIL"
+    if bad:
+        failures.append(tag)
+    print(f"{status:4} {tag}: {bad} row(s) differ from torch.sort")
+
+
 def main():
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,6 +228,8 @@ def main():
                 nca_case(exe, d, dt, 6, 11, paper, eps)
                 nca_case(exe, d, dt, 3, 700, paper, eps)
             nca_case(exe, d, dt, 4, 9, True, 0.0, bad_label=True)
+        for rows, cols, k, skip in [(3, 5000, 1000, 0), (4, 300, 10, 2), (2, 4100, 4096, None), (5, 60, 1, 0)]:
+            select_case(exe, d, rows, cols, k, skip)
         base = dict(scale=1.0)
         cases = [
             ("sgd nesterov wd", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
