@@ -11,7 +11,7 @@ use candle_core::cuda_backend::cudarc::cudnn::{
     ConvBackwardData, ConvBackwardFilter, ConvForward, Cudnn, CudnnDataType, CudnnError,
 };
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result, Storage, StorageRef, Tensor};
@@ -30,28 +30,8 @@ pub(crate) const SELECT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sele
 /// Threads per block of the element-wise kernels (and the reductions' fixed block size).
 pub(crate) const THREADS: u32 = 256;
 
-/// The kernel-name suffix of a dtype (`max_pool_fwd_f32`, ...).
-pub(crate) fn suffix(dt: DType) -> Result<&'static str> {
-    Ok(match dt {
-        DType::F32 => "f32",
-        DType::F64 => "f64",
-        DType::BF16 => "bf16",
-        dt => candle_core::bail!("nofuss CUDA kernels support f32, f64 and bf16, not {dt:?}"),
-    })
-}
-
-/// Loads `name_<dtype>` from a module (cached by candle per device).
-pub(crate) fn func(
-    dev: &CudaDevice,
-    module: &str,
-    ptx: &str,
-    name: &str,
-    dt: DType,
-) -> Result<CudaFunction> {
-    Ok(dev
-        .get_or_load_custom_func(&format!("{name}_{}", suffix(dt)?), module, ptx)?
-        .into_cuda_function())
-}
+/// Threads per block of the row-selection kernel (its shared arrays are sized for them).
+pub(crate) const SELECT_THREADS: u32 = 256;
 
 /// A grid-stride launch over `n` elements.
 pub(crate) fn grid_1d(n: usize) -> LaunchConfig {
@@ -68,6 +48,158 @@ pub(crate) fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<C
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
         None => candle_core::bail!("nofuss CUDA kernels need contiguous inputs"),
+    }
+}
+
+/// An element type the kernels are instantiated for, with its kernel-name suffix
+/// (`max_pool_fwd_f32`, ...).
+pub(crate) trait KernelDType: DeviceRepr {
+    /// What `FOR_EACH_DTYPE` in `kernels/common.cuh` appends to the kernel names.
+    const SUFFIX: &'static str;
+}
+
+impl KernelDType for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+impl KernelDType for f64 {
+    const SUFFIX: &'static str = "f64";
+}
+impl KernelDType for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+
+/// Declares typed launchers, one per kernel of a `.cu` file: the kernel named
+/// `<name>_<suffix of the first type parameter>` in that file's PTX module, its
+/// parameters in order, device pointers as `&CudaView` (`const X*`) or
+/// `&mut CudaViewMut` (`X*`), scalars and structs by reference. So rustc checks every
+/// call against the declaration, and `tests/kernel_signatures.rs` checks every
+/// declaration against the `extern "C"` signature in the `.cu` file (and the shared
+/// structs' fields), which cudarc's untyped argument lists cannot.
+macro_rules! kernels {
+    ($file:literal, $module:literal, $ptx:ident; $(
+        $(#[$doc:meta])*
+        fn $name:ident<$S:ident $(, $G:ident)*>($($arg:ident: $ty:ty),* $(,)?);
+    )*) => {
+        $(
+            $(#[$doc])*
+            #[allow(clippy::too_many_arguments)]
+            pub(crate) fn $name<$S: KernelDType $(, $G: KernelDType)*>(
+                dev: &CudaDevice,
+                cfg: LaunchConfig,
+                $($arg: $ty),*
+            ) -> Result<()> {
+                let name = format!(concat!(stringify!($name), "_{}"), $S::SUFFIX);
+                let f = dev
+                    .get_or_load_custom_func(&name, $module, $ptx)?
+                    .into_cuda_function();
+                let stream = dev.cuda_stream();
+                let mut b = stream.launch_builder(&f);
+                $(b.arg($arg);)*
+                // SAFETY: the parameters are the kernel's, in its order and with its types
+                // (checked against the .cu file by tests/kernel_signatures.rs); the
+                // callers size the buffers for the launch.
+                unsafe { b.launch(cfg) }.w()?;
+                Ok(())
+            }
+        )*
+    };
+}
+
+/// The typed launchers of `kernels/*.cu`.
+pub(crate) mod launch {
+    use super::*;
+    use crate::fused_step::StepArgs;
+
+    kernels! { "pool.cu", "nofuss_pool", POOL_PTX;
+        fn max_pool_fwd<T>(x: &CudaView<T>, y: &mut CudaViewMut<T>, idx: &mut CudaViewMut<u32>, g: &PoolGeom);
+        fn max_pool_bwd<T>(idx: &CudaView<u32>, dy: &CudaView<T>, dx: &mut CudaViewMut<T>, g: &PoolGeom);
+        fn avg_pool_fwd<T>(x: &CudaView<T>, y: &mut CudaViewMut<T>, g: &PoolGeom, inc: &i32);
+        fn avg_pool_bwd<T>(dy: &CudaView<T>, dx: &mut CudaViewMut<T>, g: &PoolGeom, inc: &i32);
+    }
+
+    kernels! { "batch_norm.cu", "nofuss_bn", BN_PTX;
+        fn bn_stats_partial<T, A>(x: &CudaView<T>, partial: &mut CudaViewMut<A>, g: &BnGeom);
+        fn bn_apply<T, A>(
+            x: &CudaView<T>,
+            gamma: &CudaView<A>,
+            beta: &CudaView<A>,
+            mean: &CudaView<A>,
+            invstd: &CudaView<A>,
+            y: &mut CudaViewMut<T>,
+            g: &BnGeom,
+            relu: &i32,
+        );
+        fn bn_bwd_partial<T, A>(
+            x: &CudaView<T>,
+            dy: &CudaView<T>,
+            y: &CudaView<T>,
+            mean: &CudaView<A>,
+            invstd: &CudaView<A>,
+            partial: &mut CudaViewMut<A>,
+            g: &BnGeom,
+            relu: &i32,
+        );
+        fn bn_bwd_data<T, A>(
+            x: &CudaView<T>,
+            dy: &CudaView<T>,
+            y: &CudaView<T>,
+            gamma: &CudaView<A>,
+            mean: &CudaView<A>,
+            invstd: &CudaView<A>,
+            sums: &CudaView<A>,
+            dx: &mut CudaViewMut<T>,
+            g: &BnGeom,
+            relu: &i32,
+            batch_stats: &i32,
+        );
+        fn bn_stats_final<A>(p: &CudaView<A>, out: &mut CudaViewMut<A>, g: &BnGeom, eps: &f64);
+        fn bn_bwd_final<A>(p: &CudaView<A>, out: &mut CudaViewMut<A>, g: &BnGeom);
+        fn bn_update_running<A>(
+            running: &mut CudaViewMut<A>,
+            batch: &CudaView<A>,
+            n: &i64,
+            momentum: &f64,
+            factor: &f64,
+        );
+    }
+
+    kernels! { "optim.cu", "nofuss_optim", OPTIM_PTX;
+        fn optim_state<T>(st: &mut CudaViewMut<T>, grad: &CudaView<T>, param: &CudaView<T>, n: &i64, s: &StepArgs);
+        fn optim_param<T>(param: &mut CudaViewMut<T>, grad: &CudaView<T>, st: &CudaView<T>, n: &i64, s: &StepArgs);
+    }
+
+    kernels! { "nca.cu", "nofuss_nca", NCA_PTX;
+        fn nca_fwd<T>(
+            d: &CudaView<T>,
+            labels: &CudaView<u32>,
+            out: &mut CudaViewMut<T>,
+            p: &i64,
+            paper: &i32,
+            smoothing: &f64,
+        );
+        fn nca_bwd<T>(
+            d: &CudaView<T>,
+            labels: &CudaView<u32>,
+            res: &CudaView<T>,
+            g: &CudaView<T>,
+            dd: &mut CudaViewMut<T>,
+            n: &i64,
+            p: &i64,
+            paper: &i32,
+            smoothing: &f64,
+        );
+    }
+
+    kernels! { "select.cu", "nofuss_select", SELECT_PTX;
+        fn smallest_k<T>(
+            x: &CudaView<T>,
+            vals: &mut CudaViewMut<T>,
+            idx: &mut CudaViewMut<u32>,
+            cols: &i64,
+            k: &i32,
+            skip_offset: &i64,
+            skip: &i32,
+        );
     }
 }
 
@@ -146,17 +278,19 @@ pub(crate) fn max_pool_fwd(
     keep_argmax: bool,
 ) -> Result<(CudaStorage, Option<CudaSlice<u32>>)> {
     let dev = s.device();
-    let f = func(dev, "nofuss_pool", POOL_PTX, "max_pool_fwd", s.dtype())?;
-    let stream = dev.cuda_stream();
     with_cuda_dtype!(s.dtype(), T, A, {
         let x = view::<T>(s, l)?;
         // SAFETY: every element is written by the kernel.
         let mut y = unsafe { dev.alloc::<T>(out_len)? };
         let mut idx = unsafe { dev.alloc::<u32>(out_len)? };
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&mut y).arg(&mut idx).arg(&g);
-        // SAFETY: argument types and count match the kernel's signature.
-        unsafe { b.launch(grid_1d(out_len)) }.w()?;
+        launch::max_pool_fwd::<T>(
+            dev,
+            grid_1d(out_len),
+            &x,
+            &mut y.as_view_mut(),
+            &mut idx.as_view_mut(),
+            &g,
+        )?;
         let y = CudaStorage::wrap_cuda_slice(y, dev.clone());
         Ok((y, keep_argmax.then_some(idx)))
     })
@@ -170,17 +304,19 @@ pub(crate) fn max_pool_bwd(
     g: PoolGeom,
 ) -> Result<CudaStorage> {
     let dev = dy.device();
-    let f = func(dev, "nofuss_pool", POOL_PTX, "max_pool_bwd", dy.dtype())?;
-    let stream = dev.cuda_stream();
     let in_len = g.planes as usize * g.h as usize * g.w as usize;
     with_cuda_dtype!(dy.dtype(), T, A, {
         let grad = view::<T>(dy, dy_l)?;
         // SAFETY: every element is written by the kernel.
         let mut dx = unsafe { dev.alloc::<T>(in_len)? };
-        let mut b = stream.launch_builder(&f);
-        b.arg(idx).arg(&grad).arg(&mut dx).arg(&g);
-        // SAFETY: argument types and count match the kernel's signature.
-        unsafe { b.launch(grid_1d(in_len)) }.w()?;
+        launch::max_pool_bwd::<T>(
+            dev,
+            grid_1d(in_len),
+            &idx.as_view(),
+            &grad,
+            &mut dx.as_view_mut(),
+            &g,
+        )?;
         Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
     })
 }
@@ -194,17 +330,13 @@ pub(crate) fn avg_pool_fwd(
     include_pad: bool,
 ) -> Result<CudaStorage> {
     let dev = s.device();
-    let f = func(dev, "nofuss_pool", POOL_PTX, "avg_pool_fwd", s.dtype())?;
-    let stream = dev.cuda_stream();
     let inc = include_pad as i32;
     with_cuda_dtype!(s.dtype(), T, A, {
         let x = view::<T>(s, l)?;
         // SAFETY: every element is written by the kernel.
         let mut y = unsafe { dev.alloc::<T>(out_len)? };
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&mut y).arg(&g).arg(&inc);
-        // SAFETY: argument types and count match the kernel's signature.
-        unsafe { b.launch(grid_1d(out_len)) }.w()?;
+        let cfg = grid_1d(out_len);
+        launch::avg_pool_fwd::<T>(dev, cfg, &x, &mut y.as_view_mut(), &g, &inc)?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     })
 }
@@ -217,18 +349,14 @@ pub(crate) fn avg_pool_bwd(
     include_pad: bool,
 ) -> Result<CudaStorage> {
     let dev = dy.device();
-    let f = func(dev, "nofuss_pool", POOL_PTX, "avg_pool_bwd", dy.dtype())?;
-    let stream = dev.cuda_stream();
     let in_len = g.planes as usize * g.h as usize * g.w as usize;
     let inc = include_pad as i32;
     with_cuda_dtype!(dy.dtype(), T, A, {
         let grad = view::<T>(dy, dy_l)?;
         // SAFETY: every element is written by the kernel.
         let mut dx = unsafe { dev.alloc::<T>(in_len)? };
-        let mut b = stream.launch_builder(&f);
-        b.arg(&grad).arg(&mut dx).arg(&g).arg(&inc);
-        // SAFETY: argument types and count match the kernel's signature.
-        unsafe { b.launch(grid_1d(in_len)) }.w()?;
+        let cfg = grid_1d(in_len);
+        launch::avg_pool_bwd::<T>(dev, cfg, &grad, &mut dx.as_view_mut(), &g, &inc)?;
         Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
     })
 }
@@ -282,15 +410,6 @@ impl BnGeom {
     }
 }
 
-/// The accumulator dtype of an element dtype (what statistics and parameters are kept in).
-fn acc_dtype(dt: DType) -> DType {
-    if dt == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
 /// The CUDA storage behind a guard of a side tensor (statistics, scale) of an operation.
 fn cuda_of<'a>(guard: &'a StorageRef<'_>) -> Result<&'a CudaStorage> {
     match &**guard {
@@ -303,27 +422,15 @@ fn cuda_of<'a>(guard: &'a StorageRef<'_>) -> Result<&'a CudaStorage> {
 /// accumulator dtype.
 pub(crate) fn bn_stats(s: &CudaStorage, l: &Layout, g: BnGeom, eps: f64) -> Result<CudaStorage> {
     let dev = s.device();
-    let stream = dev.cuda_stream();
-    let partial_f = func(dev, "nofuss_bn", BN_PTX, "bn_stats_partial", s.dtype())?;
-    let final_f = func(
-        dev,
-        "nofuss_bn",
-        BN_PTX,
-        "bn_stats_final",
-        acc_dtype(s.dtype()),
-    )?;
     with_cuda_dtype!(s.dtype(), T, A, {
         let x = view::<T>(s, l)?;
         // SAFETY: every element is written by the kernels.
         let mut partial = unsafe { dev.alloc::<A>((3 * g.c * g.slices) as usize)? };
         let mut out = unsafe { dev.alloc::<A>((3 * g.c) as usize)? };
-        let mut b = stream.launch_builder(&partial_f);
-        b.arg(&x).arg(&mut partial).arg(&g);
-        // SAFETY: argument types and count match the kernel's signature.
-        unsafe { b.launch(g.reduce_grid()) }.w()?;
-        let mut b = stream.launch_builder(&final_f);
-        b.arg(&partial).arg(&mut out).arg(&g).arg(&eps);
-        unsafe { b.launch(g.channel_grid()) }.w()?;
+        let cfg = g.reduce_grid();
+        launch::bn_stats_partial::<T, A>(dev, cfg, &x, &mut partial.as_view_mut(), &g)?;
+        let (p, cfg) = (partial.as_view(), g.channel_grid());
+        launch::bn_stats_final::<A>(dev, cfg, &p, &mut out.as_view_mut(), &g, &eps)?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     })
 }
@@ -338,8 +445,6 @@ pub(crate) fn bn_apply(
     relu: bool,
 ) -> Result<CudaStorage> {
     let dev = xs.device();
-    let stream = dev.cuda_stream();
-    let f = func(dev, "nofuss_bn", BN_PTX, "bn_apply", xs.dtype())?;
     let relu = relu as i32;
     let (mg, ml) = mean.storage_and_layout();
     let (ig, il) = invstd.storage_and_layout();
@@ -349,11 +454,18 @@ pub(crate) fn bn_apply(
         let (mv, iv) = (view::<A>(cuda_of(&mg)?, ml)?, view::<A>(cuda_of(&ig)?, il)?);
         // SAFETY: every element is written by the kernel.
         let mut y = unsafe { dev.alloc::<T>(g.total())? };
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&gamma).arg(&beta).arg(&mv).arg(&iv);
-        b.arg(&mut y).arg(&g).arg(&relu);
-        // SAFETY: argument types and count match the kernel's signature.
-        unsafe { b.launch(grid_1d(g.total())) }.w()?;
+        launch::bn_apply::<T, A>(
+            dev,
+            grid_1d(g.total()),
+            &x,
+            &gamma,
+            &beta,
+            &mv,
+            &iv,
+            &mut y.as_view_mut(),
+            &g,
+            &relu,
+        )?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     })
 }
@@ -366,15 +478,6 @@ pub(crate) fn bn_grad_sums(
     relu: bool,
 ) -> Result<CudaStorage> {
     let dev = xs.device();
-    let stream = dev.cuda_stream();
-    let partial_f = func(dev, "nofuss_bn", BN_PTX, "bn_bwd_partial", xs.dtype())?;
-    let final_f = func(
-        dev,
-        "nofuss_bn",
-        BN_PTX,
-        "bn_bwd_final",
-        acc_dtype(xs.dtype()),
-    )?;
     let relu = relu as i32;
     let (mg, ml) = mean.storage_and_layout();
     let (ig, il) = invstd.storage_and_layout();
@@ -384,14 +487,20 @@ pub(crate) fn bn_grad_sums(
         // SAFETY: every element is written by the kernels.
         let mut partial = unsafe { dev.alloc::<A>((2 * g.c * g.slices) as usize)? };
         let mut out = unsafe { dev.alloc::<A>((2 * g.c) as usize)? };
-        let mut b = stream.launch_builder(&partial_f);
-        b.arg(&x).arg(&dy).arg(&y).arg(&mv).arg(&iv);
-        b.arg(&mut partial).arg(&g).arg(&relu);
-        // SAFETY: argument types and count match the kernel's signature.
-        unsafe { b.launch(g.reduce_grid()) }.w()?;
-        let mut b = stream.launch_builder(&final_f);
-        b.arg(&partial).arg(&mut out).arg(&g);
-        unsafe { b.launch(g.channel_grid()) }.w()?;
+        launch::bn_bwd_partial::<T, A>(
+            dev,
+            g.reduce_grid(),
+            &x,
+            &dy,
+            &y,
+            &mv,
+            &iv,
+            &mut partial.as_view_mut(),
+            &g,
+            &relu,
+        )?;
+        let (p, cfg) = (partial.as_view(), g.channel_grid());
+        launch::bn_bwd_final::<A>(dev, cfg, &p, &mut out.as_view_mut(), &g)?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     })
 }
@@ -405,8 +514,6 @@ pub(crate) fn bn_grad_input(
     batch_stats: bool,
 ) -> Result<CudaStorage> {
     let dev = xs.device();
-    let stream = dev.cuda_stream();
-    let f = func(dev, "nofuss_bn", BN_PTX, "bn_bwd_data", xs.dtype())?;
     let (relu, batch_stats) = (relu as i32, batch_stats as i32);
     let (gg, gl) = gamma.storage_and_layout();
     let (mg, ml) = mean.storage_and_layout();
@@ -419,17 +526,21 @@ pub(crate) fn bn_grad_input(
         let sv = view::<A>(cuda_of(&sg)?, sl)?;
         // SAFETY: every element is written by the kernel.
         let mut dx = unsafe { dev.alloc::<T>(g.total())? };
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x)
-            .arg(&dy)
-            .arg(&y)
-            .arg(&gv)
-            .arg(&mv)
-            .arg(&iv)
-            .arg(&sv);
-        b.arg(&mut dx).arg(&g).arg(&relu).arg(&batch_stats);
-        // SAFETY: argument types and count match the kernel's signature.
-        unsafe { b.launch(grid_1d(g.total())) }.w()?;
+        launch::bn_bwd_data::<T, A>(
+            dev,
+            grid_1d(g.total()),
+            &x,
+            &dy,
+            &y,
+            &gv,
+            &mv,
+            &iv,
+            &sv,
+            &mut dx.as_view_mut(),
+            &g,
+            &relu,
+            &batch_stats,
+        )?;
         Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
     })
 }
@@ -451,20 +562,12 @@ pub(crate) fn bn_update_running(
         candle_core::bail!("running statistics must be f32 or f64 like the batch's");
     }
     let dev = rs.device.clone();
-    let stream = dev.cuda_stream();
-    let f = func(&dev, "nofuss_bn", BN_PTX, "bn_update_running", dt)?;
     let n = (b - a) as i64;
     with_cuda_dtype!(dt, T, A, {
         let batch = view::<T>(bs, bl)?;
         let mut run = rs.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
-        let mut l = stream.launch_builder(&f);
-        l.arg(&mut run)
-            .arg(&batch)
-            .arg(&n)
-            .arg(&momentum)
-            .arg(&factor);
-        // SAFETY: argument types and count match the kernel's signature.
-        unsafe { l.launch(grid_1d(n as usize)) }.w()?;
+        let cfg = grid_1d(n as usize);
+        launch::bn_update_running::<T>(&dev, cfg, &mut run, &batch, &n, &momentum, &factor)?;
         Ok(())
     })
 }
@@ -674,22 +777,17 @@ pub(crate) fn optim_update(
         candle_core::bail!("optimiser tensors must all be f32 or all f64");
     }
     let dev = ds.device.clone();
-    let stream = dev.cuda_stream();
-    let name = if state_pass {
-        "optim_state"
-    } else {
-        "optim_param"
-    };
-    let f = func(&dev, "nofuss_optim", OPTIM_PTX, name, dt)?;
     let n = gl.shape().elem_count() as i64;
     with_cuda_dtype!(dt, T, A, {
         let grad = view::<T>(gs, gl)?;
         let other = view::<T>(os, ol)?;
         let mut dst = ds.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
-        let mut l = stream.launch_builder(&f);
-        l.arg(&mut dst).arg(&grad).arg(&other).arg(&n).arg(args);
-        // SAFETY: argument types and count match the kernel's signature.
-        unsafe { l.launch(grid_1d(n as usize)) }.w()?;
+        let cfg = grid_1d(n as usize);
+        if state_pass {
+            launch::optim_state::<T>(&dev, cfg, &mut dst, &grad, &other, &n, args)?;
+        } else {
+            launch::optim_param::<T>(&dev, cfg, &mut dst, &grad, &other, &n, args)?;
+        }
         Ok(())
     })
 }
@@ -704,28 +802,19 @@ pub(crate) fn nca_fwd(
     smoothing: f64,
 ) -> Result<CudaStorage> {
     let dev = ds.device();
-    let stream = dev.cuda_stream();
-    let f = func(dev, "nofuss_nca", NCA_PTX, "nca_fwd", ds.dtype())?;
     let (p64, paper) = (p as i64, paper as i32);
     with_cuda_dtype!(ds.dtype(), T, A, {
         let d = view::<T>(ds, dl)?;
         let labels = view::<u32>(ls, ll)?;
         // SAFETY: every element is written by the kernel.
         let mut out = unsafe { dev.alloc::<T>(2 * n)? };
-        let mut b = stream.launch_builder(&f);
-        b.arg(&d)
-            .arg(&labels)
-            .arg(&mut out)
-            .arg(&p64)
-            .arg(&paper)
-            .arg(&smoothing);
         let cfg = LaunchConfig {
             grid_dim: (n.max(1) as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: argument types and count match the kernel's signature.
-        unsafe { b.launch(cfg) }.w()?;
+        let mut o = out.as_view_mut();
+        launch::nca_fwd::<T>(dev, cfg, &d, &labels, &mut o, &p64, &paper, &smoothing)?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     })
 }
@@ -740,8 +829,6 @@ pub(crate) fn nca_bwd(
     smoothing: f64,
 ) -> Result<CudaStorage> {
     let dev = ds.device();
-    let stream = dev.cuda_stream();
-    let f = func(dev, "nofuss_nca", NCA_PTX, "nca_bwd", ds.dtype())?;
     let (n64, p64, paper) = (n as i64, p as i64, paper as i32);
     let (lg, ll) = labels.storage_and_layout();
     with_cuda_dtype!(ds.dtype(), T, A, {
@@ -751,11 +838,19 @@ pub(crate) fn nca_bwd(
         let lv = view::<u32>(cuda_of(&lg)?, ll)?;
         // SAFETY: every element is written by the kernel.
         let mut dd = unsafe { dev.alloc::<T>(n * p)? };
-        let mut b = stream.launch_builder(&f);
-        b.arg(&d).arg(&lv).arg(&res).arg(&grad).arg(&mut dd);
-        b.arg(&n64).arg(&p64).arg(&paper).arg(&smoothing);
-        // SAFETY: argument types and count match the kernel's signature.
-        unsafe { b.launch(grid_1d(n * p)) }.w()?;
+        launch::nca_bwd::<T>(
+            dev,
+            grid_1d(n * p),
+            &d,
+            &lv,
+            &res,
+            &grad,
+            &mut dd.as_view_mut(),
+            &n64,
+            &p64,
+            &paper,
+            &smoothing,
+        )?;
         Ok(CudaStorage::wrap_cuda_slice(dd, dev.clone()))
     })
 }
@@ -771,8 +866,6 @@ pub(crate) fn smallest_k(
     skip_diagonal: Option<usize>,
 ) -> Result<(CudaStorage, CudaStorage)> {
     let dev = s.device();
-    let stream = dev.cuda_stream();
-    let f = func(dev, "nofuss_select", SELECT_PTX, "smallest_k", DType::F32)?;
     if rows > i32::MAX as usize {
         candle_core::bail!("smallest_k: {rows} rows exceed one launch's grid");
     }
@@ -787,15 +880,20 @@ pub(crate) fn smallest_k(
     );
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        // kernels/select.cu's SELECT_THREADS.
-        block_dim: (256, 1, 1),
+        block_dim: (SELECT_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = stream.launch_builder(&f);
-    b.arg(&x).arg(&mut vals).arg(&mut idx);
-    b.arg(&cols).arg(&k32).arg(&offset).arg(&skip);
-    // SAFETY: argument types and count match the kernel's signature.
-    unsafe { b.launch(cfg) }.w()?;
+    launch::smallest_k::<f32>(
+        dev,
+        cfg,
+        &x,
+        &mut vals.as_view_mut(),
+        &mut idx.as_view_mut(),
+        &cols,
+        &k32,
+        &offset,
+        &skip,
+    )?;
     Ok((
         CudaStorage::wrap_cuda_slice(vals, dev.clone()),
         CudaStorage::wrap_cuda_slice(idx, dev.clone()),
