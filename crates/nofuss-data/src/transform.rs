@@ -5,7 +5,9 @@
 //! resampling follows Pillow's bilinear filter with antialiasing (the triangle filter's
 //! support widens with the reduction factor), which is what torchvision does on PIL
 //! images. The crop, the resize, the flip and the normalisation happen in one separable
-//! pass from the decoded image straight into the `[3, S, S]` f32 output.
+//! pass from the decoded image straight into the `[3, S, S]` output: normalised f32, or
+//! the 8-bit values in the network's channel order (a [`Texel`] of either kind), which
+//! [`Normalization::normalize_bytes`] turns into the same f32 values on a device.
 
 use std::path::Path;
 
@@ -232,14 +234,44 @@ fn taps(offset: f64, len: f64, in_size: usize, out: usize, inside: bool) -> Vec<
         .collect()
 }
 
-/// Resamples `region` of `img` to `size` x `size`, flips it if asked, normalises it, and
-/// writes `[3, size, size]` into `out` (the network's channel order).
-pub fn resample_into(
+/// What the pipeline writes per pixel and channel: `f32` (normalised network input) or
+/// `u8` (the rounded 8-bit value, in the network's channel order, to normalise later,
+/// e.g. on the GPU with [`Normalization::normalize_bytes`]).
+pub trait Texel: Copy + Default + Send + Sync + sealed::Sealed {
+    /// The output for the rounded 8-bit value `byte` (as f32) of a channel with
+    /// coefficients `(mul, add)` ([`Normalization::coefficients`]).
+    fn from_byte(byte: f32, mul: f32, add: f32) -> Self;
+}
+
+impl Texel for f32 {
+    #[inline]
+    fn from_byte(byte: f32, mul: f32, add: f32) -> Self {
+        byte * mul + add
+    }
+}
+
+impl Texel for u8 {
+    #[inline]
+    fn from_byte(byte: f32, _: f32, _: f32) -> Self {
+        byte as u8
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for u8 {}
+}
+
+/// Resamples `region` of `img` to `size` x `size`, flips it if asked, normalises it (or,
+/// for u8 output, only orders the channels), and writes `[3, size, size]` into `out`
+/// (the network's channel order).
+pub fn resample_into<P: Texel>(
     img: &RgbImage,
     region: &Region,
     size: usize,
     norm: &Normalization,
-    out: &mut [f32],
+    out: &mut [P],
 ) -> Result<()> {
     if norm.channels() != 3 || out.len() != 3 * size * size {
         return Err(DataError::Config(format!(
@@ -277,12 +309,7 @@ pub fn resample_into(
     starts.iter_mut().for_each(|s| *s -= col_lo);
     let plane = size * size;
     let bgr = norm.order == ChannelOrder::Bgr;
-    let coef: Vec<(f32, f32)> = (0..3)
-        .map(|ch| {
-            let inv = 1.0 / norm.std[ch];
-            (norm.scale * inv, -norm.mean[ch] * inv)
-        })
-        .collect();
+    let coef = norm.coefficients();
     // Per output row: the vertical filter over the needed columns (vectorisable), then
     // the horizontal one, then rounding to 8 bits and normalisation into the planes.
     let mut column = vec![0f32; col_hi - col_lo];
@@ -314,7 +341,7 @@ pub fn resample_into(
                 // Round and clamp to 8 bits first, as PIL hands torchvision 8-bit
                 // pixels; `+ 0.5` then truncation rounds without a libm call.
                 let v = (px[src_ch].clamp(0.0, 255.0) + 0.5) as u32 as f32;
-                *d = v * mul + add;
+                *d = P::from_byte(v, mul, add);
             }
         }
     }
@@ -363,25 +390,25 @@ fn hpass_any(src: &[f32], starts: &[usize], weights: &[f32], k: usize, dst: &mut
 }
 
 /// Decodes `path` and applies `transform` with randomness from `rng`.
-pub fn load_transformed(
+pub fn load_transformed<P: Texel>(
     path: &Path,
     transform: &Transform,
     norm: &Normalization,
     rng: &mut impl Rng,
-    out: &mut [f32],
+    out: &mut [P],
 ) -> Result<()> {
     load_transformed_within(path, transform, norm, rng, None, out)
 }
 
 /// [`load_transformed`] on the part of the image inside `within` (a bounding box, clipped
 /// to the image): the crop is drawn, or the evaluation crop centred, in the box.
-pub fn load_transformed_within(
+pub fn load_transformed_within<P: Texel>(
     path: &Path,
     transform: &Transform,
     norm: &Normalization,
     rng: &mut impl Rng,
     within: Option<BBox>,
-    out: &mut [f32],
+    out: &mut [P],
 ) -> Result<()> {
     let img = decode_rgb(path)?;
     let (x0, y0, w, h) = match within {
@@ -464,6 +491,47 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out[0], 7.0 - 104.0);
+    }
+
+    #[test]
+    fn bytes_then_normalisation_is_the_f32_output() {
+        // A downscaling crop with a flip (fractional taps, rounding) in BGR and RGB.
+        let img = RgbImage::from_fn(37, 29, |x, y| {
+            image::Rgb([(x * 7 + y) as u8, (y * 9) as u8, (x * y % 251) as u8])
+        });
+        let region = Region {
+            x: 3.5,
+            y: 1.25,
+            w: 30.0,
+            h: 25.5,
+            flip: true,
+            inside: true,
+        };
+        for norm in [
+            Normalization::bn_inception_bgr(),
+            Normalization::imagenet_rgb(),
+        ] {
+            let mut f = vec![0f32; 3 * 16 * 16];
+            let mut b = vec![0u8; 3 * 16 * 16];
+            resample_into(&img, &region, 16, &norm, &mut f).unwrap();
+            resample_into(&img, &region, 16, &norm, &mut b).unwrap();
+            let coef = norm.coefficients();
+            for (i, (&x, &y)) in f.iter().zip(&b).enumerate() {
+                let (mul, add) = coef[i / 256];
+                assert_eq!(x.to_bits(), (y as f32 * mul + add).to_bits(), "{i}");
+            }
+            // The same on a device, through the tensor normalisation.
+            let t = candle_core::Tensor::from_vec(b, (1, 3, 16, 16), &candle_core::Device::Cpu)
+                .unwrap();
+            let dev = norm
+                .normalize_bytes(&t)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert!(dev.iter().zip(&f).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
     }
 
     #[test]
