@@ -1,6 +1,7 @@
 //! The custom operations (cuDNN/candle convolution, pooling, fused batch norm) against
 //! PyTorch, forward and backward: `tests/reference/tensor_ops.py` wrote the fixture.
-//! Runs on `NOFUSS_TEST_DEVICE` (the CPU by default; `cuda` on a GPU machine).
+//! Runs on `NOFUSS_TEST_DEVICE` (the CPU by default; `cuda` on a GPU machine). Also the
+//! kNN row selection and the 8-bit pixel normalisation, on that device against the CPU.
 //!
 //! Tolerances, relative to the largest reference value of each tensor: 1e-9 in f64,
 //! 1e-4 in f32 (TF32 is switched off for this test), 4e-2 in bf16 (pooling and batch
@@ -211,5 +212,68 @@ fn bf16_stays_close_to_pytorch() {
         // gradient, cancelling most digits: its forward pass is the bf16 check.
         let grads = c["op"] != "batch_norm";
         run_case(c, DType::BF16, &dev, 4e-2, grads);
+    }
+}
+
+/// The kNN row selection on the test device against its CPU twin (whose order is checked
+/// against a full sort in the crate's unit tests and against `torch.sort` on the host):
+/// a SOP-like block (a query block that is not the first, so the skipped column is
+/// offset), ties, NaN, and the largest K.
+#[test]
+fn row_selection_matches_the_cpu() {
+    use nofuss_tensor::select::{smallest_k, MAX_K};
+    let dev = nofuss_tensor::test_device().unwrap();
+    for (rows, cols, k, skip) in [
+        (37usize, 6000usize, 1000usize, Some(100usize)),
+        (5, 300, 1, Some(0)),
+        (3, MAX_K + 3, MAX_K, None),
+    ] {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| match i % 97 {
+                13 => f32::NAN,
+                _ => ((i * 7919 % 4099) as f32 / 16.0).round() / 4.0,
+            })
+            .collect();
+        let cpu = Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap();
+        let (cv, ci) = smallest_k(&cpu, k, skip).unwrap();
+        let (dv, di) = smallest_k(&cpu.to_device(&dev).unwrap(), k, skip).unwrap();
+        assert_eq!(
+            di.to_device(&Device::Cpu)
+                .unwrap()
+                .to_vec2::<u32>()
+                .unwrap(),
+            ci.to_vec2::<u32>().unwrap(),
+            "{rows}x{cols} k {k}: columns"
+        );
+        let dv = dv.to_device(&Device::Cpu).unwrap().flatten_all().unwrap();
+        let cv = cv.flatten_all().unwrap();
+        let same = dv
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .zip(cv.to_vec1::<f32>().unwrap())
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{rows}x{cols} k {k}: values");
+    }
+}
+
+/// 8-bit pixels normalised on the test device give the host's f32 values to the bit.
+#[test]
+fn byte_normalisation_matches_the_host() {
+    let dev = nofuss_tensor::test_device().unwrap();
+    let norm = nofuss_tensor::Normalization::bn_inception_bgr();
+    let bytes: Vec<u8> = (0..4 * 3 * 5 * 5).map(|i| (i * 53 % 256) as u8).collect();
+    let t = Tensor::from_vec(bytes.clone(), (4, 3, 5, 5), &dev).unwrap();
+    let got = norm
+        .normalize_bytes(&t)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let coef = norm.coefficients();
+    for (i, (&b, g)) in bytes.iter().zip(&got).enumerate() {
+        let (mul, add) = coef[(i / 25) % 3];
+        assert_eq!(g.to_bits(), (b as f32 * mul + add).to_bits(), "{i}");
     }
 }
