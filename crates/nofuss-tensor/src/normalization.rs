@@ -142,24 +142,14 @@ mod tests {
     }
 
     #[test]
-    fn bytes_on_a_device_match_the_coefficients() {
+    fn byte_normalisation_refuses_other_inputs() {
+        // Values are checked on every device by tests/ops_parity.rs.
         let norm = Normalization::imagenet_rgb();
-        let bytes: Vec<u8> = (0..2 * 3 * 4).map(|i| (i * 37 % 256) as u8).collect();
-        let t = Tensor::from_vec(bytes.clone(), (2, 3, 2, 2), &candle_core::Device::Cpu).unwrap();
-        let got = norm
-            .normalize_bytes(&t)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let coef = norm.coefficients();
-        for (i, (&b, g)) in bytes.iter().zip(&got).enumerate() {
-            let (mul, add) = coef[(i / 4) % 3];
-            assert_eq!(g.to_bits(), (b as f32 * mul + add).to_bits(), "{i}");
-        }
-        let wrong = t.to_dtype(DType::F32).unwrap();
-        assert!(norm.normalize_bytes(&wrong).is_err());
+        let t = Tensor::zeros((2, 3, 2, 2), DType::U8, &candle_core::Device::Cpu).unwrap();
+        assert_eq!(norm.normalize_bytes(&t).unwrap().dtype(), DType::F32);
+        assert!(norm
+            .normalize_bytes(&t.to_dtype(DType::F32).unwrap())
+            .is_err());
         assert!(Normalization::symmetric(1).normalize_bytes(&t).is_err());
     }
 
