@@ -60,6 +60,12 @@ pub fn smallest_k(
     if cols > u32::MAX as usize {
         candle_core::bail!("smallest_k: {cols} columns do not fit u32 indices");
     }
+    if rows == 0 {
+        return Ok((
+            Tensor::zeros((0, k), DType::F32, x.device())?,
+            Tensor::zeros((0, k), DType::U32, x.device())?,
+        ));
+    }
     let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
     match &*storage {
@@ -190,6 +196,9 @@ mod tests {
     #[test]
     fn bad_requests_are_errors() {
         let t = Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap();
+        let none = Tensor::zeros((0, 5), DType::F32, &Device::Cpu).unwrap();
+        let (v, i) = smallest_k(&none, 2, Some(0)).unwrap();
+        assert_eq!((v.dims(), i.dims()), ([0, 2].as_slice(), [0, 2].as_slice()));
         assert!(smallest_k(&t, 0, None).is_err());
         assert!(smallest_k(&t, 6, None).is_err());
         assert!(smallest_k(&t, 5, Some(0)).is_err());
