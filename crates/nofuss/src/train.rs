@@ -838,8 +838,16 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             .progress_chars("=> "),
         );
         pb.set_prefix(format!("{epoch}/{}", cfg.optim.epochs));
-        let (mut loss_sum, mut steps, mut images) = (0.0f64, 0usize, 0usize);
+        let (mut steps, mut images) = (0usize, 0usize);
         let (mut skipped, mut skip_reason) = (0usize, String::new());
+        let mut losses = LossQueue::default();
+        let non_finite = |(step, loss): (usize, f32), dir: &Path| TrainError::NonFinite {
+            epoch,
+            step,
+            loss,
+            run_dir: dir.to_path_buf(),
+            finished: epoch - 1,
+        };
         let t_train = Instant::now();
         for (i, batch) in batches.enumerate() {
             let step = i + 1;
@@ -869,16 +877,6 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let value = loss.to_scalar::<f32>()?;
-            if !value.is_finite() {
-                return Err(TrainError::NonFinite {
-                    epoch,
-                    step,
-                    loss: value,
-                    run_dir: dir,
-                    finished: epoch - 1,
-                });
-            }
             let grads = loss.backward()?;
             opt.set_lr(
                 cfg.optim.schedule.factor(epoch - 1)
@@ -888,15 +886,17 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             if let (Some(r), Some(v)) = (reseeder.as_mut(), proxy_var.as_ref()) {
                 r.step(&emb, v, global_step(epoch, num_batches, step))?;
             }
-            loss_sum += value as f64;
             steps += 1;
             images += batch_len;
+            if let Err(bad) = losses.push(step, &loss)? {
+                return Err(non_finite(bad, &dir));
+            }
             let rate = images as f64 / t_train.elapsed().as_secs_f64().max(1e-9);
-            pb.set_message(format!(
-                "loss {:.4} | {rate:.0} img/s",
-                loss_sum / steps as f64
-            ));
+            pb.set_message(format!("loss {:.4} | {rate:.0} img/s", losses.mean()));
             pb.inc(1);
+        }
+        if let Err(bad) = losses.flush()? {
+            return Err(non_finite(bad, &dir));
         }
         pb.finish_and_clear();
         if steps == 0 && skipped > 0 {
@@ -912,7 +912,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         total_train_secs += train_secs;
         let m = EpochMetrics {
             epoch,
-            train_loss: Some(loss_sum / steps.max(1) as f64),
+            train_loss: Some(losses.mean()),
             skipped_steps: skipped,
             steps: total_steps,
             train_seconds: total_train_secs,
@@ -1108,4 +1108,100 @@ pub fn summary_table(s: &RunSummary) -> String {
         s.run_dir.display()
     ));
     out
+}
+
+/// The training losses of an epoch, each read one step late: the loss of step `i` is read
+/// once step `i + 1` is queued, so on a GPU the host keeps queueing work while the device
+/// runs the step before, instead of waiting for every step (reading a value waits for
+/// the device). A non-finite loss is still seen, one step later, and stops the run before
+/// anything of its epoch is saved: [`LossQueue::flush`] reads the last one before the
+/// epoch's evaluation.
+#[derive(Default)]
+struct LossQueue {
+    /// The step whose loss is not read yet, and that loss (detached from its graph).
+    pending: Option<(usize, Tensor)>,
+    /// Sum of the losses read.
+    sum: f64,
+    /// How many were read.
+    read: usize,
+}
+
+impl LossQueue {
+    /// Queues `step`'s loss and reads the one before: `Err((step, value))` for a
+    /// non-finite one.
+    fn push(
+        &mut self,
+        step: usize,
+        loss: &Tensor,
+    ) -> Result<std::result::Result<(), (usize, f32)>> {
+        let before = self.pending.replace((step, loss.detach()));
+        self.settle(before)
+    }
+
+    /// Reads the last queued loss.
+    fn flush(&mut self) -> Result<std::result::Result<(), (usize, f32)>> {
+        let last = self.pending.take();
+        self.settle(last)
+    }
+
+    fn settle(
+        &mut self,
+        queued: Option<(usize, Tensor)>,
+    ) -> Result<std::result::Result<(), (usize, f32)>> {
+        let Some((step, loss)) = queued else {
+            return Ok(Ok(()));
+        };
+        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Ok(Err((step, value)));
+        }
+        self.sum += value as f64;
+        self.read += 1;
+        Ok(Ok(()))
+    }
+
+    /// Mean of the losses read so far (0 before any).
+    fn mean(&self) -> f64 {
+        self.sum / self.read.max(1) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scalar(v: f32) -> Tensor {
+        Tensor::new(v, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn losses_are_read_one_step_late_and_non_finite_ones_name_their_step() {
+        let mut q = LossQueue::default();
+        assert_eq!(q.push(1, &scalar(2.0)).unwrap(), Ok(()));
+        assert_eq!((q.read, q.mean()), (0, 0.0)); // step 1 not read yet
+        assert_eq!(q.push(2, &scalar(4.0)).unwrap(), Ok(()));
+        assert_eq!((q.read, q.mean()), (1, 2.0));
+        assert_eq!(q.flush().unwrap(), Ok(()));
+        assert_eq!((q.read, q.mean()), (2, 3.0));
+        assert_eq!(q.flush().unwrap(), Ok(())); // nothing queued
+                                                // A NaN at step 3 surfaces when step 4 is queued, naming step 3.
+        let mut q = LossQueue::default();
+        q.push(3, &scalar(f32::NAN)).unwrap().unwrap();
+        let (step, value) = q.push(4, &scalar(1.0)).unwrap().unwrap_err();
+        assert!(step == 3 && value.is_nan());
+        // An infinite last loss surfaces at the flush.
+        let mut q = LossQueue::default();
+        q.push(7, &scalar(f32::INFINITY)).unwrap().unwrap();
+        assert_eq!(q.flush().unwrap(), Err((7, f32::INFINITY)));
+    }
+
+    #[test]
+    fn a_queued_loss_does_not_keep_its_graph() {
+        let w = candle_core::Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+        let loss = w.as_tensor().sqr().unwrap().sum_all().unwrap();
+        let mut q = LossQueue::default();
+        q.push(1, &loss).unwrap().unwrap();
+        let (_, queued) = q.pending.as_ref().unwrap();
+        assert!(!queued.track_op());
+    }
 }
