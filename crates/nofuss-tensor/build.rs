@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["pool", "batch_norm", "optim", "nca", "select"];
+const KERNELS: &[&str] = &["pool", "batch_norm", "optim", "nca", "normalize", "select"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -145,9 +145,10 @@ pub(crate) fn prepare(
         check_finite(&x, "embeddings")?;
         check_finite(&p, "proxies")?;
     }
+    // One fused pass each way per matrix (the proxies are all P of them every step).
     Ok((
-        (l2_normalize(&x)? * scales.0)?,
-        (l2_normalize(&p)? * scales.1)?,
+        nofuss_tensor::ops::scaled_l2_normalize_rows(&x, scales.0)?,
+        nofuss_tensor::ops::scaled_l2_normalize_rows(&p, scales.1)?,
     ))
 }
 

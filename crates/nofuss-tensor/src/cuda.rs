@@ -24,6 +24,8 @@ pub(crate) const BN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/batch_no
 pub(crate) const NCA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nca.ptx"));
 /// PTX of `kernels/optim.cu`.
 pub(crate) const OPTIM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
+/// PTX of `kernels/normalize.cu`.
+pub(crate) const NORMALIZE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/normalize.ptx"));
 /// PTX of `kernels/select.cu`.
 pub(crate) const SELECT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/select.ptx"));
 
@@ -187,6 +189,18 @@ pub(crate) mod launch {
             p: &i64,
             paper: &i32,
             smoothing: &f64,
+        );
+    }
+
+    kernels! { "normalize.cu", "nofuss_normalize", NORMALIZE_PTX;
+        fn l2n_fwd<T>(x: &CudaView<T>, y: &mut CudaViewMut<T>, d: &i64, scale: &f64, eps: &f64);
+        fn l2n_bwd<T>(
+            x: &CudaView<T>,
+            g: &CudaView<T>,
+            dx: &mut CudaViewMut<T>,
+            d: &i64,
+            scale: &f64,
+            eps: &f64,
         );
     }
 
@@ -808,11 +822,7 @@ pub(crate) fn nca_fwd(
         let labels = view::<u32>(ls, ll)?;
         // SAFETY: every element is written by the kernel.
         let mut out = unsafe { dev.alloc::<T>(2 * n)? };
-        let cfg = LaunchConfig {
-            grid_dim: (n.max(1) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = rows_grid(n)?;
         let mut o = out.as_view_mut();
         launch::nca_fwd::<T>(dev, cfg, &d, &labels, &mut o, &p64, &paper, &smoothing)?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
@@ -898,4 +908,58 @@ pub(crate) fn smallest_k(
         CudaStorage::wrap_cuda_slice(vals, dev.clone()),
         CudaStorage::wrap_cuda_slice(idx, dev.clone()),
     ))
+}
+
+/// A launch of one `THREADS`-thread block per row.
+fn rows_grid(rows: usize) -> Result<LaunchConfig> {
+    if rows > i32::MAX as usize {
+        candle_core::bail!("{rows} rows exceed one launch's grid");
+    }
+    Ok(LaunchConfig {
+        grid_dim: (rows.max(1) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// `scale * x / max(|x|, eps)` per row of a contiguous `[n, d]` matrix.
+pub(crate) fn l2n_fwd(
+    s: &CudaStorage,
+    l: &Layout,
+    n: usize,
+    d: usize,
+    scale: f64,
+    eps: f64,
+) -> Result<CudaStorage> {
+    let dev = s.device();
+    let d64 = d as i64;
+    with_cuda_dtype!(s.dtype(), T, A, {
+        let x = view::<T>(s, l)?;
+        // SAFETY: every element is written by the kernel.
+        let mut y = unsafe { dev.alloc::<T>(n * d)? };
+        let cfg = rows_grid(n)?;
+        launch::l2n_fwd::<T>(dev, cfg, &x, &mut y.as_view_mut(), &d64, &scale, &eps)?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    })
+}
+
+/// The gradient of [`l2n_fwd`] from `(x, dy)`.
+pub(crate) fn l2n_bwd(
+    (xs, xl): (&CudaStorage, &Layout),
+    (gs, gl): (&CudaStorage, &Layout),
+    n: usize,
+    d: usize,
+    scale: f64,
+    eps: f64,
+) -> Result<CudaStorage> {
+    let dev = xs.device();
+    let d64 = d as i64;
+    with_cuda_dtype!(xs.dtype(), T, A, {
+        let (x, g) = (view::<T>(xs, xl)?, view::<T>(gs, gl)?);
+        // SAFETY: every element is written by the kernel.
+        let mut dx = unsafe { dev.alloc::<T>(n * d)? };
+        let mut o = dx.as_view_mut();
+        launch::l2n_bwd::<T>(dev, rows_grid(n)?, &x, &g, &mut o, &d64, &scale, &eps)?;
+        Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+    })
 }

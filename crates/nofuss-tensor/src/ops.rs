@@ -3,21 +3,141 @@
 use candle_core::backend::BackendStorage;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
 use rayon::prelude::*;
 
-use crate::cpu::{from_f64s, slice, to_f64s};
+use crate::cpu::{from_f64s, slice, to_f64s, with_cpu_dtype};
 
-/// Divides each row of `x` (`[N, D]`) by its L2 norm; rows with a norm below `1e-12`
-/// are divided by `1e-12` instead, so a zero row stays zero rather than becoming NaN.
-/// Differentiable.
+/// Norms at or below this divide by it instead (a zero row stays zero, not NaN).
+const NORM_EPS: f64 = 1e-12;
+
+/// Divides each row of `x` (`[N, D]`) by its L2 norm; rows with a norm at or below
+/// `1e-12` are divided by `1e-12` instead, so a zero row stays zero rather than becoming
+/// NaN. Differentiable; see [`scaled_l2_normalize_rows`].
 pub fn l2_normalize_rows(x: &Tensor) -> Result<Tensor> {
-    let norm = x
-        .sqr()?
-        .sum_keepdim(1)?
-        .sqrt()?
-        .clamp(1e-12, f64::INFINITY)?;
-    x.broadcast_div(&norm)
+    scaled_l2_normalize_rows(x, 1.0)
+}
+
+/// `scale * x / |x|` for every row of `x` (`[N, D]`, f32, f64 or bf16; sums in f32/f64),
+/// the norm clamped below at `1e-12` as in [`l2_normalize_rows`]. One pass each way (on
+/// CUDA one kernel, a block per row) instead of the half-dozen element-wise passes and
+/// buffers of the composite: the proxy losses normalise all `P` proxies every step.
+pub fn scaled_l2_normalize_rows(x: &Tensor, scale: f64) -> Result<Tensor> {
+    let (n, d) = x.dims2()?;
+    if n == 0 || d == 0 {
+        return x.affine(scale, 0.0);
+    }
+    x.contiguous()?.apply_op1(L2Normalize { scale })
+}
+
+/// `x -> scale * x / max(|x|, eps)` per row.
+struct L2Normalize {
+    scale: f64,
+}
+
+impl L2Normalize {
+    /// The factor a row with squared norm `xx` is multiplied by, and whether the norm is
+    /// above the clamp (only then does the gradient have its projection term).
+    fn factor(&self, xx: f64) -> (f64, bool) {
+        let norm = xx.sqrt();
+        if norm > NORM_EPS {
+            (self.scale / norm, true)
+        } else {
+            (self.scale / NORM_EPS, false)
+        }
+    }
+}
+
+impl CustomOp1 for L2Normalize {
+    fn name(&self) -> &'static str {
+        "nofuss-l2-normalize-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, d) = l.shape().dims2()?;
+        with_cpu_dtype!(s.dtype(), T, {
+            let x = slice::<T>(s, l)?;
+            let mut y = vec![T::from_f64(0.0); x.len()];
+            y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, r)| {
+                let xx: f64 = r.iter().map(|v| v.to_f64() * v.to_f64()).sum();
+                let (c, _) = self.factor(xx);
+                for (o, v) in o.iter_mut().zip(r) {
+                    *o = T::from_f64(v.to_f64() * c);
+                }
+            });
+            Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (n, d) = l.shape().dims2()?;
+        let y = crate::cuda::l2n_fwd(s, l, n, d, self.scale, NORM_EPS)?;
+        Ok((y, l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = L2NormalizeBwd { scale: self.scale };
+        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+    }
+}
+
+/// `(x, dy) -> dx` of [`L2Normalize`]: `c (g - x (g·x) / |x|²)`, or `c g` where the norm
+/// is clamped.
+struct L2NormalizeBwd {
+    scale: f64,
+}
+
+impl CustomOp2 for L2NormalizeBwd {
+    fn name(&self) -> &'static str {
+        "nofuss-l2-normalize-rows-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, d) = l1.shape().dims2()?;
+        let fwd = L2Normalize { scale: self.scale };
+        with_cpu_dtype!(s1.dtype(), T, {
+            let x = slice::<T>(s1, l1)?;
+            let g = slice::<T>(s2, l2)?;
+            let mut dx = vec![T::from_f64(0.0); x.len()];
+            dx.par_chunks_mut(d)
+                .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+                .for_each(|(o, (r, gr))| {
+                    let (mut xx, mut gx) = (0f64, 0f64);
+                    for (v, w) in r.iter().zip(gr) {
+                        xx += v.to_f64() * v.to_f64();
+                        gx += w.to_f64() * v.to_f64();
+                    }
+                    let (c, unit) = fwd.factor(xx);
+                    let k = if unit { gx / xx } else { 0.0 };
+                    for ((o, v), w) in o.iter_mut().zip(r).zip(gr) {
+                        *o = T::from_f64(c * (w.to_f64() - v.to_f64() * k));
+                    }
+                });
+            Ok((T::to_cpu_storage_owned(dx), l1.shape().clone()))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, d) = l1.shape().dims2()?;
+        let dx = crate::cuda::l2n_bwd((s1, l1), (s2, l2), n, d, self.scale, NORM_EPS)?;
+        Ok((dx, l1.shape().clone()))
+    }
 }
 
 /// The NCA objective of each row of a distance matrix `dist` (`[N, P]`, f32 or f64)
@@ -325,5 +445,74 @@ mod tests {
         let x = Tensor::new(&[[3f32, 4.0], [0.0, 0.0]], &Device::Cpu).unwrap();
         let y = l2_normalize_rows(&x).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(y, vec![vec![0.6, 0.8], vec![0.0, 0.0]]);
+        let empty = Tensor::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(l2_normalize_rows(&empty).unwrap().dims(), [0, 3]);
+    }
+
+    /// The composite the fused op replaces: candle's element-wise ops, differentiated by
+    /// candle.
+    fn composite(x: &Tensor, scale: f64) -> Tensor {
+        let norm = x
+            .sqr()
+            .unwrap()
+            .sum_keepdim(1)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .clamp(NORM_EPS, f64::INFINITY)
+            .unwrap();
+        (x.broadcast_div(&norm).unwrap() * scale).unwrap()
+    }
+
+    #[test]
+    fn fused_normalisation_matches_the_composite_and_its_gradient() {
+        let (n, d) = (6, 9);
+        let mut v: Vec<f64> = (0..n * d)
+            .map(|i| ((i * 37 % 23) as f64 - 11.0) / 7.0)
+            .collect();
+        v[d..2 * d].iter_mut().for_each(|x| *x = 0.0); // a zero row
+        v[2 * d..3 * d].iter_mut().for_each(|x| *x *= 1e-14); // a row under the clamp
+        let w: Vec<f64> = (0..n * d)
+            .map(|i| ((i * 11 % 13) as f64 - 6.0) / 5.0)
+            .collect();
+        let w = Tensor::from_vec(w, (n, d), &Device::Cpu).unwrap();
+        for scale in [1.0, 3.0] {
+            let a = Var::from_vec(v.clone(), (n, d), &Device::Cpu).unwrap();
+            let b = Var::from_vec(v.clone(), (n, d), &Device::Cpu).unwrap();
+            let ya = scaled_l2_normalize_rows(a.as_tensor(), scale).unwrap();
+            let yb = composite(b.as_tensor(), scale);
+            let ga = (&ya * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (&yb * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            for (x, y) in flat(&ya).iter().zip(flat(&yb)) {
+                assert!((x - y).abs() < 1e-12, "{scale}: {x} vs {y}");
+            }
+            let (da, db) = (
+                flat(ga.get(a.as_tensor()).unwrap()),
+                flat(gb.get(b.as_tensor()).unwrap()),
+            );
+            let wv = flat(&w);
+            for (i, (x, y)) in da.iter().zip(&db).enumerate() {
+                if i / d == 1 {
+                    // A zero row: the composite's square-root backward gives NaN; the
+                    // fused op gives PyTorch's F.normalize gradient, g * scale / eps.
+                    assert!(y.is_nan());
+                    assert!((x - wv[i] * scale / NORM_EPS).abs() <= 1e-12 * x.abs());
+                    continue;
+                }
+                assert!(
+                    (x - y).abs() <= 1e-9 * y.abs().max(1.0),
+                    "{scale} [{i}]: {x} vs {y}"
+                );
+            }
+        }
+        // f32 and bf16 inputs keep their dtype.
+        let x32 = Tensor::from_vec(v.clone(), (n, d), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(l2_normalize_rows(&x32).unwrap().dtype(), DType::F32);
+        let x16 = x32.to_dtype(DType::BF16).unwrap();
+        assert_eq!(l2_normalize_rows(&x16).unwrap().dtype(), DType::BF16);
     }
 }

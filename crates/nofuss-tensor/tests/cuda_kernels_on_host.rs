@@ -2,8 +2,8 @@
 //! (a block's threads as real threads meeting at `__syncthreads`) by
 //! `tests/reference/kernels_on_host/harness.cpp`, against this crate's CPU operations, which
 //! the PyTorch parity tests check: pooling, batch norm + ReLU (statistics, backward,
-//! running statistics), the fused NCA rows and fused Adam steps, in f32 and f64, and the
-//! row selection of kNN searches. So the GPU
+//! running statistics), the fused NCA rows, fused Adam steps and the scaled row
+//! normalisation, in f32 and f64, and the row selection of kNN searches. So the GPU
 //! kernels' arithmetic, indexing and reductions are tested on every CI run, without a GPU.
 //! Needs a C++20 compiler: `CXX`, else `g++`.
 
@@ -12,7 +12,7 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor, Var};
 use nofuss_tensor::batch_norm::batch_norm_train;
-use nofuss_tensor::ops::nca_rows;
+use nofuss_tensor::ops::{nca_rows, scaled_l2_normalize_rows};
 use nofuss_tensor::optim::{Optimizer, OptimizerKind, ParamGroup};
 use nofuss_tensor::pool::{avg_pool2d, max_pool2d, Pool2d};
 use nofuss_tensor::select::smallest_k;
@@ -375,6 +375,40 @@ fn cuda_kernels_match_the_cpu_operations() {
             state = h.read("state", dt);
         }
         close("adam parameter", &p_k, &host(var.as_tensor()), dt);
+    }
+
+    // Scaled row normalisation, a zero row included, forward and backward.
+    for dt in [DType::F64, DType::F32] {
+        let (n, d, scale) = (4usize, 300usize, 3.0f64);
+        let mut xv = values(n * d, 51);
+        xv[d..2 * d].iter_mut().for_each(|v| *v = 0.0);
+        let gv = values(n * d, 52);
+        let x = Var::from_tensor(&tensor(&xv, &[n, d], dt)).unwrap();
+        let y = scaled_l2_normalize_rows(x.as_tensor(), scale).unwrap();
+        let grads = (&y * tensor(&gv, &[n, d], dt))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        h.write("x", &xv, dt);
+        h.write("g", &gv, dt);
+        h.run(
+            "l2n",
+            dt,
+            &[n, d]
+                .map(|v| v.to_string())
+                .into_iter()
+                .chain([scale.to_string()])
+                .collect::<Vec<_>>(),
+        );
+        close("l2n y", &h.read("y", dt), &host(&y), dt);
+        // The zero row's gradient (scale / 1e-12 times g) apart: it would swamp the
+        // others' tolerance.
+        let (got, want) = (h.read("dx", dt), host(grads.get(x.as_tensor()).unwrap()));
+        close("l2n dx zero row", &got[d..2 * d], &want[d..2 * d], dt);
+        let others = |v: &[f64]| [&v[..d], &v[2 * d..]].concat();
+        close("l2n dx", &others(&got), &others(&want), dt);
     }
 
     // Row selection (f32 only): a kNN-sized selection with the query skipped, many ties

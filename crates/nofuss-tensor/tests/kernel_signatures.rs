@@ -308,7 +308,11 @@ fn launchers_match_the_kernels() {
     }
     // Block sizes and limits the kernels' shared arrays are sized for.
     let threads = rust_const(&cuda_rs, "THREADS");
-    for cu in ["kernels/batch_norm.cu", "kernels/nca.cu"] {
+    for cu in [
+        "kernels/batch_norm.cu",
+        "kernels/nca.cu",
+        "kernels/normalize.cu",
+    ] {
         assert_eq!(define(&read(cu), "THREADS"), Some(threads), "{cu}: THREADS");
     }
     let select = read("kernels/select.cu");

@@ -1,7 +1,8 @@
 //! The custom operations (cuDNN/candle convolution, pooling, fused batch norm) against
 //! PyTorch, forward and backward: `tests/reference/tensor_ops.py` wrote the fixture.
 //! Runs on `NOFUSS_TEST_DEVICE` (the CPU by default; `cuda` on a GPU machine). Also the
-//! kNN row selection and the 8-bit pixel normalisation, on that device against the CPU.
+//! kNN row selection, the fused row normalisation and the 8-bit pixel normalisation, on
+//! that device against the CPU.
 //!
 //! Tolerances, relative to the largest reference value of each tensor: 1e-9 in f64,
 //! 1e-4 in f32 (TF32 is switched off for this test), 4e-2 in bf16 (pooling and batch
@@ -275,5 +276,46 @@ fn byte_normalisation_matches_the_host() {
     for (i, (&b, g)) in bytes.iter().zip(&got).enumerate() {
         let (mul, add) = coef[(i / 25) % 3];
         assert_eq!(g.to_bits(), (b as f32 * mul + add).to_bits(), "{i}");
+    }
+}
+
+/// The fused scaled row normalisation on the test device against the CPU, forward and
+/// backward (the CPU op is checked against candle's composite and PyTorch's F.normalize).
+#[test]
+fn row_normalisation_matches_the_cpu() {
+    use nofuss_tensor::ops::scaled_l2_normalize_rows;
+    let dev = nofuss_tensor::test_device().unwrap();
+    let (n, d) = (300usize, 64usize);
+    let mut v: Vec<f32> = (0..n * d)
+        .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
+        .collect();
+    v[d..2 * d].iter_mut().for_each(|x| *x = 0.0);
+    let g: Vec<f32> = (0..n * d)
+        .map(|i| ((i * 31 % 17) as f32 - 8.0) / 3.0)
+        .collect();
+    let run = |dev: &Device| {
+        let x = Var::from_vec(v.clone(), (n, d), dev).unwrap();
+        let y = scaled_l2_normalize_rows(x.as_tensor(), 3.0).unwrap();
+        let gt = Tensor::from_vec(g.clone(), (n, d), dev).unwrap();
+        let grads = (&y * gt).unwrap().sum_all().unwrap().backward().unwrap();
+        let host = |t: &Tensor| {
+            t.to_device(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        (host(&y), host(grads.get(x.as_tensor()).unwrap()))
+    };
+    let (cy, cg) = run(&Device::Cpu);
+    let (dy, dg) = run(&dev);
+    for (what, a, b) in [("y", &dy, &cy), ("dx", &dg, &cg)] {
+        for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
     }
 }

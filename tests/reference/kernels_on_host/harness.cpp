@@ -8,6 +8,7 @@
 #include "batch_norm.cu"
 #include "optim.cu"
 #include "nca.cu"
+#include "normalize.cu"
 #include "select.cu"
 
 #include <cstdio>
@@ -162,6 +163,20 @@ void nca(char** a) {
     save("dd", dd);
 }
 
+template <typename T>
+void l2n(char** a) {
+    // n d scale ; files x g -> y dx
+    int64_t n = std::atoll(a[0]), d = std::atoll(a[1]);
+    double scale = std::atof(a[2]);
+    auto x = load<T>("x");
+    auto g = load<T>("g");
+    std::vector<T> y(n * d), dx(n * d);
+    emu_launch(n, 1, THREADS, [&] { l2n_fwd<T>(x.data(), y.data(), d, scale, 1e-12); });
+    emu_launch(n, 1, THREADS, [&] { l2n_bwd<T>(x.data(), g.data(), dx.data(), d, scale, 1e-12); });
+    save("y", y);
+    save("dx", dx);
+}
+
 void select_k(char** a) {
     // rows cols k skip_offset skip ; file x (f32) -> vals (f32) idx (u32)
     int64_t rows = std::atoll(a[0]), cols = std::atoll(a[1]), off = std::atoll(a[3]);
@@ -192,6 +207,10 @@ int main(int argc, char** argv) {
     } else if (op == "nca") {
         if (dt == "f32") nca<float>(a);
         else nca<double>(a);
+    } else if (op == "l2n") {
+        if (dt == "f32") l2n<float>(a);
+        else if (dt == "f64") l2n<double>(a);
+        else l2n<__nv_bfloat16>(a);
     } else if (op == "select") {
         select_k(a);
     } else if (op == "optim") {

@@ -3,8 +3,8 @@
 (crates/nofuss-tensor/kernels/host_emulation.h: blocks one after another, a block's
 threads as real threads meeting at __syncthreads)
 with harness.cpp, runs pooling, batch norm (+ReLU, statistics, backward, running
-statistics), the fused NCA rows of the proxy losses, the fused optimiser steps and the
-kNN row selection on random inputs in f64, f32 and bf16, and
+statistics), the fused NCA rows of the proxy losses, the fused optimiser steps, the
+scaled row normalisation and the kNN row selection on random inputs in f64, f32 and bf16, and
 compares with PyTorch. It checks the kernels' arithmetic, indexing and block reductions;
 the launch code in src/cuda.rs, cuDNN and speed still need a GPU run
 (xtask/scripts/gpu-check.sh).
@@ -182,6 +182,32 @@ def optim_case(exe, d, dt, name, make, args, steps=3):
     check(f"optim {name} {dt} after {steps} steps", p, ref.detach(), TOL[dt] * 10)
 
 
+def l2n_case(exe, d, dt, n, dim, scale, zero_row=False):
+    """Scaled row normalisation and its gradient against scale * F.normalize."""
+    torch.manual_seed(n * dim)
+    x = torch.randn(n, dim, dtype=torch.float64)
+    if zero_row:
+        x[1] = 0.0
+    g = torch.randn(n, dim, dtype=torch.float64)
+    xr = x.to(DT[dt]).double().requires_grad_()
+    y = F.normalize(xr, dim=1, eps=1e-12) * scale
+    y.backward(g.to(DT[dt]).double())
+    write(d, "x", x.to(DT[dt]))
+    write(d, "g", g.to(DT[dt]))
+    run(exe, d, "l2n", dt, n, dim, scale)
+    tag = f"l2n {dt} {n}x{dim} scale={scale} zero_row={zero_row}"
+    check(tag + " y", read(d, "y", DT[dt], (n, dim)), y.detach(), TOL[dt])
+    grad = xr.grad
+    if zero_row:  # compare the zero row's gradient relative to its own size (s/eps * g)
+        got = read(d, "dx", DT[dt], (n, dim)).double()
+        check(tag + " dx zero row", got[1] / 1e12, grad[1] / 1e12, TOL[dt])
+        got[1], grad = 0, grad.clone()
+        grad[1] = 0
+        check(tag + " dx", got, grad, TOL[dt])
+    else:
+        check(tag + " dx", read(d, "dx", DT[dt], (n, dim)), grad, TOL[dt])
+
+
 def select_case(exe, d, rows, cols, k, skip):
     """kNN selection: the k smallest of each row (its own column `r + skip` left out) in
     ascending order, ties by column: torch.sort(stable=True) of the remaining columns."""
@@ -228,6 +254,9 @@ def main():
                 nca_case(exe, d, dt, 6, 11, paper, eps)
                 nca_case(exe, d, dt, 3, 700, paper, eps)
             nca_case(exe, d, dt, 4, 9, True, 0.0, bad_label=True)
+        for dt in ["f64", "f32", "bf16"]:
+            l2n_case(exe, d, dt, 5, 64, 1.0)
+            l2n_case(exe, d, dt, 3, 700, 3.0, zero_row=True)
         for rows, cols, k, skip in [(3, 5000, 1000, 0), (4, 300, 10, 2), (2, 4100, 4096, None), (5, 60, 1, 0)]:
             select_case(exe, d, rows, cols, k, skip)
         base = dict(scale=1.0)
