@@ -130,16 +130,7 @@ __device__ void bn_bwd_partial(const T* x, const T* dy, const T* y,
         a += d;
         b += d * (to_acc(x[i]) - mean[ch]) * invstd[ch];
     }
-    s0[threadIdx.x] = a;
-    s1[threadIdx.x] = b;
-    __syncthreads();
-    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-        if (threadIdx.x < stride) {
-            s0[threadIdx.x] += s0[threadIdx.x + stride];
-            s1[threadIdx.x] += s1[threadIdx.x + stride];
-        }
-        __syncthreads();
-    }
+    block_sum2(s0, s1, a, b);
     if (threadIdx.x == 0) {
         partial[(ch * g.slices + s) * 2] = s0[0];
         partial[(ch * g.slices + s) * 2 + 1] = s1[0];

@@ -41,6 +41,23 @@ __device__ __forceinline__ int64_t divmod(int64_t a, int64_t b, int64_t& r) {
     return q;
 }
 
+// Sums `a` and `b` over the threads of a block (blockDim.x a power of two) through the
+// shared arrays `s0` and `s1` (blockDim.x entries each); the totals end in s0[0] and
+// s1[0], which every thread may read on return.
+template <typename A>
+__device__ __forceinline__ void block_sum2(A* s0, A* s1, A a, A b) {
+    s0[threadIdx.x] = a;
+    s1[threadIdx.x] = b;
+    __syncthreads();
+    for (unsigned stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) {
+            s0[threadIdx.x] += s0[threadIdx.x + stride];
+            s1[threadIdx.x] += s1[threadIdx.x + stride];
+        }
+        __syncthreads();
+    }
+}
+
 #define GRID_STRIDE(i, n) \
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
          i += (int64_t)blockDim.x * gridDim.x)

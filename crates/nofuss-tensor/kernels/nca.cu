@@ -36,16 +36,7 @@ __device__ void nca_fwd(const T* d, const uint32_t* labels, T* out, int64_t p, i
         if (!(paper && j == y)) sum += exp(-v - m);
         if (j != y) neg += v;
     }
-    s_sum[threadIdx.x] = sum;
-    s_neg[threadIdx.x] = neg;
-    __syncthreads();
-    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-        if (threadIdx.x < stride) {
-            s_sum[threadIdx.x] += s_sum[threadIdx.x + stride];
-            s_neg[threadIdx.x] += s_neg[threadIdx.x + stride];
-        }
-        __syncthreads();
-    }
+    block_sum2(s_sum, s_neg, sum, neg);
     if (threadIdx.x == 0) {
         A lse = m + log(s_sum[0]);
         A loss;

@@ -18,16 +18,7 @@ __device__ void row_sums(const T* x, const T* g, int64_t d, typename Acc<T>::typ
         a += v * v;
         if (g) b += to_acc(g[j]) * v;
     }
-    s_xx[threadIdx.x] = a;
-    s_gx[threadIdx.x] = b;
-    __syncthreads();
-    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-        if (threadIdx.x < stride) {
-            s_xx[threadIdx.x] += s_xx[threadIdx.x + stride];
-            s_gx[threadIdx.x] += s_gx[threadIdx.x + stride];
-        }
-        __syncthreads();
-    }
+    block_sum2(s_xx, s_gx, a, b);
     xx = s_xx[0];
     gx = s_gx[0];
 }
