@@ -4,7 +4,15 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["pool", "batch_norm", "optim", "nca", "normalize", "select"];
+const KERNELS: &[&str] = &[
+    "pool",
+    "batch_norm",
+    "optim",
+    "nca",
+    "normalize",
+    "select",
+    "distance",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -5,12 +5,10 @@ use candle_core::{DType, Tensor, D};
 use crate::{LossError, Result};
 
 /// Squared Euclidean distances between the rows of `a` `[N,D]` and `b` `[P,D]`, `[N,P]`,
-/// as `|a|² + |b|² - 2 a·b`, clamped at 0 against rounding.
+/// as `|a|² + |b|² - 2 a·b`, clamped at 0 against rounding: one matrix product and one
+/// fused pass each way ([`nofuss_tensor::ops::pairwise_squared_distances`]).
 pub fn pairwise_squared_distances(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let aa = a.sqr()?.sum_keepdim(1)?; // [N,1]
-    let bb = b.sqr()?.sum_keepdim(1)?.t()?; // [1,P]
-    let ab = a.matmul(&b.t()?)?; // [N,P]
-    Ok(aa.broadcast_add(&bb)?.broadcast_sub(&(ab * 2.0)?)?.relu()?)
+    Ok(nofuss_tensor::ops::pairwise_squared_distances(a, b)?)
 }
 
 /// Rows divided by their L2 norm (zero rows stay zero).

@@ -24,6 +24,8 @@ pub(crate) const BN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/batch_no
 pub(crate) const NCA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nca.ptx"));
 /// PTX of `kernels/optim.cu`.
 pub(crate) const OPTIM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
+/// PTX of `kernels/distance.cu`.
+pub(crate) const DISTANCE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/distance.ptx"));
 /// PTX of `kernels/normalize.cu`.
 pub(crate) const NORMALIZE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/normalize.ptx"));
 /// PTX of `kernels/select.cu`.
@@ -190,6 +192,18 @@ pub(crate) mod launch {
             paper: &i32,
             smoothing: &f64,
         );
+    }
+
+    kernels! { "distance.cu", "nofuss_distance", DISTANCE_PTX;
+        fn sqdist_fwd<T>(
+            ab: &CudaView<T>,
+            aa: &CudaView<T>,
+            bb: &CudaView<T>,
+            out: &mut CudaViewMut<T>,
+            n: &i64,
+            p: &i64,
+        );
+        fn sqdist_bwd<T>(g: &CudaView<T>, d: &CudaView<T>, dab: &mut CudaViewMut<T>, total: &i64);
     }
 
     kernels! { "normalize.cu", "nofuss_normalize", NORMALIZE_PTX;
@@ -961,5 +975,42 @@ pub(crate) fn l2n_bwd(
         let mut o = dx.as_view_mut();
         launch::l2n_bwd::<T>(dev, rows_grid(n)?, &x, &g, &mut o, &d64, &scale, &eps)?;
         Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+    })
+}
+
+/// `max((|a|² + |b|²) - 2 ab, 0)` from `[ab [n, p], |a|² [n], |b|² [p]]`.
+pub(crate) fn sqdist_fwd(
+    [(abs, abl), (aas, aal), (bbs, bbl)]: [(&CudaStorage, &Layout); 3],
+    n: usize,
+    p: usize,
+) -> Result<CudaStorage> {
+    let dev = abs.device();
+    let (n64, p64) = (n as i64, p as i64);
+    with_cuda_dtype!(abs.dtype(), T, A, {
+        let ab = view::<T>(abs, abl)?;
+        let (aa, bb) = (view::<T>(aas, aal)?, view::<T>(bbs, bbl)?);
+        // SAFETY: every element is written by the kernel.
+        let mut out = unsafe { dev.alloc::<T>(n * p)? };
+        let mut o = out.as_view_mut();
+        launch::sqdist_fwd::<T>(dev, grid_1d(n * p), &ab, &aa, &bb, &mut o, &n64, &p64)?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    })
+}
+
+/// `-2 g where d > 0, else 0` over `total` elements.
+pub(crate) fn sqdist_bwd(
+    (gs, gl): (&CudaStorage, &Layout),
+    (ds, dl): (&CudaStorage, &Layout),
+    total: usize,
+) -> Result<CudaStorage> {
+    let dev = gs.device();
+    let t64 = total as i64;
+    with_cuda_dtype!(gs.dtype(), T, A, {
+        let (g, d) = (view::<T>(gs, gl)?, view::<T>(ds, dl)?);
+        // SAFETY: every element is written by the kernel.
+        let mut out = unsafe { dev.alloc::<T>(total)? };
+        let mut o = out.as_view_mut();
+        launch::sqdist_bwd::<T>(dev, grid_1d(total), &g, &d, &mut o, &t64)?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     })
 }

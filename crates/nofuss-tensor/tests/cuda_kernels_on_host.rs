@@ -2,8 +2,8 @@
 //! (a block's threads as real threads meeting at `__syncthreads`) by
 //! `tests/reference/kernels_on_host/harness.cpp`, against this crate's CPU operations, which
 //! the PyTorch parity tests check: pooling, batch norm + ReLU (statistics, backward,
-//! running statistics), the fused NCA rows, fused Adam steps and the scaled row
-//! normalisation, in f32 and f64, and the row selection of kNN searches. So the GPU
+//! running statistics), the fused NCA rows, fused Adam steps, the scaled row normalisation
+//! and the squared distances, in f32 and f64, and the row selection of kNN searches. So the GPU
 //! kernels' arithmetic, indexing and reductions are tested on every CI run, without a GPU.
 //! Needs a C++20 compiler: `CXX`, else `g++`.
 
@@ -12,7 +12,7 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor, Var};
 use nofuss_tensor::batch_norm::batch_norm_train;
-use nofuss_tensor::ops::{nca_rows, scaled_l2_normalize_rows};
+use nofuss_tensor::ops::{nca_rows, pairwise_squared_distances, scaled_l2_normalize_rows};
 use nofuss_tensor::optim::{Optimizer, OptimizerKind, ParamGroup};
 use nofuss_tensor::pool::{avg_pool2d, max_pool2d, Pool2d};
 use nofuss_tensor::select::smallest_k;
@@ -409,6 +409,35 @@ fn cuda_kernels_match_the_cpu_operations() {
         close("l2n dx zero row", &got[d..2 * d], &want[d..2 * d], dt);
         let others = |v: &[f64]| [&v[..d], &v[2 * d..]].concat();
         close("l2n dx", &others(&got), &others(&want), dt);
+    }
+
+    // Squared distances from a product and norms: the kernel on the same product and
+    // norms as the CPU op, and the product's gradient (-2 g where d > 0).
+    for dt in [DType::F64, DType::F32] {
+        let (n, p, d) = (9usize, 70usize, 16usize);
+        let (av, mut bv) = (values(n * d, 61), values(p * d, 62));
+        bv[..d].copy_from_slice(&av[..d]);
+        let (a, b) = (tensor(&av, &[n, d], dt), tensor(&bv, &[p, d], dt));
+        let dist = pairwise_squared_distances(&a, &b).unwrap();
+        let ab = a.matmul(&b.t().unwrap()).unwrap();
+        let (aa, bb) = (
+            a.sqr().unwrap().sum(1).unwrap(),
+            b.sqr().unwrap().sum(1).unwrap(),
+        );
+        let gv = values(n * p, 63);
+        for (name, t) in [("ab", &ab), ("aa", &aa), ("bb", &bb)] {
+            h.write(name, &host(t), dt);
+        }
+        h.write("g", &gv, dt);
+        h.run("sqdist", dt, &[n.to_string(), p.to_string()]);
+        let want = host(&dist);
+        close("sqdist d", &h.read("out", dt), &want, dt);
+        let want_dab: Vec<f64> = gv
+            .iter()
+            .zip(&want)
+            .map(|(g, d)| if *d > 0.0 { -2.0 * g } else { 0.0 })
+            .collect();
+        close("sqdist d(ab)", &h.read("dab", dt), &want_dab, dt);
     }
 
     // Row selection (f32 only): a kNN-sized selection with the query skipped, many ties

@@ -1,8 +1,8 @@
 //! The custom operations (cuDNN/candle convolution, pooling, fused batch norm) against
 //! PyTorch, forward and backward: `tests/reference/tensor_ops.py` wrote the fixture.
 //! Runs on `NOFUSS_TEST_DEVICE` (the CPU by default; `cuda` on a GPU machine). Also the
-//! kNN row selection, the fused row normalisation and the 8-bit pixel normalisation, on
-//! that device against the CPU.
+//! kNN row selection, the fused row normalisation and squared distances and the 8-bit
+//! pixel normalisation, on that device against the CPU.
 //!
 //! Tolerances, relative to the largest reference value of each tensor: 1e-9 in f64,
 //! 1e-4 in f32 (TF32 is switched off for this test), 4e-2 in bf16 (pooling and batch
@@ -316,6 +316,56 @@ fn row_normalisation_matches_the_cpu() {
                 (x - y).abs() <= 1e-5 * y.abs().max(1.0),
                 "{what}[{i}]: {x} vs {y}"
             );
+        }
+    }
+}
+
+/// The fused squared distances on the test device against the CPU, forward and backward.
+#[test]
+fn squared_distances_match_the_cpu() {
+    use nofuss_tensor::ops::pairwise_squared_distances;
+    let dev = nofuss_tensor::test_device().unwrap();
+    let (n, p, d) = (33usize, 500usize, 64usize);
+    let a: Vec<f32> = (0..n * d)
+        .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 300.0)
+        .collect();
+    let mut b: Vec<f32> = (0..p * d)
+        .map(|i| ((i * 104729 % 997) as f32 - 498.0) / 300.0)
+        .collect();
+    b[..d].copy_from_slice(&a[..d]);
+    let g: Vec<f32> = (0..n * p)
+        .map(|i| ((i * 31 % 17) as f32 - 8.0) / 3.0)
+        .collect();
+    let run = |dev: &Device| {
+        let av = Var::from_vec(a.clone(), (n, d), dev).unwrap();
+        let bv = Var::from_vec(b.clone(), (p, d), dev).unwrap();
+        let dist = pairwise_squared_distances(av.as_tensor(), bv.as_tensor()).unwrap();
+        let gt = Tensor::from_vec(g.clone(), (n, p), dev).unwrap();
+        let grads = (&dist * gt).unwrap().sum_all().unwrap().backward().unwrap();
+        let host = |t: &Tensor| {
+            t.to_device(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        [
+            host(&dist),
+            host(grads.get(av.as_tensor()).unwrap()),
+            host(grads.get(bv.as_tensor()).unwrap()),
+        ]
+    };
+    set_tf32(false);
+    let (cpu, gpu) = (run(&Device::Cpu), run(&dev));
+    for (what, c, g) in [
+        ("d", &cpu[0], &gpu[0]),
+        ("da", &cpu[1], &gpu[1]),
+        ("db", &cpu[2], &gpu[2]),
+    ] {
+        let scale = c.iter().fold(1f32, |m, v| m.max(v.abs()));
+        for (i, (x, y)) in g.iter().zip(c.iter()).enumerate() {
+            assert!((x - y).abs() <= 1e-4 * scale, "{what}[{i}]: {x} vs {y}");
         }
     }
 }

@@ -9,6 +9,7 @@
 #include "optim.cu"
 #include "nca.cu"
 #include "normalize.cu"
+#include "distance.cu"
 #include "select.cu"
 
 #include <cstdio>
@@ -177,6 +178,21 @@ void l2n(char** a) {
     save("dx", dx);
 }
 
+template <typename T>
+void sqdist(char** a) {
+    // n p ; files ab aa bb g -> out dab
+    int64_t n = std::atoll(a[0]), p = std::atoll(a[1]);
+    auto ab = load<T>("ab");
+    auto aa = load<T>("aa");
+    auto bb = load<T>("bb");
+    auto g = load<T>("g");
+    std::vector<T> out(n * p), dab(n * p);
+    EMU1(sqdist_fwd<T>(ab.data(), aa.data(), bb.data(), out.data(), n, p));
+    EMU1(sqdist_bwd<T>(g.data(), out.data(), dab.data(), n * p));
+    save("out", out);
+    save("dab", dab);
+}
+
 void select_k(char** a) {
     // rows cols k skip_offset skip ; file x (f32) -> vals (f32) idx (u32)
     int64_t rows = std::atoll(a[0]), cols = std::atoll(a[1]), off = std::atoll(a[3]);
@@ -211,6 +227,10 @@ int main(int argc, char** argv) {
         if (dt == "f32") l2n<float>(a);
         else if (dt == "f64") l2n<double>(a);
         else l2n<__nv_bfloat16>(a);
+    } else if (op == "sqdist") {
+        if (dt == "f32") sqdist<float>(a);
+        else if (dt == "f64") sqdist<double>(a);
+        else sqdist<__nv_bfloat16>(a);
     } else if (op == "select") {
         select_k(a);
     } else if (op == "optim") {

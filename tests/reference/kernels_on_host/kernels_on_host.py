@@ -4,7 +4,7 @@
 threads as real threads meeting at __syncthreads)
 with harness.cpp, runs pooling, batch norm (+ReLU, statistics, backward, running
 statistics), the fused NCA rows of the proxy losses, the fused optimiser steps, the
-scaled row normalisation and the kNN row selection on random inputs in f64, f32 and bf16, and
+scaled row normalisation, the squared distances and the kNN row selection on random inputs in f64, f32 and bf16, and
 compares with PyTorch. It checks the kernels' arithmetic, indexing and block reductions;
 the launch code in src/cuda.rs, cuDNN and speed still need a GPU run
 (xtask/scripts/gpu-check.sh).
@@ -208,6 +208,27 @@ def l2n_case(exe, d, dt, n, dim, scale, zero_row=False):
         check(tag + " dx", read(d, "dx", DT[dt], (n, dim)), grad, TOL[dt])
 
 
+def sqdist_case(exe, d, dt, n, p, dim):
+    """Squared distances from a product and norms, and the product's gradient, against
+    PyTorch's element-wise ops (clamp at 0) with a point shared by both sides."""
+    torch.manual_seed(n * p + dim)
+    a = torch.randn(n, dim, dtype=torch.float64)
+    b = torch.randn(p, dim, dtype=torch.float64)
+    b[0] = a[0]
+    a, b = a.to(DT[dt]), b.to(DT[dt])
+    ab = (a @ b.T).requires_grad_()
+    aa, bb = (a * a).sum(1), (b * b).sum(1)
+    ref = ((aa[:, None] + bb[None, :]) - ab * 2).clamp_min(0)
+    g = torch.randn(n, p, dtype=torch.float64).to(DT[dt])
+    ref.backward(g)
+    for name, t in [("ab", ab), ("aa", aa), ("bb", bb), ("g", g)]:
+        write(d, name, t)
+    run(exe, d, "sqdist", dt, n, p)
+    tag = f"sqdist {dt} {n}x{p}x{dim}"
+    check(tag + " d", read(d, "out", DT[dt], (n, p)), ref.detach(), TOL[dt])
+    check(tag + " d(ab)", read(d, "dab", DT[dt], (n, p)), ab.grad, TOL[dt])
+
+
 def select_case(exe, d, rows, cols, k, skip):
     """kNN selection: the k smallest of each row (its own column `r + skip` left out) in
     ascending order, ties by column: torch.sort(stable=True) of the remaining columns."""
@@ -257,6 +278,8 @@ def main():
         for dt in ["f64", "f32", "bf16"]:
             l2n_case(exe, d, dt, 5, 64, 1.0)
             l2n_case(exe, d, dt, 3, 700, 3.0, zero_row=True)
+        for dt in ["f64", "f32", "bf16"]:
+            sqdist_case(exe, d, dt, 33, 300, 64)
         for rows, cols, k, skip in [(3, 5000, 1000, 0), (4, 300, 10, 2), (2, 4100, 4096, None), (5, 60, 1, 0)]:
             select_case(exe, d, rows, cols, k, skip)
         base = dict(scale=1.0)
