@@ -279,6 +279,16 @@ fn byte_normalisation_matches_the_host() {
     }
 }
 
+/// A tensor's values on the host, flattened, as f32.
+fn host_f32(t: &Tensor) -> Vec<f32> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 /// The fused scaled row normalisation on the test device against the CPU, forward and
 /// backward (the CPU op is checked against candle's composite and PyTorch's F.normalize).
 #[test]
@@ -298,15 +308,7 @@ fn row_normalisation_matches_the_cpu() {
         let y = scaled_l2_normalize_rows(x.as_tensor(), 3.0).unwrap();
         let gt = Tensor::from_vec(g.clone(), (n, d), dev).unwrap();
         let grads = (&y * gt).unwrap().sum_all().unwrap().backward().unwrap();
-        let host = |t: &Tensor| {
-            t.to_device(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
-        (host(&y), host(grads.get(x.as_tensor()).unwrap()))
+        (host_f32(&y), host_f32(grads.get(x.as_tensor()).unwrap()))
     };
     let (cy, cg) = run(&Device::Cpu);
     let (dy, dg) = run(&dev);
@@ -342,18 +344,10 @@ fn squared_distances_match_the_cpu() {
         let dist = pairwise_squared_distances(av.as_tensor(), bv.as_tensor()).unwrap();
         let gt = Tensor::from_vec(g.clone(), (n, p), dev).unwrap();
         let grads = (&dist * gt).unwrap().sum_all().unwrap().backward().unwrap();
-        let host = |t: &Tensor| {
-            t.to_device(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
         [
-            host(&dist),
-            host(grads.get(av.as_tensor()).unwrap()),
-            host(grads.get(bv.as_tensor()).unwrap()),
+            host_f32(&dist),
+            host_f32(grads.get(av.as_tensor()).unwrap()),
+            host_f32(grads.get(bv.as_tensor()).unwrap()),
         ]
     };
     set_tf32(false);
