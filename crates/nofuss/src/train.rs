@@ -855,15 +855,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             let emb = model.embedder.forward(&batch_images, true)?;
             let loss = match model.loss.loss(&emb, &batch_labels) {
                 Ok(l) => l,
-                Err(LossError::NonFinite(_)) => {
-                    return Err(TrainError::NonFinite {
-                        epoch,
-                        step,
-                        loss: f32::NAN,
-                        run_dir: dir,
-                        finished: epoch - 1,
-                    });
-                }
+                Err(LossError::NonFinite(_)) => return Err(non_finite((step, f32::NAN), &dir)),
                 // A batch without a usable pair or negative teaches nothing: skip the
                 // step (counted in the metrics) rather than end the run.
                 Err(LossError::NoPairs(reason)) => {
