@@ -836,7 +836,7 @@ pub(crate) fn nca_fwd(
         let labels = view::<u32>(ls, ll)?;
         // SAFETY: every element is written by the kernel.
         let mut out = unsafe { dev.alloc::<T>(2 * n)? };
-        let cfg = rows_grid(n)?;
+        let cfg = rows_grid(n, THREADS)?;
         let mut o = out.as_view_mut();
         launch::nca_fwd::<T>(dev, cfg, &d, &labels, &mut o, &p64, &paper, &smoothing)?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
@@ -890,9 +890,7 @@ pub(crate) fn smallest_k(
     skip_diagonal: Option<usize>,
 ) -> Result<(CudaStorage, CudaStorage)> {
     let dev = s.device();
-    if rows > i32::MAX as usize {
-        candle_core::bail!("smallest_k: {rows} rows exceed one launch's grid");
-    }
+    let cfg = rows_grid(rows, SELECT_THREADS)?;
     let x = view::<f32>(s, l)?;
     // SAFETY: every element is written by the kernel.
     let mut vals = unsafe { dev.alloc::<f32>(rows * k)? };
@@ -902,11 +900,6 @@ pub(crate) fn smallest_k(
         skip_diagonal.unwrap_or(0) as i64,
         skip_diagonal.is_some() as i32,
     );
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (SELECT_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
     launch::smallest_k::<f32>(
         dev,
         cfg,
@@ -924,14 +917,14 @@ pub(crate) fn smallest_k(
     ))
 }
 
-/// A launch of one `THREADS`-thread block per row.
-fn rows_grid(rows: usize) -> Result<LaunchConfig> {
+/// A launch of one `threads`-thread block per row.
+fn rows_grid(rows: usize, threads: u32) -> Result<LaunchConfig> {
     if rows > i32::MAX as usize {
         candle_core::bail!("{rows} rows exceed one launch's grid");
     }
     Ok(LaunchConfig {
         grid_dim: (rows.max(1) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     })
 }
@@ -951,7 +944,7 @@ pub(crate) fn l2n_fwd(
         let x = view::<T>(s, l)?;
         // SAFETY: every element is written by the kernel.
         let mut y = unsafe { dev.alloc::<T>(n * d)? };
-        let cfg = rows_grid(n)?;
+        let cfg = rows_grid(n, THREADS)?;
         launch::l2n_fwd::<T>(dev, cfg, &x, &mut y.as_view_mut(), &d64, &scale, &eps)?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     })
@@ -973,7 +966,16 @@ pub(crate) fn l2n_bwd(
         // SAFETY: every element is written by the kernel.
         let mut dx = unsafe { dev.alloc::<T>(n * d)? };
         let mut o = dx.as_view_mut();
-        launch::l2n_bwd::<T>(dev, rows_grid(n)?, &x, &g, &mut o, &d64, &scale, &eps)?;
+        launch::l2n_bwd::<T>(
+            dev,
+            rows_grid(n, THREADS)?,
+            &x,
+            &g,
+            &mut o,
+            &d64,
+            &scale,
+            &eps,
+        )?;
         Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
     })
 }
