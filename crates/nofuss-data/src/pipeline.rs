@@ -43,7 +43,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::transform::{load_transformed_within, Transform};
+use crate::transform::{load_transformed_within, Texel, Transform};
 use crate::{BBox, DataError, ImageDataset, Result, Subset};
 
 /// How the images of an epoch are grouped into batches.
@@ -141,7 +141,7 @@ impl PhotoBatch {
             .enumerate()
             .map(|(i, &b)| {
                 let (mul, add) = coef[(i / plane.max(1)) % coef.len()];
-                b as f32 * mul + add
+                f32::from_byte(b as f32, mul, add)
             })
             .collect()
     }
