@@ -246,13 +246,9 @@ fn row_selection_matches_the_cpu() {
             ci.to_vec2::<u32>().unwrap(),
             "{rows}x{cols} k {k}: columns"
         );
-        let dv = dv.to_device(&Device::Cpu).unwrap().flatten_all().unwrap();
-        let cv = cv.flatten_all().unwrap();
-        let same = dv
-            .to_vec1::<f32>()
-            .unwrap()
+        let same = host_f32(&dv)
             .iter()
-            .zip(cv.to_vec1::<f32>().unwrap())
+            .zip(host_f32(&cv))
             .all(|(a, b)| a.to_bits() == b.to_bits());
         assert!(same, "{rows}x{cols} k {k}: values");
     }
@@ -265,13 +261,7 @@ fn byte_normalisation_matches_the_host() {
     let norm = nofuss_tensor::Normalization::bn_inception_bgr();
     let bytes: Vec<u8> = (0..4 * 3 * 5 * 5).map(|i| (i * 53 % 256) as u8).collect();
     let t = Tensor::from_vec(bytes.clone(), (4, 3, 5, 5), &dev).unwrap();
-    let got = norm
-        .normalize_bytes(&t)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let got = host_f32(&norm.normalize_bytes(&t).unwrap());
     let coef = norm.coefficients();
     for (i, (&b, g)) in bytes.iter().zip(&got).enumerate() {
         let (mul, add) = coef[(i / 25) % 3];
