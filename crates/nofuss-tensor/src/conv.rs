@@ -355,8 +355,10 @@ fn cuda_conv(x: &Tensor, w: &Tensor, cfg: &Conv2dConfig) -> Result<Tensor> {
         dtype: x.dtype(),
         tf32: tf32(),
     };
-    x.contiguous()?
-        .apply_op2(&w.contiguous()?, cudnn_ops::Forward(key))
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        cudnn_ops::Cudnn(cudnn_ops::Pass::Forward, key),
+    )
 }
 
 #[cfg(feature = "cuda")]
@@ -365,24 +367,25 @@ mod cudnn_ops {
 
     use crate::cuda::{cudnn_conv, ConvKey, ConvPass};
 
-    fn shape(s: [i32; 4]) -> Shape {
-        Shape::from(s.map(|d| d as usize).to_vec())
+    /// Which cuDNN pass an op runs: `(x, w) -> y`, `(dy, w) -> dx` or `(x, dy) -> dw`.
+    #[derive(Debug, Clone, Copy)]
+    pub(super) enum Pass {
+        Forward,
+        BackwardData,
+        BackwardFilter,
     }
 
-    fn no_cpu(op: &str) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("{op} runs on CUDA only (CPU tensors use candle's convolution)")
-    }
+    /// One cuDNN convolution pass as a candle op; the forward pass's backward runs the
+    /// other two.
+    pub(super) struct Cudnn(pub Pass, pub ConvKey);
 
-    /// `(x, w) -> y`.
-    pub(super) struct Forward(pub ConvKey);
-    /// `(dy, w) -> dx`.
-    struct BackwardData(ConvKey);
-    /// `(x, dy) -> dw`.
-    struct BackwardFilter(ConvKey);
-
-    impl CustomOp2 for Forward {
+    impl CustomOp2 for Cudnn {
         fn name(&self) -> &'static str {
-            "nofuss-cudnn-conv2d"
+            match self.0 {
+                Pass::Forward => "nofuss-cudnn-conv2d",
+                Pass::BackwardData => "nofuss-cudnn-conv2d-backward-data",
+                Pass::BackwardFilter => "nofuss-cudnn-conv2d-backward-filter",
+            }
         }
 
         fn cpu_fwd(
@@ -392,24 +395,45 @@ mod cudnn_ops {
             _: &CpuStorage,
             _: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
-            no_cpu(self.name())
+            candle_core::bail!(
+                "{} runs on CUDA only (CPU tensors use candle's convolution)",
+                self.name()
+            )
         }
 
         fn cuda_fwd(
             &self,
-            x: &CudaStorage,
-            xl: &Layout,
-            w: &CudaStorage,
-            wl: &Layout,
+            a: &CudaStorage,
+            al: &Layout,
+            b: &CudaStorage,
+            bl: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
-            let y = cudnn_conv(
-                ConvPass::Forward {
-                    x: (x, xl),
-                    w: (w, wl),
-                },
-                self.0,
-            )?;
-            Ok((y, shape(self.0.y)))
+            let key = self.1;
+            let (pass, out) = match self.0 {
+                Pass::Forward => (
+                    ConvPass::Forward {
+                        x: (a, al),
+                        w: (b, bl),
+                    },
+                    key.y,
+                ),
+                Pass::BackwardData => (
+                    ConvPass::BackwardData {
+                        dy: (a, al),
+                        w: (b, bl),
+                    },
+                    key.x,
+                ),
+                Pass::BackwardFilter => (
+                    ConvPass::BackwardFilter {
+                        x: (a, al),
+                        dy: (b, bl),
+                    },
+                    key.w,
+                ),
+            };
+            let y = cudnn_conv(pass, key)?;
+            Ok((y, Shape::from(out.map(|d| d as usize).to_vec())))
         }
 
         fn bwd(
@@ -419,76 +443,13 @@ mod cudnn_ops {
             _y: &Tensor,
             dy: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            if !matches!(self.0, Pass::Forward) {
+                return Err(candle_core::Error::BackwardNotSupported { op: self.name() });
+            }
             let dy = dy.contiguous()?;
-            let dx = dy.apply_op2_no_bwd(w, &BackwardData(self.0))?;
-            let dw = x.apply_op2_no_bwd(&dy, &BackwardFilter(self.0))?;
+            let dx = dy.apply_op2_no_bwd(w, &Cudnn(Pass::BackwardData, self.1))?;
+            let dw = x.apply_op2_no_bwd(&dy, &Cudnn(Pass::BackwardFilter, self.1))?;
             Ok((Some(dx), Some(dw)))
-        }
-    }
-
-    impl CustomOp2 for BackwardData {
-        fn name(&self) -> &'static str {
-            "nofuss-cudnn-conv2d-backward-data"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            no_cpu(self.name())
-        }
-
-        fn cuda_fwd(
-            &self,
-            dy: &CudaStorage,
-            dyl: &Layout,
-            w: &CudaStorage,
-            wl: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            let dx = cudnn_conv(
-                ConvPass::BackwardData {
-                    dy: (dy, dyl),
-                    w: (w, wl),
-                },
-                self.0,
-            )?;
-            Ok((dx, shape(self.0.x)))
-        }
-    }
-
-    impl CustomOp2 for BackwardFilter {
-        fn name(&self) -> &'static str {
-            "nofuss-cudnn-conv2d-backward-filter"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            no_cpu(self.name())
-        }
-
-        fn cuda_fwd(
-            &self,
-            x: &CudaStorage,
-            xl: &Layout,
-            dy: &CudaStorage,
-            dyl: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            let dw = cudnn_conv(
-                ConvPass::BackwardFilter {
-                    x: (x, xl),
-                    dy: (dy, dyl),
-                },
-                self.0,
-            )?;
-            Ok((dw, shape(self.0.w)))
         }
     }
 }
