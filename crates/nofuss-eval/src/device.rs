@@ -1,7 +1,8 @@
 //! Exact kNN on a candle device (feature `candle`; the GPU with feature `cuda`).
 //!
 //! The embeddings move to the device once. Each block of queries becomes one matrix
-//! product against all points, `|q|² + |x|² - 2 q·x` (or `1 - cos`), and
+//! product against all points, combined with the squared norms into `|q|² + |x|² - 2 q·x`
+//! in one pass (or `1 - cos`), and
 //! [`nofuss_tensor::select::smallest_k`] picks every query's K nearest on the device,
 //! leaving the query itself out, sorted by (distance, index): on CUDA one kernel per
 //! block of queries, nothing but the `[block, K]` results materialised or copied back.
@@ -11,6 +12,7 @@
 //! swap places; at exactly equal distances both keep the lower index.
 
 use candle_core::{Device, Tensor};
+use nofuss_tensor::ops::squared_distances_from_parts;
 use nofuss_tensor::select::{smallest_k, MAX_K};
 
 use crate::knn::{Metric, Neighbors};
@@ -128,11 +130,10 @@ impl Prepared {
     fn block(&self, q0: usize, nq: usize, k: usize) -> candle_core::Result<(Tensor, Tensor)> {
         let dots = self.x.narrow(0, q0, nq)?.matmul(&self.xt)?; // [nq, N]
         let dist = match self.metric {
-            Metric::Euclidean => dots
-                .affine(-2.0, 0.0)?
-                .broadcast_add(&self.norms.narrow(0, q0, nq)?.unsqueeze(1)?)?
-                .broadcast_add(&self.norms.unsqueeze(0)?)?
-                .relu()?,
+            // One fused pass over the tile: `max((|q|² + |x|²) - 2 q·x, 0)`.
+            Metric::Euclidean => {
+                squared_distances_from_parts(&dots, &self.norms.narrow(0, q0, nq)?, &self.norms)?
+            }
             Metric::Cosine => dots.affine(-1.0, 1.0)?,
         };
         // Row r is query q0 + r: its own column is left out.

@@ -152,13 +152,32 @@ pub fn pairwise_squared_distances(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if d != d2 {
         candle_core::bail!("pairwise_squared_distances: [{n}, {d}] against [{p}, {d2}]");
     }
-    let aa = a.sqr()?.sum(1)?.contiguous()?; // [N]
-    let bb = b.sqr()?.sum(1)?.contiguous()?; // [P]
-    let ab = a.matmul(&b.t()?)?.contiguous()?; // [N, P]
-    if n == 0 || p == 0 {
-        return Ok(ab);
+    let aa = a.sqr()?.sum(1)?; // [N]
+    let bb = b.sqr()?.sum(1)?; // [P]
+    let ab = a.matmul(&b.t()?)?; // [N, P]
+    squared_distances_from_parts(&ab, &aa, &bb)
+}
+
+/// The last step of [`pairwise_squared_distances`] on its own, for callers that keep the
+/// squared norms or the matrix product (the evaluation's kNN reuses the points' norms for
+/// every block of queries): `max((aa_i + bb_j) - 2 ab_ij, 0)` from `ab` (`[N, P]`), `aa`
+/// (`[N]`) and `bb` (`[P]`), in one pass (on CUDA one kernel), differentiable in all three.
+/// A NaN stays NaN.
+pub fn squared_distances_from_parts(ab: &Tensor, aa: &Tensor, bb: &Tensor) -> Result<Tensor> {
+    let (n, p) = ab.dims2()?;
+    if aa.dims() != [n] || bb.dims() != [p] {
+        candle_core::bail!(
+            "squared_distances_from_parts: products {:?} with norms {:?} and {:?}",
+            ab.dims(),
+            aa.dims(),
+            bb.dims()
+        );
     }
-    ab.apply_op3(&aa, &bb, SqDist)
+    if n == 0 || p == 0 {
+        return Ok(ab.clone());
+    }
+    ab.contiguous()?
+        .apply_op3(&aa.contiguous()?, &bb.contiguous()?, SqDist)
 }
 
 /// `(ab [N, P], |a|² [N], |b|² [P]) -> max((|a|² + |b|²) - 2 ab, 0)`.
@@ -674,6 +693,31 @@ mod tests {
             &Tensor::zeros((1, 3), DType::F32, &Device::Cpu).unwrap()
         )
         .is_err());
+    }
+
+    #[test]
+    fn distances_from_parts_take_views_and_check_shapes() {
+        // The evaluation's use: one block of query rows, its norms a narrowed view.
+        let x = Tensor::new(
+            &[[0.0f32, 1.0], [2.0, 0.0], [1.0, 1.0], [-1.0, 3.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let norms = x.sqr().unwrap().sum(1).unwrap();
+        let q = x.narrow(0, 1, 2).unwrap();
+        let dots = q.matmul(&x.t().unwrap()).unwrap();
+        let parts = squared_distances_from_parts(&dots, &norms.narrow(0, 1, 2).unwrap(), &norms)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let whole = pairwise_squared_distances(&q, &x)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(parts, whole);
+        assert_eq!(parts[0], [5.0, 0.0, 2.0, 18.0]);
+        assert!(squared_distances_from_parts(&dots, &norms, &norms).is_err());
+        assert!(squared_distances_from_parts(&dots, &norms.narrow(0, 0, 2).unwrap(), &q).is_err());
     }
 
     /// The composite the fused op replaces: candle's element-wise ops, differentiated by
