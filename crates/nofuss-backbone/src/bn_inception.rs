@@ -55,8 +55,8 @@ impl Default for BnInceptionConfig {
     }
 }
 
-/// Convolution (with bias, as in the port), batch norm and ReLU (fused with the batch
-/// norm). Parameters `{name}.{weight,bias}` and
+/// Convolution (with bias, as in the port, folded into the batch norm), batch norm and
+/// ReLU (fused with the batch norm). Parameters `{name}.{weight,bias}` and
 /// `{name}_bn.{weight,bias,running_mean,running_var}`.
 #[derive(Debug, Clone)]
 struct ConvBnRelu {
@@ -92,7 +92,15 @@ impl ConvBnRelu {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(x)?, train, true)
+        // The bias goes into the batch norm (no pass over the activation to add it, none
+        // backward to differentiate the sum); in training mode it only moves the running
+        // mean, as the batch statistics cancel it.
+        self.bn.forward_shifted_t(
+            &self.conv.forward_unbiased(x)?,
+            self.conv.bias(),
+            train,
+            true,
+        )
     }
 }
 

@@ -83,11 +83,53 @@ impl BatchNorm2d {
     /// running ones. Otherwise normalises with the running statistics (scale and shift
     /// still receive gradients: "frozen" batch norm). `relu` applies a ReLU in the same pass.
     pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        self.forward_shifted_t(x, None, train, relu)
+    }
+
+    /// [`Self::forward_t`] of `x + shift` without forming the sum, for a per-channel
+    /// `shift` (`[C]`) such as the bias of the convolution before the layer (BN-Inception
+    /// has one on every convolution): the sum would cost a pass over the activation
+    /// forward and several backward (its gradient, the bias's reduction) for a term that
+    /// batch statistics remove again.
+    ///
+    /// - Training mode: the output, and the gradients of `x`, scale and shift (β), are
+    ///   those of `forward_t(x + shift)`; `shift` only moves the running mean (by the
+    ///   batch mean of `x + shift`, as PyTorch's). It gets no gradient: its exact gradient
+    ///   is zero (PyTorch returns rounding noise), so an optimiser leaves it as it is.
+    /// - Fixed statistics: `shift` enters as `γ σ⁻¹ shift` added to β, and gets its
+    ///   gradient (and γ its share) through that.
+    pub fn forward_shifted_t(
+        &self,
+        x: &Tensor,
+        shift: Option<&Tensor>,
+        train: bool,
+        relu: bool,
+    ) -> Result<Tensor> {
+        let c = x.dim(1)?;
+        if let Some(s) = shift {
+            if s.dims() != [c] {
+                candle_core::bail!(
+                    "batch norm input shift must have shape [{c}], got {:?}",
+                    s.dims()
+                );
+            }
+        }
         if !train {
+            let beta = match shift {
+                None => self.bias.clone(),
+                Some(s) => {
+                    let pdt = param_dtype(x.dtype());
+                    let invstd = (self.running_var.as_tensor().detach().to_dtype(pdt)? + self.eps)?
+                        .sqrt()?
+                        .recip()?;
+                    let gamma = self.weight.to_dtype(pdt)?;
+                    (self.bias.to_dtype(pdt)? + (gamma * invstd)?.mul(&s.to_dtype(pdt)?)?)?
+                }
+            };
             return batch_norm_fixed(
                 x,
                 &self.weight,
-                &self.bias,
+                &beta,
                 self.running_mean.as_tensor(),
                 self.running_var.as_tensor(),
                 self.eps,
@@ -95,7 +137,7 @@ impl BatchNorm2d {
             );
         }
         let out = batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
-        let count = (x.elem_count() / x.dim(1)?) as f64;
+        let count = (x.elem_count() / c) as f64;
         let update = |running: &Var, batch: &Tensor, factor: f64| -> Result<()> {
             let batch = batch.to_dtype(running.dtype())?;
             running.inplace_op2(
@@ -106,7 +148,14 @@ impl BatchNorm2d {
                 },
             )
         };
-        update(&self.running_mean, &out.mean, 1.0)?;
+        let mean = match shift {
+            None => out.mean,
+            Some(s) => {
+                (out.mean.to_dtype(self.running_mean.dtype())?
+                    + s.detach().to_dtype(self.running_mean.dtype())?)?
+            }
+        };
+        update(&self.running_mean, &mean, 1.0)?;
         // PyTorch keeps the unbiased variance.
         update(&self.running_var, &out.var, count / (count - 1.0))?;
         Ok(out.y)
@@ -801,6 +850,91 @@ mod tests {
         for relu in [false, true] {
             against_candle(false, relu, DType::F64, 1e-9);
         }
+    }
+
+    #[test]
+    fn shifted_input_matches_adding_the_shift() {
+        let shape = (3, 4, 5, 6);
+        for train in [true, false] {
+            let layer = |vars: &VarMap| {
+                let bn = BatchNorm2d::new(
+                    4,
+                    1e-5,
+                    0.1,
+                    VarBuilder::from_varmap(vars, DType::F64, &Device::Cpu),
+                )
+                .unwrap();
+                bn.running_mean
+                    .set(&Tensor::new(&[0.5f64, -1.0, 2.0, 0.0], &Device::Cpu).unwrap())
+                    .unwrap();
+                bn.running_var
+                    .set(&Tensor::new(&[0.5f64, 2.0, 1.5, 3.0], &Device::Cpu).unwrap())
+                    .unwrap();
+                bn
+            };
+            let (va, vb) = (VarMap::new(), VarMap::new());
+            let (a, b) = (layer(&va), layer(&vb));
+            let x = Var::from_tensor(&input(shape, DType::F64)).unwrap();
+            let shift = Var::new(&[0.3f64, -2.0, 0.0, 1.25], &Device::Cpu).unwrap();
+            let g = input(shape, DType::F64).sin().unwrap();
+            let ya = a
+                .forward_shifted_t(x.as_tensor(), Some(shift.as_tensor()), train, true)
+                .unwrap();
+            let summed = x
+                .as_tensor()
+                .broadcast_add(&shift.as_tensor().reshape((1, 4, 1, 1)).unwrap())
+                .unwrap();
+            let yb = b.forward_t(&summed, train, true).unwrap();
+            let what = |s: &str| format!("train {train}: {s}");
+            close(&vec(&ya), &vec(&yb), 1e-9, &what("y"));
+            close(
+                &vec(a.running_mean()),
+                &vec(b.running_mean()),
+                1e-9,
+                &what("mean"),
+            );
+            close(
+                &vec(a.running_var()),
+                &vec(b.running_var()),
+                1e-9,
+                &what("var"),
+            );
+            let ga = (&ya * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (&yb * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            for (ta, tb, name) in [
+                (x.as_tensor(), x.as_tensor(), "dx"),
+                (a.weight(), b.weight(), "dgamma"),
+                (a.bias(), b.bias(), "dbeta"),
+            ] {
+                let (da, db) = (ga.get(ta).unwrap(), gb.get(tb).unwrap());
+                close(&vec(da), &vec(db), 1e-9, &what(name));
+            }
+            let dshift = gb.get(shift.as_tensor()).unwrap();
+            match ga.get(shift.as_tensor()) {
+                Some(d) => {
+                    assert!(!train);
+                    close(&vec(d), &vec(dshift), 1e-9, &what("dshift"));
+                    assert!(vec(d).iter().any(|v| v.abs() > 1e-3));
+                }
+                // Batch statistics cancel the shift: the summed path's gradient is
+                // rounding noise.
+                None => {
+                    assert!(train);
+                    assert!(vec(dshift).iter().all(|v| v.abs() < 1e-9), "{dshift}");
+                }
+            }
+        }
+        let bn =
+            BatchNorm2d::new(4, 1e-5, 0.1, VarBuilder::zeros(DType::F32, &Device::Cpu)).unwrap();
+        let three = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+        let x = input(shape, DType::F32);
+        let err = bn
+            .forward_shifted_t(&x, Some(&three), true, false)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("shift must have shape [4]"),
+            "{err}"
+        );
     }
 
     #[test]

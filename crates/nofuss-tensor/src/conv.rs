@@ -509,6 +509,12 @@ impl Conv2d {
         let b = self.bias.as_ref().map(|b| b.to_dtype(dt)).transpose()?;
         conv2d(x, &w, b.as_ref(), &self.cfg)
     }
+
+    /// [`Self::forward`] without adding the bias, for a caller that folds the bias into
+    /// what follows (see [`crate::batch_norm::BatchNorm2d::forward_shifted_t`]).
+    pub fn forward_unbiased(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d(x, &self.weight.to_dtype(x.dtype())?, None, &self.cfg)
+    }
 }
 
 impl Module for Conv2d {
