@@ -471,7 +471,7 @@ impl CustomOp3 for Apply {
         &self,
         x: &Tensor,
         gamma: &Tensor,
-        _beta: &Tensor,
+        beta: &Tensor,
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -484,18 +484,26 @@ impl CustomOp3 for Apply {
                 relu: self.relu,
             },
         )?;
-        let dx = x.apply_op3_no_bwd(
-            &grad,
-            y,
-            &GradInput {
-                stats: self.stats.clone(),
-                gamma: gamma.detach(),
-                sums: sums.clone(),
-                relu: self.relu,
-                batch_stats: self.batch_stats,
-            },
-        )?;
-        Ok((Some(dx), Some(sums.get(1)?), Some(sums.get(0)?)))
+        // Gradients only for inputs the graph tracks (frozen scale or shift take none).
+        let dx = x
+            .track_op()
+            .then(|| {
+                x.apply_op3_no_bwd(
+                    &grad,
+                    y,
+                    &GradInput {
+                        stats: self.stats.clone(),
+                        gamma: gamma.detach(),
+                        sums: sums.clone(),
+                        relu: self.relu,
+                        batch_stats: self.batch_stats,
+                    },
+                )
+            })
+            .transpose()?;
+        let dgamma = gamma.track_op().then(|| sums.get(1)).transpose()?;
+        let dbeta = beta.track_op().then(|| sums.get(0)).transpose()?;
+        Ok((dx, dgamma, dbeta))
     }
 }
 
@@ -935,6 +943,28 @@ mod tests {
             err.to_string().contains("shift must have shape [4]"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn frozen_scale_and_shift_take_no_gradient() {
+        let x = Var::from_tensor(&input((2, 3, 4, 4), DType::F64)).unwrap();
+        let gamma = Tensor::new(&[1f64, 2.0, 0.5], &Device::Cpu).unwrap();
+        let beta = Var::new(&[0f64, 0.1, -0.1], &Device::Cpu).unwrap();
+        let g = input((2, 3, 4, 4), DType::F64).cos().unwrap();
+        let grads = |gamma: &Tensor, beta: &Tensor| {
+            let y = batch_norm_train(x.as_tensor(), gamma, beta, 1e-5, true)
+                .unwrap()
+                .y;
+            (y * &g).unwrap().sum_all().unwrap().backward().unwrap()
+        };
+        let frozen = grads(&gamma, beta.as_tensor());
+        assert!(frozen.get(&gamma).is_none());
+        let tracked_gamma = Var::from_tensor(&gamma).unwrap();
+        let all = grads(tracked_gamma.as_tensor(), beta.as_tensor());
+        assert!(all.get(tracked_gamma.as_tensor()).is_some());
+        for t in [x.as_tensor(), beta.as_tensor()] {
+            assert_eq!(vec(frozen.get(t).unwrap()), vec(all.get(t).unwrap()));
+        }
     }
 
     #[test]

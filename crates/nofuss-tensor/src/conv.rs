@@ -262,11 +262,21 @@ mod cpu_ops {
                 .transpose(0, 1)?
                 .contiguous()?
                 .reshape((g.c_out, g.cols()))?;
-            let cols = x.apply_op1_no_bwd(&Im2Col(g))?;
-            let dw = dy.matmul(&cols.t()?)?.reshape(w.shape())?;
-            let dcols = w.reshape((g.c_out, g.rows()))?.t()?.matmul(&dy)?;
-            let dx = dcols.apply_op1_no_bwd(&Col2Im(g))?;
-            Ok((Some(dx), Some(dw)))
+            // Only what the graph needs: the first layer's input (the images) takes no
+            // gradient, frozen weights neither (PyTorch's `needs_input_grad`).
+            let dw = if w.track_op() {
+                let cols = x.apply_op1_no_bwd(&Im2Col(g))?;
+                Some(dy.matmul(&cols.t()?)?.reshape(w.shape())?)
+            } else {
+                None
+            };
+            let dx = if x.track_op() {
+                let dcols = w.reshape((g.c_out, g.rows()))?.t()?.matmul(&dy)?;
+                Some(dcols.apply_op1_no_bwd(&Col2Im(g))?)
+            } else {
+                None
+            };
+            Ok((dx, dw))
         }
     }
 
@@ -447,9 +457,16 @@ mod cudnn_ops {
                 return Err(candle_core::Error::BackwardNotSupported { op: self.name() });
             }
             let dy = dy.contiguous()?;
-            let dx = dy.apply_op2_no_bwd(w, &Cudnn(Pass::BackwardData, self.1))?;
-            let dw = x.apply_op2_no_bwd(&dy, &Cudnn(Pass::BackwardFilter, self.1))?;
-            Ok((Some(dx), Some(dw)))
+            // As on the CPU: no input gradient for the images, none for frozen weights.
+            let dx = x
+                .track_op()
+                .then(|| dy.apply_op2_no_bwd(w, &Cudnn(Pass::BackwardData, self.1)))
+                .transpose()?;
+            let dw = w
+                .track_op()
+                .then(|| x.apply_op2_no_bwd(&dy, &Cudnn(Pass::BackwardFilter, self.1)))
+                .transpose()?;
+            Ok((dx, dw))
         }
     }
 }
@@ -605,6 +622,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn only_tracked_inputs_get_gradients() {
+        // The images of a first layer and frozen weights take no gradient; what is
+        // tracked gets the same gradient as when both are.
+        let (x0, w0) = (ramp((2, 3, 7, 6), 5), ramp((4, 3, 3, 3), 3));
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let g = ramp((2, 4, 7, 6), 7);
+        let (x, w) = (
+            Var::from_tensor(&x0).unwrap(),
+            Var::from_tensor(&w0).unwrap(),
+        );
+        let both = (conv2d(x.as_tensor(), w.as_tensor(), None, &cfg).unwrap() * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let images = (conv2d(&x0, w.as_tensor(), None, &cfg).unwrap() * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(images.get(&x0).is_none());
+        assert_eq!(
+            flat(images.get(w.as_tensor()).unwrap()),
+            flat(both.get(w.as_tensor()).unwrap())
+        );
+        let frozen = (conv2d(x.as_tensor(), &w0, None, &cfg).unwrap() * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(frozen.get(&w0).is_none());
+        assert_eq!(
+            flat(frozen.get(x.as_tensor()).unwrap()),
+            flat(both.get(x.as_tensor()).unwrap())
+        );
     }
 
     #[test]
