@@ -638,30 +638,23 @@ mod tests {
             Var::from_tensor(&x0).unwrap(),
             Var::from_tensor(&w0).unwrap(),
         );
-        let both = (conv2d(x.as_tensor(), w.as_tensor(), None, &cfg).unwrap() * &g)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = |x: &Tensor, w: &Tensor| {
+            (conv2d(x, w, None, &cfg).unwrap() * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let images = (conv2d(&x0, w.as_tensor(), None, &cfg).unwrap() * &g)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let both = grads(x.as_tensor(), w.as_tensor());
+        let images = grads(&x0, w.as_tensor());
         assert!(images.get(&x0).is_none());
         assert_eq!(
             flat(images.get(w.as_tensor()).unwrap()),
             flat(both.get(w.as_tensor()).unwrap())
         );
-        let frozen = (conv2d(x.as_tensor(), &w0, None, &cfg).unwrap() * &g)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let frozen = grads(x.as_tensor(), &w0);
         assert!(frozen.get(&w0).is_none());
         assert_eq!(
             flat(frozen.get(x.as_tensor()).unwrap()),
