@@ -35,6 +35,13 @@ for cfg in "32 f32" "128 f32" "128 bf16" "32 bf16"; do
 done
 run .gpu/nofuss bench train-step --batch-size 256 --steps "$STEPS" --device cuda
 run $PY crates/nofuss/benches/torch_train_step.py 256 "$STEPS" --device cuda --classes 100
+# Where a step's time goes: forward, backward and optimiser each waited for, queueing
+# time against completion time (host-bound where they are about equal).
+P="$OUT/phases.jsonl"; : > "$P"
+for n in 32 128; do
+  timeout 200 .gpu/nofuss bench train-step --backbone bn-inception --batch-size $n --steps 5 --device cuda --phases >> "$P" 2>> "$OUT/bench.err"
+  timeout 200 $PY crates/nofuss/benches/torch_train_step.py $n 5 --backbone bn-inception --device cuda --classes 100 --phases >> "$P" 2>> "$OUT/bench.err"
+done
 # SOP-scale evaluation: 60,502 synthetic 64-d embeddings in 11,316 classes, exact kNN and
 # Recall@{1,10,100,1000} on the GPU, nofuss-eval then PyTorch (matmul + topk).
 K="$OUT/knn"; mkdir -p "$K"
@@ -51,9 +58,10 @@ PYEOF
 run .gpu/knn_bench "$K/emb.npy" "$K/labels.npy" 3 cuda
 run $PY crates/nofuss-eval/benches/torch_knn.py "$K/emb.npy" "$K/labels.npy" 3 cuda
 rm -f "$K"/*.npy
-$PY - "$B" > "$OUT/summary.md" <<'PYEOF'
+$PY - "$B" "$P" > "$OUT/summary.md" <<'PYEOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+phases = [json.loads(l) for l in open(sys.argv[2]) if l.startswith("{")]
 knn = [r for r in rows if "seconds" in r]
 rows = [r for r in rows if "images_per_sec" in r]
 key = lambda r: (r.get("backbone"), r.get("batch"), r.get("precision", "f32"))
@@ -71,5 +79,11 @@ print("| kNN at SOP scale (60,502 x 64, K = 1000) | seconds | Recall@1 |")
 print("| --- | --- | --- |")
 for r in knn:
     print(f"| {r.get('impl')} | {r.get('seconds')} | {r.get('recall@1')} |")
+print()
+print("| BN-Inception f32, ms queued / done | batch | forward + loss | backward | optimiser |")
+print("| --- | --- | --- | --- | --- |")
+for r in phases:
+    cell = lambda p: f"{r.get(p + '_queue_ms')} / {r.get(p + '_ms')}"
+    print(f"| {r.get('impl')} | {r.get('batch')} | {cell('forward')} | {cell('backward')} | {cell('optimizer')} |")
 PYEOF
 cat "$OUT/summary.md"; grep -h "test result\|rc=" "$OUT"/parity_*.txt

@@ -37,6 +37,9 @@ ap.add_argument("--device", default="cpu")
 ap.add_argument("--classes", type=int, default=124)
 ap.add_argument("--precision", default="f32", choices=["f32", "bf16"])
 ap.add_argument("--warmup", type=int, default=3)
+ap.add_argument("--phases", action="store_true",
+                help="also time forward (with the loss), backward and optimiser steps separately, "
+                     "synchronising after each: queueing and completion time per phase")
 ap.add_argument("--mode", default="train", choices=["train", "backbone"],
                 help="train: whole steps; backbone: forward (eval, no grad) and forward+backward "
                      "(train mode, sum of pooled features) of the backbone alone")
@@ -147,22 +150,62 @@ if args.mode == "backbone":
                       "forward_ms": round(f * 1e3, 2), "forward_backward_ms": round(fb * 1e3, 2)}))
     raise SystemExit(0)
 autocast = args.precision == "bf16"
-times = []
-for i in range(args.steps + args.warmup):
+
+
+def queued_and_done(f):
+    """Runs f, then waits for the device: seconds until f returned and until the device finished."""
     t = time.perf_counter()
+    v = f()
+    q = time.perf_counter() - t
+    sync()
+    return v, q, time.perf_counter() - t
+
+
+def forward():
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
         e = head(backbone(x).mean(dim=(2, 3)))
-    loss = proxy_nca(e.float(), y, proxies)
+    return proxy_nca(e.float(), y, proxies)
+
+
+def backward(loss):
     opt.zero_grad(set_to_none=True)
     popt.zero_grad(set_to_none=True)
     loss.backward()
+
+
+def optimise():
     opt.step()
     popt.step()
+
+
+times = []
+for i in range(args.steps + args.warmup):
+    t = time.perf_counter()
+    loss = forward()
+    backward(loss)
+    optimise()
     loss.item()
     if i >= args.warmup:
         times.append(time.perf_counter() - t)
 times.sort()
 med = times[len(times) // 2]
-print(json.dumps({"impl": f"PyTorch {torch.__version__} eager", "device": str(dev), "backbone": args.backbone,
-                  "precision": args.precision, "threads": torch.get_num_threads(), "batch": args.batch,
-                  "steps": args.steps, "median_ms": round(med * 1e3, 2), "images_per_sec": round(args.batch / med, 1)}))
+out = {"impl": f"PyTorch {torch.__version__} eager", "device": str(dev), "backbone": args.backbone,
+       "precision": args.precision, "threads": torch.get_num_threads(), "batch": args.batch,
+       "steps": args.steps, "median_ms": round(med * 1e3, 2), "images_per_sec": round(args.batch / med, 1)}
+if args.phases:
+    names = ["forward", "backward", "optimizer"]
+    queued, done = {n: [] for n in names}, {n: [] for n in names}
+    for i in range(args.steps + args.warmup):
+        loss, q0, d0 = queued_and_done(forward)
+        _, q1, d1 = queued_and_done(lambda: backward(loss))
+        _, q2, d2 = queued_and_done(optimise)
+        loss.item()
+        if i >= args.warmup:
+            for n, q, d in zip(names, (q0, q1, q2), (d0, d1, d2)):
+                queued[n].append(q)
+                done[n].append(d)
+    for n in names:
+        for key, ts in ((f"{n}_queue_ms", queued[n]), (f"{n}_ms", done[n])):
+            ts.sort()
+            out[key] = round(ts[len(ts) // 2] * 1e3, 2)
+print(json.dumps(out))

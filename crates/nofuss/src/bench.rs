@@ -31,6 +31,12 @@ pub struct TrainStepBench {
     pub device: String,
     /// Backbone arithmetic.
     pub precision: Precision,
+    /// Also time the phases of a step (forward with the loss, backward, optimiser
+    /// steps) in separate steps that wait for the device after each phase: how long the
+    /// host takes to queue each phase and how long until the device has finished it. A
+    /// phase whose queueing takes about as long as its completion is bound by the host
+    /// (launch overhead), not by the device.
+    pub phases: bool,
 }
 
 impl Default for TrainStepBench {
@@ -44,6 +50,7 @@ impl Default for TrainStepBench {
             warmup: 3,
             device: "auto".into(),
             precision: Precision::F32,
+            phases: false,
         }
     }
 }
@@ -83,7 +90,7 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         }
     }
     let med = median(times);
-    Ok(json!({
+    let mut out = json!({
         "impl": "nofuss (candle 0.11.1)",
         "device": description,
         "backbone": b.backbone,
@@ -93,7 +100,71 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         "steps": b.steps,
         "median_ms": (med * 1e5).round() / 100.0,
         "images_per_sec": (b.batch_size as f64 / med * 10.0).round() / 10.0,
-    }))
+    });
+    if b.phases {
+        let phases = time_phases(b, &dev, &model, &mut opt, &x, &y)?;
+        if let (Some(o), Value::Object(p)) = (out.as_object_mut(), phases) {
+            o.extend(p);
+        }
+    }
+    Ok(out)
+}
+
+/// Milliseconds rounded to two decimals.
+fn ms(seconds: f64) -> f64 {
+    (seconds * 1e5).round() / 100.0
+}
+
+/// Runs `f` and waits for `dev`: its result, the seconds until `f` returned (the work is
+/// queued) and until the device had finished it.
+fn queued_and_done<T>(
+    dev: &candle_core::Device,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<(T, f64, f64)> {
+    let t = Instant::now();
+    let v = f()?;
+    let queued = t.elapsed().as_secs_f64();
+    dev.synchronize()?;
+    Ok((v, queued, t.elapsed().as_secs_f64()))
+}
+
+/// [`TrainStepBench::phases`]: `steps` more steps after `warmup` more, the device waited
+/// for after each phase; per phase the median time to queue it (`{phase}_queue_ms`) and
+/// to finish it (`{phase}_ms`).
+fn time_phases(
+    b: &TrainStepBench,
+    dev: &candle_core::Device,
+    model: &Model,
+    opt: &mut nofuss_tensor::optim::Optimizer,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<Value> {
+    const PHASES: [&str; 3] = ["forward", "backward", "optimizer"];
+    let mut queued = vec![Vec::new(); 3];
+    let mut done = vec![Vec::new(); 3];
+    for i in 0..b.steps + b.warmup {
+        let (loss, q0, d0) = queued_and_done(dev, || {
+            Ok(model.loss.loss(&model.embedder.forward(x, true)?, y)?)
+        })?;
+        let (grads, q1, d1) = queued_and_done(dev, || Ok(loss.backward()?))?;
+        let ((), q2, d2) = queued_and_done(dev, || {
+            opt.step(&grads)?;
+            Ok(())
+        })?;
+        loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if i >= b.warmup {
+            for (k, (q, d)) in [(q0, d0), (q1, d1), (q2, d2)].into_iter().enumerate() {
+                queued[k].push(q);
+                done[k].push(d);
+            }
+        }
+    }
+    let mut m = serde_json::Map::new();
+    for ((name, q), d) in PHASES.iter().zip(queued).zip(done) {
+        m.insert(format!("{name}_queue_ms"), json!(ms(median(q))));
+        m.insert(format!("{name}_ms"), json!(ms(median(d))));
+    }
+    Ok(Value::Object(m))
 }
 
 /// The configuration, device (with its description), a fresh model and a synthetic
@@ -225,6 +296,24 @@ mod tests {
         .unwrap();
         assert_eq!(v["batch"], 4);
         assert!(v["images_per_sec"].as_f64().unwrap() > 0.0);
+        assert!(v.get("forward_ms").is_none());
+        let v = train_step(&TrainStepBench {
+            batch_size: 4,
+            steps: 2,
+            warmup: 1,
+            device: "cpu".into(),
+            phases: true,
+            ..Default::default()
+        })
+        .unwrap();
+        for phase in ["forward", "backward", "optimizer"] {
+            let (q, d) = (
+                v[format!("{phase}_queue_ms")].as_f64().unwrap(),
+                v[format!("{phase}_ms")].as_f64().unwrap(),
+            );
+            // Queued no later than done; on the CPU the work is done when queued.
+            assert!(d > 0.0 && q <= d, "{phase}: {q} {d}");
+        }
         let v = backbone(&BackboneBench {
             backbone: "small-cnn".into(),
             batch_size: 2,

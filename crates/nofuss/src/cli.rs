@@ -136,6 +136,10 @@ pub enum BenchCommand {
         /// Backbone arithmetic: f32 or bf16 (mixed precision).
         #[arg(long, default_value = "f32")]
         precision: Precision,
+        /// Also time forward, backward and optimiser separately, waiting for the device
+        /// after each: queueing time against completion time per phase.
+        #[arg(long)]
+        phases: bool,
     },
 }
 
@@ -680,6 +684,7 @@ pub fn run(cli: Cli) -> Result<()> {
             warmup,
             device,
             precision,
+            phases,
         }) => {
             let b = crate::bench::TrainStepBench {
                 backbone,
@@ -690,6 +695,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 warmup,
                 device,
                 precision,
+                phases,
             };
             println!("{}", crate::bench::train_step(&b)?);
             Ok(())
