@@ -55,7 +55,7 @@ pub mod pool;
 mod precision;
 pub mod select;
 
-pub use device::{fixtures_dir, test_device, DeviceSpec, SelectedDevice};
+pub use device::{fixtures_dir, on_pool, test_device, DeviceSpec, SelectedDevice};
 pub use error::{Error, Result};
 pub use init::SeededVarMap;
 pub use normalization::{ChannelOrder, Normalization};

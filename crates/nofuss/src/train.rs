@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use nofuss_backbone::{Backbone, BnInception, Embedder, EmbeddingHead, SmallCnn, SmallCnnConfig};
 use nofuss_data::{cars, cub, folder, glyphs, sop, Augment, ImageBank, ImageSpec, ZeroShotSplit};
 use nofuss_eval::{EvalConfig, EvalReport, KMeansConfig};
-use nofuss_losses::{LossError, MetricLoss, ProxyInit};
+use nofuss_losses::{LossError, MetricLoss, ProxyInit, ProxyReseeder};
 use nofuss_tensor::optim::{warmup_factor, Optimizer, ParamGroup};
 use nofuss_tensor::{DeviceSpec, Precision, SeededVarMap};
 use serde::Serialize;
@@ -419,11 +419,21 @@ impl Model {
         let mut out = Vec::with_capacity(images.len() * self.embedder.head().config().dim);
         for batch in images.eval_batches(&norm, device)? {
             let (x, _, _) = batch?;
-            let e = self.embedder.forward(&x, train)?;
+            let e = nofuss_tensor::on_pool(device, || self.embedder.forward(&x, train))?;
             out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
         }
         Ok(out)
     }
+}
+
+/// What one training step did.
+enum StepOutcome {
+    /// Updated the model; the step's loss (not yet read).
+    Trained(Tensor),
+    /// Skipped: the batch had nothing to learn from (why).
+    Skipped(String),
+    /// The loss's own input check found a non-finite value.
+    NonFinite,
 }
 
 /// Saves `state` as safetensors atomically.
@@ -704,11 +714,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     let mut opt = model.optimizer(&cfg.optim)?;
     let dynamic = model.loss.spec().assignment() == nofuss_losses::Assignment::Dynamic;
     let mut reseeder = match (model.loss.proxies(), cfg.loss.reseed_unused_after) {
-        (Some(p), after) if dynamic && after > 0 => Some(nofuss_losses::ProxyReseeder::new(
-            p.dim(0)?,
-            after,
-            cfg.seed,
-        )),
+        (Some(p), after) if dynamic && after > 0 => {
+            Some(ProxyReseeder::new(p.dim(0)?, after, cfg.seed))
+        }
         _ => None,
     };
     let proxy_var = model
@@ -852,32 +860,46 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         for (i, batch) in batches.enumerate() {
             let step = i + 1;
             let (batch_images, batch_labels, batch_len) = batch?;
-            let emb = model.embedder.forward(&batch_images, true)?;
-            let loss = match model.loss.loss(&emb, &batch_labels) {
-                Ok(l) => l,
-                Err(LossError::NonFinite(_)) => return Err(non_finite((step, f32::NAN), &dir)),
-                // A batch without a usable pair or negative teaches nothing: skip the
-                // step (counted in the metrics) rather than end the run.
-                Err(LossError::NoPairs(reason)) => {
-                    skipped += 1;
-                    skip_reason = reason;
-                    if let (Some(r), Some(v)) = (reseeder.as_mut(), proxy_var.as_ref()) {
+            // The step's operations run on rayon's pool (CPU): see `on_pool`. The next
+            // batch is waited for outside it.
+            let outcome = nofuss_tensor::on_pool(&device, || -> Result<StepOutcome> {
+                let emb = model.embedder.forward(&batch_images, true)?;
+                let reseed = |r: &mut Option<ProxyReseeder>| -> Result<()> {
+                    if let (Some(r), Some(v)) = (r.as_mut(), proxy_var.as_ref()) {
                         r.step(&emb, v, global_step(epoch, num_batches, step))?;
                     }
+                    Ok(())
+                };
+                let loss = match model.loss.loss(&emb, &batch_labels) {
+                    Ok(l) => l,
+                    Err(LossError::NonFinite(_)) => return Ok(StepOutcome::NonFinite),
+                    // A batch without a usable pair or negative teaches nothing: skip the
+                    // step (counted in the metrics) rather than end the run.
+                    Err(LossError::NoPairs(reason)) => {
+                        reseed(&mut reseeder)?;
+                        return Ok(StepOutcome::Skipped(reason));
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let grads = loss.backward()?;
+                opt.set_lr(
+                    cfg.optim.schedule.factor(epoch - 1)
+                        * warmup_factor(opt.steps(), cfg.optim.warmup_steps),
+                );
+                opt.step(&grads)?;
+                reseed(&mut reseeder)?;
+                Ok(StepOutcome::Trained(loss))
+            })?;
+            let loss = match outcome {
+                StepOutcome::Trained(loss) => loss,
+                StepOutcome::NonFinite => return Err(non_finite((step, f32::NAN), &dir)),
+                StepOutcome::Skipped(reason) => {
+                    skipped += 1;
+                    skip_reason = reason;
                     pb.inc(1);
                     continue;
                 }
-                Err(e) => return Err(e.into()),
             };
-            let grads = loss.backward()?;
-            opt.set_lr(
-                cfg.optim.schedule.factor(epoch - 1)
-                    * warmup_factor(opt.steps(), cfg.optim.warmup_steps),
-            );
-            opt.step(&grads)?;
-            if let (Some(r), Some(v)) = (reseeder.as_mut(), proxy_var.as_ref()) {
-                r.step(&emb, v, global_step(epoch, num_batches, step))?;
-            }
             steps += 1;
             images += batch_len;
             if let Err(bad) = losses.push(step, &loss)? {
