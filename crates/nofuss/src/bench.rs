@@ -102,7 +102,7 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         "batch": b.batch_size,
         "image_size": size,
         "steps": b.steps,
-        "median_ms": (med * 1e5).round() / 100.0,
+        "median_ms": ms(med),
         "images_per_sec": (b.batch_size as f64 / med * 10.0).round() / 10.0,
     });
     if b.phases {
@@ -282,8 +282,8 @@ pub fn backbone(b: &BackboneBench) -> Result<Value> {
         "steps": b.steps,
         "forward_images_per_sec": ips(fwd),
         "forward_backward_images_per_sec": ips(fb),
-        "forward_ms": (fwd * 1e5).round() / 100.0,
-        "forward_backward_ms": (fb * 1e5).round() / 100.0,
+        "forward_ms": ms(fwd),
+        "forward_backward_ms": ms(fb),
     }))
 }
 
