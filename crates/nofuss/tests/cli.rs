@@ -663,9 +663,10 @@ fn write_folder_dataset(root: &Path, classes: usize, per: usize) -> Vec<Vec<Stri
     out
 }
 
-fn quick_train(tmp: &Path, data: &Path, dataset: &str, name: &str) -> Output {
+/// The arguments of a one-epoch run on the photo dataset `data` into `tmp/runs/<name>`.
+fn quick_args(tmp: &Path, data: &Path, dataset: &str, name: &str) -> Vec<String> {
     let runs = tmp.join("runs");
-    nofuss(&[
+    [
         "train",
         "--dataset",
         dataset,
@@ -687,7 +688,43 @@ fn quick_train(tmp: &Path, data: &Path, dataset: &str, name: &str) -> Output {
         "--name",
         name,
         "--quiet",
-    ])
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn quick_train(tmp: &Path, data: &Path, dataset: &str, name: &str) -> Output {
+    let args = quick_args(tmp, data, dataset, name);
+    nofuss(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn photo_training_finishes_on_a_one_thread_pool() {
+    // Each training step runs on rayon's pool while the photo pipeline decodes the next
+    // batch on the same pool: a step that waited for the pipeline would never finish
+    // with one pool thread.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("folders");
+    write_folder_dataset(&data, 6, 8);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nofuss"))
+        .env("RAYON_NUM_THREADS", "1")
+        .args(quick_args(tmp.path(), &data, "folder", "one-thread"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run nofuss");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(300) {
+            child.kill().unwrap();
+            panic!("training on a one-thread pool did not finish in 5 minutes");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success());
 }
 
 #[test]
