@@ -115,25 +115,29 @@ impl BatchNorm2d {
             }
         }
         if !train {
-            let beta = match shift {
-                None => self.bias.clone(),
-                Some(s) => {
-                    let pdt = param_dtype(x.dtype());
-                    let invstd = (self.running_var.as_tensor().detach().to_dtype(pdt)? + self.eps)?
-                        .sqrt()?
-                        .recip()?;
-                    let gamma = self.weight.to_dtype(pdt)?;
-                    (self.bias.to_dtype(pdt)? + (gamma * invstd)?.mul(&s.to_dtype(pdt)?)?)?
-                }
-            };
-            return batch_norm_fixed(
-                x,
-                &self.weight,
-                &beta,
+            Geom::of(x)?;
+            let pdt = param_dtype(x.dtype());
+            let (mean, invstd) = fixed_stats(
                 self.running_mean.as_tensor(),
                 self.running_var.as_tensor(),
                 self.eps,
+                pdt,
+            )?;
+            let beta = match shift {
+                None => self.bias.clone(),
+                Some(s) => {
+                    let gamma = self.weight.to_dtype(pdt)?;
+                    (self.bias.to_dtype(pdt)? + (gamma * &invstd)?.mul(&s.to_dtype(pdt)?)?)?
+                }
+            };
+            return apply(
+                &x.contiguous()?,
+                &self.weight,
+                &beta,
+                mean,
+                invstd,
                 relu,
+                false,
             );
         }
         let out = batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
@@ -239,10 +243,15 @@ pub fn batch_norm_fixed(
     relu: bool,
 ) -> Result<Tensor> {
     Geom::of(x)?;
-    let pdt = param_dtype(x.dtype());
-    let invstd = (var.detach().to_dtype(pdt)? + eps)?.sqrt()?.recip()?;
-    let mean = mean.detach().to_dtype(pdt)?.contiguous()?;
+    let (mean, invstd) = fixed_stats(mean, var, eps, param_dtype(x.dtype()))?;
     apply(&x.contiguous()?, gamma, beta, mean, invstd, relu, false)
+}
+
+/// Given statistics as constants in the parameter dtype `pdt`: the mean and
+/// `1/sqrt(var + eps)`.
+fn fixed_stats(mean: &Tensor, var: &Tensor, eps: f64, pdt: DType) -> Result<(Tensor, Tensor)> {
+    let invstd = (var.detach().to_dtype(pdt)? + eps)?.sqrt()?.recip()?;
+    Ok((mean.detach().to_dtype(pdt)?.contiguous()?, invstd))
 }
 
 fn param_dtype(dt: DType) -> DType {
