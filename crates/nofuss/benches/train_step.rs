@@ -14,7 +14,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc; // as in the `nofuss` bi
 use nofuss::bench::{train_step, TrainStepBench};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // `cargo bench` passes `--bench`; keep only numbers.
+    nofuss::allocator::keep_freed_memory(); // as in the `nofuss` binary
+                                            // `cargo bench` passes `--bench`; keep only numbers.
     let nums: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())

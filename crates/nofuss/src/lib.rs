@@ -14,6 +14,7 @@
 //! # Ok::<(), nofuss::TrainError>(())
 //! ```
 
+pub mod allocator;
 pub mod bench;
 pub mod cli;
 pub mod compare;
