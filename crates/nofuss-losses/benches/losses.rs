@@ -15,12 +15,12 @@ use candle_core::{Device, Tensor, Var};
 use nofuss_losses::{proxy_nca, proxy_triplet, ProxyNcaConfig, ProxyTripletConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // As in the `nofuss` binary (`nofuss::allocator`): keep freed memory for 1 s instead
+    // As in the `nofuss` binary (`nofuss::allocator`): keep freed memory for 10 s instead
     // of mimalloc's 10 ms (option 15, mi_option_purge_delay), so repeated runs reuse
     // their buffers instead of faulting them in again.
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: stores an integer in mimalloc's option table.
-        unsafe { libmimalloc_sys::mi_option_set(15, 1000) };
+        unsafe { libmimalloc_sys::mi_option_set(15, 10_000) };
     }
     let repeats: usize = std::env::args()
         .skip(1)

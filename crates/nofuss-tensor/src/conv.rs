@@ -64,21 +64,33 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: &Conv2dConfig)
     }
 }
 
-/// The CPU convolution: im2col into a `[C_in K K, N OH OW]` matrix and one matrix
-/// product forward; backward, one product for the weight gradient against the recomputed
-/// columns and one for the column gradient, folded back by col2im. (candle 0.11's own CPU
-/// backward computes the input gradient with a direct transposed convolution, several
-/// times slower, and gives it the wrong width when a non-square input leaves different
-/// remainders under the stride.)
+/// The CPU convolution, a tile of images at a time: im2col of the tile into a
+/// `[C_in K K, images OH OW]` matrix and one product with the weight, written straight
+/// into the output's `[C_out, OH OW]` planes when the tile is one image; a 1x1
+/// convolution with stride 1 multiplies the input planes themselves. Backward: the input
+/// gradient is the weight's transpose times the output gradient, folded back by col2im
+/// (or written straight into the input gradient for 1x1 stride 1); the weight gradient is
+/// the output gradient times the recomputed columns, summed over the tiles in order.
+/// Tiles are whole images, grouped until a tile's product is [`cpu_ops::TILE_COLUMNS`]
+/// wide, so large maps never build a batch-sized column matrix (nor a batch-sized
+/// transposed copy of the output or its gradient) and small maps still multiply wide
+/// matrices. (candle 0.11's own CPU backward computes the input gradient with a direct
+/// transposed convolution, several times slower, and gives it the wrong width when a
+/// non-square input leaves different remainders under the stride.)
 mod cpu_ops {
     use candle_core::backend::BackendStorage;
-    use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+    use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
     use candle_nn::Conv2dConfig;
+    use gemm::Parallelism;
     use rayon::prelude::*;
 
     use crate::cpu::slice;
 
-    /// Sizes of one convolution (groups = 1).
+    /// Columns a tile's matrix product should reach: images are grouped into a tile until
+    /// they have this many output positions (one image when it alone has them).
+    pub(super) const TILE_COLUMNS: usize = 2048;
+
+    /// Sizes of one convolution (groups = 1) and its tiling.
     #[derive(Debug, Clone, Copy)]
     pub(super) struct Geom {
         n: usize,
@@ -93,6 +105,8 @@ mod cpu_ops {
         stride: usize,
         pad: usize,
         dil: usize,
+        /// Images per tile.
+        tile: usize,
     }
 
     impl Geom {
@@ -103,6 +117,7 @@ mod cpu_ops {
                 candle_core::bail!("conv2d: input has {c_in} channels, weight {:?}", w.dims());
             }
             let out = |len, k| super::output_len(len, k, cfg);
+            let (oh, ow) = (out(h, k_h)?, out(wd, k_w)?);
             Ok(Self {
                 n,
                 c_in,
@@ -111,12 +126,20 @@ mod cpu_ops {
                 c_out,
                 k_h,
                 k_w,
-                oh: out(h, k_h)?,
-                ow: out(wd, k_w)?,
+                oh,
+                ow,
                 stride: cfg.stride,
                 pad: cfg.padding,
                 dil: cfg.dilation,
+                tile: TILE_COLUMNS.div_ceil((oh * ow).max(1)).clamp(1, n.max(1)),
             })
+        }
+
+        /// The same convolution cut into tiles of `images` images.
+        #[cfg(test)]
+        pub(super) fn with_tile(mut self, images: usize) -> Self {
+            self.tile = images.clamp(1, self.n.max(1));
+            self
         }
 
         /// Rows of the column matrix: `C_in K_h K_w`, the weight's inner order.
@@ -124,9 +147,23 @@ mod cpu_ops {
             self.c_in * self.k_h * self.k_w
         }
 
-        /// Columns: every output position of every image.
-        fn cols(&self) -> usize {
-            self.n * self.oh * self.ow
+        fn hw(&self) -> usize {
+            self.h * self.w
+        }
+
+        fn ohw(&self) -> usize {
+            self.oh * self.ow
+        }
+
+        /// 1x1, stride 1, no padding: an image's column matrix is the image itself.
+        fn pointwise(&self) -> bool {
+            self.k_h == 1 && self.k_w == 1 && self.stride == 1 && self.pad == 0
+        }
+
+        /// `(first image, images)` of every tile, in order.
+        fn tiles(&self) -> impl Iterator<Item = (usize, usize)> {
+            let (n, t) = (self.n, self.tile);
+            (0..n).step_by(t).map(move |b| (b, t.min(n - b)))
         }
 
         /// Input row (or column) read by output `o` at kernel offset `k`, if inside.
@@ -142,50 +179,207 @@ mod cpu_ops {
         fn y_shape(&self) -> Shape {
             Shape::from((self.n, self.c_out, self.oh, self.ow))
         }
+
+        fn w_shape(&self) -> Shape {
+            Shape::from((self.c_out, self.c_in, self.k_h, self.k_w))
+        }
     }
 
-    fn im2col<T: WithDType>(g: &Geom, x: &[T]) -> Vec<T> {
-        let (ohw, hw) = (g.oh * g.ow, g.h * g.w);
-        let mut cols = vec![T::zero(); g.rows() * g.cols()];
-        cols.par_chunks_mut(g.cols())
+    /// A matrix inside a slice: element `(i, j)` at `i rs + j cs`, checked to fit.
+    #[derive(Clone, Copy)]
+    struct Mat<'a, T> {
+        data: &'a [T],
+        rows: usize,
+        cols: usize,
+        rs: usize,
+        cs: usize,
+    }
+
+    impl<'a, T> Mat<'a, T> {
+        fn new(data: &'a [T], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+            let last = (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs;
+            assert!(
+                rows == 0 || cols == 0 || last < data.len(),
+                "matrix {rows}x{cols} (strides {rs}, {cs}) outside {} values",
+                data.len()
+            );
+            Self {
+                data,
+                rows,
+                cols,
+                rs,
+                cs,
+            }
+        }
+
+        /// Row-major `rows x cols` at the start of `data`.
+        fn dense(data: &'a [T], rows: usize, cols: usize) -> Self {
+            Self::new(data, rows, cols, cols, 1)
+        }
+
+        fn t(self) -> Self {
+            Self::new(self.data, self.cols, self.rows, self.cs, self.rs)
+        }
+    }
+
+    /// `dst = a b`, or `dst += a b` with `accumulate`; `dst` is row-major
+    /// `a.rows x b.cols` at its start.
+    fn matmul<T: WithDType>(
+        dst: &mut [T],
+        accumulate: bool,
+        a: Mat<T>,
+        b: Mat<T>,
+        par: Parallelism,
+    ) {
+        let (m, n, k) = (a.rows, b.cols, a.cols);
+        assert!(b.rows == k && dst.len() >= m * n, "matmul shapes");
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            if !accumulate {
+                dst[..m * n].fill(T::zero());
+            }
+            return;
+        }
+        let alpha = if accumulate { T::one() } else { T::zero() };
+        // SAFETY: `Mat::new` checked that both inputs lie inside their slices, `dst` holds
+        // m x n values, and as a `&mut` borrow it overlaps neither input. gemm computes
+        // dst = alpha dst + 1 (a b), reading dst only when `accumulate`.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                accumulate,
+                a.data.as_ptr(),
+                a.cs as isize,
+                a.rs as isize,
+                b.data.as_ptr(),
+                b.cs as isize,
+                b.rs as isize,
+                alpha,
+                T::one(),
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+    }
+
+    /// Matrix products on all of rayon's threads, or on this one.
+    fn parallelism(multi: bool) -> Parallelism {
+        match rayon::current_num_threads() {
+            t if multi && t > 1 => Parallelism::Rayon(t),
+            _ => Parallelism::None,
+        }
+    }
+
+    /// Scratch buffers of one worker: column matrix, and a product or gathered gradient.
+    struct Scratch<T>(Vec<T>, Vec<T>);
+
+    impl<T: WithDType> Scratch<T> {
+        fn new() -> Self {
+            Self(Vec::new(), Vec::new())
+        }
+    }
+
+    /// The first `len` values of `buf`, grown if needed (old values are left: callers
+    /// overwrite all of them).
+    fn scratch<T: WithDType>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
+        if buf.len() < len {
+            buf.resize(len, T::zero());
+        }
+        &mut buf[..len]
+    }
+
+    /// Runs `f(scratch, first image, images, out, parallelism)` for every tile, `out` being
+    /// the tile's part of `out_all` (`per_image` values per image): tiles in parallel with
+    /// single-threaded products when there are enough of them for every thread, else one
+    /// after another with multi-threaded products. Each value of `out_all` is written by
+    /// one tile, so the result does not depend on the order.
+    fn for_tiles<T, F>(g: &Geom, out_all: &mut [T], per_image: usize, f: F)
+    where
+        T: WithDType,
+        F: Fn(&mut Scratch<T>, usize, usize, &mut [T], Parallelism) + Send + Sync,
+    {
+        if out_all.is_empty() || per_image == 0 {
+            return;
+        }
+        let chunk = g.tile * per_image;
+        let tiles = g.n.div_ceil(g.tile);
+        let threads = rayon::current_num_threads();
+        if threads > 1 && tiles >= threads {
+            out_all
+                .par_chunks_mut(chunk)
+                .enumerate()
+                .for_each_init(Scratch::new, |s, (i, out)| {
+                    f(s, i * g.tile, out.len() / per_image, out, Parallelism::None)
+                });
+        } else {
+            let mut s = Scratch::new();
+            for (i, out) in out_all.chunks_mut(chunk).enumerate() {
+                f(
+                    &mut s,
+                    i * g.tile,
+                    out.len() / per_image,
+                    out,
+                    parallelism(true),
+                );
+            }
+        }
+    }
+
+    /// The column matrix `[C_in K K, images OH OW]` of images `first..first + images`.
+    fn im2col<T: WithDType>(g: &Geom, x: &[T], first: usize, images: usize, cols: &mut [T]) {
+        let (ohw, hw, kk) = (g.ohw(), g.hw(), g.k_h * g.k_w);
+        let width = images * ohw;
+        cols.par_chunks_mut(width.max(1))
             .enumerate()
             .for_each(|(r, row)| {
-                let (ci, kk) = (r / (g.k_h * g.k_w), r % (g.k_h * g.k_w));
-                let (ky, kx) = (kk / g.k_w, kk % g.k_w);
-                for b in 0..g.n {
-                    let plane = &x[(b * g.c_in + ci) * hw..][..hw];
-                    let out = &mut row[b * ohw..][..ohw];
-                    for oy in 0..g.oh {
+                let (ci, k) = (r / kk, r % kk);
+                let (ky, kx) = (k / g.k_w, k % g.k_w);
+                for j in 0..images {
+                    let plane = &x[((first + j) * g.c_in + ci) * hw..][..hw];
+                    let out = &mut row[j * ohw..][..ohw];
+                    if g.pointwise() {
+                        out.copy_from_slice(plane);
+                        continue;
+                    }
+                    for (oy, dst) in out.chunks_mut(g.ow.max(1)).enumerate() {
                         let Some(iy) = g.src(oy, ky, g.h) else {
+                            dst.fill(T::zero());
                             continue;
                         };
                         let src = &plane[iy * g.w..][..g.w];
-                        let dst = &mut out[oy * g.ow..][..g.ow];
                         for (ox, d) in dst.iter_mut().enumerate() {
-                            if let Some(ix) = g.src(ox, kx, g.w) {
-                                *d = src[ix];
-                            }
+                            *d = g.src(ox, kx, g.w).map_or(T::zero(), |ix| src[ix]);
                         }
                     }
                 }
             });
-        cols
     }
 
-    fn col2im<T: WithDType>(g: &Geom, cols: &[T]) -> Vec<T> {
-        let (ohw, hw, kk) = (g.oh * g.ow, g.h * g.w, g.k_h * g.k_w);
-        let mut x = vec![T::zero(); g.n * g.c_in * hw];
-        x.par_chunks_mut(hw).enumerate().for_each(|(p, plane)| {
-            let (b, ci) = (p / g.c_in, p % g.c_in);
+    /// Adds a tile's column gradient `[C_in K K, images OH OW]` into its images' input
+    /// gradient `dx` (`[images, C_in, H, W]`), summing overlapping windows.
+    fn col2im<T: WithDType>(g: &Geom, dcols: &[T], dx: &mut [T]) {
+        let (ohw, hw, kk) = (g.ohw(), g.hw(), g.k_h * g.k_w);
+        let width = dx.len() / (g.c_in * hw) * ohw;
+        dx.par_chunks_mut(hw).enumerate().for_each(|(p, plane)| {
+            let (j, ci) = (p / g.c_in, p % g.c_in);
             for k in 0..kk {
                 let (ky, kx) = (k / g.k_w, k % g.k_w);
-                let row = &cols[(ci * kk + k) * g.cols() + b * ohw..][..ohw];
-                for oy in 0..g.oh {
+                let row = &dcols[(ci * kk + k) * width + j * ohw..][..ohw];
+                for (oy, src) in row.chunks(g.ow.max(1)).enumerate() {
                     let Some(iy) = g.src(oy, ky, g.h) else {
                         continue;
                     };
                     let dst = &mut plane[iy * g.w..][..g.w];
-                    for (ox, &v) in row[oy * g.ow..][..g.ow].iter().enumerate() {
+                    for (ox, &v) in src.iter().enumerate() {
                         if let Some(ix) = g.src(ox, kx, g.w) {
                             dst[ix] += v;
                         }
@@ -193,18 +387,112 @@ mod cpu_ops {
                 }
             }
         });
-        x
     }
 
-    /// `[C_out, N, OH, OW]` (the product's layout) to `[N, C_out, OH, OW]`.
-    fn to_nchw<T: WithDType>(g: &Geom, y: &[T]) -> Vec<T> {
-        let ohw = g.oh * g.ow;
-        let mut out = vec![T::zero(); y.len()];
-        out.par_chunks_mut(ohw).enumerate().for_each(|(p, plane)| {
-            let (b, co) = (p / g.c_out, p % g.c_out);
-            plane.copy_from_slice(&y[(co * g.n + b) * ohw..][..ohw]);
+    /// A tile's output gradient as `[C_out, images OH OW]`: the image's own planes for a
+    /// one-image tile, else gathered into `buf`.
+    fn gradient_rows<'a, T: WithDType>(
+        g: &Geom,
+        dy: &'a [T],
+        first: usize,
+        images: usize,
+        buf: &'a mut Vec<T>,
+    ) -> Mat<'a, T> {
+        let (ohw, per_image) = (g.ohw(), g.c_out * g.ohw());
+        if images == 1 {
+            return Mat::dense(&dy[first * per_image..][..per_image], g.c_out, ohw);
+        }
+        let width = images * ohw;
+        let rows = scratch(buf, g.c_out * width);
+        rows.par_chunks_mut(width.max(1))
+            .enumerate()
+            .for_each(|(co, row)| {
+                for (j, dst) in row.chunks_mut(ohw.max(1)).enumerate() {
+                    dst.copy_from_slice(&dy[((first + j) * g.c_out + co) * ohw..][..ohw]);
+                }
+            });
+        Mat::dense(rows, g.c_out, width)
+    }
+
+    fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+        let (rows, ohw) = (g.rows(), g.ohw());
+        let wm = Mat::dense(w, g.c_out, rows);
+        let mut y = vec![T::zero(); g.n * g.c_out * ohw];
+        for_tiles(g, &mut y, g.c_out * ohw, |s, first, images, out, par| {
+            let width = images * ohw;
+            if g.pointwise() && images == 1 {
+                let xb = &x[first * g.c_in * ohw..][..g.c_in * ohw];
+                return matmul(out, false, wm, Mat::dense(xb, g.c_in, ohw), par);
+            }
+            let cols = scratch(&mut s.0, rows * width);
+            im2col(g, x, first, images, cols);
+            let cols = Mat::dense(&*cols, rows, width);
+            if images == 1 {
+                return matmul(out, false, wm, cols, par);
+            }
+            // [C_out, images OH OW] -> the images' [C_out, OH OW] planes.
+            let prod = scratch(&mut s.1, g.c_out * width);
+            matmul(prod, false, wm, cols, par);
+            out.par_chunks_mut(ohw.max(1))
+                .enumerate()
+                .for_each(|(p, plane)| {
+                    let (j, co) = (p / g.c_out, p % g.c_out);
+                    plane.copy_from_slice(&prod[co * width + j * ohw..][..ohw]);
+                });
         });
-        out
+        y
+    }
+
+    fn grad_input<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
+        let (rows, hw) = (g.rows(), g.hw());
+        let wt = Mat::dense(w, g.c_out, rows).t();
+        let mut dx = vec![T::zero(); g.n * g.c_in * hw];
+        for_tiles(g, &mut dx, g.c_in * hw, |s, first, images, out, par| {
+            let dyt = gradient_rows(g, dy, first, images, &mut s.1);
+            if g.pointwise() && images == 1 {
+                return matmul(out, false, wt, dyt, par);
+            }
+            let dcols = scratch(&mut s.0, rows * dyt.cols);
+            matmul(dcols, false, wt, dyt, par);
+            col2im(g, dcols, out);
+        });
+        dx
+    }
+
+    fn grad_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
+        let (rows, hw) = (g.rows(), g.hw());
+        let mut dw = vec![T::zero(); g.c_out * rows];
+        let mut s = Scratch::new();
+        for (first, images) in g.tiles() {
+            let dyt = gradient_rows(g, dy, first, images, &mut s.1);
+            let cols = if g.pointwise() && images == 1 {
+                Mat::dense(&x[first * g.c_in * hw..][..g.c_in * hw], g.c_in, hw)
+            } else {
+                let width = images * g.ohw();
+                let cols = scratch(&mut s.0, rows * width);
+                im2col(g, x, first, images, cols);
+                Mat::dense(&*cols, rows, width)
+            };
+            matmul(&mut dw, first > 0, dyt, cols.t(), parallelism(true));
+        }
+        dw
+    }
+
+    /// Runs `$f::<T>` on f32 or f64 storages and wraps its result.
+    macro_rules! float_op {
+        ($s:expr, $what:literal, |$T:ident| $body:expr) => {
+            match $s {
+                CpuStorage::F32(_) => {
+                    type $T = f32;
+                    CpuStorage::F32($body)
+                }
+                CpuStorage::F64(_) => {
+                    type $T = f64;
+                    CpuStorage::F64($body)
+                }
+                s => candle_core::bail!("CPU {} supports f32 and f64, not {:?}", $what, s.dtype()),
+            }
+        };
     }
 
     /// `y = conv(x, w)`; inputs contiguous.
@@ -222,31 +510,13 @@ mod cpu_ops {
             s2: &CpuStorage,
             l2: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
-            let g = self.0;
-            let (rows, cols) = (g.rows(), g.cols());
-            if !l2.is_contiguous() {
-                candle_core::bail!("conv2d weight must be contiguous");
-            }
-            let w_layout = Layout::new(
-                Shape::from((g.c_out, rows)),
-                vec![rows, 1],
-                l2.start_offset(),
-            );
-            let col_layout = Layout::contiguous((rows, cols));
-            macro_rules! run {
-                ($T:ty, $wrap:path) => {{
-                    let x = slice::<$T>(s1, l1)?;
-                    let col = $wrap(im2col(&g, x));
-                    let y = s2.matmul(&col, (1, g.c_out, cols, rows), &w_layout, &col_layout)?;
-                    let y = y.as_slice::<$T>()?;
-                    Ok(($wrap(to_nchw(&g, y)), g.y_shape()))
-                }};
-            }
-            match s1 {
-                CpuStorage::F32(_) => run!(f32, CpuStorage::F32),
-                CpuStorage::F64(_) => run!(f64, CpuStorage::F64),
-                s => candle_core::bail!("CPU conv2d supports f32 and f64, not {:?}", s.dtype()),
-            }
+            let g = &self.0;
+            let y = float_op!(s1, "conv2d", |T| forward::<T>(
+                g,
+                slice(s1, l1)?,
+                slice(s2, l2)?
+            ));
+            Ok((y, g.y_shape()))
         }
 
         fn bwd(
@@ -256,64 +526,68 @@ mod cpu_ops {
             _y: &Tensor,
             dy: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-            let g = self.0;
-            // [C_out, N OH OW], the product's layout.
-            let dy = dy
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((g.c_out, g.cols()))?;
+            let dy = dy.contiguous()?;
             // Only what the graph needs: the first layer's input (the images) takes no
             // gradient, frozen weights neither (PyTorch's `needs_input_grad`).
-            let dw = if w.track_op() {
-                let cols = x.apply_op1_no_bwd(&Im2Col(g))?;
-                Some(dy.matmul(&cols.t()?)?.reshape(w.shape())?)
-            } else {
-                None
-            };
-            let dx = if x.track_op() {
-                let dcols = w.reshape((g.c_out, g.rows()))?.t()?.matmul(&dy)?;
-                Some(dcols.apply_op1_no_bwd(&Col2Im(g))?)
-            } else {
-                None
-            };
+            let dw = w
+                .track_op()
+                .then(|| x.apply_op2_no_bwd(&dy, &GradWeight(self.0)))
+                .transpose()?;
+            let dx = x
+                .track_op()
+                .then(|| dy.apply_op2_no_bwd(w, &GradInput(self.0)))
+                .transpose()?;
             Ok((dx, dw))
         }
     }
 
-    /// `x -> [C_in K K, N OH OW]`.
-    struct Im2Col(Geom);
+    /// `(dy, w) -> dx`.
+    struct GradInput(Geom);
 
-    impl CustomOp1 for Im2Col {
+    impl CustomOp2 for GradInput {
         fn name(&self) -> &'static str {
-            "nofuss-im2col"
+            "nofuss-conv2d-cpu-grad-input"
         }
 
-        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-            let g = self.0;
-            let shape = Shape::from((g.rows(), g.cols()));
-            Ok(match s {
-                CpuStorage::F32(_) => (CpuStorage::F32(im2col(&g, slice(s, l)?)), shape),
-                CpuStorage::F64(_) => (CpuStorage::F64(im2col(&g, slice(s, l)?)), shape),
-                s => candle_core::bail!("im2col supports f32 and f64, not {:?}", s.dtype()),
-            })
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            let g = &self.0;
+            let dx = float_op!(s1, "conv2d backward", |T| grad_input::<T>(
+                g,
+                slice(s1, l1)?,
+                slice(s2, l2)?
+            ));
+            Ok((dx, g.x_shape()))
         }
     }
 
-    /// `[C_in K K, N OH OW] -> dx`, summing overlapping windows.
-    struct Col2Im(Geom);
+    /// `(x, dy) -> dw`.
+    struct GradWeight(Geom);
 
-    impl CustomOp1 for Col2Im {
+    impl CustomOp2 for GradWeight {
         fn name(&self) -> &'static str {
-            "nofuss-col2im"
+            "nofuss-conv2d-cpu-grad-weight"
         }
 
-        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-            let g = self.0;
-            Ok(match s {
-                CpuStorage::F32(_) => (CpuStorage::F32(col2im(&g, slice(s, l)?)), g.x_shape()),
-                CpuStorage::F64(_) => (CpuStorage::F64(col2im(&g, slice(s, l)?)), g.x_shape()),
-                s => candle_core::bail!("col2im supports f32 and f64, not {:?}", s.dtype()),
-            })
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            let g = &self.0;
+            let dw = float_op!(s1, "conv2d backward", |T| grad_weight::<T>(
+                g,
+                slice(s1, l1)?,
+                slice(s2, l2)?
+            ));
+            Ok((dw, g.w_shape()))
         }
     }
 }
@@ -619,6 +893,86 @@ mod tests {
                         "{cfg:?} x={is_x} [{i}]: {} vs {num}",
                         got[i]
                     );
+                }
+            }
+        }
+    }
+
+    /// Output, input gradient and weight gradient of the CPU op cut into tiles of
+    /// `tile` images (`None`: the default tiling).
+    fn tiled(
+        x0: &Tensor,
+        w0: &Tensor,
+        g: &Tensor,
+        cfg: &Conv2dConfig,
+        tile: Option<usize>,
+    ) -> [Vec<f64>; 3] {
+        let (x, w) = (Var::from_tensor(x0).unwrap(), Var::from_tensor(w0).unwrap());
+        let mut geom = cpu_ops::Geom::new(x0, w0, cfg).unwrap();
+        if let Some(t) = tile {
+            geom = geom.with_tile(t);
+        }
+        let y = x
+            .as_tensor()
+            .apply_op2(w.as_tensor(), cpu_ops::Conv(geom))
+            .unwrap();
+        let grads = (&y * g).unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |t: &Tensor| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        [
+            flat(&y),
+            flat(grads.get(x.as_tensor()).unwrap()),
+            flat(grads.get(w.as_tensor()).unwrap()),
+        ]
+    }
+
+    /// Every tiling gives the default tiling's output and gradients (which the test above
+    /// checks against candle and finite differences): one image per tile (the 1x1 case
+    /// then multiplies the planes themselves), uneven tiles, one tile; in f64 and f32.
+    /// And a one-thread pool (tiles one after another, single-threaded products) gives the
+    /// same bits as the full pool.
+    #[test]
+    fn every_tiling_and_thread_count_gives_the_same_result() {
+        for &(k, stride, padding) in &[(1, 1, 0), (3, 1, 1), (3, 2, 0), (1, 2, 0), (7, 2, 3)] {
+            let cfg = Conv2dConfig {
+                padding,
+                stride,
+                ..Default::default()
+            };
+            for dt in [DType::F64, DType::F32] {
+                let x0 = ramp((5, 3, 11, 10), 5).to_dtype(dt).unwrap();
+                let w0 = ramp((4, 3, k, k), 3).to_dtype(dt).unwrap();
+                let y_dims = x0.conv2d(&w0, padding, stride, 1, 1).unwrap();
+                let g = ramp(y_dims.dims4().unwrap(), 7).to_dtype(dt).unwrap();
+                let want = tiled(&x0, &w0, &g, &cfg, None);
+                let tol = if dt == DType::F64 { 1e-12 } else { 1e-4 };
+                for tile in [1, 2, 3, 5] {
+                    let got = tiled(&x0, &w0, &g, &cfg, Some(tile));
+                    for (what, (a, b)) in ["y", "dx", "dw"].iter().zip(want.iter().zip(&got)) {
+                        let err = a
+                            .iter()
+                            .zip(b)
+                            .map(|(p, q)| (p - q).abs())
+                            .fold(0.0, f64::max);
+                        assert!(
+                            err <= tol,
+                            "k{k} s{stride} p{padding} {dt:?} tile {tile} {what}: {err}"
+                        );
+                    }
+                }
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .unwrap();
+                for tile in [1, 5] {
+                    let one_thread = pool.install(|| tiled(&x0, &w0, &g, &cfg, Some(tile)));
+                    assert_eq!(one_thread, tiled(&x0, &w0, &g, &cfg, Some(tile)));
                 }
             }
         }
