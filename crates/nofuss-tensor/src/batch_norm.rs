@@ -520,10 +520,10 @@ impl CustomOp3 for Apply {
 /// ReLU gradient, also at NaN.
 #[inline]
 fn masked(d: f64, y: f64, relu: bool) -> f64 {
-    if relu && (y <= 0.0 || y.is_nan()) {
-        0.0
-    } else {
+    if !relu || y > 0.0 {
         d
+    } else {
+        0.0
     }
 }
 
@@ -557,16 +557,19 @@ impl CustomOp3 for GradSums {
             (0..c)
                 .into_par_iter()
                 .map(|ch| {
-                    let mut acc = (0f64, 0f64);
+                    let (mut sum, mut sum_xhat) = (0f64, 0f64);
+                    let (mu, is, relu) = (mean[ch], invstd[ch], self.relu);
                     let planes = g.planes(x, ch).zip(g.planes(dy, ch)).zip(g.planes(y, ch));
                     for ((xp, dp), yp) in planes {
-                        for ((v, d), o) in xp.iter().zip(dp).zip(yp) {
-                            let d = masked(d.to_f64(), o.to_f64(), self.relu);
-                            acc.0 += d;
-                            acc.1 += d * (v.to_f64() - mean[ch]) * invstd[ch];
+                        let n = xp.len().min(dp.len()).min(yp.len());
+                        let (xp, dp, yp) = (&xp[..n], &dp[..n], &yp[..n]);
+                        for i in 0..n {
+                            let d = masked(dp[i].to_f64(), yp[i].to_f64(), relu);
+                            sum += d;
+                            sum_xhat += d * (xp[i].to_f64() - mu) * is;
                         }
                     }
-                    acc
+                    (sum, sum_xhat)
                 })
                 .collect()
         });
@@ -647,10 +650,13 @@ impl CustomOp3 for GradInput {
                     } else {
                         (0.0, 0.0)
                     };
-                    for (((o, v), d), out) in dx.iter_mut().zip(x).zip(dy).zip(y) {
-                        let d = masked(d.to_f64(), out.to_f64(), self.relu);
-                        let xhat = (v.to_f64() - mu) * is;
-                        *o = T::from_f64((d - sg - xhat * sgx) * gamma[ch] * is);
+                    let (gm, relu) = (gamma[ch], self.relu);
+                    let n = dx.len().min(x.len()).min(dy.len()).min(y.len());
+                    let (x, dy, y) = (&x[..n], &dy[..n], &y[..n]);
+                    for (i, o) in dx[..n].iter_mut().enumerate() {
+                        let d = masked(dy[i].to_f64(), y[i].to_f64(), relu);
+                        let xhat = (x[i].to_f64() - mu) * is;
+                        *o = T::from_f64((d - sg - xhat * sgx) * gm * is);
                     }
                 });
             Ok((T::to_cpu_storage_owned(dx), l1.shape().clone()))

@@ -192,12 +192,12 @@ impl Geom {
         let mut best = hs * self.w + ws;
         let mut m = plane[best];
         for yy in hs..he {
-            let row = &plane[yy * self.w..(yy + 1) * self.w];
-            for (xx, &v) in row.iter().enumerate().take(we).skip(ws) {
+            let start = yy * self.w + ws;
+            for (i, &v) in plane[start..yy * self.w + we].iter().enumerate() {
                 #[allow(clippy::eq_op)]
                 if v > m || v != v {
                     m = v;
-                    best = yy * self.w + xx;
+                    best = start + i;
                 }
             }
         }
