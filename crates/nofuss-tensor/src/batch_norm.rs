@@ -761,12 +761,7 @@ mod tests {
     }
 
     fn vec(t: &Tensor) -> Vec<f64> {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
+        crate::cpu::values(t)
     }
 
     fn close(a: &[f64], b: &[f64], tol: f64, what: &str) {

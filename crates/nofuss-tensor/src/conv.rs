@@ -54,7 +54,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: &Conv2dConfig)
     {
         let g = cpu_ops::Geom::new(x, w, cfg)?;
         x.contiguous()?
-            .apply_op2(&w.contiguous()?, cpu_ops::Conv(g))?
+            .apply_op2(&w.contiguous()?, cpu_ops::Conv(g, cpu_ops::Pass::Forward))?
     } else {
         x.conv2d(w, cfg.padding, cfg.stride, cfg.dilation, cfg.groups)?
     };
@@ -478,9 +478,10 @@ mod cpu_ops {
         dw
     }
 
-    /// Runs `$f::<T>` on f32 or f64 storages and wraps its result.
+    /// Evaluates `$body` with `$T` the element type of an f32 or f64 storage and wraps
+    /// the resulting vector in a storage of that type.
     macro_rules! float_op {
-        ($s:expr, $what:literal, |$T:ident| $body:expr) => {
+        ($s:expr, $what:expr, |$T:ident| $body:expr) => {
             match $s {
                 CpuStorage::F32(_) => {
                     type $T = f32;
@@ -490,17 +491,31 @@ mod cpu_ops {
                     type $T = f64;
                     CpuStorage::F64($body)
                 }
-                s => candle_core::bail!("CPU {} supports f32 and f64, not {:?}", $what, s.dtype()),
+                s => candle_core::bail!("{} supports f32 and f64, not {:?}", $what, s.dtype()),
             }
         };
     }
 
-    /// `y = conv(x, w)`; inputs contiguous.
-    pub(super) struct Conv(pub Geom);
+    /// Which product a [`Conv`] op computes: `(x, w) -> y`, `(dy, w) -> dx` or
+    /// `(x, dy) -> dw`.
+    #[derive(Debug, Clone, Copy)]
+    pub(super) enum Pass {
+        Forward,
+        GradInput,
+        GradWeight,
+    }
+
+    /// One pass of the CPU convolution as a candle op (inputs contiguous); the forward
+    /// pass's backward runs the other two.
+    pub(super) struct Conv(pub Geom, pub Pass);
 
     impl CustomOp2 for Conv {
         fn name(&self) -> &'static str {
-            "nofuss-conv2d-cpu"
+            match self.1 {
+                Pass::Forward => "nofuss-conv2d-cpu",
+                Pass::GradInput => "nofuss-conv2d-cpu-grad-input",
+                Pass::GradWeight => "nofuss-conv2d-cpu-grad-weight",
+            }
         }
 
         fn cpu_fwd(
@@ -510,13 +525,21 @@ mod cpu_ops {
             s2: &CpuStorage,
             l2: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
-            let g = &self.0;
-            let y = float_op!(s1, "conv2d", |T| forward::<T>(
-                g,
-                slice(s1, l1)?,
-                slice(s2, l2)?
-            ));
-            Ok((y, g.y_shape()))
+            let Self(g, pass) = self;
+            let out = float_op!(s1, self.name(), |T| {
+                let (a, b) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
+                match pass {
+                    Pass::Forward => forward(g, a, b),
+                    Pass::GradInput => grad_input(g, a, b),
+                    Pass::GradWeight => grad_weight(g, a, b),
+                }
+            });
+            let shape = match pass {
+                Pass::Forward => g.y_shape(),
+                Pass::GradInput => g.x_shape(),
+                Pass::GradWeight => g.w_shape(),
+            };
+            Ok((out, shape))
         }
 
         fn bwd(
@@ -526,68 +549,21 @@ mod cpu_ops {
             _y: &Tensor,
             dy: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            if !matches!(self.1, Pass::Forward) {
+                return Err(candle_core::Error::BackwardNotSupported { op: self.name() });
+            }
             let dy = dy.contiguous()?;
             // Only what the graph needs: the first layer's input (the images) takes no
             // gradient, frozen weights neither (PyTorch's `needs_input_grad`).
             let dw = w
                 .track_op()
-                .then(|| x.apply_op2_no_bwd(&dy, &GradWeight(self.0)))
+                .then(|| x.apply_op2_no_bwd(&dy, &Conv(self.0, Pass::GradWeight)))
                 .transpose()?;
             let dx = x
                 .track_op()
-                .then(|| dy.apply_op2_no_bwd(w, &GradInput(self.0)))
+                .then(|| dy.apply_op2_no_bwd(w, &Conv(self.0, Pass::GradInput)))
                 .transpose()?;
             Ok((dx, dw))
-        }
-    }
-
-    /// `(dy, w) -> dx`.
-    struct GradInput(Geom);
-
-    impl CustomOp2 for GradInput {
-        fn name(&self) -> &'static str {
-            "nofuss-conv2d-cpu-grad-input"
-        }
-
-        fn cpu_fwd(
-            &self,
-            s1: &CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            let g = &self.0;
-            let dx = float_op!(s1, "conv2d backward", |T| grad_input::<T>(
-                g,
-                slice(s1, l1)?,
-                slice(s2, l2)?
-            ));
-            Ok((dx, g.x_shape()))
-        }
-    }
-
-    /// `(x, dy) -> dw`.
-    struct GradWeight(Geom);
-
-    impl CustomOp2 for GradWeight {
-        fn name(&self) -> &'static str {
-            "nofuss-conv2d-cpu-grad-weight"
-        }
-
-        fn cpu_fwd(
-            &self,
-            s1: &CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            let g = &self.0;
-            let dw = float_op!(s1, "conv2d backward", |T| grad_weight::<T>(
-                g,
-                slice(s1, l1)?,
-                slice(s2, l2)?
-            ));
-            Ok((dw, g.w_shape()))
         }
     }
 }
@@ -817,6 +793,7 @@ impl Module for Conv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::values;
     use candle_core::{Device, Var};
 
     fn ramp(shape: (usize, usize, usize, usize), k: usize) -> Tensor {
@@ -914,21 +891,13 @@ mod tests {
         }
         let y = x
             .as_tensor()
-            .apply_op2(w.as_tensor(), cpu_ops::Conv(geom))
+            .apply_op2(w.as_tensor(), cpu_ops::Conv(geom, cpu_ops::Pass::Forward))
             .unwrap();
         let grads = (&y * g).unwrap().sum_all().unwrap().backward().unwrap();
-        let flat = |t: &Tensor| {
-            t.to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()
-        };
         [
-            flat(&y),
-            flat(grads.get(x.as_tensor()).unwrap()),
-            flat(grads.get(w.as_tensor()).unwrap()),
+            values(&y),
+            values(grads.get(x.as_tensor()).unwrap()),
+            values(grads.get(w.as_tensor()).unwrap()),
         ]
     }
 
@@ -1000,7 +969,7 @@ mod tests {
                 .backward()
                 .unwrap()
         };
-        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let flat = values;
         let both = grads(x.as_tensor(), w.as_tensor());
         let images = grads(&x0, w.as_tensor());
         assert!(images.get(&x0).is_none());

@@ -11,6 +11,15 @@ pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&
     }
 }
 
+/// A tensor's values as a flat f64 vector (tests compare through it).
+#[cfg(test)]
+pub(crate) fn values(t: &candle_core::Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("a tensor readable as f64")
+}
+
 /// An f32 or f64 storage's values as f64 (parameters, statistics, distances).
 pub(crate) fn to_f64s(s: &CpuStorage, l: &Layout) -> Result<Vec<f64>> {
     Ok(match s {

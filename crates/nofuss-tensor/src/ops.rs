@@ -641,14 +641,7 @@ mod tests {
                 .unwrap()
                 .relu()
                 .unwrap();
-            let flat = |t: &Tensor| {
-                t.to_dtype(DType::F64)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap()
-            };
+            let flat = crate::cpu::values;
             assert_eq!(flat(&fused), flat(&composite), "{dt:?} values");
             let g1 = (&fused * &wt)
                 .unwrap()
