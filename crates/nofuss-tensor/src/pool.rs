@@ -204,6 +204,49 @@ impl Geom {
         best
     }
 
+    /// Whether every window lies inside the plane (no padding, no ceil-mode overhang).
+    fn windows_inside(&self) -> bool {
+        self.p == 0
+            && self.oh > 0
+            && self.ow > 0
+            && (self.oh - 1) * self.s + self.k <= self.h
+            && (self.ow - 1) * self.s + self.k <= self.w
+    }
+
+    /// Max pooling of one plane whose windows all lie inside it ([`Self::windows_inside`]),
+    /// a row of outputs at a time: each window offset is compared across the whole row,
+    /// so the row's outputs are independent chains of comparisons instead of one long
+    /// chain per output. Window elements are visited in [`Self::argmax`]'s order, so
+    /// ties and NaNs resolve the same way.
+    fn max_rows<T: WithDType>(&self, plane: &[T], out: &mut [T], idx: &mut [u32]) {
+        let (w, s, k) = (self.w, self.s, self.k);
+        for (yo, (out, idx)) in out
+            .chunks_exact_mut(self.ow)
+            .zip(idx.chunks_exact_mut(self.ow))
+            .enumerate()
+        {
+            let top = yo * s * w;
+            for (xo, (o, i)) in out.iter_mut().zip(idx.iter_mut()).enumerate() {
+                *i = (top + xo * s) as u32;
+                *o = plane[top + xo * s];
+            }
+            for ky in 0..k {
+                for kx in 0..k {
+                    let first = top + ky * w + kx;
+                    let row = &plane[first..first + (self.ow - 1) * s + 1];
+                    for (xo, (o, i)) in out.iter_mut().zip(idx.iter_mut()).enumerate() {
+                        let v = row[xo * s];
+                        #[allow(clippy::eq_op)]
+                        if v > *o || v != v {
+                            *o = v;
+                            *i = (first + xo * s) as u32;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// The input gradient `[N, C, H, W]`, plane by plane: `scatter(plane, dy, acc)` adds
     /// plane `plane`'s output gradient `dy` into the plane's f64 accumulator `acc`.
     fn input_grad<T: WithDType>(
@@ -279,6 +322,9 @@ impl CustomOp1 for MaxPool {
                 .zip(idx.par_chunks_mut(g.out_plane()))
                 .zip(x.par_chunks(g.in_plane()))
                 .for_each(|((out, idx), plane)| {
+                    if g.windows_inside() {
+                        return g.max_rows(plane, out, idx);
+                    }
                     for yo in 0..g.oh {
                         for xo in 0..g.ow {
                             let a = g.argmax(plane, yo, xo);
