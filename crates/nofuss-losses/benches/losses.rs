@@ -16,7 +16,7 @@ use nofuss_losses::{proxy_nca, proxy_triplet, ProxyNcaConfig, ProxyTripletConfig
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // As in the `nofuss` binary (`nofuss::allocator`): keep freed memory for 10 s instead
-    // of mimalloc's 10 ms (option 15, mi_option_purge_delay), so repeated runs reuse
+    // of mimalloc 3's 1 s (option 15, mi_option_purge_delay), so repeated runs reuse
     // their buffers instead of faulting them in again.
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: stores an integer in mimalloc's option table.
