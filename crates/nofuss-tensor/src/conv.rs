@@ -414,23 +414,35 @@ mod cpu_ops {
         Mat::dense(rows, g.c_out, width)
     }
 
+    /// A tile's column matrix `[C_in K K, images OH OW]`: the image's own planes for a
+    /// one-image tile of a 1x1 stride-1 convolution, else built by im2col into `buf`.
+    fn columns<'a, T: WithDType>(
+        g: &Geom,
+        x: &'a [T],
+        first: usize,
+        images: usize,
+        buf: &'a mut Vec<T>,
+    ) -> Mat<'a, T> {
+        let (rows, width) = (g.rows(), images * g.ohw());
+        if g.pointwise() && images == 1 {
+            return Mat::dense(&x[first * rows * width..][..rows * width], rows, width);
+        }
+        let cols = scratch(buf, rows * width);
+        im2col(g, x, first, images, cols);
+        Mat::dense(cols, rows, width)
+    }
+
     fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
-        let (rows, ohw) = (g.rows(), g.ohw());
-        let wm = Mat::dense(w, g.c_out, rows);
+        let ohw = g.ohw();
+        let wm = Mat::dense(w, g.c_out, g.rows());
         let mut y = vec![T::zero(); g.n * g.c_out * ohw];
         for_tiles(g, &mut y, g.c_out * ohw, |s, first, images, out, par| {
-            let width = images * ohw;
-            if g.pointwise() && images == 1 {
-                let xb = &x[first * g.c_in * ohw..][..g.c_in * ohw];
-                return matmul(out, false, wm, Mat::dense(xb, g.c_in, ohw), par);
-            }
-            let cols = scratch(&mut s.0, rows * width);
-            im2col(g, x, first, images, cols);
-            let cols = Mat::dense(&*cols, rows, width);
+            let cols = columns(g, x, first, images, &mut s.0);
             if images == 1 {
                 return matmul(out, false, wm, cols, par);
             }
             // [C_out, images OH OW] -> the images' [C_out, OH OW] planes.
+            let width = cols.cols;
             let prod = scratch(&mut s.1, g.c_out * width);
             matmul(prod, false, wm, cols, par);
             out.par_chunks_mut(ohw.max(1))
@@ -460,19 +472,11 @@ mod cpu_ops {
     }
 
     fn grad_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
-        let (rows, hw) = (g.rows(), g.hw());
-        let mut dw = vec![T::zero(); g.c_out * rows];
+        let mut dw = vec![T::zero(); g.c_out * g.rows()];
         let mut s = Scratch::new();
         for (first, images) in g.tiles() {
             let dyt = gradient_rows(g, dy, first, images, &mut s.1);
-            let cols = if g.pointwise() && images == 1 {
-                Mat::dense(&x[first * g.c_in * hw..][..g.c_in * hw], g.c_in, hw)
-            } else {
-                let width = images * g.ohw();
-                let cols = scratch(&mut s.0, rows * width);
-                im2col(g, x, first, images, cols);
-                Mat::dense(&*cols, rows, width)
-            };
+            let cols = columns(g, x, first, images, &mut s.0);
             matmul(&mut dw, first > 0, dyt, cols.t(), parallelism(true));
         }
         dw

@@ -112,6 +112,15 @@ pub fn avg_pool2d(x: &Tensor, p: &Pool2d, count_include_pad: bool) -> Result<Ten
     })
 }
 
+/// Whether `v`, met after the window's current maximum `m`, replaces it: when larger, or
+/// NaN (after a NaN only NaNs move it), so ties keep the first maximum, as in PyTorch.
+#[inline]
+fn beats<T: WithDType>(v: T, m: T) -> bool {
+    #[allow(clippy::eq_op)]
+    let nan = v != v;
+    v > m || nan
+}
+
 /// Sizes of one pooling: planes (N*C) of `h x w` into `oh x ow`.
 #[derive(Debug, Clone, Copy)]
 struct Geom {
@@ -183,7 +192,8 @@ impl Geom {
         }
     }
 
-    /// Position in the plane of the window's first maximum (a NaN wins, as in PyTorch).
+    /// Position in the plane of the window's first maximum (a NaN wins, as in PyTorch;
+    /// see [`beats`]).
     fn argmax<T: WithDType>(&self, plane: &[T], y: usize, x: usize) -> usize {
         let (hs, he) = self.span(y, self.h);
         let (ws, we) = self.span(x, self.w);
@@ -194,8 +204,7 @@ impl Geom {
         for yy in hs..he {
             let start = yy * self.w + ws;
             for (i, &v) in plane[start..yy * self.w + we].iter().enumerate() {
-                #[allow(clippy::eq_op)]
-                if v > m || v != v {
+                if beats(v, m) {
                     m = v;
                     best = start + i;
                 }
@@ -236,8 +245,7 @@ impl Geom {
                     let row = &plane[first..first + (self.ow - 1) * s + 1];
                     for (xo, (o, i)) in out.iter_mut().zip(idx.iter_mut()).enumerate() {
                         let v = row[xo * s];
-                        #[allow(clippy::eq_op)]
-                        if v > *o || v != v {
+                        if beats(v, *o) {
                             *o = v;
                             *i = (first + xo * s) as u32;
                         }
@@ -318,11 +326,12 @@ impl CustomOp1 for MaxPool {
             let x = slice::<T>(s, l)?;
             let mut y = vec![T::from_f64(0.0); g.n * g.c * g.out_plane()];
             let mut idx = vec![0u32; y.len()];
+            let inside = g.windows_inside();
             y.par_chunks_mut(g.out_plane())
                 .zip(idx.par_chunks_mut(g.out_plane()))
                 .zip(x.par_chunks(g.in_plane()))
                 .for_each(|((out, idx), plane)| {
-                    if g.windows_inside() {
+                    if inside {
                         return g.max_rows(plane, out, idx);
                     }
                     for yo in 0..g.oh {
