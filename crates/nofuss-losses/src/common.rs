@@ -92,14 +92,10 @@ pub(crate) fn host_labels(labels: &Tensor, n: usize, num_proxies: usize) -> Resu
     Ok(v)
 }
 
-/// [`LossError::NonFinite`] if `t` holds NaN or infinity (one host sync).
+/// [`LossError::NonFinite`] if `t` holds NaN or infinity (one pass over it; one host
+/// sync on a GPU).
 pub(crate) fn check_finite(t: &Tensor, what: &'static str) -> Result<()> {
-    let s = t
-        .to_dtype(DType::F64)?
-        .abs()?
-        .sum_all()?
-        .to_scalar::<f64>()?;
-    if s.is_finite() {
+    if nofuss_tensor::ops::all_finite(t)? {
         Ok(())
     } else {
         Err(LossError::NonFinite(what))

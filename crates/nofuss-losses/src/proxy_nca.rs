@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::assignment::{proxy_distances, Assignment, Selection};
 use crate::common::{
-    check_scale, embedding_dims, host_labels, keep_or_neg_inf, log_sum_exp_rows,
-    pairwise_squared_distances, prepare, proxy_count,
+    check_scale, embedding_dims, host_labels, keep_or_neg_inf, log_sum_exp_rows, prepare,
+    proxy_count,
 };
 use crate::{LossError, Result};
 
@@ -185,7 +185,8 @@ pub fn proxy_nca(
 
 /// Static assignment: every example is an anchor whose positive is its label's proxy, so
 /// the objective is one fused pass over the distance rows
-/// ([`nofuss_tensor::ops::nca_rows`]). Labels are checked on the host when they live there
+/// ([`nofuss_tensor::ops::nca_rows_from_points`]: on the CPU one operation from the
+/// normalised points and proxies, no `[N, P]` tensor in the graph). Labels are checked on the host when they live there
 /// or when `check_finite` is on (then with the finiteness checks' synchronisations);
 /// otherwise nothing waits for the device, and a label outside the proxies gives a NaN
 /// loss.
@@ -216,10 +217,14 @@ fn static_proxy_nca(
     }
     let scales = (cfg.embedding_scale, cfg.proxy_scale);
     let (x, pr) = prepare(embeddings, proxies, scales, cfg.check_finite)?;
-    let dist = pairwise_squared_distances(&x, &pr)?;
-    let labels = labels.to_device(dist.device())?;
     let paper = cfg.form == ProxyNcaForm::Paper;
-    let rows = nofuss_tensor::ops::nca_rows(&dist, &labels, paper, cfg.label_smoothing)?;
+    let rows = nofuss_tensor::ops::nca_rows_from_points(
+        &x,
+        &pr,
+        &labels.to_device(x.device())?,
+        paper,
+        cfg.label_smoothing,
+    )?;
     Ok(rows.mean(0)?)
 }
 

@@ -84,7 +84,7 @@ mod cpu_ops {
     use gemm::Parallelism;
     use rayon::prelude::*;
 
-    use crate::cpu::slice;
+    use crate::cpu::{matmul, parallelism, slice, Mat};
 
     /// Columns a tile's matrix product should reach: images are grouped into a tile until
     /// they have this many output positions (one image when it alone has them).
@@ -182,100 +182,6 @@ mod cpu_ops {
 
         fn w_shape(&self) -> Shape {
             Shape::from((self.c_out, self.c_in, self.k_h, self.k_w))
-        }
-    }
-
-    /// A matrix inside a slice: element `(i, j)` at `i rs + j cs`, checked to fit.
-    #[derive(Clone, Copy)]
-    struct Mat<'a, T> {
-        data: &'a [T],
-        rows: usize,
-        cols: usize,
-        rs: usize,
-        cs: usize,
-    }
-
-    impl<'a, T> Mat<'a, T> {
-        fn new(data: &'a [T], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
-            let last = (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs;
-            assert!(
-                rows == 0 || cols == 0 || last < data.len(),
-                "matrix {rows}x{cols} (strides {rs}, {cs}) outside {} values",
-                data.len()
-            );
-            Self {
-                data,
-                rows,
-                cols,
-                rs,
-                cs,
-            }
-        }
-
-        /// Row-major `rows x cols` at the start of `data`.
-        fn dense(data: &'a [T], rows: usize, cols: usize) -> Self {
-            Self::new(data, rows, cols, cols, 1)
-        }
-
-        fn t(self) -> Self {
-            Self::new(self.data, self.cols, self.rows, self.cs, self.rs)
-        }
-    }
-
-    /// `dst = a b`, or `dst += a b` with `accumulate`; `dst` is row-major
-    /// `a.rows x b.cols` at its start.
-    fn matmul<T: WithDType>(
-        dst: &mut [T],
-        accumulate: bool,
-        a: Mat<T>,
-        b: Mat<T>,
-        par: Parallelism,
-    ) {
-        let (m, n, k) = (a.rows, b.cols, a.cols);
-        assert!(b.rows == k && dst.len() >= m * n, "matmul shapes");
-        if m == 0 || n == 0 {
-            return;
-        }
-        if k == 0 {
-            if !accumulate {
-                dst[..m * n].fill(T::zero());
-            }
-            return;
-        }
-        let alpha = if accumulate { T::one() } else { T::zero() };
-        // SAFETY: `Mat::new` checked that both inputs lie inside their slices, `dst` holds
-        // m x n values, and as a `&mut` borrow it overlaps neither input. gemm computes
-        // dst = alpha dst + 1 (a b), reading dst only when `accumulate`.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr(),
-                1,
-                n as isize,
-                accumulate,
-                a.data.as_ptr(),
-                a.cs as isize,
-                a.rs as isize,
-                b.data.as_ptr(),
-                b.cs as isize,
-                b.rs as isize,
-                alpha,
-                T::one(),
-                false,
-                false,
-                false,
-                par,
-            )
-        }
-    }
-
-    /// Matrix products on all of rayon's threads, or on this one.
-    fn parallelism(multi: bool) -> Parallelism {
-        match rayon::current_num_threads() {
-            t if multi && t > 1 => Parallelism::Rayon(t),
-            _ => Parallelism::None,
         }
     }
 

@@ -13,7 +13,8 @@
 //!   `count_include_pad`;
 //! - [`batch_norm`]: batch normalisation fused with ReLU, statistics and running
 //!   statistics included;
-//! - [`ops::nca_rows`]: the per-row NCA objective of the proxy losses in one pass;
+//! - [`ops::nca_rows`], [`ops::nca_rows_from_points`]: the per-row NCA objective of the
+//!   proxy losses in one pass (on the CPU, from the points and proxies in one operation);
 //! - [`select::smallest_k`]: the k smallest entries of every row, sorted (the selection
 //!   of an exact kNN search; one kernel per row block on CUDA);
 //! - [`optim`]: the optimisers (PyTorch's update rules, parameter groups, schedules,
@@ -48,6 +49,7 @@ mod device;
 mod error;
 mod fused_step;
 mod init;
+mod nca;
 mod normalization;
 pub mod ops;
 pub mod optim;

@@ -4,11 +4,12 @@ use candle_core::backend::BackendStorage;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
 };
 use rayon::prelude::*;
 
-use crate::cpu::{from_f64s, slice, to_f64s, with_cpu_dtype};
+use crate::cpu::{slice, with_cpu_dtype};
+pub use crate::nca::{nca_rows, nca_rows_from_points};
 
 /// Norms at or below this divide by it instead (a zero row stays zero, not NaN).
 const NORM_EPS: f64 = 1e-12;
@@ -291,305 +292,50 @@ impl CustomOp2 for SqDistBwd {
     }
 }
 
-/// The NCA objective of each row of a distance matrix `dist` (`[N, P]`, f32 or f64)
-/// against the column its label names (`labels`: `[N]`, u8, u32 or i64), in one pass:
-///
-/// - `exclude_positive` (Proxy-NCA's paper form): `d_iy + logsumexp_{j≠y}(-d_ij)`;
-/// - otherwise (softmax cross-entropy over `-d`, label smoothing `ε`):
-///   `(1-ε) d_iy + ε mean_{j≠y} d_ij + logsumexp_j(-d_ij)`.
-///
-/// Returns `[N]`, differentiable with respect to `dist`. A label outside `0..P` gives NaN
-/// (no host synchronisation to check it; callers that want an error check first). On CUDA
-/// one kernel per direction replaces the gather, masks, log-sum-exp and their gradients.
-pub fn nca_rows(
-    dist: &Tensor,
-    labels: &Tensor,
-    exclude_positive: bool,
-    smoothing: f64,
-) -> Result<Tensor> {
-    let (n, _) = dist.dims2()?;
-    if labels.dims() != [n] {
-        candle_core::bail!("nca_rows: {:?} labels for {n} rows", labels.dims());
+/// Whether every value of `t` is finite (no NaN, no infinity; integer tensors always
+/// are). On the CPU one parallel pass over the values in their own dtype, without a copy
+/// when `t` is contiguous; on other devices `t - t` summed, which is 0 exactly when all
+/// values are finite (and cannot overflow), read back in one synchronisation. (The
+/// losses' input checks: converting to f64 and summing absolute values took three
+/// passes and two buffers of twice the input's size.)
+// `x - x` is the point: 0 exactly when x is finite.
+#[allow(clippy::eq_op)]
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    if !t.dtype().is_float() || t.elem_count() == 0 {
+        return Ok(true);
     }
-    if !matches!(dist.dtype(), DType::F32 | DType::F64) {
-        candle_core::bail!(
-            "nca_rows: distances must be f32 or f64, not {:?}",
-            dist.dtype()
-        );
+    if !t.device().is_cpu() {
+        let zero = (t - t)?.sum_all()?.to_dtype(candle_core::DType::F32)?;
+        return Ok(zero.to_scalar::<f32>()? == 0.0);
     }
-    let labels = labels.to_dtype(DType::U32)?.contiguous()?;
-    let op = NcaRows(NcaForm {
-        paper: exclude_positive,
-        smoothing,
-    });
-    dist.contiguous()?
-        .apply_op2(&labels, op)?
-        .narrow(1, 0, 1)?
-        .squeeze(1)
-}
-
-/// Which NCA objective: the paper form (positive left out) or the softmax form with
-/// label smoothing.
-#[derive(Debug, Clone, Copy)]
-struct NcaForm {
-    paper: bool,
-    smoothing: f64,
-}
-
-/// `(dist, labels) -> [N, 2]`: loss and log-sum-exp per row.
-struct NcaRows(NcaForm);
-
-impl NcaForm {
-    /// One row's (loss, log-sum-exp).
-    fn row(&self, r: &[f64], y: usize) -> (f64, f64) {
-        let p = r.len();
-        let cand = |j: usize| !(self.paper && j == y);
-        let m = (0..p)
-            .filter(|&j| cand(j))
-            .map(|j| -r[j])
-            .fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = (0..p).filter(|&j| cand(j)).map(|j| (-r[j] - m).exp()).sum();
-        let lse = m + sum.ln();
-        if y >= p {
-            return (f64::NAN, lse);
-        }
-        let loss = if self.paper {
-            r[y] + lse
-        } else {
-            let neg: f64 = (0..p).filter(|&j| j != y).map(|j| r[j]).sum();
-            let mean_neg = if p > 1 { neg / (p - 1) as f64 } else { 0.0 };
-            (1.0 - self.smoothing) * r[y] + self.smoothing * mean_neg + lse
-        };
-        (loss, lse)
-    }
-
-    /// `∂loss/∂d_ij` times the row's output gradient.
-    fn grad(&self, d: f64, j: usize, y: usize, p: usize, lse: f64, g: f64) -> f64 {
-        if y >= p {
-            return f64::NAN;
-        }
-        let soft = (-d - lse).exp();
-        if self.paper {
-            if j == y {
-                g
-            } else {
-                -g * soft
-            }
-        } else {
-            let target = if j == y {
-                1.0 - self.smoothing
-            } else if p > 1 {
-                self.smoothing / (p - 1) as f64
-            } else {
-                0.0
-            };
-            g * (target - soft)
-        }
-    }
-}
-
-impl CustomOp2 for NcaRows {
-    fn name(&self) -> &'static str {
-        "nofuss-nca-rows"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (n, p) = l1.shape().dims2()?;
-        let d = to_f64s(s1, l1)?;
-        let labels = slice::<u32>(s2, l2)?;
-        let out: Vec<f64> = d
-            .par_chunks(p.max(1))
-            .zip(labels.par_iter())
-            .flat_map_iter(|(r, &y)| {
-                let (loss, lse) = self.0.row(r, y as usize);
-                [loss, lse]
-            })
-            .collect();
-        Ok((from_f64s(s1.dtype(), out), Shape::from((n, 2))))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (n, p) = l1.shape().dims2()?;
-        let f = self.0;
-        let out = crate::cuda::nca_fwd((s1, l1), (s2, l2), n, p, f.paper, f.smoothing)?;
-        Ok((out, Shape::from((n, 2))))
-    }
-
-    fn bwd(
-        &self,
-        dist: &Tensor,
-        labels: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let op = NcaRowsBwd {
-            form: self.0,
-            labels: labels.clone(),
-        };
-        let dd = dist.apply_op3_no_bwd(res, &grad.contiguous()?, &op)?;
-        Ok((Some(dd), None))
-    }
-}
-
-/// `(dist, [loss, lse], grad) -> d dist`.
-struct NcaRowsBwd {
-    form: NcaForm,
-    labels: Tensor,
-}
-
-impl CustomOp3 for NcaRowsBwd {
-    fn name(&self) -> &'static str {
-        "nofuss-nca-rows-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (_, p) = l1.shape().dims2()?;
-        let d = to_f64s(s1, l1)?;
-        let res = to_f64s(s2, l2)?;
-        let g = to_f64s(s3, l3)?;
-        let labels = self.labels.to_vec1::<u32>()?;
-        let mut out = vec![0f64; d.len()];
-        out.par_chunks_mut(p.max(1))
-            .zip(d.par_chunks(p.max(1)))
-            .enumerate()
-            .for_each(|(i, (o, r))| {
-                let (y, lse, gi) = (labels[i] as usize, res[2 * i + 1], g[2 * i]);
-                for (j, (o, &v)) in o.iter_mut().zip(r).enumerate() {
-                    *o = self.form.grad(v, j, y, p, lse, gi);
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*storage else {
+        candle_core::bail!("all_finite: a CPU tensor without CPU storage");
+    };
+    with_cpu_dtype!(s.dtype(), T, {
+        let v = slice::<T>(s, layout)?;
+        // `x - x` is 0 for a finite x and NaN otherwise; a chunk's sums say which (eight
+        // of them, so that f32 and f64 chunks vectorise).
+        Ok(v.par_chunks(1 << 14).all(|c| {
+            let zero = T::from_f64(0.0);
+            let mut acc = [zero; 8];
+            let lanes = c.chunks_exact(8);
+            let rest = lanes.remainder().iter().fold(zero, |a, &x| a + (x - x));
+            for l in lanes {
+                for (a, &x) in acc.iter_mut().zip(l) {
+                    *a += x - x;
                 }
-            });
-        Ok((from_f64s(s1.dtype(), out), l1.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (n, p) = l1.shape().dims2()?;
-        let out = crate::cuda::nca_bwd(
-            [(s1, l1), (s2, l2), (s3, l3)],
-            &self.labels,
-            n,
-            p,
-            self.form.paper,
-            self.form.smoothing,
-        )?;
-        Ok((out, l1.shape().clone()))
-    }
+            }
+            acc.iter().fold(rest, |a, &b| a + b) == zero
+        }))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-
-    /// The composite reference: per row, `d_y` and the log-sum-exp over the candidates.
-    fn nca_reference(d: &[Vec<f64>], y: &[usize], paper: bool, eps: f64) -> Vec<f64> {
-        d.iter()
-            .zip(y)
-            .map(|(r, &y)| {
-                let p = r.len();
-                let cand: Vec<f64> = (0..p)
-                    .filter(|&j| !(paper && j == y))
-                    .map(|j| -r[j])
-                    .collect();
-                let m = cand.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let lse = m + cand.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
-                let neg = (0..p).filter(|&j| j != y).map(|j| r[j]).sum::<f64>() / (p - 1) as f64;
-                if paper {
-                    r[y] + lse
-                } else {
-                    (1.0 - eps) * r[y] + eps * neg + lse
-                }
-            })
-            .collect()
-    }
-
-    #[test]
-    fn nca_rows_values_and_gradients() {
-        let (n, p) = (5, 7);
-        let d: Vec<Vec<f64>> = (0..n)
-            .map(|i| {
-                (0..p)
-                    .map(|j| ((i * 7 + j * 3) % 11) as f64 * 0.7)
-                    .collect()
-            })
-            .collect();
-        let y = [0usize, 3, 6, 2, 3];
-        let labels = Tensor::new(&[0u32, 3, 6, 2, 3], &Device::Cpu).unwrap();
-        for (paper, eps) in [(true, 0.0), (false, 0.0), (false, 0.1)] {
-            let want = nca_reference(&d, &y, paper, eps);
-            let dt = Var::new(d.clone(), &Device::Cpu).unwrap();
-            let rows = nca_rows(dt.as_tensor(), &labels, paper, eps).unwrap();
-            let got = rows.to_vec1::<f64>().unwrap();
-            for (a, b) in got.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-12, "{paper} {eps}: {a} vs {b}");
-            }
-            // Gradient of sum(w_i * loss_i) against central differences.
-            let w = Tensor::new(&[1.0f64, -0.5, 2.0, 0.25, 1.5], &Device::Cpu).unwrap();
-            let g = (rows * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let g = g.get(dt.as_tensor()).unwrap().to_vec2::<f64>().unwrap();
-            let wv = w.to_vec1::<f64>().unwrap();
-            for i in 0..n {
-                for j in 0..p {
-                    let h = 1e-6;
-                    let mut up = d.clone();
-                    up[i][j] += h;
-                    let mut dn = d.clone();
-                    dn[i][j] -= h;
-                    let f = |m: &Vec<Vec<f64>>| {
-                        nca_reference(m, &y, paper, eps)
-                            .iter()
-                            .zip(&wv)
-                            .map(|(l, w)| l * w)
-                            .sum::<f64>()
-                    };
-                    let num = (f(&up) - f(&dn)) / (2.0 * h);
-                    assert!(
-                        (g[i][j] - num).abs() < 1e-6,
-                        "grad {paper} {eps} [{i},{j}]: {} vs {num}",
-                        g[i][j]
-                    );
-                }
-            }
-        }
-        // A label outside 0..P: NaN, no panic.
-        let bad = Tensor::new(&[0u32, 3, 9, 2, 3], &Device::Cpu).unwrap();
-        let dt = Tensor::new(d.clone(), &Device::Cpu).unwrap();
-        let rows = nca_rows(&dt, &bad, true, 0.0)
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        assert!(rows[2].is_nan() && rows[0].is_finite());
-        assert!(nca_rows(&dt, &Tensor::new(&[0u32], &Device::Cpu).unwrap(), true, 0.0).is_err());
-    }
+    use candle_core::{DType, Device, Var};
 
     #[test]
     fn unit_rows_and_zero_rows() {
@@ -778,5 +524,37 @@ mod tests {
         assert_eq!(l2_normalize_rows(&x32).unwrap().dtype(), DType::F32);
         let x16 = x32.to_dtype(DType::BF16).unwrap();
         assert_eq!(l2_normalize_rows(&x16).unwrap().dtype(), DType::BF16);
+    }
+
+    #[test]
+    fn all_finite_finds_nan_and_infinity_in_every_dtype() {
+        let cpu = &Device::Cpu;
+        let mut v = vec![0.5f64; 50_000];
+        v[7] = -1e300;
+        for dt in [DType::F64, DType::F32, DType::BF16, DType::F16] {
+            let t = Tensor::from_vec(v.clone(), 50_000, cpu).unwrap();
+            // f32 and the half types turn -1e300 into -inf: finite only in f64.
+            let want = dt == DType::F64;
+            assert_eq!(
+                all_finite(&t.to_dtype(dt).unwrap()).unwrap(),
+                want,
+                "{dt:?}"
+            );
+        }
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            for at in [0, 16_383, 16_384, 49_999] {
+                let mut w = vec![1.25f64; 50_000];
+                w[at] = bad;
+                let t = Tensor::from_vec(w, (250, 200), cpu).unwrap();
+                assert!(!all_finite(&t).unwrap(), "{bad} at {at}");
+                assert!(!all_finite(&t.to_dtype(DType::F32).unwrap()).unwrap());
+                // A transposed view is read through a contiguous copy.
+                assert!(!all_finite(&t.t().unwrap()).unwrap());
+            }
+        }
+        let fine = Tensor::new(&[[1.0f32, -3e38], [0.0, 1e-45]], cpu).unwrap();
+        assert!(all_finite(&fine).unwrap() && all_finite(&fine.t().unwrap()).unwrap());
+        assert!(all_finite(&Tensor::new(&[1u32, 2], cpu).unwrap()).unwrap());
+        assert!(all_finite(&Tensor::zeros((0, 3), DType::F32, cpu).unwrap()).unwrap());
     }
 }
