@@ -173,6 +173,42 @@ pub(crate) fn proxy_distances(
     Ok((dist, sel))
 }
 
+/// The inputs of a static-assignment loss computed per row from the points
+/// (`nofuss_tensor::ops::*_rows_from_points`): the normalised, scaled embeddings and
+/// proxies and the labels on their device, after the checks `proxy_distances` makes. The
+/// labels are checked against the proxies on the host when they live there or when
+/// `check` is on (then with the finiteness checks' synchronisations); otherwise nothing
+/// waits for the device, and a label outside the proxies gives a NaN loss.
+pub(crate) fn static_inputs(
+    embeddings: &Tensor,
+    labels: &Tensor,
+    proxies: &Tensor,
+    (scales, check): ((f64, f64), bool),
+    (min_proxies, what): (usize, &str),
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, d) = embedding_dims(embeddings)?;
+    let p = proxy_count(proxies, d)?;
+    if p < min_proxies {
+        return Err(LossError::Config(format!(
+            "{what} needs at least {min_proxies} proxies, got {p}"
+        )));
+    }
+    if !matches!(labels.dtype(), DType::U8 | DType::U32 | DType::I64) {
+        return Err(LossError::LabelDtype(labels.dtype()));
+    }
+    if labels.device().is_cpu() || check {
+        host_labels(labels, n, p)?;
+    } else if labels.dims() != [n] {
+        return Err(LossError::Shape(format!(
+            "labels have shape {:?}, expected [{n}]",
+            labels.dims()
+        )));
+    }
+    let (x, pr) = prepare(embeddings, proxies, scales, check)?;
+    let labels = labels.to_device(x.device())?;
+    Ok((x, pr, labels))
+}
+
 /// Index of the nearest proxy of each row of `dist` `[N,P]` (ties to the lower index).
 pub fn nearest(dist: &Tensor) -> Result<Vec<u32>> {
     let d: Vec<Vec<f64>> = dist.detach().to_dtype(DType::F64)?.to_vec2()?;

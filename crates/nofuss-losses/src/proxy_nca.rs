@@ -1,14 +1,11 @@
 //! Proxy-NCA (paper section 3.2, equation 5) with static proxy assignment.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::assignment::{proxy_distances, Assignment, Selection};
-use crate::common::{
-    check_scale, embedding_dims, host_labels, keep_or_neg_inf, log_sum_exp_rows, prepare,
-    proxy_count,
-};
+use crate::assignment::{proxy_distances, static_inputs, Assignment, Selection};
+use crate::common::{check_scale, keep_or_neg_inf, log_sum_exp_rows};
 use crate::{LossError, Result};
 
 /// Which Proxy-NCA the loss computes.
@@ -186,10 +183,8 @@ pub fn proxy_nca(
 /// Static assignment: every example is an anchor whose positive is its label's proxy, so
 /// the objective is one fused pass over the distance rows
 /// ([`nofuss_tensor::ops::nca_rows_from_points`]: on the CPU one operation from the
-/// normalised points and proxies, no `[N, P]` tensor in the graph). Labels are checked on the host when they live there
-/// or when `check_finite` is on (then with the finiteness checks' synchronisations);
-/// otherwise nothing waits for the device, and a label outside the proxies gives a NaN
-/// loss.
+/// normalised points and proxies, no `[N, P]` tensor in the graph). Labels are checked as
+/// `static_inputs` says.
 fn static_proxy_nca(
     embeddings: &Tensor,
     labels: &Tensor,
@@ -197,34 +192,16 @@ fn static_proxy_nca(
     cfg: &ProxyNcaConfig,
     min_proxies: usize,
 ) -> Result<Tensor> {
-    let (n, d) = embedding_dims(embeddings)?;
-    let p = proxy_count(proxies, d)?;
-    if p < min_proxies {
-        return Err(LossError::Config(format!(
-            "Proxy-NCA in the paper form needs at least {min_proxies} proxies, got {p}"
-        )));
-    }
-    if !matches!(labels.dtype(), DType::U8 | DType::U32 | DType::I64) {
-        return Err(LossError::LabelDtype(labels.dtype()));
-    }
-    if labels.device().is_cpu() || cfg.check_finite {
-        host_labels(labels, n, p)?;
-    } else if labels.dims() != [n] {
-        return Err(LossError::Shape(format!(
-            "labels have shape {:?}, expected [{n}]",
-            labels.dims()
-        )));
-    }
-    let scales = (cfg.embedding_scale, cfg.proxy_scale);
-    let (x, pr) = prepare(embeddings, proxies, scales, cfg.check_finite)?;
-    let paper = cfg.form == ProxyNcaForm::Paper;
-    let rows = nofuss_tensor::ops::nca_rows_from_points(
-        &x,
-        &pr,
-        &labels.to_device(x.device())?,
-        paper,
-        cfg.label_smoothing,
+    let (x, pr, labels) = static_inputs(
+        embeddings,
+        labels,
+        proxies,
+        ((cfg.embedding_scale, cfg.proxy_scale), cfg.check_finite),
+        (min_proxies, "Proxy-NCA in the paper form"),
     )?;
+    let paper = cfg.form == ProxyNcaForm::Paper;
+    let rows =
+        nofuss_tensor::ops::nca_rows_from_points(&x, &pr, &labels, paper, cfg.label_smoothing)?;
     Ok(rows.mean(0)?)
 }
 

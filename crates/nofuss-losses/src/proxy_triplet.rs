@@ -4,7 +4,7 @@
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::assignment::{proxy_distances, Assignment};
+use crate::assignment::{proxy_distances, static_inputs, Assignment};
 use crate::common::check_scale;
 use crate::{LossError, Result};
 
@@ -73,16 +73,27 @@ pub fn proxy_triplet(
     cfg: &ProxyTripletConfig,
 ) -> Result<Tensor> {
     cfg.check()?;
+    let scales = (cfg.embedding_scale, cfg.proxy_scale);
+    let what = "a triplet of proxies";
+    if cfg.assignment == Assignment::Static && cfg.hardest_negatives.is_none() {
+        // Every example an anchor, every other proxy a negative: one fused pass over the
+        // distance rows (on the CPU one operation, no `[N, P]` tensor in the graph).
+        let (x, pr, labels) = static_inputs(
+            embeddings,
+            labels,
+            proxies,
+            (scales, cfg.check_finite),
+            (2, what),
+        )?;
+        let rows = nofuss_tensor::ops::triplet_rows_from_points(&x, &pr, &labels, cfg.margin)?;
+        return Ok(rows.mean(0)?);
+    }
     let (dist, mut sel) = proxy_distances(
         embeddings,
         labels,
         proxies,
-        (
-            (cfg.embedding_scale, cfg.proxy_scale),
-            cfg.check_finite,
-            cfg.assignment,
-        ),
-        (2, "a triplet of proxies"),
+        (scales, cfg.check_finite, cfg.assignment),
+        (2, what),
     )?;
     let p = sel.num_proxies;
     let device = dist.device();

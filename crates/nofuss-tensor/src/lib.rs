@@ -49,12 +49,12 @@ mod device;
 mod error;
 mod fused_step;
 mod init;
-mod nca;
 mod normalization;
 pub mod ops;
 pub mod optim;
 pub mod pool;
 mod precision;
+mod proxy_rows;
 pub mod select;
 
 pub use device::{fixtures_dir, on_pool, test_device, DeviceSpec, SelectedDevice};

@@ -1,7 +1,8 @@
-//! The NCA objective of the proxy losses, per row: from a distance matrix
-//! ([`nca_rows`]), or straight from the points and the proxies
-//! ([`nca_rows_from_points`]), which on the CPU never puts an `[N, P]` tensor in the
-//! graph.
+//! The per-row objectives of the proxy losses: Proxy-NCA's from a distance matrix
+//! ([`nca_rows`]) or straight from the points and the proxies
+//! ([`nca_rows_from_points`]), and Proxy-Triplet's from the points and the proxies
+//! ([`triplet_rows_from_points`]). From the points, the CPU runs one operation that
+//! never puts an `[N, P]` tensor in candle's graph.
 
 use candle_core::backend::BackendStorage;
 #[cfg(feature = "cuda")]
@@ -48,12 +49,12 @@ pub fn nca_rows(
 /// the same arithmetic, differentiable in `x` and `proxies`.
 ///
 /// On the CPU it is one operation: forward, a matrix product and one pass over each row
-/// of distances (built in a buffer of its own, then dropped); backward, the product
-/// again, one pass turning each row into the gradient of its distances, and two matrix
-/// products giving both gradients. Nothing `[N, P]`-sized is kept between the two, nor
-/// accumulated by candle's autograd (with 11,318 proxies, SOP's classes, those passes
-/// and buffers were most of the loss's time). On other devices it is the composition,
-/// whose pieces there are one kernel each.
+/// of distances; backward, one pass turning each row of those distances (kept by the
+/// forward when an input is tracked, else computed again) into the gradient of its
+/// distances, and two matrix products giving both gradients. No `[N, P]` tensor is in
+/// candle's graph, so its autograd allocates, clears and adds none (with 11,318 proxies,
+/// SOP's classes, those passes and buffers were most of the loss's time). On other
+/// devices it is the composition, whose pieces there are one kernel each.
 pub fn nca_rows_from_points(
     x: &Tensor,
     proxies: &Tensor,
@@ -61,34 +62,95 @@ pub fn nca_rows_from_points(
     exclude_positive: bool,
     smoothing: f64,
 ) -> Result<Tensor> {
+    let form = NcaForm {
+        paper: exclude_positive,
+        smoothing,
+    };
+    let what = "nca_rows_from_points";
+    if let Some(rows) = rows_on_cpu(what, x, proxies, labels, RowLoss::Nca(form))? {
+        return Ok(rows);
+    }
+    let dist = crate::ops::pairwise_squared_distances(x, proxies)?;
+    nca_rows(&dist, labels, exclude_positive, smoothing)
+}
+
+/// Proxy-Triplet's objective with static proxies, per row of `x` (`[N, D]`): the hinge
+/// `max(d_iy + margin - d_ij, 0)` averaged over the `P - 1` proxies `j ≠ y_i`, where `d`
+/// are the squared distances to the rows of `proxies` (`[P, D]`, at least 2) and `y`
+/// the `labels` (`[N]`). Returns `[N]`, differentiable in `x` and `proxies` (no gradient
+/// where a hinge is exactly 0). A label outside `0..P` gives NaN.
+///
+/// On the CPU one operation as [`nca_rows_from_points`]; elsewhere the composition of
+/// [`crate::ops::pairwise_squared_distances`] and candle's operations.
+pub fn triplet_rows_from_points(
+    x: &Tensor,
+    proxies: &Tensor,
+    labels: &Tensor,
+    margin: f64,
+) -> Result<Tensor> {
+    let what = "triplet_rows_from_points";
+    if proxies.dims().first().is_some_and(|&p| p < 2) {
+        candle_core::bail!("{what}: needs at least 2 proxies, got {:?}", proxies.dims());
+    }
+    if let Some(rows) = rows_on_cpu(what, x, proxies, labels, RowLoss::Triplet { margin })? {
+        return Ok(rows);
+    }
+    triplet_rows_composed(x, proxies, labels, margin)
+}
+
+/// [`triplet_rows_from_points`] as a composition of candle operations (other devices).
+fn triplet_rows_composed(
+    x: &Tensor,
+    proxies: &Tensor,
+    labels: &Tensor,
+    margin: f64,
+) -> Result<Tensor> {
+    let (n, p) = (x.dim(0)?, proxies.dim(0)?);
+    let dist = crate::ops::pairwise_squared_distances(x, proxies)?;
+    let labels = check_labels("triplet_rows_from_points", labels, n, &dist)?;
+    let d_pos = dist.gather(&labels.unsqueeze(1)?, 1)?; // [N, 1]
+    let hinge = (d_pos + margin)?.broadcast_sub(&dist)?.relu()?;
+    let columns = Tensor::arange(0u32, p as u32, dist.device())?.unsqueeze(0)?;
+    let negatives = labels
+        .unsqueeze(1)?
+        .broadcast_ne(&columns)?
+        .to_dtype(dist.dtype())?;
+    (hinge * negatives)?.sum(1)? / (p - 1) as f64
+}
+
+/// The CPU half of the `*_rows_from_points` functions: shape checks, then one
+/// [`ProxyRows`] operation; `None` on other devices.
+fn rows_on_cpu(
+    what: &str,
+    x: &Tensor,
+    proxies: &Tensor,
+    labels: &Tensor,
+    loss: RowLoss,
+) -> Result<Option<Tensor>> {
     let (n, d) = x.dims2()?;
     let (p, d2) = proxies.dims2()?;
     if d != d2 || x.dtype() != proxies.dtype() {
         candle_core::bail!(
-            "nca_rows_from_points: points [{n}, {d}] {:?} against proxies [{p}, {d2}] {:?}",
+            "{what}: points [{n}, {d}] {:?} against proxies [{p}, {d2}] {:?}",
             x.dtype(),
             proxies.dtype()
         );
     }
     if p == 0 {
-        candle_core::bail!("nca_rows_from_points: no proxies");
+        candle_core::bail!("{what}: no proxies");
     }
     if !x.device().is_cpu() {
-        let dist = crate::ops::pairwise_squared_distances(x, proxies)?;
-        return nca_rows(&dist, labels, exclude_positive, smoothing);
+        return Ok(None);
     }
-    let labels = check_labels("nca_rows_from_points", labels, n, x)?;
-    let op = NcaPoints {
-        form: NcaForm {
-            paper: exclude_positive,
-            smoothing,
-        },
+    let labels = check_labels(what, labels, n, x)?;
+    let op = ProxyRows {
+        loss,
         saved: Saved::default(),
     };
-    x.contiguous()?
-        .apply_op3(&proxies.contiguous()?, &labels, op)?
-        .narrow(1, 0, 1)?
-        .squeeze(1)
+    let out = x
+        .contiguous()?
+        .apply_op3(&proxies.contiguous()?, &labels, op)?;
+    Ok(Some(out.narrow(1, 0, 1)?.squeeze(1)?))
 }
 
 /// Checks `labels` (`[n]`, an integer dtype) and the values' dtype (f32 or f64); returns
@@ -217,6 +279,75 @@ impl NcaForm {
             g * (1.0 - self.smoothing - (-dy.to_f64() - lse).exp())
         };
         d[y] = if keep(dy) { T::from_f64(ey) } else { zero };
+    }
+}
+
+/// The objective a [`ProxyRows`] operation computes per row of distances.
+#[derive(Debug, Clone, Copy)]
+enum RowLoss {
+    /// [`nca_rows`].
+    Nca(NcaForm),
+    /// [`triplet_rows_from_points`].
+    Triplet { margin: f64 },
+}
+
+impl RowLoss {
+    /// One row's loss, and what its gradient needs (the NCA's log-sum-exp).
+    fn row<T: Real>(&self, d: &[T], y: usize) -> (f64, f64) {
+        match self {
+            Self::Nca(form) => form.row(d, y),
+            Self::Triplet { margin } => {
+                let p = d.len();
+                if y >= p || p < 2 {
+                    return (f64::NAN, 0.0);
+                }
+                let (zero, top) = (T::from_f64(0.0), d[y] + T::from_f64(*margin));
+                let hinges: f64 = d[..y]
+                    .iter()
+                    .chain(&d[y + 1..])
+                    .map(|&v| {
+                        let h = top - v;
+                        if h > zero {
+                            h.to_f64()
+                        } else {
+                            0.0
+                        }
+                    })
+                    .sum();
+                (hinges / (p - 1) as f64, 0.0)
+            }
+        }
+    }
+
+    /// Replaces a row of distances by `g ∂loss/∂d_j`, 0 where `d_j <= 0` (see
+    /// [`NcaForm::grad_row`]); `aux` is what [`Self::row`] returned beside the loss.
+    fn grad_row<T: Real>(&self, d: &mut [T], y: usize, aux: f64, g: f64) {
+        let Self::Triplet { margin } = self else {
+            if let Self::Nca(form) = self {
+                form.grad_row(d, y, aux, g, true);
+            }
+            return;
+        };
+        let p = d.len();
+        if y >= p || p < 2 {
+            d.fill(T::from_f64(f64::NAN));
+            return;
+        }
+        let zero = T::from_f64(0.0);
+        let (dy, top) = (d[y], d[y] + T::from_f64(*margin));
+        // Each active hinge: -g/(P-1) on its negative, +g/(P-1) on the positive.
+        let step = T::from_f64(g / (p - 1) as f64);
+        let mut active = 0usize;
+        for (j, v) in d.iter_mut().enumerate() {
+            let on = j != y && top - *v > zero;
+            active += on as usize;
+            *v = if on && *v > zero { zero - step } else { zero };
+        }
+        d[y] = if dy > zero {
+            T::from_f64(g * active as f64 / (p - 1) as f64)
+        } else {
+            zero
+        };
     }
 }
 
@@ -378,7 +509,7 @@ fn squared_norms<T: Real>(m: &[T], dim: usize) -> Vec<T> {
         .collect()
 }
 
-/// Points `[N, D]` and proxies `[P, D]` of one [`NcaPoints`] call.
+/// Points `[N, D]` and proxies `[P, D]` of one [`ProxyRows`] call.
 struct Points<'a, T> {
     x: &'a [T],
     p: &'a [T],
@@ -424,7 +555,7 @@ fn map_rows<T: Real, R: Send>(
         .collect()
 }
 
-/// The distances an [`NcaPoints`] forward computed, kept for its backward (taken once;
+/// The distances an [`ProxyRows`] forward computed, kept for its backward (taken once;
 /// a second backward over the same graph computes them again).
 type Saved = std::sync::Mutex<Option<CpuStorage>>;
 
@@ -434,18 +565,19 @@ fn take_saved<T: Real>(saved: &Saved, len: usize) -> Option<Vec<T>> {
     T::cpu_storage_data(storage).ok().filter(|d| d.len() == len)
 }
 
-/// `(x [N, D], proxies [P, D], labels [N]) -> [N, 2]`: [`NcaRows`] of the points' squared
-/// distances to the proxies (CPU only; [`nca_rows_from_points`] composes elsewhere). When
+/// `(x [N, D], proxies [P, D], labels [N]) -> [N, 2]`: a [`RowLoss`] of the points'
+/// squared distances to the proxies, with what its gradient needs (CPU only; the
+/// `*_rows_from_points` functions compose elsewhere). When
 /// the op is part of a graph (an input is tracked) it keeps the `[N, P]` distances for its
 /// backward, which then needs no matrix product to recompute them.
-struct NcaPoints {
-    form: NcaForm,
+struct ProxyRows {
+    loss: RowLoss,
     saved: Saved,
 }
 
-impl CustomOp3 for NcaPoints {
+impl CustomOp3 for ProxyRows {
     fn name(&self) -> &'static str {
-        "nofuss-nca-rows-from-points"
+        "nofuss-proxy-rows"
     }
 
     fn cpu_fwd(
@@ -461,7 +593,7 @@ impl CustomOp3 for NcaPoints {
         with_real!(s1.dtype(), T, {
             let pts = Points::<T>::new(s1, l1, s2, l2)?;
             let mut d = pts.distances();
-            let rows = map_rows(&mut d, pts.np, |i, r| self.form.row(r, labels[i] as usize));
+            let rows = map_rows(&mut d, pts.np, |i, r| self.loss.row(r, labels[i] as usize));
             if let Ok(mut s) = self.saved.lock() {
                 *s = Some(T::to_cpu_storage_owned(d));
             }
@@ -481,11 +613,11 @@ impl CustomOp3 for NcaPoints {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = NcaPointsBwd {
-            form: self.form,
+        let op = ProxyRowsBwd {
+            loss: self.loss,
             saved: Saved::new(self.saved.lock().ok().and_then(|mut s| s.take())),
             labels: labels.to_vec1::<u32>()?,
-            lse: host_f64s(&res.narrow(1, 1, 1)?)?,
+            aux: host_f64s(&res.narrow(1, 1, 1)?)?,
             grad: host_f64s(&grad.narrow(1, 0, 1)?)?,
         };
         let both = x.apply_op2_no_bwd(proxies, &op)?;
@@ -499,22 +631,22 @@ impl CustomOp3 for NcaPoints {
     }
 }
 
-/// `(x, proxies) -> [N + P, D]`: the gradients of [`NcaPoints`] with respect to the
+/// `(x, proxies) -> [N + P, D]`: the gradients of [`ProxyRows`] with respect to the
 /// points and the proxies, stacked. With `E` the gradient of the distances (zero where
 /// clamped), `r_i` its row sums and `c_j` its column sums:
 /// `dx_i = 2 r_i x_i - 2 (E P)_i` and `dp_j = 2 c_j p_j - 2 (Eᵀ X)_j`.
-struct NcaPointsBwd {
-    form: NcaForm,
+struct ProxyRowsBwd {
+    loss: RowLoss,
     /// The forward's distances, if it kept them.
     saved: Saved,
     labels: Vec<u32>,
-    lse: Vec<f64>,
+    aux: Vec<f64>,
     grad: Vec<f64>,
 }
 
-impl CustomOp2 for NcaPointsBwd {
+impl CustomOp2 for ProxyRowsBwd {
     fn name(&self) -> &'static str {
-        "nofuss-nca-rows-from-points-bwd"
+        "nofuss-proxy-rows-bwd"
     }
 
     fn cpu_fwd(
@@ -527,14 +659,14 @@ impl CustomOp2 for NcaPointsBwd {
         with_real!(s1.dtype(), T, {
             let pts = Points::<T>::new(s1, l1, s2, l2)?;
             let (n, np, dim) = (pts.n, pts.np, pts.dim);
-            if self.labels.len() != n || self.lse.len() != n || self.grad.len() != n {
-                candle_core::bail!("nca_rows_from_points backward: {n} rows, other inputs");
+            if self.labels.len() != n || self.aux.len() != n || self.grad.len() != n {
+                candle_core::bail!("proxy rows backward: {n} rows, other inputs");
             }
             // E, and its row sums in the same pass.
             let mut e = take_saved(&self.saved, n * np).unwrap_or_else(|| pts.distances());
             let row_sums = map_rows(&mut e, np, |i, r| {
                 let y = self.labels[i] as usize;
-                self.form.grad_row(r, y, self.lse[i], self.grad[i], true);
+                self.loss.grad_row(r, y, self.aux[i], self.grad[i]);
                 r.iter().map(|v| v.to_f64()).sum::<f64>()
             });
             let col_sums = column_sums(&e, n, np);
@@ -757,5 +889,83 @@ mod tests {
         assert!(nca_rows_from_points(&x, &single, &labels, true, 0.0).is_err());
         let short = labels.narrow(0, 0, 3).unwrap();
         assert!(nca_rows_from_points(&x, &pr, &short, true, 0.0).is_err());
+    }
+
+    #[test]
+    fn triplet_rows_from_points_match_their_composition() {
+        // Margins that leave some hinges active and some not; a point on its own proxy.
+        // No two distances of a row tie (candle's ReLU passes gradient at exactly 0,
+        // PyTorch's and the fused op's do not).
+        let (n, p, d) = (9usize, 21usize, 5usize);
+        let mut xv: Vec<f64> = (0..n * d)
+            .map(|i| ((i * 13 % 17) as f64 - 8.0) / 6.0 + 1e-3 * (i as f64).sin())
+            .collect();
+        let pv: Vec<f64> = (0..p * d)
+            .map(|i| ((i * 5 % 11) as f64 - 5.0) / 4.0 + 1e-3 * (i as f64).cos())
+            .collect();
+        xv[..d].copy_from_slice(&pv[2 * d..3 * d]);
+        let labels = Tensor::new(&[2u32, 0, 20, 7, 7, 13, 1, 19, 4], &Device::Cpu).unwrap();
+        let w = Tensor::new(
+            &[1.0f64, -0.5, 2.0, 0.25, 1.5, -1.0, 0.75, 3.0, 0.5],
+            &Device::Cpu,
+        )
+        .unwrap();
+        for dt in [DType::F64, DType::F32] {
+            let tol = if dt == DType::F64 { 1e-10 } else { 2e-5 };
+            let var = |v: &[f64], r: usize| {
+                let t = Tensor::from_vec(v.to_vec(), (r, d), &Device::Cpu).unwrap();
+                Var::from_tensor(&t.to_dtype(dt).unwrap()).unwrap()
+            };
+            let w = w.to_dtype(dt).unwrap();
+            for margin in [0.0, 0.5, 3.0, 100.0] {
+                let (x1, p1, x2, p2) = (var(&xv, n), var(&pv, p), var(&xv, n), var(&pv, p));
+                let fused =
+                    triplet_rows_from_points(x1.as_tensor(), p1.as_tensor(), &labels, margin)
+                        .unwrap();
+                let composed =
+                    triplet_rows_composed(x2.as_tensor(), p2.as_tensor(), &labels, margin).unwrap();
+                let flat = crate::cpu::values;
+                let close = |a: &[f64], b: &[f64], what: &str| {
+                    for (i, (u, v)) in a.iter().zip(b).enumerate() {
+                        assert!(
+                            (u - v).abs() <= tol * v.abs().max(1.0),
+                            "{dt:?} {margin} {what}[{i}]: {u} vs {v}"
+                        );
+                    }
+                };
+                close(&flat(&fused), &flat(&composed), "rows");
+                let g1 = (&fused * &w)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let g2 = (&composed * &w)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                for (a, b, what) in [(&x1, &x2, "dx"), (&p1, &p2, "dp")] {
+                    let ga = flat(g1.get(a.as_tensor()).unwrap());
+                    close(&ga, &flat(g2.get(b.as_tensor()).unwrap()), what);
+                    if margin == 0.5 {
+                        assert!(ga.iter().any(|v| v.abs() > 1e-3), "{what} all zero");
+                    }
+                }
+            }
+        }
+        // A bad label gives NaN for its row; one proxy, or none, is an error.
+        let x = Tensor::from_vec(xv.clone(), (n, d), &Device::Cpu).unwrap();
+        let pr = Tensor::from_vec(pv.clone(), (p, d), &Device::Cpu).unwrap();
+        let bad = Tensor::new(&[2u32, 0, 21, 7, 7, 13, 1, 19, 4], &Device::Cpu).unwrap();
+        let rows = triplet_rows_from_points(&x, &pr, &bad, 0.1)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        assert!(rows[2].is_nan() && rows.iter().filter(|v| v.is_finite()).count() == n - 1);
+        let one = pr.narrow(0, 0, 1).unwrap();
+        let zeros = Tensor::zeros(n, DType::U32, &Device::Cpu).unwrap();
+        assert!(triplet_rows_from_points(&x, &one, &zeros, 0.1).is_err());
     }
 }
