@@ -204,17 +204,17 @@ fn min_of<T: Real>(d: &[T], start: T) -> T {
     acc.iter().fold(rest, |m, &v| smaller(m, v))
 }
 
-/// `Σ e^(m - d_j)`, each term in `T`, the sum in f64. Blocks of 64 terms: the
-/// exponentials in one loop, their sum in eight partial sums in another (two simple
-/// loops vectorise for f32; one loop doing both did not).
-fn sum_exp<T: Real>(d: &[T], m: T) -> f64 {
+/// `Σ f(d_j)`, each term in `T`, the sum in f64. Blocks of 64 terms: the terms in one
+/// loop, their sum in eight partial sums in another (two simple loops vectorise for f32;
+/// one loop doing both did not).
+fn sum_of<T: Real>(d: &[T], f: impl Fn(T) -> T) -> f64 {
     let mut terms = [T::from_f64(0.0); 64];
     let mut acc = [0f64; 8];
     let mut rest = 0f64;
     for c in d.chunks(64) {
         let t = &mut terms[..c.len()];
         for (o, &v) in t.iter_mut().zip(c) {
-            *o = (m - v).exp_fast();
+            *o = f(v);
         }
         let lanes = t.chunks_exact(8);
         rest += lanes.remainder().iter().map(|v| v.to_f64()).sum::<f64>();
@@ -225,6 +225,11 @@ fn sum_exp<T: Real>(d: &[T], m: T) -> f64 {
         }
     }
     acc.iter().sum::<f64>() + rest
+}
+
+/// `Σ e^(m - d_j)`.
+fn sum_exp<T: Real>(d: &[T], m: T) -> f64 {
+    sum_of(d, |v| (m - v).exp_fast())
 }
 
 impl NcaForm {
@@ -302,18 +307,17 @@ impl RowLoss {
                     return (f64::NAN, 0.0);
                 }
                 let (zero, top) = (T::from_f64(0.0), d[y] + T::from_f64(*margin));
-                let hinges: f64 = d[..y]
-                    .iter()
-                    .chain(&d[y + 1..])
-                    .map(|&v| {
-                        let h = top - v;
-                        if h > zero {
-                            h.to_f64()
-                        } else {
-                            0.0
-                        }
-                    })
-                    .sum();
+                // `<=` is false for NaN: a NaN distance makes the loss NaN.
+                let hinge = |v: T| {
+                    let h = top - v;
+                    if h <= zero {
+                        zero
+                    } else {
+                        h
+                    }
+                };
+                let (a, b) = candidates(d, y, true);
+                let hinges = sum_of(a, hinge) + sum_of(b, hinge);
                 (hinges / (p - 1) as f64, 0.0)
             }
         }
@@ -337,12 +341,14 @@ impl RowLoss {
         let (dy, top) = (d[y], d[y] + T::from_f64(*margin));
         // Each active hinge: -g/(P-1) on its negative, +g/(P-1) on the positive.
         let step = T::from_f64(g / (p - 1) as f64);
-        let mut active = 0usize;
-        for (j, v) in d.iter_mut().enumerate() {
-            let on = j != y && top - *v > zero;
+        let (mut active, minus) = (0usize, zero - step);
+        for v in d.iter_mut() {
+            let on = top - *v > zero;
             active += on as usize;
-            *v = if on && *v > zero { zero - step } else { zero };
+            *v = if on && *v > zero { minus } else { zero };
         }
+        // The loop counted the positive's own hinge, `margin` (or 0 when rounding ate it).
+        active -= (top - dy > zero) as usize;
         d[y] = if dy > zero {
             T::from_f64(g * active as f64 / (p - 1) as f64)
         } else {
@@ -964,6 +970,17 @@ mod tests {
             .to_vec1::<f64>()
             .unwrap();
         assert!(rows[2].is_nan() && rows.iter().filter(|v| v.is_finite()).count() == n - 1);
+        // A NaN point makes its row NaN in both objectives (the trainer skips such steps).
+        let mut nan = xv.clone();
+        nan[3 * d + 1] = f64::NAN;
+        let xn = Tensor::from_vec(nan, (n, d), &Device::Cpu).unwrap();
+        for rows in [
+            triplet_rows_from_points(&xn, &pr, &labels, 0.1).unwrap(),
+            nca_rows_from_points(&xn, &pr, &labels, true, 0.0).unwrap(),
+        ] {
+            let rows = rows.to_vec1::<f64>().unwrap();
+            assert!(rows[3].is_nan() && rows[4].is_finite(), "{rows:?}");
+        }
         let one = pr.narrow(0, 0, 1).unwrap();
         let zeros = Tensor::zeros(n, DType::U32, &Device::Cpu).unwrap();
         assert!(triplet_rows_from_points(&x, &one, &zeros, 0.1).is_err());
