@@ -805,76 +805,87 @@ mod tests {
         assert!(nca_rows(&dt, &Tensor::new(&[0u32], &Device::Cpu).unwrap(), true, 0.0).is_err());
     }
 
-    #[test]
-    fn rows_from_points_match_the_composition_and_its_gradients() {
-        // 9 points against 21 proxies (two vector chunks and a remainder), one point equal
-        // to a proxy (a distance clamped at 0, no gradient through it).
+    /// 9 points against 21 proxies (two vector chunks and a remainder), the first point
+    /// equal to proxy 2, its positive (a distance clamped at 0). No two distances of a row
+    /// tie (candle's ReLU passes gradient at exactly 0, PyTorch's and the fused op's do
+    /// not). Returns points, proxies (row-major f64), labels and per-row loss weights.
+    fn points_case() -> (Vec<f64>, Vec<f64>, Tensor, Tensor) {
         let (n, p, d) = (9usize, 21usize, 5usize);
         let mut xv: Vec<f64> = (0..n * d)
-            .map(|i| ((i * 13 % 17) as f64 - 8.0) / 6.0)
+            .map(|i| ((i * 13 % 17) as f64 - 8.0) / 6.0 + 1e-3 * (i as f64).sin())
             .collect();
         let pv: Vec<f64> = (0..p * d)
-            .map(|i| ((i * 5 % 11) as f64 - 5.0) / 4.0)
+            .map(|i| ((i * 5 % 11) as f64 - 5.0) / 4.0 + 1e-3 * (i as f64).cos())
             .collect();
         xv[..d].copy_from_slice(&pv[2 * d..3 * d]);
         let labels = Tensor::new(&[2u32, 0, 20, 7, 7, 13, 1, 19, 4], &Device::Cpu).unwrap();
-        let w = Tensor::new(
-            &[1.0f64, -0.5, 2.0, 0.25, 1.5, -1.0, 0.75, 3.0, 0.5],
-            &Device::Cpu,
-        )
-        .unwrap();
+        let w = [1.0f64, -0.5, 2.0, 0.25, 1.5, -1.0, 0.75, 3.0, 0.5];
+        (xv, pv, labels, Tensor::new(&w, &Device::Cpu).unwrap())
+    }
+
+    /// Runs `fused` and `composed` (rows from points and proxies) on fresh variables of
+    /// the case in `dt`, checks rows and both gradients of `Σ w_i row_i` agree (relative
+    /// 1e-10 in f64, 2e-5 in f32), and returns the fused op's gradients.
+    fn compare_rows(
+        dt: DType,
+        what: &str,
+        fused: impl Fn(&Tensor, &Tensor) -> Tensor,
+        composed: impl Fn(&Tensor, &Tensor) -> Tensor,
+    ) -> Vec<Vec<f64>> {
+        let (xv, pv, _, w) = points_case();
+        let tol = if dt == DType::F64 { 1e-10 } else { 2e-5 };
+        let var = |v: &[f64]| {
+            let t = Tensor::from_vec(v.to_vec(), (v.len() / 5, 5), &Device::Cpu).unwrap();
+            Var::from_tensor(&t.to_dtype(dt).unwrap()).unwrap()
+        };
+        let w = w.to_dtype(dt).unwrap();
+        let (x1, p1, x2, p2) = (var(&xv), var(&pv), var(&xv), var(&pv));
+        let (r1, r2) = (
+            fused(x1.as_tensor(), p1.as_tensor()),
+            composed(x2.as_tensor(), p2.as_tensor()),
+        );
+        let flat = crate::cpu::values;
+        let close = |a: &[f64], b: &[f64], part: &str| {
+            assert_eq!(a.len(), b.len());
+            for (i, (u, v)) in a.iter().zip(b).enumerate() {
+                assert!(
+                    (u - v).abs() <= tol * v.abs().max(1.0),
+                    "{dt:?} {what} {part}[{i}]: {u} vs {v}"
+                );
+            }
+        };
+        close(&flat(&r1), &flat(&r2), "rows");
+        let grads = |r: &Tensor| (r * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g1, g2) = (grads(&r1), grads(&r2));
+        // The first backward uses the forward's distances, a second one over the same
+        // graph computes them again.
+        let again = grads(&r1);
+        [(&x1, &x2, "dx"), (&p1, &p2, "dp")]
+            .into_iter()
+            .map(|(a, b, part)| {
+                let ga = flat(g1.get(a.as_tensor()).unwrap());
+                close(&ga, &flat(g2.get(b.as_tensor()).unwrap()), part);
+                assert_eq!(ga, flat(again.get(a.as_tensor()).unwrap()), "{part} again");
+                ga
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rows_from_points_match_the_composition_and_its_gradients() {
+        let (xv, pv, labels, _) = points_case();
+        let (n, p, d) = (9usize, 21usize, 5usize);
         for dt in [DType::F64, DType::F32] {
-            let tol = if dt == DType::F64 { 1e-10 } else { 2e-5 };
-            let var = |v: &[f64], r: usize| {
-                let t = Tensor::from_vec(v.to_vec(), (r, d), &Device::Cpu).unwrap();
-                Var::from_tensor(&t.to_dtype(dt).unwrap()).unwrap()
-            };
-            let w = w.to_dtype(dt).unwrap();
             for (paper, eps) in [(true, 0.0), (false, 0.0), (false, 0.1)] {
-                let (x1, p1, x2, p2) = (var(&xv, n), var(&pv, p), var(&xv, n), var(&pv, p));
-                let fused =
-                    nca_rows_from_points(x1.as_tensor(), p1.as_tensor(), &labels, paper, eps)
-                        .unwrap();
-                let dist =
-                    crate::ops::pairwise_squared_distances(x2.as_tensor(), p2.as_tensor()).unwrap();
-                let composed = nca_rows(&dist, &labels, paper, eps).unwrap();
-                let close = |a: &[f64], b: &[f64], what: &str| {
-                    assert_eq!(a.len(), b.len());
-                    for (i, (u, v)) in a.iter().zip(b).enumerate() {
-                        assert!(
-                            (u - v).abs() <= tol * v.abs().max(1.0),
-                            "{dt:?} {paper} {eps} {what}[{i}]: {u} vs {v}"
-                        );
-                    }
-                };
-                let flat = crate::cpu::values;
-                close(&flat(&fused), &flat(&composed), "rows");
-                let g1 = (&fused * &w)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let g2 = (&composed * &w)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                // The first backward uses the forward's distances, a second one over the
-                // same graph computes them again.
-                let again = (&fused * &w)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                for (a, b, what) in [(&x1, &x2, "dx"), (&p1, &p2, "dp")] {
-                    let ga = flat(g1.get(a.as_tensor()).unwrap());
-                    let gb = flat(g2.get(b.as_tensor()).unwrap());
-                    close(&ga, &gb, what);
-                    assert_eq!(ga, flat(again.get(a.as_tensor()).unwrap()), "{what} again");
-                }
+                compare_rows(
+                    dt,
+                    &format!("nca {paper} {eps}"),
+                    |x, pr| nca_rows_from_points(x, pr, &labels, paper, eps).unwrap(),
+                    |x, pr| {
+                        let dist = crate::ops::pairwise_squared_distances(x, pr).unwrap();
+                        nca_rows(&dist, &labels, paper, eps).unwrap()
+                    },
+                );
             }
         }
         // A label outside the proxies: that row's loss is NaN, the others are not.
@@ -899,65 +910,19 @@ mod tests {
 
     #[test]
     fn triplet_rows_from_points_match_their_composition() {
-        // Margins that leave some hinges active and some not; a point on its own proxy.
-        // No two distances of a row tie (candle's ReLU passes gradient at exactly 0,
-        // PyTorch's and the fused op's do not).
+        // Margins that leave some hinges active and some not.
+        let (xv, pv, labels, _) = points_case();
         let (n, p, d) = (9usize, 21usize, 5usize);
-        let mut xv: Vec<f64> = (0..n * d)
-            .map(|i| ((i * 13 % 17) as f64 - 8.0) / 6.0 + 1e-3 * (i as f64).sin())
-            .collect();
-        let pv: Vec<f64> = (0..p * d)
-            .map(|i| ((i * 5 % 11) as f64 - 5.0) / 4.0 + 1e-3 * (i as f64).cos())
-            .collect();
-        xv[..d].copy_from_slice(&pv[2 * d..3 * d]);
-        let labels = Tensor::new(&[2u32, 0, 20, 7, 7, 13, 1, 19, 4], &Device::Cpu).unwrap();
-        let w = Tensor::new(
-            &[1.0f64, -0.5, 2.0, 0.25, 1.5, -1.0, 0.75, 3.0, 0.5],
-            &Device::Cpu,
-        )
-        .unwrap();
         for dt in [DType::F64, DType::F32] {
-            let tol = if dt == DType::F64 { 1e-10 } else { 2e-5 };
-            let var = |v: &[f64], r: usize| {
-                let t = Tensor::from_vec(v.to_vec(), (r, d), &Device::Cpu).unwrap();
-                Var::from_tensor(&t.to_dtype(dt).unwrap()).unwrap()
-            };
-            let w = w.to_dtype(dt).unwrap();
             for margin in [0.0, 0.5, 3.0, 100.0] {
-                let (x1, p1, x2, p2) = (var(&xv, n), var(&pv, p), var(&xv, n), var(&pv, p));
-                let fused =
-                    triplet_rows_from_points(x1.as_tensor(), p1.as_tensor(), &labels, margin)
-                        .unwrap();
-                let composed =
-                    triplet_rows_composed(x2.as_tensor(), p2.as_tensor(), &labels, margin).unwrap();
-                let flat = crate::cpu::values;
-                let close = |a: &[f64], b: &[f64], what: &str| {
-                    for (i, (u, v)) in a.iter().zip(b).enumerate() {
-                        assert!(
-                            (u - v).abs() <= tol * v.abs().max(1.0),
-                            "{dt:?} {margin} {what}[{i}]: {u} vs {v}"
-                        );
-                    }
-                };
-                close(&flat(&fused), &flat(&composed), "rows");
-                let g1 = (&fused * &w)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let g2 = (&composed * &w)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                for (a, b, what) in [(&x1, &x2, "dx"), (&p1, &p2, "dp")] {
-                    let ga = flat(g1.get(a.as_tensor()).unwrap());
-                    close(&ga, &flat(g2.get(b.as_tensor()).unwrap()), what);
-                    if margin == 0.5 {
-                        assert!(ga.iter().any(|v| v.abs() > 1e-3), "{what} all zero");
-                    }
+                let grads = compare_rows(
+                    dt,
+                    &format!("triplet {margin}"),
+                    |x, pr| triplet_rows_from_points(x, pr, &labels, margin).unwrap(),
+                    |x, pr| triplet_rows_composed(x, pr, &labels, margin).unwrap(),
+                );
+                if margin == 0.5 {
+                    assert!(grads.iter().flatten().any(|v| v.abs() > 1e-3), "all zero");
                 }
             }
         }
