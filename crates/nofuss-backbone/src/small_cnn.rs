@@ -15,7 +15,7 @@ pub struct SmallCnnConfig {
     /// Input channels (1 for the glyph dataset, 3 for photos).
     pub in_channels: usize,
     /// Output channels of each block; each block halves the resolution. The default
-    /// (16, 32, 64) trains at about 190 images/s on two CPU cores at 32x32.
+    /// (16, 32, 64) trains at about 1,100 images/s on two CPU cores at 32x32 (batch 64).
     pub widths: Vec<usize>,
     /// Nominal input size (for [`InputSpec`]).
     pub input_size: usize,

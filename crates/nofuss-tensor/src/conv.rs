@@ -85,6 +85,7 @@ mod cpu_ops {
     use rayon::prelude::*;
 
     use crate::cpu::{matmul, parallelism, slice, Mat};
+    use std::ops::Range;
 
     /// Columns a tile's matrix product should reach: images are grouped into a tile until
     /// they have this many output positions (one image when it alone has them).
@@ -167,9 +168,23 @@ mod cpu_ops {
         }
 
         /// Input row (or column) read by output `o` at kernel offset `k`, if inside.
-        fn src(&self, o: usize, k: usize, len: usize) -> Option<usize> {
+        pub(super) fn src(&self, o: usize, k: usize, len: usize) -> Option<usize> {
             let i = (o * self.stride + k * self.dil) as isize - self.pad as isize;
             (i >= 0 && (i as usize) < len).then_some(i as usize)
+        }
+
+        /// The outputs `o` in `0..outs` whose input `src(o, k, len)` is inside, a range
+        /// (the inputs they read are `src(range.start)` on, every `stride`-th).
+        pub(super) fn inside(&self, k: usize, len: usize, outs: usize) -> Range<usize> {
+            let (s, off) = (
+                self.stride as isize,
+                (k * self.dil) as isize - self.pad as isize,
+            );
+            // o s + off >= 0 and o s + off < len, for o >= 0.
+            let lo = if off >= 0 { 0 } else { (-off + s - 1) / s };
+            let hi = (len as isize - off + s - 1).div_euclid(s).max(0);
+            let (lo, hi) = (lo as usize, (hi as usize).min(outs));
+            lo.min(hi)..hi
         }
 
         fn x_shape(&self) -> Shape {
@@ -262,8 +277,19 @@ mod cpu_ops {
                             continue;
                         };
                         let src = &plane[iy * g.w..][..g.w];
-                        for (ox, d) in dst.iter_mut().enumerate() {
-                            *d = g.src(ox, kx, g.w).map_or(T::zero(), |ix| src[ix]);
+                        let r = g.inside(kx, g.w, dst.len());
+                        dst[..r.start].fill(T::zero());
+                        dst[r.end..].fill(T::zero());
+                        if let Some(ix) = g.src(r.start, kx, g.w).filter(|_| !r.is_empty()) {
+                            let inner = &mut dst[r];
+                            if g.stride == 1 {
+                                inner.copy_from_slice(&src[ix..][..inner.len()]);
+                            } else {
+                                let read = src[ix..].iter().step_by(g.stride);
+                                for (d, &v) in inner.iter_mut().zip(read) {
+                                    *d = v;
+                                }
+                            }
                         }
                     }
                 }
@@ -285,9 +311,18 @@ mod cpu_ops {
                         continue;
                     };
                     let dst = &mut plane[iy * g.w..][..g.w];
-                    for (ox, &v) in src.iter().enumerate() {
-                        if let Some(ix) = g.src(ox, kx, g.w) {
-                            dst[ix] += v;
+                    let r = g.inside(kx, g.w, src.len());
+                    if let Some(ix) = g.src(r.start, kx, g.w).filter(|_| !r.is_empty()) {
+                        let read = &src[r];
+                        if g.stride == 1 {
+                            for (d, &v) in dst[ix..][..read.len()].iter_mut().zip(read) {
+                                *d += v;
+                            }
+                        } else {
+                            let written = dst[ix..].iter_mut().step_by(g.stride);
+                            for (d, &v) in written.zip(read) {
+                                *d += v;
+                            }
                         }
                     }
                 }
@@ -710,6 +745,40 @@ mod tests {
         let n = shape.0 * shape.1 * shape.2 * shape.3;
         let v: Vec<f64> = (0..n).map(|i| ((i * k) % 17) as f64 / 8.0 - 1.0).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The range of outputs whose input is inside equals the outputs `src` finds inside,
+    /// for every stride, padding (up to beyond the kernel's reach), dilation and offset.
+    #[test]
+    fn inside_ranges_are_exactly_the_outputs_that_read_inside() {
+        let x = Tensor::zeros((1, 1, 9, 9), DType::F32, &Device::Cpu).unwrap();
+        for k in [1usize, 2, 3, 5, 7] {
+            let w = Tensor::zeros((1, 1, k, k), DType::F32, &Device::Cpu).unwrap();
+            for (stride, padding, dilation) in
+                (1..=3).flat_map(|s| (0..=4).flat_map(move |p| (1..=2).map(move |d| (s, p, d))))
+            {
+                let cfg = Conv2dConfig {
+                    padding,
+                    stride,
+                    dilation,
+                    groups: 1,
+                    cudnn_fwd_algo: None,
+                };
+                let Ok(g) = cpu_ops::Geom::new(&x, &w, &cfg) else {
+                    continue; // a kernel wider than the padded input
+                };
+                for len in [1usize, 4, 9] {
+                    for outs in [0usize, 1, 3, 6] {
+                        for kk in 0..k {
+                            let want: Vec<usize> =
+                                (0..outs).filter(|&o| g.src(o, kk, len).is_some()).collect();
+                            let got: Vec<usize> = g.inside(kk, len, outs).collect();
+                            assert_eq!(got, want, "k{k} s{stride} p{padding} d{dilation} {kk}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The CPU op (im2col + products) against candle's own convolution, including
