@@ -45,8 +45,9 @@ pub fn nca_rows(
 }
 
 /// [`nca_rows`] of the squared distances between the rows of `x` (`[N, D]`) and of
-/// `proxies` (`[P, D]`): `nca_rows(&pairwise_squared_distances(x, proxies)?, ...)`, with
-/// the same arithmetic, differentiable in `x` and `proxies`.
+/// `proxies` (`[P, D]`): `nca_rows(&pairwise_squared_distances(x, proxies)?, ...)`, the
+/// same formulas (on the CPU the squared norms are summed in f64), differentiable in `x`
+/// and `proxies`.
 ///
 /// On the CPU it is one operation: forward, a matrix product and one pass over each row
 /// of distances; backward, one pass turning each row of those distances (kept by the
@@ -508,7 +509,7 @@ fn distances_in_place<T: Real>(dots: &mut [T], xx: T, pp: &[T]) {
     }
 }
 
-/// Every row's squared norm (summed in f64, as the distances' composition does in `T`).
+/// Every row's squared norm, summed in f64 (the composition sums in `T`).
 fn squared_norms<T: Real>(m: &[T], dim: usize) -> Vec<T> {
     m.par_chunks(dim.max(1))
         .map(|r| T::from_f64(r.iter().map(|v| v.to_f64() * v.to_f64()).sum()))
@@ -561,7 +562,7 @@ fn map_rows<T: Real, R: Send>(
         .collect()
 }
 
-/// The distances an [`ProxyRows`] forward computed, kept for its backward (taken once;
+/// The distances a [`ProxyRows`] forward computed, kept for its backward (taken once;
 /// a second backward over the same graph computes them again).
 type Saved = std::sync::Mutex<Option<CpuStorage>>;
 
@@ -573,9 +574,9 @@ fn take_saved<T: Real>(saved: &Saved, len: usize) -> Option<Vec<T>> {
 
 /// `(x [N, D], proxies [P, D], labels [N]) -> [N, 2]`: a [`RowLoss`] of the points'
 /// squared distances to the proxies, with what its gradient needs (CPU only; the
-/// `*_rows_from_points` functions compose elsewhere). When
-/// the op is part of a graph (an input is tracked) it keeps the `[N, P]` distances for its
-/// backward, which then needs no matrix product to recompute them.
+/// `*_rows_from_points` functions compose elsewhere). It keeps the `[N, P]` distances for
+/// its backward, which then needs no matrix product to recompute them; when no input is
+/// tracked, candle drops the op, and them, as soon as the forward returns.
 struct ProxyRows {
     loss: RowLoss,
     saved: Saved,
