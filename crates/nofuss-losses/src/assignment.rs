@@ -147,11 +147,50 @@ impl Selection {
             Ok(())
         }
     }
+
+    /// The same selection over only the proxies some anchor uses (as positive or
+    /// negative), and those proxies' indices in increasing order: column `k` of the
+    /// result is proxy `used[k]`. A loss over the compact selection and the distances to
+    /// `used` equals the loss over all proxies (the others are masked out of it).
+    pub(crate) fn compact(&self) -> (Vec<u32>, Self) {
+        let p = self.num_proxies;
+        let mut in_use = vec![false; p];
+        for &j in &self.positive {
+            in_use[j as usize] = true;
+        }
+        for row in self.negatives.chunks(p.max(1)) {
+            for (u, &m) in in_use.iter_mut().zip(row) {
+                *u |= m == 1;
+            }
+        }
+        let used: Vec<u32> = (0..p as u32).filter(|&j| in_use[j as usize]).collect();
+        let negatives = self
+            .negatives
+            .chunks(p.max(1))
+            .flat_map(|row| used.iter().map(move |&j| row[j as usize]))
+            .collect();
+        let positive = self
+            .positive
+            .iter()
+            .map(|j| used.partition_point(|u| u < j) as u32)
+            .collect();
+        let sel = Self {
+            anchors: self.anchors.clone(),
+            positive,
+            negatives,
+            num_proxies: used.len(),
+        };
+        (used, sel)
+    }
 }
 
 /// What a proxy loss needs before its formula: inputs checked, embeddings and proxies
-/// normalised and scaled, the `[N,P]` squared distances, and the anchors' positive and
-/// negative proxies. `min_proxies` and `what` make the error for too few proxies.
+/// normalised and scaled, the squared distances, and the anchors' positive and negative
+/// proxies. `min_proxies` and `what` make the error for too few proxies. With static
+/// assignment the distances are `[N,P]`; with dynamic assignment the nearest proxies come
+/// from distances computed without gradient, and the returned distances and selection
+/// cover only the proxies the batch uses ([`Selection::compact`]: at most `N` of them,
+/// where SOP has 11,318), so the loss's passes and masks are `[N, N]` at most.
 pub(crate) fn proxy_distances(
     embeddings: &Tensor,
     labels: &Tensor,
@@ -167,9 +206,18 @@ pub(crate) fn proxy_distances(
         )));
     }
     let (x, pr) = prepare(embeddings, proxies, scales, check)?;
-    let dist = pairwise_squared_distances(&x, &pr)?;
-    let sel = Selection::of_batch(assignment, labels, &dist)?;
+    if assignment == Assignment::Static {
+        let dist = pairwise_squared_distances(&x, &pr)?;
+        let sel = Selection::of_batch(assignment, labels, &dist)?;
+        sel.require_anchors()?;
+        return Ok((dist, sel));
+    }
+    let all = pairwise_squared_distances(&x.detach(), &pr.detach())?;
+    let sel = Selection::of_batch(assignment, labels, &all)?;
     sel.require_anchors()?;
+    let (used, sel) = sel.compact();
+    let used = Tensor::from_vec(used, sel.num_proxies, pr.device())?;
+    let dist = pairwise_squared_distances(&x, &pr.index_select(&used, 0)?)?;
     Ok((dist, sel))
 }
 
@@ -305,5 +353,60 @@ mod tests {
         )
         .unwrap();
         assert_eq!(nearest(&d).unwrap(), vec![1, 0]);
+    }
+
+    #[test]
+    fn compact_selection_keeps_the_loss_and_its_gradients() {
+        use crate::proxy_nca::{nca_over_selection, ProxyNcaForm};
+        use candle_core::{Device, Var};
+        // 6 examples in 3 classes assigned to 4 of 10 proxies.
+        let (classes, assigned) = ([0i64, 0, 1, 1, 2, 2], [7u32, 7, 2, 9, 2, 5]);
+        let sel = Selection::dynamic(&classes, &assigned, 10);
+        let (used, c) = sel.compact();
+        assert_eq!(used, [2, 5, 7, 9]);
+        assert_eq!((c.num_proxies, &c.anchors), (4, &sel.anchors));
+        for (a, row) in sel.negatives.chunks(10).enumerate() {
+            assert_eq!(used[c.positive[a] as usize], sel.positive[a]);
+            for (j, &m) in row.iter().enumerate() {
+                let k = used.iter().position(|&u| u as usize == j);
+                assert_eq!(
+                    k.map_or(0, |k| c.negatives[a * 4 + k]),
+                    m,
+                    "anchor {a} proxy {j}"
+                );
+            }
+        }
+        // The loss over the used proxies equals the loss over all, with its gradients.
+        let dev = Device::Cpu;
+        let xv: Vec<f64> = (0..18).map(|i| ((i * 7 % 11) as f64 - 5.0) / 4.0).collect();
+        let pv: Vec<f64> = (0..30).map(|i| ((i * 5 % 13) as f64 - 6.0) / 5.0).collect();
+        for (form, eps) in [
+            (ProxyNcaForm::Paper, 0.0),
+            (ProxyNcaForm::Softmax, 0.0),
+            (ProxyNcaForm::Softmax, 0.1),
+        ] {
+            let run = |compact: bool| {
+                let x = Var::from_vec(xv.clone(), (6, 3), &dev).unwrap();
+                let p = Var::from_vec(pv.clone(), (10, 3), &dev).unwrap();
+                let loss = if compact {
+                    let idx = Tensor::from_vec(used.clone(), 4, &dev).unwrap();
+                    let pc = p.as_tensor().index_select(&idx, 0).unwrap();
+                    let dist = pairwise_squared_distances(x.as_tensor(), &pc).unwrap();
+                    nca_over_selection(&dist, &c, form, eps).unwrap()
+                } else {
+                    let dist = pairwise_squared_distances(x.as_tensor(), p.as_tensor()).unwrap();
+                    nca_over_selection(&dist, &sel, form, eps).unwrap()
+                };
+                let g = loss.backward().unwrap();
+                let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let grads = [x.as_tensor(), p.as_tensor()].map(|v| flat(g.get(v).unwrap()));
+                (loss.to_scalar::<f64>().unwrap(), grads)
+            };
+            let ((l1, g1), (l2, g2)) = (run(false), run(true));
+            assert!((l1 - l2).abs() < 1e-12, "{form:?} {eps}: {l1} vs {l2}");
+            for (a, b) in g1.iter().flatten().zip(g2.iter().flatten()) {
+                assert!((a - b).abs() < 1e-12, "{form:?} {eps}: {a} vs {b}");
+            }
+        }
     }
 }
