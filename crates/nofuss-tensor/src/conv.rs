@@ -741,6 +741,16 @@ mod tests {
     use crate::cpu::values;
     use candle_core::{Device, Var};
 
+    fn config(padding: usize, stride: usize, dilation: usize) -> Conv2dConfig {
+        Conv2dConfig {
+            padding,
+            stride,
+            dilation,
+            groups: 1,
+            cudnn_fwd_algo: None,
+        }
+    }
+
     fn ramp(shape: (usize, usize, usize, usize), k: usize) -> Tensor {
         let n = shape.0 * shape.1 * shape.2 * shape.3;
         let v: Vec<f64> = (0..n).map(|i| ((i * k) % 17) as f64 / 8.0 - 1.0).collect();
@@ -757,14 +767,7 @@ mod tests {
             for (stride, padding, dilation) in
                 (1..=3).flat_map(|s| (0..=4).flat_map(move |p| (1..=2).map(move |d| (s, p, d))))
             {
-                let cfg = Conv2dConfig {
-                    padding,
-                    stride,
-                    dilation,
-                    groups: 1,
-                    cudnn_fwd_algo: None,
-                };
-                let Ok(g) = cpu_ops::Geom::new(&x, &w, &cfg) else {
+                let Ok(g) = cpu_ops::Geom::new(&x, &w, &config(padding, stride, dilation)) else {
                     continue; // a kernel wider than the padded input
                 };
                 for len in [1usize, 4, 9] {
@@ -792,13 +795,7 @@ mod tests {
             &[(3, 1, 1, 1), (3, 2, 2, 2), (1, 1, 0, 1), (5, 3, 1, 1)]
         {
             let (x0, w0) = (ramp((2, 3, 9, 8), 5), ramp((4, 3, k, k), 3));
-            let cfg = Conv2dConfig {
-                padding,
-                stride,
-                dilation,
-                groups: 1,
-                cudnn_fwd_algo: None,
-            };
+            let cfg = config(padding, stride, dilation);
             let (x, w) = (
                 Var::from_tensor(&x0).unwrap(),
                 Var::from_tensor(&w0).unwrap(),
