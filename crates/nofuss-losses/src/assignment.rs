@@ -117,7 +117,9 @@ impl Selection {
                 continue;
             }
             let d = &dist_rows[a * p..(a + 1) * p];
-            idx.sort_by(|&x, &y| d[x].total_cmp(&d[y]).then(x.cmp(&y)));
+            // The k smallest under a total order (distance, then index) are one set:
+            // partition around the k-th instead of sorting all of them.
+            idx.select_nth_unstable_by(k, |&x, &y| d[x].total_cmp(&d[y]).then(x.cmp(&y)));
             for &j in &idx[k..] {
                 row[j] = 0;
             }
@@ -343,6 +345,25 @@ mod tests {
         assert_eq!(rows(&s), vec![vec![2, 3], vec![2, 3]]);
         s.keep_hardest(&d, 5);
         assert_eq!(rows(&s), vec![vec![2, 3], vec![2, 3]]);
+    }
+
+    #[test]
+    fn hardest_negatives_match_a_full_sort_with_ties() {
+        // 3 anchors, 200 proxies, distances from 7 values (many ties at every boundary).
+        let (n, p) = (3usize, 200usize);
+        let d: Vec<f64> = (0..n * p).map(|i| ((i * 37 + 11) % 7) as f64).collect();
+        for k in [1, 2, 13, 50, 198, 199, 300] {
+            let mut s = Selection::fixed(&[4, 0, 199], p);
+            s.keep_hardest(&d, k);
+            for (a, &y) in [4usize, 0, 199].iter().enumerate() {
+                let row = &d[a * p..][..p];
+                let mut want: Vec<u32> = (0..p as u32).filter(|&j| j as usize != y).collect();
+                want.sort_by(|&x, &z| row[x as usize].total_cmp(&row[z as usize]).then(x.cmp(&z)));
+                want.truncate(k);
+                want.sort_unstable();
+                assert_eq!(rows(&s)[a], want, "k {k} anchor {a}");
+            }
+        }
     }
 
     #[test]
