@@ -186,6 +186,24 @@ impl Selection {
     }
 }
 
+/// `(N, P)` of `[N,D]` embeddings and `[P,D]` proxies, checked, with at least
+/// `min_proxies` proxies (`what` names the loss in the error).
+fn checked_sizes(
+    embeddings: &Tensor,
+    proxies: &Tensor,
+    min_proxies: usize,
+    what: &str,
+) -> Result<(usize, usize)> {
+    let (n, d) = embedding_dims(embeddings)?;
+    let p = proxy_count(proxies, d)?;
+    if p < min_proxies {
+        return Err(LossError::Config(format!(
+            "{what} needs at least {min_proxies} proxies, got {p}"
+        )));
+    }
+    Ok((n, p))
+}
+
 /// What a proxy loss needs before its formula: inputs checked, embeddings and proxies
 /// normalised and scaled, the squared distances, and the anchors' positive and negative
 /// proxies. `min_proxies` and `what` make the error for too few proxies. With static
@@ -200,13 +218,7 @@ pub(crate) fn proxy_distances(
     (scales, check, assignment): ((f64, f64), bool, Assignment),
     (min_proxies, what): (usize, &str),
 ) -> Result<(Tensor, Selection)> {
-    let (_, d) = embedding_dims(embeddings)?;
-    let p = proxy_count(proxies, d)?;
-    if p < min_proxies {
-        return Err(LossError::Config(format!(
-            "{what} needs at least {min_proxies} proxies, got {p}"
-        )));
-    }
+    checked_sizes(embeddings, proxies, min_proxies, what)?;
     let (x, pr) = prepare(embeddings, proxies, scales, check)?;
     if assignment == Assignment::Static {
         let dist = pairwise_squared_distances(&x, &pr)?;
@@ -236,13 +248,7 @@ pub(crate) fn static_inputs(
     (scales, check): ((f64, f64), bool),
     (min_proxies, what): (usize, &str),
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (n, d) = embedding_dims(embeddings)?;
-    let p = proxy_count(proxies, d)?;
-    if p < min_proxies {
-        return Err(LossError::Config(format!(
-            "{what} needs at least {min_proxies} proxies, got {p}"
-        )));
-    }
+    let (n, p) = checked_sizes(embeddings, proxies, min_proxies, what)?;
     if !matches!(labels.dtype(), DType::U8 | DType::U32 | DType::I64) {
         return Err(LossError::LabelDtype(labels.dtype()));
     }

@@ -44,7 +44,7 @@ use candle_core::{
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
-use crate::cpu::{from_f64s, slice, to_f64s, with_cpu_dtype};
+use crate::cpu::{from_f64s, host_f64s, slice, to_f64s, with_cpu_dtype};
 
 /// A batch-normalisation layer over channels (dimension 1) with PyTorch's parameter
 /// names (`weight`, `bias`, `running_mean`, `running_var`) and initial values.
@@ -348,13 +348,8 @@ struct ChannelStats {
 
 impl ChannelStats {
     fn host(&self) -> Result<(Vec<f64>, Vec<f64>)> {
-        Ok((host(&self.mean)?, host(&self.invstd)?))
+        Ok((host_f64s(&self.mean)?, host_f64s(&self.invstd)?))
     }
-}
-
-/// A small CPU tensor's values as f64.
-fn host(t: &Tensor) -> Result<Vec<f64>> {
-    t.to_dtype(DType::F64)?.to_vec1()
 }
 
 /// `x -> [3, C]`: per-channel mean, biased variance and 1/sqrt(variance + eps), in f32
@@ -625,8 +620,8 @@ impl CustomOp3 for GradInput {
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::from_dims(l1.dims())?;
         let (mean, invstd) = self.stats.host()?;
-        let gamma = host(&self.gamma)?;
-        let sums = host(&self.sums.flatten_all()?)?;
+        let gamma = host_f64s(&self.gamma)?;
+        let sums = host_f64s(&self.sums)?;
         let c = g.c;
         let inv_m = 1.0 / g.count() as f64;
         with_cpu_dtype!(s1.dtype(), T, {

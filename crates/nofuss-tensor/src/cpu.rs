@@ -12,13 +12,16 @@ pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&
     }
 }
 
+/// A small tensor's values as a flat f64 vector, on the host (statistics, per-row
+/// results and output gradients the CPU halves read).
+pub(crate) fn host_f64s(t: &candle_core::Tensor) -> Result<Vec<f64>> {
+    t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()
+}
+
 /// A tensor's values as a flat f64 vector (tests compare through it).
 #[cfg(test)]
 pub(crate) fn values(t: &candle_core::Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1())
-        .expect("a tensor readable as f64")
+    host_f64s(t).expect("a tensor readable as f64")
 }
 
 /// An f32 or f64 storage's values as f64 (parameters, statistics, distances).

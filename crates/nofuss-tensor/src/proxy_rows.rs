@@ -12,7 +12,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::cpu::{matmul, matmul_scaled, parallelism, slice, Mat, Real};
+use crate::cpu::{host_f64s, matmul, matmul_scaled, parallelism, slice, Mat, Real};
 
 /// The NCA objective of each row of a distance matrix `dist` (`[N, P]`, f32 or f64)
 /// against the column its label names (`labels`: `[N]`, u8, u32 or i64), in one pass:
@@ -327,35 +327,38 @@ impl RowLoss {
     /// Replaces a row of distances by `g ∂loss/∂d_j`, 0 where `d_j <= 0` (see
     /// [`NcaForm::grad_row`]); `aux` is what [`Self::row`] returned beside the loss.
     fn grad_row<T: Real>(&self, d: &mut [T], y: usize, aux: f64, g: f64) {
-        let Self::Triplet { margin } = self else {
-            if let Self::Nca(form) = self {
-                form.grad_row(d, y, aux, g, true);
-            }
-            return;
-        };
-        let p = d.len();
-        if y >= p || p < 2 {
-            d.fill(T::from_f64(f64::NAN));
-            return;
+        match *self {
+            Self::Nca(form) => form.grad_row(d, y, aux, g, true),
+            Self::Triplet { margin } => triplet_grad_row(d, y, margin, g),
         }
-        let zero = T::from_f64(0.0);
-        let (dy, top) = (d[y], d[y] + T::from_f64(*margin));
-        // Each active hinge: -g/(P-1) on its negative, +g/(P-1) on the positive.
-        let step = T::from_f64(g / (p - 1) as f64);
-        let (mut active, minus) = (0usize, zero - step);
-        for v in d.iter_mut() {
-            let on = top - *v > zero;
-            active += on as usize;
-            *v = if on && *v > zero { minus } else { zero };
-        }
-        // The loop counted the positive's own hinge, `margin` (or 0 when rounding ate it).
-        active -= (top - dy > zero) as usize;
-        d[y] = if dy > zero {
-            T::from_f64(g * active as f64 / (p - 1) as f64)
-        } else {
-            zero
-        };
     }
+}
+
+/// [`RowLoss::grad_row`] of the triplet objective: the row of a point with hinges over
+/// every proxy but its own, the margin `margin`, output gradient `g`.
+fn triplet_grad_row<T: Real>(d: &mut [T], y: usize, margin: f64, g: f64) {
+    let p = d.len();
+    if y >= p || p < 2 {
+        d.fill(T::from_f64(f64::NAN));
+        return;
+    }
+    let zero = T::from_f64(0.0);
+    let (dy, top) = (d[y], d[y] + T::from_f64(margin));
+    // Each active hinge: -g/(P-1) on its negative, +g/(P-1) on the positive.
+    let step = T::from_f64(g / (p - 1) as f64);
+    let (mut active, minus) = (0usize, zero - step);
+    for v in d.iter_mut() {
+        let on = top - *v > zero;
+        active += on as usize;
+        *v = if on && *v > zero { minus } else { zero };
+    }
+    // The loop counted the positive's own hinge, `margin` (or 0 when rounding ate it).
+    active -= (top - dy > zero) as usize;
+    d[y] = if dy > zero {
+        T::from_f64(g * active as f64 / (p - 1) as f64)
+    } else {
+        zero
+    };
 }
 
 /// Runs `$body` with `$T` bound to f32 or f64, the storage's dtype.
@@ -373,11 +376,6 @@ macro_rules! with_real {
             dt => candle_core::bail!("f32 or f64 values expected, got {dt:?}"),
         }
     };
-}
-
-/// A small tensor's values as f64, on the host.
-fn host_f64s(t: &Tensor) -> Result<Vec<f64>> {
-    t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()
 }
 
 /// `(dist, labels) -> [N, 2]`: loss and log-sum-exp per row.
