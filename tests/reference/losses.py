@@ -151,6 +151,8 @@ cases = [
     ("triplet", "semi-hard, euclidean, margin 0.5", dict(TRI, mining="semi-hard", squared=False, margin=0.5), (14, 6, 4, 0), "transcription"),
     ("nca", "scale 1 vs PML NCALoss", dict(scale=1.0, normalize=True), (12, 8, 4, 0), "pml"),
     ("nca", "scale 4 vs PML NCALoss", dict(scale=4.0, normalize=True), (12, 8, 3, 0), "pml"),
+    ("proxy-triplet", "static 3 hardest of 40 proxies, margin 0.3", dict(PT, hardest_negatives=3, margin=0.3), (10, 8, 40, 40), "transcription"),
+    ("proxy-triplet", "dynamic 2 hardest, 12 proxies for 6 classes", dict(PT, assignment="dynamic", hardest_negatives=2, margin=0.3), (16, 8, 6, 12), "transcription"),
 ]
 
 out = {"torch": torch.__version__, "pytorch_metric_learning": pytorch_metric_learning.__version__, "cases": []}

@@ -70,6 +70,10 @@ enum Task {
         /// kmeans: Lloyd iterations at most.
         #[arg(long, default_value_t = 20)]
         iters: usize,
+        /// losses: only this loss (proxy-nca, proxy-triplet, proxy-triplet-hard10;
+        /// repeat for several; default all).
+        #[arg(long)]
+        loss: Vec<String>,
     },
     /// Download pretrained weights and verify them.
     FetchWeights {
@@ -95,7 +99,8 @@ enum Bench {
     TrainStep,
     /// Exact kNN (K = 1,000) + Recall@K at SOP scale against faiss IndexFlatL2.
     Knn,
-    /// Proxy-NCA and Proxy-Triplet forward + backward against PyTorch, CPU.
+    /// Proxy-NCA and Proxy-Triplet (all and 10 hardest negatives) forward + backward
+    /// against PyTorch, CPU.
     Losses,
     /// k-means (k = 11,316) + NMI at SOP scale against faiss and scikit-learn.
     Kmeans,
@@ -232,21 +237,27 @@ fn json_lines(cmd: &mut Command) -> Result<Vec<serde_json::Value>> {
         .collect())
 }
 
-fn bench_losses(repeats: usize, python: &str) -> Result<()> {
+fn bench_losses(repeats: usize, python: &str, losses: &[String]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let r = repeats.max(1).to_string();
-    let ours = json_lines(Command::new(&cargo).args([
-        "bench",
-        "-q",
-        "-p",
-        "nofuss-losses",
-        "--bench",
-        "losses",
-        "--",
-        &r,
-    ]))?;
+    let ours = json_lines(
+        Command::new(&cargo)
+            .args([
+                "bench",
+                "-q",
+                "-p",
+                "nofuss-losses",
+                "--bench",
+                "losses",
+                "--",
+                &r,
+            ])
+            .args(losses),
+    )?;
     let theirs = json_lines(
-        Command::new(python).args(["crates/nofuss-losses/benches/torch_losses.py", &r]),
+        Command::new(python)
+            .args(["crates/nofuss-losses/benches/torch_losses.py", &r])
+            .args(losses),
     )?;
     let key = |v: &serde_json::Value| format!("{} {} {} {}", v["loss"], v["n"], v["d"], v["p"]);
     println!(
@@ -523,8 +534,9 @@ fn run(cli: Cli) -> Result<()> {
             which: Bench::Losses,
             repeats,
             python,
+            loss,
             ..
-        } => bench_losses(repeats, &python)?,
+        } => bench_losses(repeats, &python, &loss)?,
         Task::Bench {
             which: Bench::Kmeans,
             repeats,

@@ -1,10 +1,11 @@
-//! Forward + backward time of Proxy-NCA (paper form, static proxies) and Proxy-Triplet,
-//! for side-by-side comparison with `benches/torch_losses.py` (same shapes, same
-//! formulas, CPU).
+//! Forward + backward time of Proxy-NCA (paper form, static proxies) and Proxy-Triplet
+//! (all negatives, and the 10 hardest: `proxy-triplet-hard10`), for side-by-side
+//! comparison with `benches/torch_losses.py` (same shapes, same formulas, CPU).
 //!
-//! `cargo bench -p nofuss-losses --bench losses -- [REPEATS]` prints one JSON line per
-//! case: loss, N, D, P and the median milliseconds over REPEATS timed runs (after 2
-//! warm-up runs). `cargo xtask bench losses` runs both and prints a table.
+//! `cargo bench -p nofuss-losses --bench losses -- [REPEATS] [LOSS...]` prints one JSON
+//! line per case: loss, N, D, P and the median milliseconds over REPEATS timed runs
+//! (after 2 warm-up runs); LOSS names limit the losses. `cargo xtask bench losses` runs
+//! both and prints a table.
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc; // as in the `nofuss` binary
@@ -14,6 +15,9 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use nofuss_losses::{proxy_nca, proxy_triplet, ProxyNcaConfig, ProxyTripletConfig};
 
+/// The losses timed, as the PyTorch script names them.
+const LOSSES: [&str; 3] = ["proxy-nca", "proxy-triplet", "proxy-triplet-hard10"];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // As in the `nofuss` binary (`nofuss::allocator`): keep freed memory for 10 s instead
     // of mimalloc 3's 1 s (option 15, mi_option_purge_delay), so repeated runs reuse
@@ -22,12 +26,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // SAFETY: stores an integer in mimalloc's option table.
         unsafe { libmimalloc_sys::mi_option_set(15, 10_000) };
     }
-    let repeats: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(20);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let repeats: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(20);
+    let only: Vec<&String> = args
+        .iter()
+        .filter(|a| LOSSES.contains(&a.as_str()))
+        .collect();
     let dev = Device::Cpu;
-    for loss in ["proxy-nca", "proxy-triplet"] {
+    for loss in LOSSES {
+        if !only.is_empty() && !only.iter().any(|o| *o == loss) {
+            continue;
+        }
         for &n in &[32usize, 256] {
             for &d in &[64usize, 512] {
                 for &p in &[100usize, 11318] {
@@ -49,7 +58,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                                 x.as_tensor(),
                                 &y,
                                 pr.as_tensor(),
-                                &ProxyTripletConfig::default(),
+                                &ProxyTripletConfig {
+                                    hardest_negatives: (loss == "proxy-triplet-hard10")
+                                        .then_some(10),
+                                    ..Default::default()
+                                },
                             )?,
                         };
                         let g = l.backward()?;

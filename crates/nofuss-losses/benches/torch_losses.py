@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """PyTorch reference for benches/losses.rs: Proxy-NCA (paper form: positive excluded from the
 denominator, embeddings and proxies L2-normalised and scaled by 3) and Proxy-Triplet (margin
-0.1, all negative proxies, per-anchor mean then batch mean), forward + backward on CPU, for N in
+0.1, all negative proxies, per-anchor mean then batch mean; `proxy-triplet-hard10`: the 10
+nearest negative proxies of each anchor, by `topk`), forward + backward on CPU, for N in
 {32, 256}, D in {64, 512}, P in {100, 11318}. Median of REPEATS runs after 2 warm-up runs; one
-JSON line per case.
+JSON line per case. LOSS names limit the losses.
 
-    python3 benches/torch_losses.py [REPEATS]   (threads: torch default, or NOFUSS_THREADS)
+    python3 benches/torch_losses.py [REPEATS] [LOSS...]   (threads: torch default, or NOFUSS_THREADS)
 """
 import json
 import os
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+only = sys.argv[2:]
 if os.environ.get("NOFUSS_THREADS"):
     torch.set_num_threads(int(os.environ["NOFUSS_THREADS"]))
 torch.manual_seed(0)
@@ -40,7 +42,17 @@ def proxy_triplet(x, y, p):
     return (hinge.sum(1) / neg.sum(1)).mean()
 
 
-for name, fn in [("proxy-nca", proxy_nca), ("proxy-triplet", proxy_triplet)]:
+def proxy_triplet_hard10(x, y, p):
+    d = sqdist(F.normalize(x, dim=1), F.normalize(p, dim=1))
+    pos = d.gather(1, y[:, None])
+    hard = d.masked_fill(F.one_hot(y, p.shape[0]).bool(), float("inf")).topk(10, dim=1, largest=False).values
+    return torch.relu(pos + 0.1 - hard).mean(1).mean()
+
+
+for name, fn in [("proxy-nca", proxy_nca), ("proxy-triplet", proxy_triplet),
+                 ("proxy-triplet-hard10", proxy_triplet_hard10)]:
+    if only and name not in only:
+        continue
     for n in (32, 256):
         for d in (64, 512):
             for p in (100, 11318):

@@ -93,35 +93,41 @@ impl Selection {
         sel
     }
 
-    /// Builds the selection of a batch: checks labels, assigns dynamically from the
-    /// detached distances `dist` `[N,P]` when asked.
-    pub(crate) fn of_batch(assignment: Assignment, labels: &Tensor, dist: &Tensor) -> Result<Self> {
-        let (n, p) = dist.dims2()?;
-        match assignment {
-            Assignment::Static => Ok(Self::fixed(&host_labels(labels, n, p)?, p)),
-            Assignment::Dynamic => {
-                let classes = host_classes(labels, n)?;
-                let assigned = nearest(dist)?;
-                Ok(Self::dynamic(&classes, &assigned, p))
-            }
-        }
-    }
-
     /// Keeps only the `k` negatives of each anchor with the smallest distance in
-    /// `dist_rows` (`[anchors, P]`, row-major, host values): the hardest ones.
+    /// `dist_rows` (`[anchors, P]`, row-major, host values): the hardest ones. Ties go to
+    /// the lower proxy index (the order is distance by `f64::total_cmp`, then index).
     pub fn keep_hardest(&mut self, dist_rows: &[f64], k: usize) {
         let p = self.num_proxies;
-        for (a, row) in self.negatives.chunks_mut(p).enumerate() {
-            let mut idx: Vec<usize> = (0..p).filter(|&j| row[j] == 1).collect();
-            if idx.len() <= k {
-                continue;
-            }
+        let mut best = std::collections::BinaryHeap::with_capacity(k + 1);
+        for (a, row) in self.negatives.chunks_mut(p.max(1)).enumerate() {
             let d = &dist_rows[a * p..(a + 1) * p];
-            // The k smallest under a total order (distance, then index) are one set:
-            // partition around the k-th instead of sorting all of them.
-            idx.select_nth_unstable_by(k, |&x, &y| d[x].total_cmp(&d[y]).then(x.cmp(&y)));
-            for &j in &idx[k..] {
-                row[j] = 0;
+            // One pass with the k best so far in a max-heap: a candidate that is not
+            // better than the worst of them costs one comparison (on SOP's 11,318
+            // proxies almost all of them), instead of partitioning the whole row.
+            best.clear();
+            let mut count = 0usize;
+            let mut worst = Hardness(f64::NAN, usize::MAX); // the heap's top once full
+            for (j, _) in row.iter().enumerate().filter(|(_, &m)| m == 1) {
+                count += 1;
+                let c = Hardness(d[j], j);
+                if best.len() < k {
+                    best.push(c);
+                } else if c < worst {
+                    if let Some(mut top) = best.peek_mut() {
+                        *top = c;
+                    }
+                } else {
+                    continue;
+                }
+                if best.len() == k {
+                    worst = best.peek().copied().unwrap_or(worst);
+                }
+            }
+            if count > k {
+                row.fill(0);
+                for h in best.iter() {
+                    row[h.1] = 1;
+                }
             }
         }
     }
@@ -186,6 +192,31 @@ impl Selection {
     }
 }
 
+/// A negative's distance and proxy index, ordered by distance (`f64::total_cmp`), then
+/// index: the order in which [`Selection::keep_hardest`] ranks negatives.
+#[derive(Debug, Clone, Copy)]
+struct Hardness(f64, usize);
+
+impl Ord for Hardness {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0).then(self.1.cmp(&other.1))
+    }
+}
+
+impl PartialOrd for Hardness {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Hardness {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Hardness {}
+
 /// `(N, P)` of `[N,D]` embeddings and `[P,D]` proxies, checked, with at least
 /// `min_proxies` proxies (`what` names the loss in the error).
 fn checked_sizes(
@@ -206,33 +237,68 @@ fn checked_sizes(
 
 /// What a proxy loss needs before its formula: inputs checked, embeddings and proxies
 /// normalised and scaled, the squared distances, and the anchors' positive and negative
-/// proxies. `min_proxies` and `what` make the error for too few proxies. With static
-/// assignment the distances are `[N,P]`; with dynamic assignment the nearest proxies come
-/// from distances computed without gradient, and the returned distances and selection
-/// cover only the proxies the batch uses ([`Selection::compact`]: at most `N` of them,
-/// where SOP has 11,318), so the loss's passes and masks are `[N, N]` at most.
+/// proxies. `min_proxies` and `what` make the error for too few proxies.
+///
+/// With static assignment and all negatives the distances are `[N,P]`. With dynamic
+/// assignment or the `hardest` `k` negatives, the nearest or hardest proxies come from
+/// distances computed without gradient, and the returned distances and selection cover
+/// only the proxies the anchors use ([`Selection::compact`]: at most `N` for dynamic
+/// assignment, `N (k + 1)` for the hardest negatives, where SOP has 11,318), so the loss's
+/// passes, masks and backward pass are that narrow.
 pub(crate) fn proxy_distances(
     embeddings: &Tensor,
     labels: &Tensor,
     proxies: &Tensor,
-    (scales, check, assignment): ((f64, f64), bool, Assignment),
+    (scales, check, assignment, hardest): ((f64, f64), bool, Assignment, Option<usize>),
     (min_proxies, what): (usize, &str),
 ) -> Result<(Tensor, Selection)> {
-    checked_sizes(embeddings, proxies, min_proxies, what)?;
+    let (n, p) = checked_sizes(embeddings, proxies, min_proxies, what)?;
     let (x, pr) = prepare(embeddings, proxies, scales, check)?;
-    if assignment == Assignment::Static {
-        let dist = pairwise_squared_distances(&x, &pr)?;
-        let sel = Selection::of_batch(assignment, labels, &dist)?;
-        sel.require_anchors()?;
-        return Ok((dist, sel));
+    if assignment == Assignment::Static && hardest.is_none() {
+        let sel = Selection::fixed(&host_labels(labels, n, p)?, p);
+        return Ok((pairwise_squared_distances(&x, &pr)?, sel));
     }
     let all = pairwise_squared_distances(&x.detach(), &pr.detach())?;
-    let sel = Selection::of_batch(assignment, labels, &all)?;
-    sel.require_anchors()?;
+    let sel = select_on_host(all, labels, (n, p), assignment, hardest)?;
     let (used, sel) = sel.compact();
     let used = Tensor::from_vec(used, sel.num_proxies, pr.device())?;
     let dist = pairwise_squared_distances(&x, &pr.index_select(&used, 0)?)?;
     Ok((dist, sel))
+}
+
+/// The selection of a batch from its distances `all` `[N,P]` (without gradient), read
+/// to the host once and dropped before the loss's own distances are computed: nearest
+/// proxies for dynamic assignment, then the `hardest` negatives of each anchor.
+fn select_on_host(
+    all: Tensor,
+    labels: &Tensor,
+    (n, p): (usize, usize),
+    assignment: Assignment,
+    hardest: Option<usize>,
+) -> Result<Selection> {
+    let host: Vec<f64> = all.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    drop(all);
+    let mut sel = match assignment {
+        Assignment::Static => Selection::fixed(&host_labels(labels, n, p)?, p),
+        Assignment::Dynamic => {
+            Selection::dynamic(&host_classes(labels, n)?, &nearest_rows(&host, p), p)
+        }
+    };
+    sel.require_anchors()?;
+    if let Some(k) = hardest {
+        if sel.anchors.len() == n {
+            sel.keep_hardest(&host, k);
+        } else {
+            let rows: Vec<f64> = sel
+                .anchors
+                .iter()
+                .flat_map(|&a| &host[a as usize * p..][..p])
+                .copied()
+                .collect();
+            sel.keep_hardest(&rows, k);
+        }
+    }
+    Ok(sel)
 }
 
 /// The inputs of a static-assignment loss computed per row from the points
@@ -267,8 +333,18 @@ pub(crate) fn static_inputs(
 
 /// Index of the nearest proxy of each row of `dist` `[N,P]` (ties to the lower index).
 pub fn nearest(dist: &Tensor) -> Result<Vec<u32>> {
-    let d: Vec<Vec<f64>> = dist.detach().to_dtype(DType::F64)?.to_vec2()?;
-    Ok(d.iter()
+    let (_, p) = dist.dims2()?;
+    let host: Vec<f64> = dist
+        .detach()
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1()?;
+    Ok(nearest_rows(&host, p))
+}
+
+/// [`nearest`] over host rows of `p` values (row-major).
+fn nearest_rows(dist: &[f64], p: usize) -> Vec<u32> {
+    dist.chunks(p.max(1))
         .map(|row| {
             let mut best = 0usize;
             for (j, &v) in row.iter().enumerate() {
@@ -278,7 +354,7 @@ pub fn nearest(dist: &Tensor) -> Result<Vec<u32>> {
             }
             best as u32
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]

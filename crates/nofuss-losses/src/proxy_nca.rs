@@ -174,6 +174,7 @@ pub fn proxy_nca(
             (cfg.embedding_scale, cfg.proxy_scale),
             cfg.check_finite,
             cfg.assignment,
+            None,
         ),
         (min, "Proxy-NCA in the paper form"),
     )?;

@@ -1,7 +1,7 @@
 //! Proxy-Triplet (paper section 4): triplets of an anchor, its positive proxy and a
 //! negative proxy.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::assignment::{proxy_distances, static_inputs, Assignment};
@@ -88,25 +88,23 @@ pub fn proxy_triplet(
         let rows = nofuss_tensor::ops::triplet_rows_from_points(&x, &pr, &labels, cfg.margin)?;
         return Ok(rows.mean(0)?);
     }
-    let (dist, mut sel) = proxy_distances(
+    // Dynamic assignment or the k hardest: distances to the proxies the anchors use.
+    let (dist, sel) = proxy_distances(
         embeddings,
         labels,
         proxies,
-        (scales, cfg.check_finite, cfg.assignment),
+        (
+            scales,
+            cfg.check_finite,
+            cfg.assignment,
+            cfg.hardest_negatives,
+        ),
         (2, what),
     )?;
     let p = sel.num_proxies;
     let device = dist.device();
     let a = sel.anchors.len();
     let dist = sel.anchor_rows(&dist)?; // [A,P]
-    if let Some(k) = cfg.hardest_negatives {
-        let host: Vec<f64> = dist
-            .detach()
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1()?;
-        sel.keep_hardest(&host, k);
-    }
     let pos_idx = Tensor::from_slice(&sel.positive, (a, 1), device)?;
     let d_pos = dist.gather(&pos_idx, 1)?; // [A,1]
     let neg = Tensor::from_slice(&sel.negatives, (a, p), device)?.to_dtype(dist.dtype())?;
@@ -144,5 +142,108 @@ impl ProxyTriplet {
     /// The loss of a batch, see [`proxy_triplet`].
     pub fn loss(&self, embeddings: &Tensor, labels: &Tensor) -> Result<Tensor> {
         proxy_triplet(embeddings, labels, &self.proxies, &self.cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::assignment::Selection;
+    use crate::common::prepare;
+    use candle_core::{DType, Device, Var};
+
+    /// The loss over all `P` proxies with the anchors' full rows: the selection (nearest
+    /// proxies, then the `k` hardest of each anchor's row) and the hinge, masked.
+    fn over_all_proxies(
+        x: &Tensor,
+        labels: &[i64],
+        p: &Tensor,
+        cfg: &ProxyTripletConfig,
+    ) -> Tensor {
+        let (xs, ps) = prepare(x, p, (cfg.embedding_scale, cfg.proxy_scale), false).unwrap();
+        let dist = crate::pairwise_squared_distances(&xs, &ps).unwrap();
+        let np = ps.dim(0).unwrap();
+        let mut sel = match cfg.assignment {
+            Assignment::Static => Selection::fixed(labels, np),
+            Assignment::Dynamic => Selection::dynamic(labels, &crate::nearest(&dist).unwrap(), np),
+        };
+        let idx = Tensor::from_slice(&sel.anchors, sel.anchors.len(), x.device()).unwrap();
+        let rows = dist.index_select(&idx, 0).unwrap();
+        if let Some(k) = cfg.hardest_negatives {
+            let host = rows.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            sel.keep_hardest(&host, k);
+        }
+        let a = sel.anchors.len();
+        let pos = Tensor::from_slice(&sel.positive, (a, 1), x.device()).unwrap();
+        let neg = Tensor::from_slice(&sel.negatives, (a, np), x.device()).unwrap();
+        let neg = neg.to_dtype(DType::F64).unwrap();
+        let d_pos = rows.gather(&pos, 1).unwrap();
+        let hinge = (d_pos + cfg.margin).unwrap().broadcast_sub(&rows).unwrap();
+        let per = (hinge.relu().unwrap() * &neg).unwrap().sum(1).unwrap();
+        (per / neg.sum(1).unwrap()).unwrap().mean_all().unwrap()
+    }
+
+    #[test]
+    fn hardest_negatives_over_the_used_proxies_equal_the_loss_over_all() {
+        let dev = Device::Cpu;
+        // Six proxies on the unit circle, 60 degrees apart, plus three off the plane.
+        let mut pv: Vec<f64> = (0..6)
+            .flat_map(|i| {
+                let t = (i as f64).to_radians() * 60.0;
+                [t.cos(), t.sin(), 0.0]
+            })
+            .collect();
+        pv.extend([0.1, 0.2, 1.0, -0.3, 0.1, 1.0, 0.2, -0.2, -1.0]);
+        // Dynamic: class 0 on proxies 0, 4, 2, 1 and class 1 (one example) on proxy 0,
+        // so anchors 1-3 have no negative (left out) and anchor 4 has three (k = 2 keeps
+        // 1 and 2; anchor 1's row would keep 4 and 2). Static: labels are proxies, 9 of
+        // them, 4 in use.
+        let at = |deg: f64, z: f64| {
+            let t = deg.to_radians();
+            [t.cos(), t.sin(), z]
+        };
+        let xv: Vec<f64> = [
+            at(0.0, 0.1),
+            at(239.0, 0.0),
+            at(121.0, 0.2),
+            at(58.0, -0.1),
+            at(3.0, 0.0),
+        ]
+        .concat();
+        for (assignment, labels) in [
+            (Assignment::Dynamic, [0i64, 0, 0, 0, 1]),
+            (Assignment::Static, [0, 8, 2, 0, 6]),
+        ] {
+            for k in [1, 2] {
+                let cfg = ProxyTripletConfig {
+                    margin: 6.0, // most hinges active (distances are in [0, 9])
+                    embedding_scale: 1.5,
+                    proxy_scale: 1.5,
+                    hardest_negatives: Some(k),
+                    assignment,
+                    ..Default::default()
+                };
+                let run = |fast: bool| {
+                    let x = Var::from_vec(xv.clone(), (5, 3), &dev).unwrap();
+                    let p = Var::from_vec(pv.clone(), (9, 3), &dev).unwrap();
+                    let y = Tensor::new(&labels, &dev).unwrap();
+                    let loss = if fast {
+                        proxy_triplet(x.as_tensor(), &y, p.as_tensor(), &cfg).unwrap()
+                    } else {
+                        over_all_proxies(x.as_tensor(), &labels, p.as_tensor(), &cfg)
+                    };
+                    let g = loss.backward().unwrap();
+                    let flat = |v: &Var| g.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+                    let grads = [flat(&x), flat(&p)].map(|t| t.to_vec1::<f64>().unwrap());
+                    (loss.to_scalar::<f64>().unwrap(), grads)
+                };
+                let ((l1, g1), (l2, g2)) = (run(false), run(true));
+                let what = format!("{assignment:?} k {k}");
+                assert!(l1 > 0.0 && (l1 - l2).abs() < 1e-12, "{what}: {l1} vs {l2}");
+                for (a, b) in g1.iter().flatten().zip(g2.iter().flatten()) {
+                    assert!((a - b).abs() < 1e-12, "{what}: gradient {a} vs {b}");
+                }
+            }
+        }
     }
 }
