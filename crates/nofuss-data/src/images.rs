@@ -106,7 +106,7 @@ impl ImageBank {
 
     /// Builds a bank from raw planar pixels (`[N, C, H, W]`).
     pub fn from_pixels(spec: ImageSpec, pixels: Vec<u8>) -> Result<Self> {
-        if spec.is_empty() || pixels.len() % spec.len() != 0 {
+        if spec.is_empty() || !pixels.len().is_multiple_of(spec.len()) {
             return Err(DataError::Config(format!(
                 "{} bytes are not whole images of {spec:?}",
                 pixels.len()

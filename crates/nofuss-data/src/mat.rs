@@ -735,7 +735,7 @@ mod tests {
         let mut b = ty.to_le_bytes().to_vec();
         b.extend_from_slice(&(data.len() as u32).to_le_bytes());
         b.extend_from_slice(data);
-        while b.len() % 8 != 0 {
+        while !b.len().is_multiple_of(8) {
             b.push(0);
         }
         b
@@ -788,7 +788,7 @@ mod tests {
             let mut b = ty.to_be_bytes().to_vec();
             b.extend_from_slice(&(data.len() as u32).to_be_bytes());
             b.extend_from_slice(data);
-            while b.len() % 8 != 0 {
+            while !b.len().is_multiple_of(8) {
                 b.push(0);
             }
             b

@@ -172,7 +172,7 @@ impl Loader {
             ));
         }
         if let Sampler::MPerClass { m } = cfg.sampler {
-            if m == 0 || cfg.batch_size % m != 0 {
+            if m == 0 || !cfg.batch_size.is_multiple_of(m) {
                 return Err(DataError::Config(format!(
                     "batch size {} is not a multiple of {m} images per class",
                     cfg.batch_size

@@ -167,7 +167,7 @@ pub(crate) fn check_embeddings(
     if dim == 0 {
         return Err(EvalError::Shape("embedding dimension is 0".into()));
     }
-    if embeddings.len() % dim != 0 {
+    if !embeddings.len().is_multiple_of(dim) {
         return Err(EvalError::Shape(format!(
             "{} values do not form rows of dimension {dim}",
             embeddings.len()

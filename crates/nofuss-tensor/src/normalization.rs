@@ -113,7 +113,7 @@ impl Normalization {
     /// not a multiple of the channel count.
     pub fn apply_chw(&self, src: &[u8], out: &mut [f32]) {
         let c = self.channels();
-        assert!(c > 0 && src.len() == out.len() && src.len() % c == 0);
+        assert!(c > 0 && src.len() == out.len() && src.len().is_multiple_of(c));
         let plane = src.len() / c;
         for ch in 0..c {
             let src_ch = match self.order {
