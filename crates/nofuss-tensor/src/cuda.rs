@@ -55,6 +55,30 @@ pub(crate) fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<C
     }
 }
 
+/// A fresh `len`-element buffer on `dev` written by `fill` (a kernel launch that writes
+/// every element), as a candle storage: the "allocate, launch, wrap" of every launcher.
+fn filled<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    len: usize,
+    fill: impl FnOnce(&mut CudaViewMut<T>) -> Result<()>,
+) -> Result<CudaStorage> {
+    let (out, ()) = fresh(dev, len, fill)?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// [`filled`]'s buffer as a plain slice (scratch space, index outputs), with what `fill`
+/// returns (a second output filled by the same launch).
+fn fresh<T: DeviceRepr, R>(
+    dev: &CudaDevice,
+    len: usize,
+    fill: impl FnOnce(&mut CudaViewMut<T>) -> Result<R>,
+) -> Result<(CudaSlice<T>, R)> {
+    // SAFETY: `fill` writes every element before anything reads the buffer.
+    let mut out = unsafe { dev.alloc::<T>(len)? };
+    let r = fill(&mut out.as_view_mut())?;
+    Ok((out, r))
+}
+
 /// An element type the kernels are instantiated for, with its kernel-name suffix
 /// (`max_pool_fwd_f32`, ...).
 pub(crate) trait KernelDType: DeviceRepr {
@@ -308,17 +332,12 @@ pub(crate) fn max_pool_fwd(
     let dev = s.device();
     with_cuda_dtype!(s.dtype(), T, A, {
         let x = view::<T>(s, l)?;
-        // SAFETY: every element is written by the kernel.
-        let mut y = unsafe { dev.alloc::<T>(out_len)? };
-        let mut idx = unsafe { dev.alloc::<u32>(out_len)? };
-        launch::max_pool_fwd::<T>(
-            dev,
-            grid_1d(out_len),
-            &x,
-            &mut y.as_view_mut(),
-            &mut idx.as_view_mut(),
-            &g,
-        )?;
+        let cfg = grid_1d(out_len);
+        let (y, (idx, ())) = fresh::<T, _>(dev, out_len, |y| {
+            fresh::<u32, _>(dev, out_len, |idx| {
+                launch::max_pool_fwd::<T>(dev, cfg, &x, y, idx, &g)
+            })
+        })?;
         let y = CudaStorage::wrap_cuda_slice(y, dev.clone());
         Ok((y, keep_argmax.then_some(idx)))
     })
@@ -335,17 +354,9 @@ pub(crate) fn max_pool_bwd(
     let in_len = g.planes as usize * g.h as usize * g.w as usize;
     with_cuda_dtype!(dy.dtype(), T, A, {
         let grad = view::<T>(dy, dy_l)?;
-        // SAFETY: every element is written by the kernel.
-        let mut dx = unsafe { dev.alloc::<T>(in_len)? };
-        launch::max_pool_bwd::<T>(
-            dev,
-            grid_1d(in_len),
-            &idx.as_view(),
-            &grad,
-            &mut dx.as_view_mut(),
-            &g,
-        )?;
-        Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+        filled::<T>(dev, in_len, |dx| {
+            launch::max_pool_bwd::<T>(dev, grid_1d(in_len), &idx.as_view(), &grad, dx, &g)
+        })
     })
 }
 
@@ -361,11 +372,9 @@ pub(crate) fn avg_pool_fwd(
     let inc = include_pad as i32;
     with_cuda_dtype!(s.dtype(), T, A, {
         let x = view::<T>(s, l)?;
-        // SAFETY: every element is written by the kernel.
-        let mut y = unsafe { dev.alloc::<T>(out_len)? };
-        let cfg = grid_1d(out_len);
-        launch::avg_pool_fwd::<T>(dev, cfg, &x, &mut y.as_view_mut(), &g, &inc)?;
-        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        filled::<T>(dev, out_len, |y| {
+            launch::avg_pool_fwd::<T>(dev, grid_1d(out_len), &x, y, &g, &inc)
+        })
     })
 }
 
@@ -381,11 +390,9 @@ pub(crate) fn avg_pool_bwd(
     let inc = include_pad as i32;
     with_cuda_dtype!(dy.dtype(), T, A, {
         let grad = view::<T>(dy, dy_l)?;
-        // SAFETY: every element is written by the kernel.
-        let mut dx = unsafe { dev.alloc::<T>(in_len)? };
-        let cfg = grid_1d(in_len);
-        launch::avg_pool_bwd::<T>(dev, cfg, &grad, &mut dx.as_view_mut(), &g, &inc)?;
-        Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+        filled::<T>(dev, in_len, |dx| {
+            launch::avg_pool_bwd::<T>(dev, grid_1d(in_len), &grad, dx, &g, &inc)
+        })
     })
 }
 
@@ -452,14 +459,12 @@ pub(crate) fn bn_stats(s: &CudaStorage, l: &Layout, g: BnGeom, eps: f64) -> Resu
     let dev = s.device();
     with_cuda_dtype!(s.dtype(), T, A, {
         let x = view::<T>(s, l)?;
-        // SAFETY: every element is written by the kernels.
-        let mut partial = unsafe { dev.alloc::<A>((3 * g.c * g.slices) as usize)? };
-        let mut out = unsafe { dev.alloc::<A>((3 * g.c) as usize)? };
-        let cfg = g.reduce_grid();
-        launch::bn_stats_partial::<T, A>(dev, cfg, &x, &mut partial.as_view_mut(), &g)?;
-        let (p, cfg) = (partial.as_view(), g.channel_grid());
-        launch::bn_stats_final::<A>(dev, cfg, &p, &mut out.as_view_mut(), &g, &eps)?;
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        let (partial, ()) = fresh::<A, _>(dev, (3 * g.c * g.slices) as usize, |p| {
+            launch::bn_stats_partial::<T, A>(dev, g.reduce_grid(), &x, p, &g)
+        })?;
+        filled::<A>(dev, (3 * g.c) as usize, |out| {
+            launch::bn_stats_final::<A>(dev, g.channel_grid(), &partial.as_view(), out, &g, &eps)
+        })
     })
 }
 
@@ -480,21 +485,10 @@ pub(crate) fn bn_apply(
         let x = view::<T>(xs, xl)?;
         let (gamma, beta) = (view::<A>(gs, gl)?, view::<A>(bs, bl)?);
         let (mv, iv) = (view::<A>(cuda_of(&mg)?, ml)?, view::<A>(cuda_of(&ig)?, il)?);
-        // SAFETY: every element is written by the kernel.
-        let mut y = unsafe { dev.alloc::<T>(g.total())? };
-        launch::bn_apply::<T, A>(
-            dev,
-            grid_1d(g.total()),
-            &x,
-            &gamma,
-            &beta,
-            &mv,
-            &iv,
-            &mut y.as_view_mut(),
-            &g,
-            &relu,
-        )?;
-        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        filled::<T>(dev, g.total(), |y| {
+            let cfg = grid_1d(g.total());
+            launch::bn_apply::<T, A>(dev, cfg, &x, &gamma, &beta, &mv, &iv, y, &g, &relu)
+        })
     })
 }
 
@@ -512,24 +506,13 @@ pub(crate) fn bn_grad_sums(
     with_cuda_dtype!(xs.dtype(), T, A, {
         let (x, dy, y) = (view::<T>(xs, xl)?, view::<T>(ds, dl)?, view::<T>(ys, yl)?);
         let (mv, iv) = (view::<A>(cuda_of(&mg)?, ml)?, view::<A>(cuda_of(&ig)?, il)?);
-        // SAFETY: every element is written by the kernels.
-        let mut partial = unsafe { dev.alloc::<A>((2 * g.c * g.slices) as usize)? };
-        let mut out = unsafe { dev.alloc::<A>((2 * g.c) as usize)? };
-        launch::bn_bwd_partial::<T, A>(
-            dev,
-            g.reduce_grid(),
-            &x,
-            &dy,
-            &y,
-            &mv,
-            &iv,
-            &mut partial.as_view_mut(),
-            &g,
-            &relu,
-        )?;
-        let (p, cfg) = (partial.as_view(), g.channel_grid());
-        launch::bn_bwd_final::<A>(dev, cfg, &p, &mut out.as_view_mut(), &g)?;
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        let (partial, ()) = fresh::<A, _>(dev, (2 * g.c * g.slices) as usize, |p| {
+            let cfg = g.reduce_grid();
+            launch::bn_bwd_partial::<T, A>(dev, cfg, &x, &dy, &y, &mv, &iv, p, &g, &relu)
+        })?;
+        filled::<A>(dev, (2 * g.c) as usize, |out| {
+            launch::bn_bwd_final::<A>(dev, g.channel_grid(), &partial.as_view(), out, &g)
+        })
     })
 }
 
@@ -552,24 +535,23 @@ pub(crate) fn bn_grad_input(
         let gv = view::<A>(cuda_of(&gg)?, gl)?;
         let (mv, iv) = (view::<A>(cuda_of(&mg)?, ml)?, view::<A>(cuda_of(&ig)?, il)?);
         let sv = view::<A>(cuda_of(&sg)?, sl)?;
-        // SAFETY: every element is written by the kernel.
-        let mut dx = unsafe { dev.alloc::<T>(g.total())? };
-        launch::bn_bwd_data::<T, A>(
-            dev,
-            grid_1d(g.total()),
-            &x,
-            &dy,
-            &y,
-            &gv,
-            &mv,
-            &iv,
-            &sv,
-            &mut dx.as_view_mut(),
-            &g,
-            &relu,
-            &batch_stats,
-        )?;
-        Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+        filled::<T>(dev, g.total(), |dx| {
+            launch::bn_bwd_data::<T, A>(
+                dev,
+                grid_1d(g.total()),
+                &x,
+                &dy,
+                &y,
+                &gv,
+                &mv,
+                &iv,
+                &sv,
+                dx,
+                &g,
+                &relu,
+                &batch_stats,
+            )
+        })
     })
 }
 
@@ -834,12 +816,10 @@ pub(crate) fn nca_fwd(
     with_cuda_dtype!(ds.dtype(), T, A, {
         let d = view::<T>(ds, dl)?;
         let labels = view::<u32>(ls, ll)?;
-        // SAFETY: every element is written by the kernel.
-        let mut out = unsafe { dev.alloc::<T>(2 * n)? };
         let cfg = rows_grid(n, THREADS)?;
-        let mut o = out.as_view_mut();
-        launch::nca_fwd::<T>(dev, cfg, &d, &labels, &mut o, &p64, &paper, &smoothing)?;
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        filled::<T>(dev, 2 * n, |o| {
+            launch::nca_fwd::<T>(dev, cfg, &d, &labels, o, &p64, &paper, &smoothing)
+        })
     })
 }
 
@@ -860,22 +840,12 @@ pub(crate) fn nca_bwd(
         let res = view::<T>(rs, rl)?;
         let grad = view::<T>(gs, gl)?;
         let lv = view::<u32>(cuda_of(&lg)?, ll)?;
-        // SAFETY: every element is written by the kernel.
-        let mut dd = unsafe { dev.alloc::<T>(n * p)? };
-        launch::nca_bwd::<T>(
-            dev,
-            grid_1d(n * p),
-            &d,
-            &lv,
-            &res,
-            &grad,
-            &mut dd.as_view_mut(),
-            &n64,
-            &p64,
-            &paper,
-            &smoothing,
-        )?;
-        Ok(CudaStorage::wrap_cuda_slice(dd, dev.clone()))
+        let cfg = grid_1d(n * p);
+        filled::<T>(dev, n * p, |dd| {
+            launch::nca_bwd::<T>(
+                dev, cfg, &d, &lv, &res, &grad, dd, &n64, &p64, &paper, &smoothing,
+            )
+        })
     })
 }
 
@@ -892,29 +862,17 @@ pub(crate) fn smallest_k(
     let dev = s.device();
     let cfg = rows_grid(rows, SELECT_THREADS)?;
     let x = view::<f32>(s, l)?;
-    // SAFETY: every element is written by the kernel.
-    let mut vals = unsafe { dev.alloc::<f32>(rows * k)? };
-    let mut idx = unsafe { dev.alloc::<u32>(rows * k)? };
     let (cols, k32) = (cols as i64, k as i32);
     let (offset, skip) = (
         skip_diagonal.unwrap_or(0) as i64,
         skip_diagonal.is_some() as i32,
     );
-    launch::smallest_k::<f32>(
-        dev,
-        cfg,
-        &x,
-        &mut vals.as_view_mut(),
-        &mut idx.as_view_mut(),
-        &cols,
-        &k32,
-        &offset,
-        &skip,
-    )?;
-    Ok((
-        CudaStorage::wrap_cuda_slice(vals, dev.clone()),
-        CudaStorage::wrap_cuda_slice(idx, dev.clone()),
-    ))
+    let (vals, idx) = fresh::<f32, _>(dev, rows * k, |vals| {
+        filled::<u32>(dev, rows * k, |idx| {
+            launch::smallest_k::<f32>(dev, cfg, &x, vals, idx, &cols, &k32, &offset, &skip)
+        })
+    })?;
+    Ok((CudaStorage::wrap_cuda_slice(vals, dev.clone()), idx))
 }
 
 /// A launch of one `threads`-thread block per row.
@@ -942,11 +900,10 @@ pub(crate) fn l2n_fwd(
     let d64 = d as i64;
     with_cuda_dtype!(s.dtype(), T, A, {
         let x = view::<T>(s, l)?;
-        // SAFETY: every element is written by the kernel.
-        let mut y = unsafe { dev.alloc::<T>(n * d)? };
         let cfg = rows_grid(n, THREADS)?;
-        launch::l2n_fwd::<T>(dev, cfg, &x, &mut y.as_view_mut(), &d64, &scale, &eps)?;
-        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        filled::<T>(dev, n * d, |y| {
+            launch::l2n_fwd::<T>(dev, cfg, &x, y, &d64, &scale, &eps)
+        })
     })
 }
 
@@ -963,20 +920,10 @@ pub(crate) fn l2n_bwd(
     let d64 = d as i64;
     with_cuda_dtype!(xs.dtype(), T, A, {
         let (x, g) = (view::<T>(xs, xl)?, view::<T>(gs, gl)?);
-        // SAFETY: every element is written by the kernel.
-        let mut dx = unsafe { dev.alloc::<T>(n * d)? };
-        let mut o = dx.as_view_mut();
-        launch::l2n_bwd::<T>(
-            dev,
-            rows_grid(n, THREADS)?,
-            &x,
-            &g,
-            &mut o,
-            &d64,
-            &scale,
-            &eps,
-        )?;
-        Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+        let cfg = rows_grid(n, THREADS)?;
+        filled::<T>(dev, n * d, |dx| {
+            launch::l2n_bwd::<T>(dev, cfg, &x, &g, dx, &d64, &scale, &eps)
+        })
     })
 }
 
@@ -991,11 +938,9 @@ pub(crate) fn sqdist_fwd(
     with_cuda_dtype!(abs.dtype(), T, A, {
         let ab = view::<T>(abs, abl)?;
         let (aa, bb) = (view::<T>(aas, aal)?, view::<T>(bbs, bbl)?);
-        // SAFETY: every element is written by the kernel.
-        let mut out = unsafe { dev.alloc::<T>(n * p)? };
-        let mut o = out.as_view_mut();
-        launch::sqdist_fwd::<T>(dev, grid_1d(n * p), &ab, &aa, &bb, &mut o, &n64, &p64)?;
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        filled::<T>(dev, n * p, |o| {
+            launch::sqdist_fwd::<T>(dev, grid_1d(n * p), &ab, &aa, &bb, o, &n64, &p64)
+        })
     })
 }
 
@@ -1009,10 +954,8 @@ pub(crate) fn sqdist_bwd(
     let t64 = total as i64;
     with_cuda_dtype!(gs.dtype(), T, A, {
         let (g, d) = (view::<T>(gs, gl)?, view::<T>(ds, dl)?);
-        // SAFETY: every element is written by the kernel.
-        let mut out = unsafe { dev.alloc::<T>(total)? };
-        let mut o = out.as_view_mut();
-        launch::sqdist_bwd::<T>(dev, grid_1d(total), &g, &d, &mut o, &t64)?;
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        filled::<T>(dev, total, |o| {
+            launch::sqdist_bwd::<T>(dev, grid_1d(total), &g, &d, o, &t64)
+        })
     })
 }
