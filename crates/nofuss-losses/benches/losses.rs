@@ -19,12 +19,13 @@ use nofuss_losses::{proxy_nca, proxy_triplet, ProxyNcaConfig, ProxyTripletConfig
 const LOSSES: [&str; 3] = ["proxy-nca", "proxy-triplet", "proxy-triplet-hard10"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // As in the `nofuss` binary (`nofuss::allocator`): keep freed memory for 10 s instead
-    // of mimalloc 3's 1 s (option 15, mi_option_purge_delay), so repeated runs reuse
-    // their buffers instead of faulting them in again.
+    // As in the `nofuss` binary (`nofuss::allocator`): never return freed memory to the
+    // system (option 15, mi_option_purge_delay, -1; mimalloc 3 purges all free memory of
+    // an arena 1 s after the first free), so repeated runs reuse their buffers instead of
+    // faulting them in again.
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: stores an integer in mimalloc's option table.
-        unsafe { libmimalloc_sys::mi_option_set(15, 10_000) };
+        unsafe { libmimalloc_sys::mi_option_set(15, -1) };
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let repeats: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(20);

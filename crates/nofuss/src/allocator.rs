@@ -2,17 +2,21 @@
 //!
 //! candle allocates a fresh buffer for every tensor operation and frees it soon after, so
 //! a training step allocates and frees the same few hundred megabytes again and again.
-//! mimalloc keeps freed memory for reuse, but returns ("purges") what has been free for
-//! a while to the operating system: 1 s in mimalloc 3, which the `mimalloc` crate builds
-//! (10 ms in mimalloc 2). A BN-Inception step on the CPU is longer than that, so every
-//! step faulted its buffers back in page by page, with the kernel zeroing each page.
-//! [`keep_freed_memory`] lengthens the delay to [`PURGE_DELAY_MS`], longer than such a
-//! step (about 7 s at batch 32 on two cores), so the buffers are reused; memory that stays
-//! unused longer than that still goes back. It does not raise the peak: what is kept is
-//! what the next step allocates again.
+//! mimalloc keeps freed memory for reuse, but returns ("purges") free memory to the
+//! operating system after a delay: 1 s in mimalloc 3, which the `mimalloc` crate builds
+//! (10 ms in mimalloc 2). The delay is per arena, not per block: the first free after a
+//! purge starts the clock, and when it runs out *everything* free in the arena at that
+//! moment goes back, however recently it was freed (`mi_arena_schedule_purge` /
+//! `mi_arena_try_purge` in mimalloc 3's `arena.c`). Under a training loop's steady churn
+//! that is a purge of all the step's buffers every delay, and the next step faults them
+//! back in page by page, with the kernel zeroing each page: a BN-Inception step on the
+//! CPU (seconds long) refaulted its buffers every few steps even at a 10 s delay.
+//! [`keep_freed_memory`] turns purging off ([`PURGE_DELAY_MS`] = -1), so the buffers are
+//! reused for the whole run. It does not raise the peak: what is kept is what the next
+//! step allocates again; the memory goes back when the process ends.
 
-/// Milliseconds mimalloc keeps freed memory before returning it to the operating system.
-pub const PURGE_DELAY_MS: i64 = 10_000;
+/// mimalloc's purge delay set by [`keep_freed_memory`]: -1, never purge.
+pub const PURGE_DELAY_MS: i64 = -1;
 
 /// `mi_option_purge_delay` in mimalloc's `mi_option_e` (the same index in mimalloc 2 and
 /// 3, which keep retired options' slots so the numbering stays stable).
