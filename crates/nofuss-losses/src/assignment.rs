@@ -97,6 +97,11 @@ impl Selection {
     /// `dist_rows` (`[anchors, P]`, row-major, host values): the hardest ones. Ties go to
     /// the lower proxy index (the order is distance by `f64::total_cmp`, then index).
     pub fn keep_hardest(&mut self, dist_rows: &[f64], k: usize) {
+        self.keep_hardest_of(dist_rows, k);
+    }
+
+    /// [`Selection::keep_hardest`] over f32 or f64 rows (compared as f64, exactly).
+    fn keep_hardest_of<T: Copy + Into<f64>>(&mut self, dist_rows: &[T], k: usize) {
         let p = self.num_proxies;
         let mut best = std::collections::BinaryHeap::with_capacity(k + 1);
         for (a, row) in self.negatives.chunks_mut(p.max(1)).enumerate() {
@@ -109,7 +114,7 @@ impl Selection {
             let mut worst = Hardness(f64::NAN, usize::MAX); // the heap's top once full
             for (j, _) in row.iter().enumerate().filter(|(_, &m)| m == 1) {
                 count += 1;
-                let c = Hardness(d[j], j);
+                let c = Hardness(d[j].into(), j);
                 if best.len() < k {
                     best.push(c);
                 } else if c < worst {
@@ -276,26 +281,44 @@ fn select_on_host(
     assignment: Assignment,
     hardest: Option<usize>,
 ) -> Result<Selection> {
-    let host: Vec<f64> = all.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-    drop(all);
+    // In the distances' own precision (f32 unless f64: half the bytes of an f64 copy).
+    if all.dtype() == DType::F64 {
+        let host: Vec<f64> = all.flatten_all()?.to_vec1()?;
+        drop(all);
+        select_from_rows(&host, labels, (n, p), assignment, hardest)
+    } else {
+        let host: Vec<f32> = all.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        drop(all);
+        select_from_rows(&host, labels, (n, p), assignment, hardest)
+    }
+}
+
+/// [`select_on_host`] from the host rows `host` `[N,P]`.
+fn select_from_rows<T: Copy + Into<f64>>(
+    host: &[T],
+    labels: &Tensor,
+    (n, p): (usize, usize),
+    assignment: Assignment,
+    hardest: Option<usize>,
+) -> Result<Selection> {
     let mut sel = match assignment {
         Assignment::Static => Selection::fixed(&host_labels(labels, n, p)?, p),
         Assignment::Dynamic => {
-            Selection::dynamic(&host_classes(labels, n)?, &nearest_rows(&host, p), p)
+            Selection::dynamic(&host_classes(labels, n)?, &nearest_rows(host, p), p)
         }
     };
     sel.require_anchors()?;
     if let Some(k) = hardest {
         if sel.anchors.len() == n {
-            sel.keep_hardest(&host, k);
+            sel.keep_hardest_of(host, k);
         } else {
-            let rows: Vec<f64> = sel
+            let rows: Vec<T> = sel
                 .anchors
                 .iter()
                 .flat_map(|&a| &host[a as usize * p..][..p])
                 .copied()
                 .collect();
-            sel.keep_hardest(&rows, k);
+            sel.keep_hardest_of(&rows, k);
         }
     }
     Ok(sel)
@@ -342,13 +365,13 @@ pub fn nearest(dist: &Tensor) -> Result<Vec<u32>> {
     Ok(nearest_rows(&host, p))
 }
 
-/// [`nearest`] over host rows of `p` values (row-major).
-fn nearest_rows(dist: &[f64], p: usize) -> Vec<u32> {
+/// [`nearest`] over host rows of `p` values (row-major; f32 or f64, compared as f64).
+fn nearest_rows<T: Copy + Into<f64>>(dist: &[T], p: usize) -> Vec<u32> {
     dist.chunks(p.max(1))
         .map(|row| {
             let mut best = 0usize;
             for (j, &v) in row.iter().enumerate() {
-                if v < row[best] {
+                if v.into() < row[best].into() {
                     best = j;
                 }
             }
