@@ -254,6 +254,10 @@ pub struct TrainArgs {
     /// Margin of proxy-triplet, triplet and triplet-semihard.
     #[arg(long, value_name = "M")]
     pub margin: Option<f64>,
+    /// Proxy-Triplet: only the K nearest (hardest) negative proxies of each anchor;
+    /// default: all of them.
+    #[arg(long, value_name = "K")]
+    pub hardest_negatives: Option<usize>,
     /// Proxy-NCA form: paper (positive excluded from the denominator) or softmax.
     #[arg(long, value_parser = parse_form)]
     pub loss_form: Option<ProxyNcaForm>,
@@ -543,6 +547,9 @@ impl TrainArgs {
         if let Some(m) = self.margin {
             c.loss.proxy_triplet.margin = m;
             c.loss.triplet.margin = m;
+        }
+        if self.hardest_negatives.is_some() {
+            c.loss.proxy_triplet.hardest_negatives = self.hardest_negatives;
         }
         set!(c.loss.proxy_nca.label_smoothing, self.label_smoothing);
         set!(c.optim.epochs, self.epochs);

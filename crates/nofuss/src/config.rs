@@ -370,6 +370,13 @@ impl TrainConfig {
                     .into(),
             );
         }
+        if self.loss.proxy_triplet.hardest_negatives.is_some() && self.loss.name != "proxy-triplet"
+        {
+            return bad(format!(
+                "hardest_negatives applies to proxy-triplet (--loss proxy-triplet), not {}",
+                self.loss.name
+            ));
+        }
         match self.model.backbone.as_str() {
             "small-cnn" => {}
             "bn-inception" => {

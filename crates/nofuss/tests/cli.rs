@@ -529,6 +529,7 @@ fn every_loss_trains_and_bad_proxy_counts_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     for (i, extra) in [
         vec!["--loss", "proxy-triplet", "--margin", "0.2"],
+        vec!["--loss", "proxy-triplet", "--hardest-negatives", "3"],
         vec!["--loss", "triplet-semihard"],
         vec!["--loss", "triplet"],
         vec!["--loss", "nca"],
@@ -573,6 +574,10 @@ fn every_loss_trains_and_bad_proxy_counts_are_refused() {
                 "{cfg}"
             );
         }
+        if let Some(pos) = extra.iter().position(|a| *a == "--hardest-negatives") {
+            let want = format!("hardest_negatives = {}", extra[pos + 1]);
+            assert!(cfg.contains(&want), "{cfg}");
+        }
     }
     // Random proxies put every example of an untrained network on one proxy: a clear
     // stop, not a panic.
@@ -590,6 +595,9 @@ fn every_loss_trains_and_bad_proxy_counts_are_refused() {
     let out = tiny_run(tmp.path(), "bad", "1", &["--num-proxies", "3"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("static assignment needs one proxy per class"));
+    let out = tiny_run(tmp.path(), "bad3", "1", &["--hardest-negatives", "3"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("hardest_negatives applies to proxy-triplet"));
     let out = tiny_run(tmp.path(), "bad2", "1", &["--loss", "arcface"]);
     assert!(text(&out.stderr).contains("proxy-nca, proxy-triplet, triplet, triplet-semihard, nca"));
 }
