@@ -111,21 +111,16 @@ impl Selection {
             // proxies almost all of them), instead of partitioning the whole row.
             best.clear();
             let mut count = 0usize;
-            let mut worst = Hardness(f64::NAN, usize::MAX); // the heap's top once full
             for (j, _) in row.iter().enumerate().filter(|(_, &m)| m == 1) {
                 count += 1;
                 let c = Hardness(d[j].into(), j);
                 if best.len() < k {
                     best.push(c);
-                } else if c < worst {
+                } else if best.peek().is_some_and(|worst| c < *worst) {
+                    // Only now take the top mutably (its guard sifts down when dropped).
                     if let Some(mut top) = best.peek_mut() {
                         *top = c;
                     }
-                } else {
-                    continue;
-                }
-                if best.len() == k {
-                    worst = best.peek().copied().unwrap_or(worst);
                 }
             }
             if count > k {
@@ -240,16 +235,15 @@ fn checked_sizes(
     Ok((n, p))
 }
 
-/// What a proxy loss needs before its formula: inputs checked, embeddings and proxies
-/// normalised and scaled, the squared distances, and the anchors' positive and negative
-/// proxies. `min_proxies` and `what` make the error for too few proxies.
-///
-/// With static assignment and all negatives the distances are `[N,P]`. With dynamic
-/// assignment or the `hardest` `k` negatives, the nearest or hardest proxies come from
-/// distances computed without gradient, and the returned distances and selection cover
-/// only the proxies the anchors use ([`Selection::compact`]: at most `N` for dynamic
-/// assignment, `N (k + 1)` for the hardest negatives, where SOP has 11,318), so the loss's
-/// passes, masks and backward pass are that narrow.
+/// What a proxy loss with dynamic assignment or the `hardest` `k` negatives needs before
+/// its formula (static assignment with all negatives goes through [`static_inputs`]):
+/// inputs checked, embeddings and proxies normalised and scaled, and the anchors' positive
+/// and negative proxies with the squared distances to them. `min_proxies` and `what` make
+/// the error for too few proxies. The nearest or hardest proxies come from distances
+/// computed without gradient, and the returned distances and selection cover only the
+/// proxies the anchors use ([`Selection::compact`]: at most `N` for dynamic assignment,
+/// `N (k + 1)` for the hardest negatives, where SOP has 11,318), so the loss's passes,
+/// masks and backward pass are that narrow.
 pub(crate) fn proxy_distances(
     embeddings: &Tensor,
     labels: &Tensor,
@@ -259,10 +253,6 @@ pub(crate) fn proxy_distances(
 ) -> Result<(Tensor, Selection)> {
     let (n, p) = checked_sizes(embeddings, proxies, min_proxies, what)?;
     let (x, pr) = prepare(embeddings, proxies, scales, check)?;
-    if assignment == Assignment::Static && hardest.is_none() {
-        let sel = Selection::fixed(&host_labels(labels, n, p)?, p);
-        return Ok((pairwise_squared_distances(&x, &pr)?, sel));
-    }
     let all = pairwise_squared_distances(&x.detach(), &pr.detach())?;
     let sel = select_on_host(all, labels, (n, p), assignment, hardest)?;
     let (used, sel) = sel.compact();

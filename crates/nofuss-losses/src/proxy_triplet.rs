@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::assignment::{proxy_distances, static_inputs, Assignment};
+use crate::assignment::{proxy_distances, static_inputs, Assignment, Selection};
 use crate::common::check_scale;
 use crate::{LossError, Result};
 
@@ -101,14 +101,25 @@ pub fn proxy_triplet(
         ),
         (2, what),
     )?;
+    triplet_over_selection(&dist, &sel, cfg.margin)
+}
+
+/// The Proxy-Triplet objective over a selection: `dist` `[N, P]` holds the squared
+/// distances from every example to the selection's `P` proxies; each anchor's hinges over
+/// its negatives, averaged per anchor, then over the anchors.
+pub(crate) fn triplet_over_selection(
+    dist: &Tensor,
+    sel: &Selection,
+    margin: f64,
+) -> Result<Tensor> {
     let p = sel.num_proxies;
     let device = dist.device();
     let a = sel.anchors.len();
-    let dist = sel.anchor_rows(&dist)?; // [A,P]
+    let dist = sel.anchor_rows(dist)?; // [A,P]
     let pos_idx = Tensor::from_slice(&sel.positive, (a, 1), device)?;
     let d_pos = dist.gather(&pos_idx, 1)?; // [A,1]
     let neg = Tensor::from_slice(&sel.negatives, (a, p), device)?.to_dtype(dist.dtype())?;
-    let hinge = (d_pos + cfg.margin)?.broadcast_sub(&dist)?.relu()?;
+    let hinge = (d_pos + margin)?.broadcast_sub(&dist)?.relu()?;
     let per_anchor = (hinge * &neg)?.sum(1)?.div(&neg.sum(1)?)?;
     Ok(per_anchor.mean_all()?)
 }
@@ -148,9 +159,8 @@ impl ProxyTriplet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::assignment::Selection;
     use crate::common::prepare;
-    use candle_core::{DType, Device, Var};
+    use candle_core::{Device, Var};
 
     /// The loss over all `P` proxies with the anchors' full rows: the selection (nearest
     /// proxies, then the `k` hardest of each anchor's row) and the hinge, masked.
@@ -167,20 +177,12 @@ mod tests {
             Assignment::Static => Selection::fixed(labels, np),
             Assignment::Dynamic => Selection::dynamic(labels, &crate::nearest(&dist).unwrap(), np),
         };
-        let idx = Tensor::from_slice(&sel.anchors, sel.anchors.len(), x.device()).unwrap();
-        let rows = dist.index_select(&idx, 0).unwrap();
         if let Some(k) = cfg.hardest_negatives {
+            let rows = sel.anchor_rows(&dist).unwrap();
             let host = rows.flatten_all().unwrap().to_vec1::<f64>().unwrap();
             sel.keep_hardest(&host, k);
         }
-        let a = sel.anchors.len();
-        let pos = Tensor::from_slice(&sel.positive, (a, 1), x.device()).unwrap();
-        let neg = Tensor::from_slice(&sel.negatives, (a, np), x.device()).unwrap();
-        let neg = neg.to_dtype(DType::F64).unwrap();
-        let d_pos = rows.gather(&pos, 1).unwrap();
-        let hinge = (d_pos + cfg.margin).unwrap().broadcast_sub(&rows).unwrap();
-        let per = (hinge.relu().unwrap() * &neg).unwrap().sum(1).unwrap();
-        (per / neg.sum(1).unwrap()).unwrap().mean_all().unwrap()
+        triplet_over_selection(&dist, &sel, cfg.margin).unwrap()
     }
 
     #[test]
