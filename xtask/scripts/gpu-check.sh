@@ -11,23 +11,45 @@ PY="${PYTHON:-python3}"
 # CUDA libraries of PyTorch's wheels (cuBLAS, cuDNN, ...) for the nofuss binaries.
 NV="$($PY -c 'import os, nvidia; print(os.path.dirname(list(nvidia.__path__)[0] + "/x"))' 2>/dev/null)"
 CUDNN_DIR="$(find "${NV:-/nonexistent}" -name 'libcudnn.so.9' -printf '%h\n' 2>/dev/null | head -1)"
-for d in "$NV"/cu13/lib "$NV"/cudnn/lib "$CUDNN_DIR" /usr/local/cuda/lib64; do
+for d in /usr/local/nvidia/lib64 /usr/local/cuda/lib64 "$CUDNN_DIR" "$NV"/cudnn/lib "$NV"/cu13/lib; do
   [ -d "$d" ] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
-export LD_LIBRARY_PATH
+export LD_LIBRARY_PATH RUST_BACKTRACE=1
+# Everything below shares one deadline (GPU_CHECK_SECONDS, default 420) so that a hang
+# in one step leaves the rest of the machine time to the others and the results come back.
+DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-420}))
+# limited SECONDS CMD...: CMD under `timeout`, cut to what is left before the deadline.
+limited() {
+  local t=$1 left=$((DEADLINE - SECONDS)); shift
+  if [ "$left" -lt 10 ]; then echo "skipped at the deadline: $*" >> "$OUT/bench.err"; return 124; fi
+  [ "$t" -gt "$left" ] && t=$left
+  timeout "$t" "$@"
+}
 for f in nofuss ops_parity optim_parity bn_inception_parity reference_parity knn_bench; do
-  [ -f ".gpu/$f.xz" ] && xz -d -k -f ".gpu/$f.xz" && chmod +x ".gpu/$f"
+  [ -f ".gpu/$f.xz" ] || continue
+  if command -v xz >/dev/null; then xz -d -k -f ".gpu/$f.xz"
+  else $PY -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' ".gpu/$f.xz" ".gpu/$f"
+  fi
+  chmod +x ".gpu/$f"
+done
+# Any library still missing (curand, say, where no wheel holds it): the first copy
+# found under /usr or /opt.
+for lib in $(ldd .gpu/nofuss 2>/dev/null | awk '/not found/ {print $1}'); do
+  d="$(find /usr /opt -name "$lib" -printf '%h\n' 2>/dev/null | head -1)"
+  [ -n "$d" ] && LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"
 done
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   $PY -c "import torch; print('torch', torch.__version__, 'cuDNN', torch.backends.cudnn.version())"
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; ldd .gpu/nofuss
 } > "$OUT/gpu.txt" 2>&1
 export NOFUSS_FIXTURES="$PWD/tests/reference/fixtures" NOFUSS_TEST_DEVICE=cuda
 for t in ops_parity optim_parity bn_inception_parity reference_parity; do
-  ( time timeout 240 ".gpu/$t" --test-threads 1 ) > "$OUT/parity_$t.txt" 2>&1
-  echo "rc=$?" >> "$OUT/parity_$t.txt"
+  echo "=== $t" >> "$OUT/parity.txt"
+  ( time limited 90 ".gpu/$t" --test-threads 1 ) >> "$OUT/parity.txt" 2>&1
+  echo "rc=$? ($t)" >> "$OUT/parity.txt"
 done
 B="$OUT/bench.jsonl"; : > "$B"
-run() { timeout 200 "$@" >> "$B" 2>> "$OUT/bench.err" || echo "failed: $*" >> "$OUT/bench.err"; }
+run() { limited 120 "$@" >> "$B" 2>> "$OUT/bench.err" || echo "failed: $*" >> "$OUT/bench.err"; }
 for cfg in "32 f32" "128 f32" "128 bf16" "32 bf16"; do
   set -- $cfg
   run .gpu/nofuss bench train-step --backbone bn-inception --batch-size "$1" --precision "$2" --steps "$STEPS" --device cuda
@@ -39,12 +61,12 @@ run $PY crates/nofuss/benches/torch_train_step.py 256 "$STEPS" --device cuda --c
 # time against completion time (host-bound where they are about equal).
 P="$OUT/phases.jsonl"; : > "$P"
 for n in 32 128; do
-  timeout 200 .gpu/nofuss bench train-step --backbone bn-inception --batch-size $n --steps 5 --device cuda --phases >> "$P" 2>> "$OUT/bench.err"
-  timeout 200 $PY crates/nofuss/benches/torch_train_step.py $n 5 --backbone bn-inception --device cuda --classes 100 --phases >> "$P" 2>> "$OUT/bench.err"
+  limited 120 .gpu/nofuss bench train-step --backbone bn-inception --batch-size $n --steps 5 --device cuda --phases >> "$P" 2>> "$OUT/bench.err"
+  limited 120 $PY crates/nofuss/benches/torch_train_step.py $n 5 --backbone bn-inception --device cuda --classes 100 --phases >> "$P" 2>> "$OUT/bench.err"
 done
 # SOP-scale evaluation: 60,502 synthetic 64-d embeddings in 11,316 classes, exact kNN and
 # Recall@{1,10,100,1000} on the GPU, nofuss-eval then PyTorch (matmul + topk).
-K="$OUT/knn"; mkdir -p "$K"
+K="$(mktemp -d)"
 $PY - "$K" <<'PYEOF'
 import sys, numpy as np
 rng = np.random.default_rng(0)
@@ -86,4 +108,4 @@ for r in phases:
     cell = lambda p: f"{r.get(p + '_queue_ms')} / {r.get(p + '_ms')}"
     print(f"| {r.get('impl')} | {r.get('batch')} | {cell('forward')} | {cell('backward')} | {cell('optimizer')} |")
 PYEOF
-cat "$OUT/summary.md"; grep -h "test result\|rc=" "$OUT"/parity_*.txt
+cat "$OUT/summary.md"; grep -h "test result\|rc=" "$OUT/parity.txt"
