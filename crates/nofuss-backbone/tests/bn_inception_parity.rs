@@ -130,17 +130,23 @@ fn eval_features_and_logits_match_the_port() {
     let feats = net.forward_features(&x, false).unwrap();
     assert_eq!(feats.dims(), &[2, 1024]);
     assert_eq!(net.forward_map(&x, false).unwrap().dims(), &[2, 1024, 7, 7]);
+    // On CUDA the f32 convolutions use TF32 tensor cores (the default, as in PyTorch):
+    // inputs rounded to 10 mantissa bits (2^-11 = 4.9e-4 relative) through 60 layers
+    // measured 4.6e-4 x the largest feature on an H100, so 2e-3 there. The exact f32
+    // arithmetic of the CUDA convolutions is checked at 1e-4 in nofuss-tensor's
+    // ops_parity with TF32 off.
+    let tol = if device().is_cuda() { 2e-3 } else { 1e-4 };
     assert_close(
         &values(&feats),
         &floats(&fx["eval"]["features"]),
-        1e-4,
+        tol,
         "features",
     );
     let logits = net.forward_logits(&x).unwrap();
     assert_close(
         &values(&logits),
         &floats(&fx["eval"]["logits"]),
-        1e-4,
+        tol,
         "logits",
     );
 }

@@ -9,7 +9,9 @@
 //! everywhere else, so code above it stays device-generic.
 //!
 //! f32 convolutions on CUDA may use TF32 tensor cores, as PyTorch's do by default;
-//! [`set_tf32`] turns that off for exact comparisons.
+//! [`set_tf32`] turns that off for exact comparisons. [`set_algo_search`] chooses how
+//! cuDNN's algorithm for a shape is found: its heuristic (the default) or by timing them
+//! all once ([`AlgoSearch::Benchmark`], PyTorch's `cudnn.benchmark = True`).
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -31,6 +33,33 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 static TF32: AtomicBool = AtomicBool::new(true);
+static BENCHMARK: AtomicBool = AtomicBool::new(false);
+
+/// How the cuDNN algorithm of a convolution shape and pass is chosen (on CUDA; the CPU
+/// has one algorithm). The choice is made on a shape's first call and kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AlgoSearch {
+    /// cuDNN's heuristic pick, at once (PyTorch's default, `cudnn.benchmark = False`).
+    #[default]
+    Heuristic,
+    /// Every algorithm timed once by cuDNN and the fastest kept (PyTorch's
+    /// `cudnn.benchmark = True`): a slower first step, and often faster ones after.
+    Benchmark,
+}
+
+/// Sets how cuDNN algorithms are chosen for shapes not seen yet (process-wide).
+pub fn set_algo_search(search: AlgoSearch) {
+    BENCHMARK.store(search == AlgoSearch::Benchmark, Ordering::Relaxed);
+}
+
+/// How cuDNN algorithms are chosen for shapes not seen yet.
+pub fn algo_search() -> AlgoSearch {
+    if BENCHMARK.load(Ordering::Relaxed) {
+        AlgoSearch::Benchmark
+    } else {
+        AlgoSearch::Heuristic
+    }
+}
 
 /// Allows (the default) or forbids TF32 tensor-core arithmetic in f32 cuDNN convolutions.
 pub fn set_tf32(allow: bool) {
@@ -559,6 +588,7 @@ fn cuda_conv(x: &Tensor, w: &Tensor, cfg: &Conv2dConfig) -> Result<Tensor> {
         groups: i(cfg.groups),
         dtype: x.dtype(),
         tf32: tf32(),
+        benchmark: algo_search() == AlgoSearch::Benchmark,
     };
     x.contiguous()?.apply_op2(
         &w.contiguous()?,

@@ -123,11 +123,13 @@ macro_rules! kernels {
                 let stream = dev.cuda_stream();
                 let mut b = stream.launch_builder(&f);
                 $(b.arg($arg);)*
-                // SAFETY: the parameters are the kernel's, in its order and with its types
-                // (checked against the .cu file by tests/kernel_signatures.rs); the
-                // callers size the buffers for the launch.
-                unsafe { b.launch(cfg) }.w()?;
-                Ok(())
+                crate::profile::timed(dev, || name.clone(), || {
+                    // SAFETY: the parameters are the kernel's, in its order and with its
+                    // types (checked against the .cu file by tests/kernel_signatures.rs);
+                    // the callers size the buffers for the launch.
+                    unsafe { b.launch(cfg) }.w()?;
+                    Ok(())
+                })
             }
         )*
     };
@@ -594,6 +596,8 @@ pub(crate) struct ConvKey {
     pub groups: i32,
     pub dtype: DType,
     pub tf32: bool,
+    /// Algorithms timed by cuDNN (`AlgoSearch::Benchmark`) rather than its heuristic.
+    pub benchmark: bool,
 }
 
 type AlgoCache<A> = std::sync::Mutex<Option<HashMap<ConvKey, A>>>;
@@ -662,12 +666,196 @@ pub(crate) fn cudnn_conv(pass: ConvPass<'_>, key: ConvKey) -> Result<CudaStorage
     }
 }
 
-/// cuDNN's heuristic algorithm for `$op` (cached per shape) and a workspace for it.
+/// A raw cuDNN handle on one thread's view of a device's stream, for the `cudnnFind*`
+/// calls, which cudarc does not wrap (its descriptors keep their handles private).
+struct RawHandle(cudnn_sys::cudnnHandle_t);
+
+impl Drop for RawHandle {
+    fn drop(&mut self) {
+        // SAFETY: created by cudnnCreate, destroyed once.
+        unsafe { cudnn_sys::cudnnDestroy(self.0) };
+    }
+}
+
+thread_local! {
+    static RAW_CUDNN: RefCell<HashMap<DeviceId, RawHandle>> = RefCell::new(HashMap::new());
+}
+
+/// Raw descriptors of one convolution (for the `cudnnFind*` calls), destroyed on drop.
+struct RawConv {
+    x: cudnn_sys::cudnnTensorDescriptor_t,
+    w: cudnn_sys::cudnnFilterDescriptor_t,
+    y: cudnn_sys::cudnnTensorDescriptor_t,
+    conv: cudnn_sys::cudnnConvolutionDescriptor_t,
+}
+
+impl Drop for RawConv {
+    fn drop(&mut self) {
+        // SAFETY: each non-null descriptor was created by its cudnnCreate* call.
+        unsafe {
+            if !self.x.is_null() {
+                cudnn_sys::cudnnDestroyTensorDescriptor(self.x);
+            }
+            if !self.y.is_null() {
+                cudnn_sys::cudnnDestroyTensorDescriptor(self.y);
+            }
+            if !self.w.is_null() {
+                cudnn_sys::cudnnDestroyFilterDescriptor(self.w);
+            }
+            if !self.conv.is_null() {
+                cudnn_sys::cudnnDestroyConvolutionDescriptor(self.conv);
+            }
+        }
+    }
+}
+
+impl RawConv {
+    /// The descriptors of `key`'s convolution: elements of type `T`, arithmetic in `C`.
+    fn new<T: CudnnDataType, C: CudnnDataType>(
+        key: &ConvKey,
+        math: cudnn_sys::cudnnMathType_t,
+    ) -> Result<Self> {
+        use cudnn_sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let e = |what: &'static str| cudnn_err(what);
+        let mut r = RawConv {
+            x: std::ptr::null_mut(),
+            w: std::ptr::null_mut(),
+            y: std::ptr::null_mut(),
+            conv: std::ptr::null_mut(),
+        };
+        let [p, st, d] = [key.padding, key.stride, key.dilation];
+        // SAFETY: each descriptor is created before it is set; `r` destroys them.
+        unsafe {
+            cudnn_sys::cudnnCreateTensorDescriptor(&mut r.x)
+                .result()
+                .map_err(e("find: x"))?;
+            cudnn_sys::cudnnCreateTensorDescriptor(&mut r.y)
+                .result()
+                .map_err(e("find: y"))?;
+            cudnn_sys::cudnnCreateFilterDescriptor(&mut r.w)
+                .result()
+                .map_err(e("find: w"))?;
+            cudnn_sys::cudnnCreateConvolutionDescriptor(&mut r.conv)
+                .result()
+                .map_err(e("find: conv"))?;
+            for (desc, [n, c, h, w]) in [(r.x, key.x), (r.y, key.y)] {
+                cudnn_sys::cudnnSetTensor4dDescriptor(
+                    desc,
+                    CUDNN_TENSOR_NCHW,
+                    T::DATA_TYPE,
+                    n,
+                    c,
+                    h,
+                    w,
+                )
+                .result()
+                .map_err(e("find: tensor shape"))?;
+            }
+            let [k, c, h, w] = key.w;
+            cudnn_sys::cudnnSetFilter4dDescriptor(r.w, T::DATA_TYPE, CUDNN_TENSOR_NCHW, k, c, h, w)
+                .result()
+                .map_err(e("find: filter shape"))?;
+            cudnn_sys::cudnnSetConvolution2dDescriptor(
+                r.conv,
+                p,
+                p,
+                st,
+                st,
+                d,
+                d,
+                cudnn_sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                C::DATA_TYPE,
+            )
+            .result()
+            .map_err(e("find: convolution"))?;
+            if key.groups > 1 {
+                cudnn_sys::cudnnSetConvolutionGroupCount(r.conv, key.groups)
+                    .result()
+                    .map_err(e("find: groups"))?;
+            }
+            cudnn_sys::cudnnSetConvolutionMathType(r.conv, math)
+                .result()
+                .map_err(e("find: math type"))?;
+        }
+        Ok(r)
+    }
+}
+
+/// Runs `find` with this thread's raw cuDNN handle on `dev`'s stream.
+fn with_raw_handle<R>(
+    dev: &CudaDevice,
+    find: impl FnOnce(cudnn_sys::cudnnHandle_t) -> Result<R>,
+) -> Result<R> {
+    let handle = RAW_CUDNN.with(|map| -> Result<cudnn_sys::cudnnHandle_t> {
+        use std::collections::hash_map::Entry;
+        match map.borrow_mut().entry(dev.id()) {
+            Entry::Occupied(e) => Ok(e.get().0),
+            Entry::Vacant(e) => {
+                let mut h: cudnn_sys::cudnnHandle_t = std::ptr::null_mut();
+                // SAFETY: a fresh handle (destroyed by RawHandle's drop), bound to the
+                // device's stream, the one candle and the cudarc handle use.
+                unsafe {
+                    cudnn_sys::cudnnCreate(&mut h)
+                        .result()
+                        .map_err(cudnn_err("find: handle"))?;
+                    let raw = RawHandle(h);
+                    let stream = dev.cuda_stream().cu_stream() as cudnn_sys::cudaStream_t;
+                    cudnn_sys::cudnnSetStream(h, stream)
+                        .result()
+                        .map_err(cudnn_err("find: stream"))?;
+                    Ok(e.insert(raw).0)
+                }
+            }
+        }
+    })?;
+    find(handle)
+}
+
+/// The fastest algorithm of a `cudnnFind*` call's results (sorted by time, failures
+/// included): the first that ran.
+fn fastest<P, A: Copy>(
+    perf: &[P],
+    count: i32,
+    status: impl Fn(&P) -> cudnn_sys::cudnnStatus_t,
+    algo: impl Fn(&P) -> A,
+) -> Result<A> {
+    perf.iter()
+        .take(count.max(0) as usize)
+        .find(|p| status(p) == cudnn_sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
+        .map(algo)
+        .ok_or_else(|| candle_core::Error::Msg("cuDNN find: no algorithm ran".into()))
+}
+
+/// `AlgoSearch::Benchmark`'s choice: every algorithm of the pass timed once by cuDNN
+/// (`cudnnFind*`, on scratch buffers it allocates), the fastest kept.
+macro_rules! find_algorithm {
+    ($dev:ident, $key:ident, $math:ident, $T:ty, $C:ty, $find:ident, $perf:ty, $n:literal, |$h:ident, $r:ident, $cnt:ident, $p:ident| $call:expr) => {{
+        let $r = RawConv::new::<$T, $C>(&$key, $math)?;
+        with_raw_handle($dev, |$h| {
+            let mut $cnt = 0i32;
+            // SAFETY: plain-old-data results, written by cuDNN.
+            let mut perf: [$perf; $n] = unsafe { std::mem::zeroed() };
+            let $p = perf.as_mut_ptr();
+            // SAFETY: descriptors and handle are live; `perf` holds `$n` results.
+            unsafe { $call }
+                .result()
+                .map_err(cudnn_err(stringify!($find)))?;
+            fastest(&perf, $cnt, |p| p.status, |p| p.algo)
+        })
+    }};
+}
+
+/// cuDNN's algorithm for `$op` (cached per shape), heuristic or timed as `$key.benchmark`
+/// says, and a workspace for it.
 macro_rules! algo_and_workspace {
-    ($op:ident, $cache:ident, $key:ident, $dev:ident, $what:literal) => {{
+    ($op:ident, $cache:ident, $key:ident, $dev:ident, $what:literal, $find:expr) => {{
         let algo = cached(&$cache, &$key, || {
-            $op.pick_algorithm()
-                .map_err(cudnn_err(concat!($what, " algorithm")))
+            if $key.benchmark {
+                ($find)()
+            } else {
+                $op.pick_algorithm()
+                    .map_err(cudnn_err(concat!($what, " algorithm")))
+            }
         })?;
         let size = $op
             .get_workspace_size(algo)
@@ -675,6 +863,16 @@ macro_rules! algo_and_workspace {
         // SAFETY: scratch space, never read before cuDNN writes it.
         (algo, unsafe { $dev.alloc::<u8>(size.max(1))? })
     }};
+}
+
+/// A convolution's name in the profile: pass, dtype, shapes, stride, padding, algorithm.
+fn conv_label(pass: &str, key: &ConvKey, algo: impl std::fmt::Debug) -> String {
+    let algo = format!("{algo:?}");
+    let algo = algo.rsplit("_ALGO_").next().unwrap_or(&algo);
+    format!(
+        "cudnn {pass} {:?} x{:?} w{:?} s{} p{} {algo}",
+        key.dtype, key.x, key.w, key.stride, key.padding
+    )
 }
 
 fn conv_typed<T, C>(dev: &CudaDevice, pass: ConvPass<'_>, key: ConvKey) -> Result<CudaStorage>
@@ -722,13 +920,34 @@ where
                 w: &wd,
                 y: &yd,
             };
-            let (algo, mut ws) = algo_and_workspace!(op, FWD_ALGOS, key, dev, "forward");
+            let find = || {
+                find_algorithm!(
+                    dev,
+                    key,
+                    math,
+                    T,
+                    C,
+                    cudnnFindConvolutionForwardAlgorithm,
+                    cudnn_sys::cudnnConvolutionFwdAlgoPerf_t,
+                    8,
+                    |h, r, n, p| cudnn_sys::cudnnFindConvolutionForwardAlgorithm(
+                        h, r.x, r.w, r.conv, r.y, 8, &mut n, p
+                    )
+                )
+            };
+            let (algo, mut ws) = algo_and_workspace!(op, FWD_ALGOS, key, dev, "forward", find);
             let (xv, wv) = (view::<T>(x.0, x.1)?, view::<T>(w.0, w.1)?);
             // SAFETY: every element is written by cuDNN.
             let mut y = unsafe { dev.alloc::<T>(numel(key.y))? };
-            // SAFETY: buffers match the descriptors' types and shapes.
-            unsafe { op.launch(algo, Some(&mut ws), one_zero, &xv, &wv, &mut y) }
-                .map_err(cudnn_err("forward"))?;
+            crate::profile::timed(
+                dev,
+                || conv_label("forward", &key, algo),
+                || {
+                    // SAFETY: buffers match the descriptors' types and shapes.
+                    unsafe { op.launch(algo, Some(&mut ws), one_zero, &xv, &wv, &mut y) }
+                        .map_err(cudnn_err("forward"))
+                },
+            )?;
             Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
         }
         ConvPass::BackwardData { dy, w } => {
@@ -738,13 +957,35 @@ where
                 w: &wd,
                 dy: &yd,
             };
-            let (algo, mut ws) = algo_and_workspace!(op, BWD_DATA_ALGOS, key, dev, "backward-data");
+            let find = || {
+                find_algorithm!(
+                    dev,
+                    key,
+                    math,
+                    T,
+                    C,
+                    cudnnFindConvolutionBackwardDataAlgorithm,
+                    cudnn_sys::cudnnConvolutionBwdDataAlgoPerf_t,
+                    6,
+                    |h, r, n, p| cudnn_sys::cudnnFindConvolutionBackwardDataAlgorithm(
+                        h, r.w, r.y, r.conv, r.x, 6, &mut n, p
+                    )
+                )
+            };
+            let (algo, mut ws) =
+                algo_and_workspace!(op, BWD_DATA_ALGOS, key, dev, "backward-data", find);
             let (dyv, wv) = (view::<T>(dy.0, dy.1)?, view::<T>(w.0, w.1)?);
             // SAFETY: every element is written by cuDNN (beta = 0).
             let mut dx = unsafe { dev.alloc::<T>(numel(key.x))? };
-            // SAFETY: buffers match the descriptors' types and shapes.
-            unsafe { op.launch(algo, Some(&mut ws), one_zero, &mut dx, &wv, &dyv) }
-                .map_err(cudnn_err("backward data"))?;
+            crate::profile::timed(
+                dev,
+                || conv_label("backward-data", &key, algo),
+                || {
+                    // SAFETY: buffers match the descriptors' types and shapes.
+                    unsafe { op.launch(algo, Some(&mut ws), one_zero, &mut dx, &wv, &dyv) }
+                        .map_err(cudnn_err("backward data"))
+                },
+            )?;
             Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
         }
         ConvPass::BackwardFilter { x, dy } => {
@@ -754,14 +995,35 @@ where
                 dw: &wd,
                 dy: &yd,
             };
+            let find = || {
+                find_algorithm!(
+                    dev,
+                    key,
+                    math,
+                    T,
+                    C,
+                    cudnnFindConvolutionBackwardFilterAlgorithm,
+                    cudnn_sys::cudnnConvolutionBwdFilterAlgoPerf_t,
+                    7,
+                    |h, r, n, p| cudnn_sys::cudnnFindConvolutionBackwardFilterAlgorithm(
+                        h, r.x, r.y, r.conv, r.w, 7, &mut n, p
+                    )
+                )
+            };
             let (algo, mut ws) =
-                algo_and_workspace!(op, BWD_FILTER_ALGOS, key, dev, "backward-filter");
+                algo_and_workspace!(op, BWD_FILTER_ALGOS, key, dev, "backward-filter", find);
             let (xv, dyv) = (view::<T>(x.0, x.1)?, view::<T>(dy.0, dy.1)?);
             // Zeroed: some algorithms accumulate.
             let mut dw = dev.alloc_zeros::<T>(numel(key.w))?;
-            // SAFETY: buffers match the descriptors' types and shapes.
-            unsafe { op.launch(algo, Some(&mut ws), one_zero, &xv, &mut dw, &dyv) }
-                .map_err(cudnn_err("backward filter"))?;
+            crate::profile::timed(
+                dev,
+                || conv_label("backward-filter", &key, algo),
+                || {
+                    // SAFETY: buffers match the descriptors' types and shapes.
+                    unsafe { op.launch(algo, Some(&mut ws), one_zero, &xv, &mut dw, &dyv) }
+                        .map_err(cudnn_err("backward filter"))
+                },
+            )?;
             Ok(CudaStorage::wrap_cuda_slice(dw, dev.clone()))
         }
     }

@@ -19,7 +19,9 @@
 //! - [`select::smallest_k`]: the k smallest entries of every row, sorted (the selection
 //!   of an exact kNN search; one kernel per row block on CUDA);
 //! - [`optim`]: the optimisers (PyTorch's update rules, parameter groups, schedules,
-//!   clipping), each step two fused in-place kernels per parameter.
+//!   clipping), each step two fused in-place kernels per parameter;
+//! - [`profile`]: per-operation GPU timing of all of the above, to see where a step's
+//!   time goes.
 //!
 //! With the `cuda` feature it also forwards CUDA support to candle; building and testing
 //! without a GPU needs nothing CUDA-specific (docs/GPU.md).
@@ -55,6 +57,7 @@ pub mod ops;
 pub mod optim;
 pub mod pool;
 mod precision;
+pub mod profile;
 mod proxy_rows;
 pub mod select;
 

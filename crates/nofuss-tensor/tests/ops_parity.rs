@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use nofuss_tensor::batch_norm::{batch_norm_fixed, batch_norm_train};
-use nofuss_tensor::conv::{conv2d, set_tf32};
+use nofuss_tensor::conv::{conv2d, set_algo_search, set_tf32, AlgoSearch};
 use nofuss_tensor::pool::{avg_pool2d, max_pool2d, Pool2d};
 use serde_json::Value;
 
@@ -199,6 +199,14 @@ fn custom_ops_match_pytorch_in_f64_and_f32() {
         run_case(c, DType::F64, &dev, 1e-9, true);
         run_case(c, DType::F32, &dev, 1e-4, true);
     }
+    // The convolutions again with cuDNN's algorithms chosen by timing (on the CPU the
+    // same path twice).
+    set_algo_search(AlgoSearch::Benchmark);
+    for c in cases.iter().filter(|c| c["op"] == "conv2d") {
+        run_case(c, DType::F64, &dev, 1e-9, true);
+        run_case(c, DType::F32, &dev, 1e-4, true);
+    }
+    set_algo_search(AlgoSearch::Heuristic);
 }
 
 #[test]

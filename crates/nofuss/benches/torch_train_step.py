@@ -40,6 +40,9 @@ ap.add_argument("--warmup", type=int, default=3)
 ap.add_argument("--phases", action="store_true",
                 help="also time forward (with the loss), backward and optimiser steps separately, "
                      "synchronising after each: queueing and completion time per phase")
+ap.add_argument("--profile-ops", action="store_true",
+                help="also profile `steps` steps with torch.profiler: GPU kernels' ms per step under 'ops'")
+ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
 ap.add_argument("--mode", default="train", choices=["train", "backbone"],
                 help="train: whole steps; backbone: forward (eval, no grad) and forward+backward "
                      "(train mode, sum of pooled features) of the backbone alone")
@@ -150,6 +153,7 @@ if args.mode == "backbone":
                       "forward_ms": round(f * 1e3, 2), "forward_backward_ms": round(fb * 1e3, 2)}))
     raise SystemExit(0)
 autocast = args.precision == "bf16"
+torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
 
 def queued_and_done(f):
@@ -191,7 +195,8 @@ times.sort()
 med = times[len(times) // 2]
 out = {"impl": f"PyTorch {torch.__version__} eager", "device": str(dev), "backbone": args.backbone,
        "precision": args.precision, "threads": torch.get_num_threads(), "batch": args.batch,
-       "steps": args.steps, "median_ms": round(med * 1e3, 2), "images_per_sec": round(args.batch / med, 1)}
+       "steps": args.steps, "median_ms": round(med * 1e3, 2), "images_per_sec": round(args.batch / med, 1),
+       "cudnn_algorithms": "benchmark" if args.cudnn_benchmark else "heuristic"}
 if args.phases:
     names = ["forward", "backward", "optimizer"]
     queued, done = {n: [] for n in names}, {n: [] for n in names}
@@ -208,4 +213,20 @@ if args.phases:
         for key, ts in ((f"{n}_queue_ms", queued[n]), (f"{n}_ms", done[n])):
             ts.sort()
             out[key] = round(ts[len(ts) // 2] * 1e3, 2)
+if args.profile_ops:
+    from torch.profiler import ProfilerActivity, profile
+    # GPU kernels on CUDA, operators' own CPU time on the CPU.
+    gpu = dev.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        for i in range(args.steps):
+            loss = forward()
+            backward(loss)
+            optimise()
+            loss.item()
+    own = (lambda e: e.self_device_time_total) if gpu else (lambda e: e.self_cpu_time_total)
+    kernels = [e for e in prof.key_averages() if e.device_type.name == ("CUDA" if gpu else "CPU") and own(e) > 0]
+    kernels.sort(key=lambda e: -own(e))
+    out["profiled_ops_ms"] = round(sum(own(e) for e in kernels) / 1e3 / args.steps, 2)
+    out["ops"] = [{"name": e.key[:160], "ms": round(own(e) / 1e3 / args.steps, 3),
+                   "calls": round(e.count / args.steps, 2)} for e in kernels[:60]]
 print(json.dumps(out))

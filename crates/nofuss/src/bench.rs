@@ -37,6 +37,12 @@ pub struct TrainStepBench {
     /// phase whose queueing takes about as long as its completion is bound by the host
     /// (launch overhead), not by the device.
     pub phases: bool,
+    /// Choose cuDNN's convolution algorithms by timing them all (on the warm-up's first
+    /// step) instead of taking its heuristic's pick (CUDA only).
+    pub cudnn_benchmark: bool,
+    /// Also run `steps` steps with per-operation timing ([`nofuss_tensor::profile`]) and
+    /// report each operation's milliseconds per step, largest first.
+    pub profile_ops: bool,
 }
 
 impl Default for TrainStepBench {
@@ -51,6 +57,8 @@ impl Default for TrainStepBench {
             device: "auto".into(),
             precision: Precision::F32,
             phases: false,
+            cudnn_benchmark: false,
+            profile_ops: false,
         }
     }
 }
@@ -70,6 +78,7 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         &b.device,
         b.classes,
         b.precision,
+        b.cudnn_benchmark,
     )?;
     let mut opt = model.optimizer(&cfg.optim)?;
     let size = cfg.data.image_size;
@@ -99,6 +108,7 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         "device": description,
         "backbone": b.backbone,
         "precision": b.precision.to_string(),
+        "cudnn_algorithms": if b.cudnn_benchmark { "benchmark" } else { "heuristic" },
         "batch": b.batch_size,
         "image_size": size,
         "steps": b.steps,
@@ -111,7 +121,61 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
             o.extend(p);
         }
     }
+    if b.profile_ops {
+        let ops = profile_ops(b, &dev, &model, &mut opt, &x, &y)?;
+        if let (Some(o), Value::Object(p)) = (out.as_object_mut(), ops) {
+            o.extend(p);
+        }
+    }
     Ok(out)
+}
+
+/// [`TrainStepBench::profile_ops`]: `steps` steps with per-operation timing on; the
+/// median profiled step and each operation's milliseconds and calls per step.
+fn profile_ops(
+    b: &TrainStepBench,
+    dev: &candle_core::Device,
+    model: &Model,
+    opt: &mut nofuss_tensor::optim::Optimizer,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<Value> {
+    use nofuss_tensor::profile;
+    profile::set_enabled(true);
+    profile::take();
+    let mut times = Vec::with_capacity(b.steps);
+    let run = (0..b.steps).try_for_each(|_| -> Result<()> {
+        let t = Instant::now();
+        nofuss_tensor::on_pool(dev, || -> Result<()> {
+            let loss = model.loss.loss(&model.embedder.forward(x, true)?, y)?;
+            let grads = loss.backward()?;
+            opt.step(&grads)?;
+            loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            Ok(())
+        })?;
+        times.push(t.elapsed().as_secs_f64());
+        Ok(())
+    });
+    profile::set_enabled(false);
+    let ops = profile::take();
+    run?;
+    let per_step = b.steps as f64;
+    let listed: f64 = ops.iter().map(|o| o.seconds).sum::<f64>() / per_step;
+    let ops: Vec<Value> = ops
+        .iter()
+        .map(|o| {
+            json!({
+                "name": o.name,
+                "ms": ms(o.seconds / per_step),
+                "calls": (o.calls as f64 / per_step * 100.0).round() / 100.0,
+            })
+        })
+        .collect();
+    Ok(json!({
+        "profiled_step_ms": ms(median(times)),
+        "profiled_ops_ms": ms(listed),
+        "ops": ops,
+    }))
 }
 
 /// Milliseconds rounded to two decimals.
@@ -181,8 +245,12 @@ fn setup(
     device: &str,
     classes: usize,
     precision: Precision,
+    cudnn_benchmark: bool,
 ) -> Result<(TrainConfig, String, candle_core::Device, Model, Tensor)> {
-    let mut cfg = TrainConfig::default();
+    let mut cfg = TrainConfig {
+        cudnn_benchmark,
+        ..Default::default()
+    };
     cfg.model.backbone = backbone.to_string();
     if backbone == "bn-inception" {
         cfg.data.channels = 3;
@@ -248,6 +316,7 @@ pub fn backbone(b: &BackboneBench) -> Result<Value> {
         &b.device,
         2,
         b.precision,
+        false,
     )?;
     let size = cfg.data.image_size;
     let embedder = &model.embedder;
@@ -321,6 +390,19 @@ mod tests {
             // Queued no later than done; on the CPU the work is done when queued.
             assert!(d > 0.0 && q <= d, "{phase}: {q} {d}");
         }
+        // Per-operation timing records CUDA work only: on the CPU the list is empty.
+        let v = train_step(&TrainStepBench {
+            batch_size: 4,
+            steps: 1,
+            warmup: 0,
+            device: "cpu".into(),
+            profile_ops: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(v["profiled_step_ms"].as_f64().unwrap() > 0.0);
+        assert_eq!(v["ops"].as_array().map(Vec::len), Some(0));
+        assert!(!nofuss_tensor::profile::enabled());
         let v = backbone(&BackboneBench {
             backbone: "small-cnn".into(),
             batch_size: 2,

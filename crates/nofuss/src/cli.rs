@@ -140,6 +140,14 @@ pub enum BenchCommand {
         /// after each: queueing time against completion time per phase.
         #[arg(long)]
         phases: bool,
+        /// Choose cuDNN's convolution algorithms by timing each once (PyTorch's
+        /// cudnn.benchmark) instead of its heuristic's pick (CUDA only).
+        #[arg(long)]
+        cudnn_benchmark: bool,
+        /// Also time each of nofuss's own CUDA operations (kernels and cuDNN passes) in
+        /// extra steps: milliseconds per step, largest first, under "ops".
+        #[arg(long)]
+        profile_ops: bool,
     },
 }
 
@@ -321,6 +329,10 @@ pub struct TrainArgs {
     /// Device: auto, cpu, cuda or cuda:N.
     #[arg(long)]
     pub device: Option<String>,
+    /// On CUDA, choose cuDNN's convolution algorithms by timing each once (PyTorch's
+    /// cudnn.benchmark; a slower first step) instead of its heuristic's pick.
+    #[arg(long)]
+    pub cudnn_benchmark: bool,
     /// Parent folder of run directories.
     #[arg(long, value_name = "DIR")]
     pub out_dir: Option<PathBuf>,
@@ -599,6 +611,9 @@ impl TrainArgs {
         }
         set!(c.seed, self.seed);
         set!(c.device, self.device);
+        if self.cudnn_benchmark {
+            c.cudnn_benchmark = true;
+        }
         set!(c.run.out_dir, self.out_dir);
         if self.name.is_some() {
             c.run.name = self.name.clone();
@@ -692,6 +707,8 @@ pub fn run(cli: Cli) -> Result<()> {
             device,
             precision,
             phases,
+            cudnn_benchmark,
+            profile_ops,
         }) => {
             let b = crate::bench::TrainStepBench {
                 backbone,
@@ -703,6 +720,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 device,
                 precision,
                 phases,
+                cudnn_benchmark,
+                profile_ops,
             };
             println!("{}", crate::bench::train_step(&b)?);
             Ok(())
@@ -786,6 +805,12 @@ mod tests {
         .unwrap();
         assert_eq!(c.loss.proxy_nca.form, ProxyNcaForm::Softmax);
         assert!(!c.eval.nmi);
+        assert!(!c.cudnn_benchmark);
+        let c = parse(&["train", "--cudnn-benchmark"]).resolve().unwrap();
+        assert!(c.cudnn_benchmark);
+        // It reaches the run's config.toml and reads back.
+        let back: TrainConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
+        assert!(back.cudnn_benchmark);
     }
 
     #[test]

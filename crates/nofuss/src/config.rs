@@ -286,6 +286,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// On CUDA, choose each convolution shape's cuDNN algorithm by timing them all once
+    /// (PyTorch's `cudnn.benchmark`) instead of taking cuDNN's heuristic pick.
+    pub cudnn_benchmark: bool,
     /// Data.
     pub data: DataConfig,
     /// Model.
@@ -305,6 +308,7 @@ impl Default for TrainConfig {
         Self {
             seed: 0,
             device: "auto".into(),
+            cudnn_benchmark: false,
             data: DataConfig::default(),
             model: ModelConfig::default(),
             loss: LossConfig::default(),

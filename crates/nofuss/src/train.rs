@@ -212,6 +212,11 @@ impl Model {
                     .into(),
             ));
         }
+        nofuss_tensor::conv::set_algo_search(if cfg.cudnn_benchmark {
+            nofuss_tensor::conv::AlgoSearch::Benchmark
+        } else {
+            nofuss_tensor::conv::AlgoSearch::Heuristic
+        });
         let params = SeededVarMap::new(cfg.seed);
         let vb = params.var_builder(DType::F32, device);
         let backbone: Box<dyn Backbone> = match cfg.model.backbone.as_str() {
