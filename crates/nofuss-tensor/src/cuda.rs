@@ -811,47 +811,92 @@ fn with_raw_handle<R>(
     find(handle)
 }
 
-/// The fastest algorithm of a `cudnnFind*` call's results (sorted by time, failures
-/// included): the first that ran.
-fn fastest<P, A: Copy>(
-    perf: &[P],
-    count: i32,
-    status: impl Fn(&P) -> cudnn_sys::cudnnStatus_t,
-    algo: impl Fn(&P) -> A,
+/// One `cudnnFind*` call for `key`'s convolution (elements `T`, arithmetic `C`) on this
+/// thread's raw handle, with room for `N` results; the fastest algorithm that ran (the
+/// results come sorted by time, failures included). `call` gets the handle, the
+/// descriptors, the result count and the results.
+fn find_fastest<T: CudnnDataType, C: CudnnDataType, P, A, const N: usize>(
+    dev: &CudaDevice,
+    key: &ConvKey,
+    math: cudnn_sys::cudnnMathType_t,
+    what: &'static str,
+    call: impl FnOnce(cudnn_sys::cudnnHandle_t, &RawConv, &mut i32, *mut P) -> cudnn_sys::cudnnStatus_t,
+    result: impl Fn(&P) -> (cudnn_sys::cudnnStatus_t, A),
 ) -> Result<A> {
-    perf.iter()
-        .take(count.max(0) as usize)
-        .find(|p| status(p) == cudnn_sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
-        .map(algo)
-        .ok_or_else(|| candle_core::Error::Msg("cuDNN find: no algorithm ran".into()))
+    let raw = RawConv::new::<T, C>(key, math)?;
+    with_raw_handle(dev, |h| {
+        let mut count = 0i32;
+        // SAFETY: plain-old-data results, written by cuDNN.
+        let mut perf: [P; N] = unsafe { std::mem::zeroed() };
+        call(h, &raw, &mut count, perf.as_mut_ptr())
+            .result()
+            .map_err(cudnn_err(what))?;
+        perf.iter()
+            .take(count.clamp(0, N as i32) as usize)
+            .map(&result)
+            .find(|(status, _)| *status == cudnn_sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
+            .map(|(_, algo)| algo)
+            .ok_or_else(|| candle_core::Error::Msg(format!("cuDNN {what}: no algorithm ran")))
+    })
 }
 
-/// `AlgoSearch::Benchmark`'s choice: every algorithm of the pass timed once by cuDNN
-/// (`cudnnFind*`, on scratch buffers it allocates), the fastest kept.
-macro_rules! find_algorithm {
-    ($dev:ident, $key:ident, $math:ident, $T:ty, $C:ty, $find:ident, $perf:ty, $n:literal, |$h:ident, $r:ident, $cnt:ident, $p:ident| $call:expr) => {{
-        let $r = RawConv::new::<$T, $C>(&$key, $math)?;
-        with_raw_handle($dev, |$h| {
-            let mut $cnt = 0i32;
-            // SAFETY: plain-old-data results, written by cuDNN.
-            let mut perf: [$perf; $n] = unsafe { std::mem::zeroed() };
-            let $p = perf.as_mut_ptr();
-            // SAFETY: descriptors and handle are live; `perf` holds `$n` results.
-            unsafe { $call }
-                .result()
-                .map_err(cudnn_err(stringify!($find)))?;
-            fastest(&perf, $cnt, |p| p.status, |p| p.algo)
-        })
-    }};
+/// `AlgoSearch::Benchmark`'s choice for a convolution pass: every algorithm timed once by
+/// cuDNN (`cudnnFind*`, on scratch buffers it allocates), the fastest kept.
+trait FindFastest {
+    /// The pass's algorithm enum.
+    type Algo;
+    /// The fastest algorithm for `key` under `math`.
+    fn find_fastest(
+        &self,
+        dev: &CudaDevice,
+        key: &ConvKey,
+        math: cudnn_sys::cudnnMathType_t,
+    ) -> Result<Self::Algo>;
+}
+
+/// Implements [`FindFastest`] for a pass: its op type, algorithm and result types, how
+/// many algorithms it has, its `cudnnFind*` function and that function's four
+/// descriptors in order (fields of [`RawConv`]).
+macro_rules! find_fastest_for {
+    ($($op:ident, $algo:ident, $perf:ident, $n:literal, $find:ident, $what:literal, [$a:ident, $b:ident, $c:ident, $d:ident];)*) => {$(
+        impl<X: CudnnDataType, C: CudnnDataType, Y: CudnnDataType> FindFastest for $op<'_, X, C, Y> {
+            type Algo = cudnn_sys::$algo;
+            fn find_fastest(
+                &self,
+                dev: &CudaDevice,
+                key: &ConvKey,
+                math: cudnn_sys::cudnnMathType_t,
+            ) -> Result<Self::Algo> {
+                find_fastest::<X, C, cudnn_sys::$perf, _, $n>(
+                    dev,
+                    key,
+                    math,
+                    $what,
+                    // SAFETY: live descriptors and handle; room for `$n` results.
+                    |h, r, n, p| unsafe { cudnn_sys::$find(h, r.$a, r.$b, r.$c, r.$d, $n, n, p) },
+                    |p| (p.status, p.algo),
+                )
+            }
+        }
+    )*};
+}
+
+find_fastest_for! {
+    ConvForward, cudnnConvolutionFwdAlgo_t, cudnnConvolutionFwdAlgoPerf_t, 8,
+        cudnnFindConvolutionForwardAlgorithm, "forward algorithm search", [x, w, conv, y];
+    ConvBackwardData, cudnnConvolutionBwdDataAlgo_t, cudnnConvolutionBwdDataAlgoPerf_t, 6,
+        cudnnFindConvolutionBackwardDataAlgorithm, "backward-data algorithm search", [w, y, conv, x];
+    ConvBackwardFilter, cudnnConvolutionBwdFilterAlgo_t, cudnnConvolutionBwdFilterAlgoPerf_t, 7,
+        cudnnFindConvolutionBackwardFilterAlgorithm, "backward-filter algorithm search", [x, y, conv, w];
 }
 
 /// cuDNN's algorithm for `$op` (cached per shape), heuristic or timed as `$key.benchmark`
 /// says, and a workspace for it.
 macro_rules! algo_and_workspace {
-    ($op:ident, $cache:ident, $key:ident, $dev:ident, $what:literal, $find:expr) => {{
+    ($op:ident, $cache:ident, $key:ident, $dev:ident, $math:ident, $what:literal) => {{
         let algo = cached(&$cache, &$key, || {
             if $key.benchmark {
-                ($find)()
+                $op.find_fastest($dev, &$key, $math)
             } else {
                 $op.pick_algorithm()
                     .map_err(cudnn_err(concat!($what, " algorithm")))
@@ -920,22 +965,7 @@ where
                 w: &wd,
                 y: &yd,
             };
-            let find = || {
-                find_algorithm!(
-                    dev,
-                    key,
-                    math,
-                    T,
-                    C,
-                    cudnnFindConvolutionForwardAlgorithm,
-                    cudnn_sys::cudnnConvolutionFwdAlgoPerf_t,
-                    8,
-                    |h, r, n, p| cudnn_sys::cudnnFindConvolutionForwardAlgorithm(
-                        h, r.x, r.w, r.conv, r.y, 8, &mut n, p
-                    )
-                )
-            };
-            let (algo, mut ws) = algo_and_workspace!(op, FWD_ALGOS, key, dev, "forward", find);
+            let (algo, mut ws) = algo_and_workspace!(op, FWD_ALGOS, key, dev, math, "forward");
             let (xv, wv) = (view::<T>(x.0, x.1)?, view::<T>(w.0, w.1)?);
             // SAFETY: every element is written by cuDNN.
             let mut y = unsafe { dev.alloc::<T>(numel(key.y))? };
@@ -957,23 +987,8 @@ where
                 w: &wd,
                 dy: &yd,
             };
-            let find = || {
-                find_algorithm!(
-                    dev,
-                    key,
-                    math,
-                    T,
-                    C,
-                    cudnnFindConvolutionBackwardDataAlgorithm,
-                    cudnn_sys::cudnnConvolutionBwdDataAlgoPerf_t,
-                    6,
-                    |h, r, n, p| cudnn_sys::cudnnFindConvolutionBackwardDataAlgorithm(
-                        h, r.w, r.y, r.conv, r.x, 6, &mut n, p
-                    )
-                )
-            };
             let (algo, mut ws) =
-                algo_and_workspace!(op, BWD_DATA_ALGOS, key, dev, "backward-data", find);
+                algo_and_workspace!(op, BWD_DATA_ALGOS, key, dev, math, "backward-data");
             let (dyv, wv) = (view::<T>(dy.0, dy.1)?, view::<T>(w.0, w.1)?);
             // SAFETY: every element is written by cuDNN (beta = 0).
             let mut dx = unsafe { dev.alloc::<T>(numel(key.x))? };
@@ -995,23 +1010,8 @@ where
                 dw: &wd,
                 dy: &yd,
             };
-            let find = || {
-                find_algorithm!(
-                    dev,
-                    key,
-                    math,
-                    T,
-                    C,
-                    cudnnFindConvolutionBackwardFilterAlgorithm,
-                    cudnn_sys::cudnnConvolutionBwdFilterAlgoPerf_t,
-                    7,
-                    |h, r, n, p| cudnn_sys::cudnnFindConvolutionBackwardFilterAlgorithm(
-                        h, r.x, r.y, r.conv, r.w, 7, &mut n, p
-                    )
-                )
-            };
             let (algo, mut ws) =
-                algo_and_workspace!(op, BWD_FILTER_ALGOS, key, dev, "backward-filter", find);
+                algo_and_workspace!(op, BWD_FILTER_ALGOS, key, dev, math, "backward-filter");
             let (xv, dyv) = (view::<T>(x.0, x.1)?, view::<T>(dy.0, dy.1)?);
             // Zeroed: some algorithms accumulate.
             let mut dw = dev.alloc_zeros::<T>(numel(key.w))?;

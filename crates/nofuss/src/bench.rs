@@ -80,24 +80,23 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         b.precision,
         b.cudnn_benchmark,
     )?;
-    let mut opt = model.optimizer(&cfg.optim)?;
+    let opt = model.optimizer(&cfg.optim)?;
     let size = cfg.data.image_size;
     let labels: Vec<u32> = (0..b.batch_size as u32)
         .map(|i| i % b.classes as u32)
         .collect();
     let y = Tensor::from_vec(labels, b.batch_size, &dev)?;
+    let mut run = Steps {
+        dev: &dev,
+        model: &model,
+        opt,
+        x: &x,
+        y: &y,
+    };
     let mut times = Vec::with_capacity(b.steps);
     for i in 0..b.steps + b.warmup {
         let t = Instant::now();
-        // As the trainer runs a step (on rayon's pool on the CPU).
-        nofuss_tensor::on_pool(&dev, || -> Result<()> {
-            let loss = model.loss.loss(&model.embedder.forward(&x, true)?, &y)?;
-            let grads = loss.backward()?;
-            opt.step(&grads)?;
-            // Reading the loss waits for the device.
-            loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            Ok(())
-        })?;
+        run.step()?;
         if i >= b.warmup {
             times.push(t.elapsed().as_secs_f64());
         }
@@ -116,13 +115,13 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         "images_per_sec": (b.batch_size as f64 / med * 10.0).round() / 10.0,
     });
     if b.phases {
-        let phases = time_phases(b, &dev, &model, &mut opt, &x, &y)?;
+        let phases = time_phases(b, &mut run)?;
         if let (Some(o), Value::Object(p)) = (out.as_object_mut(), phases) {
             o.extend(p);
         }
     }
     if b.profile_ops {
-        let ops = profile_ops(b, &dev, &model, &mut opt, &x, &y)?;
+        let ops = profile_ops(b, &mut run)?;
         if let (Some(o), Value::Object(p)) = (out.as_object_mut(), ops) {
             o.extend(p);
         }
@@ -132,27 +131,14 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
 
 /// [`TrainStepBench::profile_ops`]: `steps` steps with per-operation timing on; the
 /// median profiled step and each operation's milliseconds and calls per step.
-fn profile_ops(
-    b: &TrainStepBench,
-    dev: &candle_core::Device,
-    model: &Model,
-    opt: &mut nofuss_tensor::optim::Optimizer,
-    x: &Tensor,
-    y: &Tensor,
-) -> Result<Value> {
+fn profile_ops(b: &TrainStepBench, run: &mut Steps<'_>) -> Result<Value> {
     use nofuss_tensor::profile;
     profile::set_enabled(true);
     profile::take();
     let mut times = Vec::with_capacity(b.steps);
     let run = (0..b.steps).try_for_each(|_| -> Result<()> {
         let t = Instant::now();
-        nofuss_tensor::on_pool(dev, || -> Result<()> {
-            let loss = model.loss.loss(&model.embedder.forward(x, true)?, y)?;
-            let grads = loss.backward()?;
-            opt.step(&grads)?;
-            loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            Ok(())
-        })?;
+        run.step()?;
         times.push(t.elapsed().as_secs_f64());
         Ok(())
     });
@@ -178,6 +164,30 @@ fn profile_ops(
     }))
 }
 
+/// What the timed steps run: device, model, optimiser and the synthetic batch.
+struct Steps<'a> {
+    dev: &'a candle_core::Device,
+    model: &'a Model,
+    opt: nofuss_tensor::optim::Optimizer,
+    x: &'a Tensor,
+    y: &'a Tensor,
+}
+
+impl Steps<'_> {
+    /// One training step as the trainer runs it (on rayon's pool on the CPU), ended by
+    /// reading the loss, which waits for the device.
+    fn step(&mut self) -> Result<()> {
+        let (model, opt, x, y) = (self.model, &mut self.opt, self.x, self.y);
+        nofuss_tensor::on_pool(self.dev, || -> Result<()> {
+            let loss = model.loss.loss(&model.embedder.forward(x, true)?, y)?;
+            let grads = loss.backward()?;
+            opt.step(&grads)?;
+            loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            Ok(())
+        })
+    }
+}
+
 /// Milliseconds rounded to two decimals.
 fn ms(seconds: f64) -> f64 {
     (seconds * 1e5).round() / 100.0
@@ -199,15 +209,10 @@ fn queued_and_done<T: Send>(
 /// [`TrainStepBench::phases`]: `steps` more steps after `warmup` more, the device waited
 /// for after each phase; per phase the median time to queue it (`{phase}_queue_ms`) and
 /// to finish it (`{phase}_ms`).
-fn time_phases(
-    b: &TrainStepBench,
-    dev: &candle_core::Device,
-    model: &Model,
-    opt: &mut nofuss_tensor::optim::Optimizer,
-    x: &Tensor,
-    y: &Tensor,
-) -> Result<Value> {
+fn time_phases(b: &TrainStepBench, run: &mut Steps<'_>) -> Result<Value> {
     const PHASES: [&str; 3] = ["forward", "backward", "optimizer"];
+    let (dev, model, x, y) = (run.dev, run.model, run.x, run.y);
+    let opt = &mut run.opt;
     let mut queued = vec![Vec::new(); 3];
     let mut done = vec![Vec::new(); 3];
     for i in 0..b.steps + b.warmup {
