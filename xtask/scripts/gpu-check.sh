@@ -3,10 +3,14 @@
 # xtask/scripts/gpu-bundle.sh filled .gpu/: CUDA parity tests (custom ops, optimisers,
 # BN-Inception, losses), then nofuss's and PyTorch's training-step benchmarks and the
 # SOP-scale kNN in the same call, and a summary table. Builds nothing. Everything goes under $OUT (default: ./gpu-out).
-# Usage: OUT=dir xtask/scripts/gpu-check.sh [quick]     (quick: fewer steps)
+# Usage: OUT=dir xtask/scripts/gpu-check.sh [quick] [profile]
+#   quick: fewer steps; profile: then xtask/scripts/gpu-profile.sh in the time left.
 set -u
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
-STEPS=10; [ "${1:-}" = quick ] && STEPS=3
+STEPS=10; PROFILE=0
+for a in "$@"; do
+  case "$a" in quick) STEPS=3 ;; profile) PROFILE=1 ;; *) echo "unknown option $a" >&2; exit 2 ;; esac
+done
 PY="${PYTHON:-python3}"
 source "$(dirname "$0")/gpu-env.sh"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -20,7 +24,7 @@ for t in ops_parity optim_parity bn_inception_parity reference_parity; do
   echo "rc=$? ($t)" >> "$OUT/parity.txt"
 done
 B="$OUT/bench.jsonl"; : > "$B"
-run() { limited 120 "$@" >> "$B" 2>> "$OUT/bench.err" || echo "failed: $*" >> "$OUT/bench.err"; }
+run() { limited 120 "$@" >> "$B" 2>> "$OUT/errors.txt" || echo "failed: $*" >> "$OUT/errors.txt"; }
 for cfg in "32 f32" "128 f32" "128 bf16" "32 bf16"; do
   set -- $cfg
   run .gpu/nofuss bench train-step --backbone bn-inception --batch-size "$1" --precision "$2" --steps "$STEPS" --device cuda
@@ -32,8 +36,8 @@ run $PY crates/nofuss/benches/torch_train_step.py 256 "$STEPS" --device cuda --c
 # time against completion time (host-bound where they are about equal).
 P="$OUT/phases.jsonl"; : > "$P"
 for n in 32 128; do
-  limited 120 .gpu/nofuss bench train-step --backbone bn-inception --batch-size $n --steps 5 --device cuda --phases >> "$P" 2>> "$OUT/bench.err"
-  limited 120 $PY crates/nofuss/benches/torch_train_step.py $n 5 --backbone bn-inception --device cuda --classes 100 --phases >> "$P" 2>> "$OUT/bench.err"
+  limited 120 .gpu/nofuss bench train-step --backbone bn-inception --batch-size $n --steps 5 --device cuda --phases >> "$P" 2>> "$OUT/errors.txt"
+  limited 120 $PY crates/nofuss/benches/torch_train_step.py $n 5 --backbone bn-inception --device cuda --classes 100 --phases >> "$P" 2>> "$OUT/errors.txt"
 done
 # SOP-scale evaluation: 60,502 synthetic 64-d embeddings in 11,316 classes, exact kNN and
 # Recall@{1,10,100,1000} on the GPU, nofuss-eval then PyTorch (matmul + topk).
@@ -80,3 +84,7 @@ for r in phases:
     print(f"| {r.get('impl')} | {r.get('batch')} | {cell('forward')} | {cell('backward')} | {cell('optimizer')} |")
 PYEOF
 cat "$OUT/summary.md"; grep -h "test result\|rc=" "$OUT/parity.txt"
+if [ "$PROFILE" = 1 ]; then
+  GPU_CHECK_SECONDS=$((DEADLINE - SECONDS)) "$(dirname "$0")/gpu-profile.sh" > /dev/null
+  echo "profile: $OUT/profile.md ($(grep -c '^## ' "$OUT/profile.md" 2>/dev/null || echo 0) runs)"
+fi

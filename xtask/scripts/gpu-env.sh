@@ -2,6 +2,7 @@
 # set: unpacks the .gpu/ bundle, puts the CUDA libraries of PyTorch's wheels (cuBLAS,
 # cuDNN, ...) on the library path for the nofuss binaries, and defines `limited`, which
 # runs a command under a deadline shared by the whole script.
+LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}"
 NV="$($PY -c 'import os, nvidia; print(os.path.dirname(list(nvidia.__path__)[0] + "/x"))' 2>/dev/null)"
 CUDNN_DIR="$(find "${NV:-/nonexistent}" -name 'libcudnn.so.9' -printf '%h\n' 2>/dev/null | head -1)"
 for d in /usr/local/nvidia/lib64 /usr/local/cuda/lib64 "$CUDNN_DIR" "$NV"/cudnn/lib "$NV"/cu13/lib; do

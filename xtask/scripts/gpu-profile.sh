@@ -4,7 +4,8 @@
 # Per configuration, nofuss's step with each of its CUDA operations timed
 # (`--profile-ops`) and PyTorch's step under torch.profiler, both with cuDNN's heuristic
 # and with timed algorithm choice (`--cudnn-benchmark`). Writes $OUT/profile.jsonl
-# (one JSON line per run) and $OUT/profile.md (the largest operations of each run).
+# (one JSON line per run), $OUT/profile.md (the largest operations of each run) and the
+# commands' stderr to $OUT/errors.txt.
 # Usage: OUT=dir xtask/scripts/gpu-profile.sh [BATCH:PRECISION ...]   (default 128:f32 32:f32 32:bf16)
 set -u
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
@@ -16,9 +17,9 @@ for cfg in "${configs[@]}"; do
   n="${cfg%%:*}"; p="${cfg##*:}"
   for algo in "" --cudnn-benchmark; do
     limited 120 .gpu/nofuss bench train-step --backbone bn-inception --batch-size "$n" --precision "$p" \
-      --steps 10 --device cuda --profile-ops $algo >> "$J" 2>> "$OUT/profile.err" || echo "failed: nofuss $cfg $algo" >> "$OUT/profile.err"
+      --steps 10 --device cuda --profile-ops $algo >> "$J" 2>> "$OUT/errors.txt" || echo "failed: nofuss $cfg $algo" >> "$OUT/errors.txt"
     limited 120 $PY crates/nofuss/benches/torch_train_step.py "$n" 10 --backbone bn-inception --device cuda \
-      --classes 100 --precision "$p" --profile-ops $algo >> "$J" 2>> "$OUT/profile.err" || echo "failed: torch $cfg $algo" >> "$OUT/profile.err"
+      --classes 100 --precision "$p" --profile-ops $algo >> "$J" 2>> "$OUT/errors.txt" || echo "failed: torch $cfg $algo" >> "$OUT/errors.txt"
   done
 done
 $PY - "$J" > "$OUT/profile.md" <<'PYEOF'
