@@ -29,10 +29,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let repeats: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(20);
+    // Flags (cargo passes `--bench`) and the repeat count aside, every word names a loss.
     let only: Vec<&String> = args
         .iter()
-        .filter(|a| LOSSES.contains(&a.as_str()))
+        .filter(|a| !a.starts_with('-') && a.parse::<usize>().is_err())
         .collect();
+    if let Some(bad) = only.iter().find(|a| !LOSSES.contains(&a.as_str())) {
+        return Err(format!("unknown loss {bad:?}; the losses are {}", LOSSES.join(", ")).into());
+    }
     let dev = Device::Cpu;
     for loss in LOSSES {
         if !only.is_empty() && !only.iter().any(|o| *o == loss) {

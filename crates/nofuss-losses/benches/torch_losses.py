@@ -49,8 +49,12 @@ def proxy_triplet_hard10(x, y, p):
     return torch.relu(pos + 0.1 - hard).mean(1).mean()
 
 
-for name, fn in [("proxy-nca", proxy_nca), ("proxy-triplet", proxy_triplet),
-                 ("proxy-triplet-hard10", proxy_triplet_hard10)]:
+cases = [("proxy-nca", proxy_nca), ("proxy-triplet", proxy_triplet),
+         ("proxy-triplet-hard10", proxy_triplet_hard10)]
+unknown = [o for o in only if o not in dict(cases)]
+if unknown:
+    sys.exit(f"unknown loss {unknown[0]!r}; the losses are {', '.join(n for n, _ in cases)}")
+for name, fn in cases:
     if only and name not in only:
         continue
     for n in (32, 256):
