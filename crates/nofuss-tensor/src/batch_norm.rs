@@ -373,12 +373,12 @@ impl CustomOp1 for Stats {
                     let m = g.count() as f64;
                     let mean = g
                         .planes(x, ch)
-                        .map(|p| p.iter().map(|v| v.to_f64()).sum::<f64>())
+                        .map(|p| lane_sums(p, |v| [v.to_f64()])[0])
                         .sum::<f64>()
                         / m;
                     let var = g
                         .planes(x, ch)
-                        .map(|p| p.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>())
+                        .map(|p| lane_sums(p, |v| [(v.to_f64() - mean).powi(2)])[0])
                         .sum::<f64>()
                         / m;
                     (mean, var)
@@ -511,6 +511,70 @@ impl CustomOp3 for Apply {
     }
 }
 
+/// Independent f64 accumulators per sum in [`lane_sums`] and [`lane_sums3`]: no addition
+/// waits for the one before and the compiler vectorises the loop (a single running sum
+/// is one dependent addition per element). Lanes are added up in a fixed order, so the
+/// result is the same every run.
+const LANES: usize = 8;
+
+/// The `K` sums of `f` over `xs`, each in [`LANES`] interleaved partial sums.
+#[inline(always)]
+fn lane_sums<T: Copy, const K: usize>(xs: &[T], f: impl Fn(T) -> [f64; K]) -> [f64; K] {
+    let mut acc = [[0f64; LANES]; K];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (j, &v) in c.iter().enumerate() {
+            for (a, t) in acc.iter_mut().zip(f(v)) {
+                a[j] += t;
+            }
+        }
+    }
+    finish_lanes(acc, rest.iter().map(|&v| f(v)))
+}
+
+/// [`lane_sums`] over three slices of one length, element by element.
+#[inline(always)]
+fn lane_sums3<T: Copy, const K: usize>(
+    xs: &[T],
+    ys: &[T],
+    zs: &[T],
+    f: impl Fn(T, T, T) -> [f64; K],
+) -> [f64; K] {
+    let n = xs.len().min(ys.len()).min(zs.len());
+    let (xs, ys, zs) = (&xs[..n], &ys[..n], &zs[..n]);
+    let mut acc = [[0f64; LANES]; K];
+    let split = n - n % LANES;
+    for ((cx, cy), cz) in xs[..split]
+        .chunks_exact(LANES)
+        .zip(ys[..split].chunks_exact(LANES))
+        .zip(zs[..split].chunks_exact(LANES))
+    {
+        for j in 0..LANES {
+            for (a, t) in acc.iter_mut().zip(f(cx[j], cy[j], cz[j])) {
+                a[j] += t;
+            }
+        }
+    }
+    let rest = (split..n).map(|i| f(xs[i], ys[i], zs[i]));
+    finish_lanes(acc, rest)
+}
+
+/// The lanes' totals (added in lane order), then the elements past the last full chunk.
+#[inline(always)]
+fn finish_lanes<const K: usize>(
+    acc: [[f64; LANES]; K],
+    rest: impl Iterator<Item = [f64; K]>,
+) -> [f64; K] {
+    let mut out = acc.map(|lanes| lanes.iter().sum::<f64>());
+    for t in rest {
+        for (o, v) in out.iter_mut().zip(t) {
+            *o += v;
+        }
+    }
+    out
+}
+
 /// The output gradient where the (rectified) output is positive, else zero: PyTorch's
 /// ReLU gradient, also at NaN.
 #[inline]
@@ -557,12 +621,12 @@ impl CustomOp3 for GradSums {
                     let planes = g.planes(x, ch).zip(g.planes(dy, ch)).zip(g.planes(y, ch));
                     for ((xp, dp), yp) in planes {
                         let n = xp.len().min(dp.len()).min(yp.len());
-                        let (xp, dp, yp) = (&xp[..n], &dp[..n], &yp[..n]);
-                        for i in 0..n {
-                            let d = masked(dp[i].to_f64(), yp[i].to_f64(), relu);
-                            sum += d;
-                            sum_xhat += d * (xp[i].to_f64() - mu) * is;
-                        }
+                        let [a, b] = lane_sums3(&xp[..n], &dp[..n], &yp[..n], |xv, dv, yv| {
+                            let d = masked(dv.to_f64(), yv.to_f64(), relu);
+                            [d, d * (xv.to_f64() - mu) * is]
+                        });
+                        sum += a;
+                        sum_xhat += b;
                     }
                     (sum, sum_xhat)
                 })
