@@ -364,6 +364,7 @@ impl CustomOp1 for Stats {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         let g = Geom::from_dims(l.dims())?;
         let stats: Vec<(f64, f64)> = with_cpu_dtype!(s.dtype(), T, {
             let x = slice::<T>(s, l)?;
@@ -425,6 +426,7 @@ impl CustomOp3 for Apply {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         let g = Geom::from_dims(l1.dims())?;
         let (gamma, beta) = (to_f64s(s2, l2)?, to_f64s(s3, l3)?);
         let (mean, invstd) = self.stats.host()?;
@@ -606,6 +608,7 @@ impl CustomOp3 for GradSums {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         let g = Geom::from_dims(l1.dims())?;
         let (mean, invstd) = self.stats.host()?;
         let c = g.c;
@@ -682,6 +685,7 @@ impl CustomOp3 for GradInput {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         let g = Geom::from_dims(l1.dims())?;
         let (mean, invstd) = self.stats.host()?;
         let gamma = host_f64s(&self.gamma)?;
@@ -767,6 +771,7 @@ impl InplaceOp2 for UpdateRunning {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         let Some((a, b)) = l1.contiguous_offsets() else {
             candle_core::bail!("running statistics must be contiguous");
         };

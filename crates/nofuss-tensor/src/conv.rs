@@ -499,6 +499,7 @@ mod cpu_ops {
             s2: &CpuStorage,
             l2: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
+            let _timer = crate::profile::HostTimer::start(self.name());
             let Self(g, pass) = self;
             let out = float_op!(s1, self.name(), |T| {
                 let (a, b) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
@@ -630,6 +631,7 @@ mod cudnn_ops {
             _: &CpuStorage,
             _: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
+            let _timer = crate::profile::HostTimer::start(self.name());
             candle_core::bail!(
                 "{} runs on CUDA only (CPU tensors use candle's convolution)",
                 self.name()

@@ -178,6 +178,7 @@ impl InplaceOp3 for UpdateState {
         ps: &CpuStorage,
         pl: &Layout,
     ) -> Result<()> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         let (a0, a1) = offsets(l, "state")?;
         let args = self.0;
         cpu_step!(s, a0..a1, |st, T| {
@@ -228,6 +229,7 @@ impl InplaceOp3 for UpdateParam {
         ss: &CpuStorage,
         sl: &Layout,
     ) -> Result<()> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         let (p0, p1) = offsets(l, "parameter")?;
         let args = self.0;
         cpu_step!(p, p0..p1, |param, T| {

@@ -57,6 +57,7 @@ impl CustomOp1 for L2Normalize {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         let (_, d) = l.shape().dims2()?;
         with_cpu_dtype!(s.dtype(), T, {
             let x = slice::<T>(s, l)?;
@@ -103,6 +104,7 @@ impl CustomOp2 for L2NormalizeBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         let (_, d) = l1.shape().dims2()?;
         let fwd = L2Normalize { scale: self.scale };
         with_cpu_dtype!(s1.dtype(), T, {
@@ -198,6 +200,7 @@ impl CustomOp3 for SqDist {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         let (_, p) = l1.shape().dims2()?;
         with_cpu_dtype!(s1.dtype(), T, {
             let ab = slice::<T>(s1, l1)?;
@@ -266,6 +269,7 @@ impl CustomOp2 for SqDistBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         with_cpu_dtype!(s1.dtype(), T, {
             let g = slice::<T>(s1, l1)?;
             let d = slice::<T>(s2, l2)?;

@@ -321,6 +321,7 @@ impl CustomOp1 for MaxPool {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         let g = Geom::new(l.dims(), &self.pool)?;
         with_cpu_dtype!(s.dtype(), T, {
             let x = slice::<T>(s, l)?;
@@ -389,6 +390,7 @@ impl CustomOp1 for MaxPoolBwd {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         let g = self.geom;
         let guard = self.saved.lock().map_err(|_| Self::missing())?;
         let Some(Argmax::Cpu(idx)) = guard.as_ref() else {
@@ -428,6 +430,7 @@ impl CustomOp1 for AvgPool {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         let g = Geom::new(l.dims(), &self.pool)?;
         with_cpu_dtype!(s.dtype(), T, {
             let x = slice::<T>(s, l)?;
@@ -481,6 +484,7 @@ impl CustomOp1 for AvgPoolBwd {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         let g = self.geom;
         with_cpu_dtype!(s.dtype(), T, {
             let dy = slice::<T>(s, l)?;

@@ -1,14 +1,15 @@
 //! Where the GPU time of a step goes: per-operation timing of nofuss's own CUDA work.
 //!
-//! When [`set_enabled`] is on, every kernel of this crate (batch norm, pooling, the loss
-//! and optimiser kernels, by kernel name) and every cuDNN convolution (by pass, shapes
-//! and the algorithm cuDNN runs) waits for the device before and after it runs, and adds
-//! the time to a table that [`take`] returns, largest first. What is left of a profiled
-//! step's time went to candle's own operations (copies, concatenation, element-wise
-//! arithmetic, matrix products) and to the waits themselves. The waits serialise host and
-//! device, so a profiled step is slower than a plain one: compare the operations with
-//! each other. Off (the default), an operation pays one relaxed atomic load. CPU work is
-//! not recorded.
+//! When [`set_enabled`] is on, every CUDA kernel of this crate (batch norm, pooling, the
+//! loss and optimiser kernels, by kernel name) and every cuDNN convolution (by pass,
+//! shapes and the algorithm cuDNN runs) waits for the device before and after it runs,
+//! and adds the time to a table that [`take`] returns, largest first; on the CPU each of
+//! the crate's operations is timed by its name (`nofuss-batch-norm-stats`, ...). What is
+//! left of a profiled step's time went to candle's own operations (copies,
+//! concatenation, element-wise arithmetic, matrix products, gradient sums) and, on a GPU,
+//! to the waits themselves. The waits serialise host and device, so a profiled GPU step is
+//! slower than a plain one: compare the operations with each other. Off (the default), an
+//! operation pays one relaxed atomic load.
 //!
 //! ```
 //! use nofuss_tensor::profile;
@@ -74,6 +75,25 @@ pub fn take() -> Vec<OpTime> {
         .collect();
     ops.sort_by(|a, b| b.seconds.total_cmp(&a.seconds).then(a.name.cmp(&b.name)));
     ops
+}
+
+/// Times one CPU operation from `start` until dropped, when timing is on (CPU work is
+/// done when its call returns: no wait needed).
+pub(crate) struct HostTimer(Option<(&'static str, std::time::Instant)>);
+
+impl HostTimer {
+    /// Starts timing the operation `name` (nothing when timing is off).
+    pub(crate) fn start(name: &'static str) -> Self {
+        Self(enabled().then(|| (name, std::time::Instant::now())))
+    }
+}
+
+impl Drop for HostTimer {
+    fn drop(&mut self) {
+        if let Some((name, t)) = self.0.take() {
+            record(name, t.elapsed().as_secs_f64());
+        }
+    }
 }
 
 /// Runs `f` between two waits for `dev` and records it under `name()` when timing is on;

@@ -393,6 +393,7 @@ impl CustomOp2 for NcaRows {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         let (n, p) = l1.shape().dims2()?;
         let labels = slice::<u32>(s2, l2)?;
         with_real!(s1.dtype(), T, {
@@ -459,6 +460,7 @@ impl CustomOp3 for NcaRowsBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         let (_, p) = l1.shape().dims2()?;
         let labels = self.labels.to_vec1::<u32>()?;
         with_real!(s1.dtype(), T, {
@@ -594,6 +596,7 @@ impl CustomOp3 for ProxyRows {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         let labels = slice::<u32>(s3, l3)?;
         with_real!(s1.dtype(), T, {
             let pts = Points::<T>::new(s1, l1, s2, l2)?;
@@ -661,6 +664,7 @@ impl CustomOp2 for ProxyRowsBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timer = crate::profile::HostTimer::start(self.name());
         with_real!(s1.dtype(), T, {
             let pts = Points::<T>::new(s1, l1, s2, l2)?;
             let (n, np, dim) = (pts.n, pts.np, pts.dim);

@@ -395,18 +395,31 @@ mod tests {
             // Queued no later than done; on the CPU the work is done when queued.
             assert!(d > 0.0 && q <= d, "{phase}: {q} {d}");
         }
-        // Per-operation timing records CUDA work only: on the CPU the list is empty.
+        // Per-operation timing: on the CPU each of nofuss-tensor's operations by name,
+        // once per call (a small-CNN step: 3 blocks, each a convolution, batch norm and
+        // max pool forward and backward).
         let v = train_step(&TrainStepBench {
             batch_size: 4,
-            steps: 1,
+            steps: 2,
             warmup: 0,
             device: "cpu".into(),
             profile_ops: true,
             ..Default::default()
         })
         .unwrap();
-        assert!(v["profiled_step_ms"].as_f64().unwrap() > 0.0);
-        assert_eq!(v["ops"].as_array().map(Vec::len), Some(0));
+        let step = v["profiled_step_ms"].as_f64().unwrap();
+        let listed = v["profiled_ops_ms"].as_f64().unwrap();
+        assert!(step > 0.0 && listed > 0.0 && listed <= step * 1.01, "{v}");
+        let ops = v["ops"].as_array().unwrap();
+        let calls = |name: &str| {
+            ops.iter()
+                .find(|o| o["name"] == name)
+                .map(|o| o["calls"].as_f64().unwrap())
+        };
+        assert_eq!(calls("nofuss-batch-norm-stats"), Some(3.0), "{v}");
+        assert_eq!(calls("nofuss-max-pool2d"), Some(3.0), "{v}");
+        let ms: Vec<f64> = ops.iter().map(|o| o["ms"].as_f64().unwrap()).collect();
+        assert!(ms.windows(2).all(|w| w[0] >= w[1]), "largest first: {ms:?}");
         assert!(!nofuss_tensor::profile::enabled());
         let v = backbone(&BackboneBench {
             backbone: "small-cnn".into(),
