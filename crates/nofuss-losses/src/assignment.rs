@@ -96,12 +96,8 @@ impl Selection {
     /// Keeps only the `k` negatives of each anchor with the smallest distance in
     /// `dist_rows` (`[anchors, P]`, row-major, host values): the hardest ones. Ties go to
     /// the lower proxy index (the order is distance by `f64::total_cmp`, then index).
-    pub fn keep_hardest(&mut self, dist_rows: &[f64], k: usize) {
-        self.keep_hardest_of(dist_rows, k);
-    }
-
-    /// [`Selection::keep_hardest`] over f32 or f64 rows (compared as f64, exactly).
-    fn keep_hardest_of<T: Copy + Into<f64>>(&mut self, dist_rows: &[T], k: usize) {
+    /// Rows may be f32 or f64 (compared as f64, exactly).
+    pub fn keep_hardest<T: Copy + Into<f64>>(&mut self, dist_rows: &[T], k: usize) {
         let p = self.num_proxies;
         let mut best = std::collections::BinaryHeap::with_capacity(k + 1);
         for (a, row) in self.negatives.chunks_mut(p.max(1)).enumerate() {
@@ -300,7 +296,7 @@ fn select_from_rows<T: Copy + Into<f64>>(
     sel.require_anchors()?;
     if let Some(k) = hardest {
         if sel.anchors.len() == n {
-            sel.keep_hardest_of(host, k);
+            sel.keep_hardest(host, k);
         } else {
             let rows: Vec<T> = sel
                 .anchors
@@ -308,7 +304,7 @@ fn select_from_rows<T: Copy + Into<f64>>(
                 .flat_map(|&a| &host[a as usize * p..][..p])
                 .copied()
                 .collect();
-            sel.keep_hardest_of(&rows, k);
+            sel.keep_hardest(&rows, k);
         }
     }
     Ok(sel)

@@ -523,8 +523,7 @@ const LANES: usize = 8;
 #[inline(always)]
 fn lane_sums<T: Copy, const K: usize>(xs: &[T], f: impl Fn(T) -> [f64; K]) -> [f64; K] {
     let mut acc = [[0f64; LANES]; K];
-    let chunks = xs.chunks_exact(LANES);
-    let rest = chunks.remainder();
+    let (chunks, rest) = xs.as_chunks::<LANES>();
     for c in chunks {
         for (j, &v) in c.iter().enumerate() {
             for (a, t) in acc.iter_mut().zip(f(v)) {
@@ -535,7 +534,7 @@ fn lane_sums<T: Copy, const K: usize>(xs: &[T], f: impl Fn(T) -> [f64; K]) -> [f
     finish_lanes(acc, rest.iter().map(|&v| f(v)))
 }
 
-/// [`lane_sums`] over three slices of one length, element by element.
+/// [`lane_sums`] over three slices element by element (as far as the shortest goes).
 #[inline(always)]
 fn lane_sums3<T: Copy, const K: usize>(
     xs: &[T],
@@ -546,19 +545,19 @@ fn lane_sums3<T: Copy, const K: usize>(
     let n = xs.len().min(ys.len()).min(zs.len());
     let (xs, ys, zs) = (&xs[..n], &ys[..n], &zs[..n]);
     let mut acc = [[0f64; LANES]; K];
-    let split = n - n % LANES;
-    for ((cx, cy), cz) in xs[..split]
-        .chunks_exact(LANES)
-        .zip(ys[..split].chunks_exact(LANES))
-        .zip(zs[..split].chunks_exact(LANES))
-    {
+    let ((cx, rx), (cy, ry), (cz, rz)) = (
+        xs.as_chunks::<LANES>(),
+        ys.as_chunks::<LANES>(),
+        zs.as_chunks::<LANES>(),
+    );
+    for ((cx, cy), cz) in cx.iter().zip(cy).zip(cz) {
         for j in 0..LANES {
             for (a, t) in acc.iter_mut().zip(f(cx[j], cy[j], cz[j])) {
                 a[j] += t;
             }
         }
     }
-    let rest = (split..n).map(|i| f(xs[i], ys[i], zs[i]));
+    let rest = rx.iter().zip(ry).zip(rz).map(|((&x, &y), &z)| f(x, y, z));
     finish_lanes(acc, rest)
 }
 
@@ -623,8 +622,7 @@ impl CustomOp3 for GradSums {
                     let (mu, is, relu) = (mean[ch], invstd[ch], self.relu);
                     let planes = g.planes(x, ch).zip(g.planes(dy, ch)).zip(g.planes(y, ch));
                     for ((xp, dp), yp) in planes {
-                        let n = xp.len().min(dp.len()).min(yp.len());
-                        let [a, b] = lane_sums3(&xp[..n], &dp[..n], &yp[..n], |xv, dv, yv| {
+                        let [a, b] = lane_sums3(xp, dp, yp, |xv, dv, yv| {
                             let d = masked(dv.to_f64(), yv.to_f64(), relu);
                             [d, d * (xv.to_f64() - mu) * is]
                         });

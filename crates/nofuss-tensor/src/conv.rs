@@ -631,7 +631,6 @@ mod cudnn_ops {
             _: &CpuStorage,
             _: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
-            let _timer = crate::profile::HostTimer::start(self.name());
             candle_core::bail!(
                 "{} runs on CUDA only (CPU tensors use candle's convolution)",
                 self.name()

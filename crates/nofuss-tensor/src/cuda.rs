@@ -716,7 +716,6 @@ impl RawConv {
         math: cudnn_sys::cudnnMathType_t,
     ) -> Result<Self> {
         use cudnn_sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
-        let e = |what: &'static str| cudnn_err(what);
         let mut r = RawConv {
             x: std::ptr::null_mut(),
             w: std::ptr::null_mut(),
@@ -728,16 +727,16 @@ impl RawConv {
         unsafe {
             cudnn_sys::cudnnCreateTensorDescriptor(&mut r.x)
                 .result()
-                .map_err(e("find: x"))?;
+                .map_err(cudnn_err("find: x"))?;
             cudnn_sys::cudnnCreateTensorDescriptor(&mut r.y)
                 .result()
-                .map_err(e("find: y"))?;
+                .map_err(cudnn_err("find: y"))?;
             cudnn_sys::cudnnCreateFilterDescriptor(&mut r.w)
                 .result()
-                .map_err(e("find: w"))?;
+                .map_err(cudnn_err("find: w"))?;
             cudnn_sys::cudnnCreateConvolutionDescriptor(&mut r.conv)
                 .result()
-                .map_err(e("find: conv"))?;
+                .map_err(cudnn_err("find: conv"))?;
             for (desc, [n, c, h, w]) in [(r.x, key.x), (r.y, key.y)] {
                 cudnn_sys::cudnnSetTensor4dDescriptor(
                     desc,
@@ -749,12 +748,12 @@ impl RawConv {
                     w,
                 )
                 .result()
-                .map_err(e("find: tensor shape"))?;
+                .map_err(cudnn_err("find: tensor shape"))?;
             }
             let [k, c, h, w] = key.w;
             cudnn_sys::cudnnSetFilter4dDescriptor(r.w, T::DATA_TYPE, CUDNN_TENSOR_NCHW, k, c, h, w)
                 .result()
-                .map_err(e("find: filter shape"))?;
+                .map_err(cudnn_err("find: filter shape"))?;
             cudnn_sys::cudnnSetConvolution2dDescriptor(
                 r.conv,
                 p,
@@ -767,15 +766,15 @@ impl RawConv {
                 C::DATA_TYPE,
             )
             .result()
-            .map_err(e("find: convolution"))?;
+            .map_err(cudnn_err("find: convolution"))?;
             if key.groups > 1 {
                 cudnn_sys::cudnnSetConvolutionGroupCount(r.conv, key.groups)
                     .result()
-                    .map_err(e("find: groups"))?;
+                    .map_err(cudnn_err("find: groups"))?;
             }
             cudnn_sys::cudnnSetConvolutionMathType(r.conv, math)
                 .result()
-                .map_err(e("find: math type"))?;
+                .map_err(cudnn_err("find: math type"))?;
         }
         Ok(r)
     }

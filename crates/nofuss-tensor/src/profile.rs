@@ -1,4 +1,5 @@
-//! Where the GPU time of a step goes: per-operation timing of nofuss's own CUDA work.
+//! Where a step's time goes: per-operation timing of nofuss-tensor's own operations (CUDA
+//! kernels and cuDNN passes on a GPU, the operations themselves on the CPU).
 //!
 //! When [`set_enabled`] is on, every CUDA kernel of this crate (batch norm, pooling, the
 //! loss and optimiser kernels, by kernel name) and every cuDNN convolution (by pass,
@@ -32,11 +33,12 @@ static TABLE: Mutex<Option<HashMap<String, (u64, f64)>>> = Mutex::new(None);
 /// The time one operation took in all its calls since the last [`take`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct OpTime {
-    /// Kernel name (`bn_apply_f32`) or cuDNN pass with shapes and algorithm.
+    /// Kernel name (`bn_apply_f32`), cuDNN pass with shapes and algorithm, or CPU operation
+    /// name (`nofuss-batch-norm-stats`).
     pub name: String,
     /// How many times it ran.
     pub calls: u64,
-    /// Seconds in all, each call from a finished device to a finished device.
+    /// Seconds in all (on a GPU each call from a finished device to a finished device).
     pub seconds: f64,
 }
 

@@ -144,8 +144,8 @@ pub enum BenchCommand {
         /// cudnn.benchmark) instead of its heuristic's pick (CUDA only).
         #[arg(long)]
         cudnn_benchmark: bool,
-        /// Also time each of nofuss's own CUDA operations (kernels and cuDNN passes) in
-        /// extra steps: milliseconds per step, largest first, under "ops".
+        /// Also time each of nofuss's own operations (CUDA kernels and cuDNN passes, or the
+        /// CPU operations) in extra steps: milliseconds per step, largest first, under "ops".
         #[arg(long)]
         profile_ops: bool,
     },
