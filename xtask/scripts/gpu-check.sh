@@ -33,10 +33,13 @@ done
 run .gpu/nofuss bench train-step --batch-size 256 --steps "$STEPS" --device cuda
 run $PY crates/nofuss/benches/torch_train_step.py 256 "$STEPS" --device cuda --classes 100
 # Where a step's time goes: forward, backward and optimiser each waited for, queueing
-# time against completion time (host-bound where they are about equal).
+# time against completion time (host-bound where they are about equal); nofuss's backward
+# on its tape (the default) and through candle's graph.
 P="$OUT/phases.jsonl"; : > "$P"
 for n in 32 128; do
-  limited 120 .gpu/nofuss bench train-step --backbone bn-inception --batch-size $n --steps 5 --device cuda --phases >> "$P" 2>> "$OUT/errors.txt"
+  for how in "" --graph-backward; do
+    limited 120 .gpu/nofuss bench train-step --backbone bn-inception --batch-size $n --steps 5 --device cuda --phases $how >> "$P" 2>> "$OUT/errors.txt"
+  done
   limited 120 $PY crates/nofuss/benches/torch_train_step.py $n 5 --backbone bn-inception --device cuda --classes 100 --phases >> "$P" 2>> "$OUT/errors.txt"
 done
 # SOP-scale evaluation: 60,502 synthetic 64-d embeddings in 11,316 classes, exact kNN and
@@ -81,7 +84,8 @@ print("| BN-Inception f32, ms queued / done | batch | forward + loss | backward 
 print("| --- | --- | --- | --- | --- |")
 for r in phases:
     cell = lambda p: f"{r.get(p + '_queue_ms')} / {r.get(p + '_ms')}"
-    print(f"| {r.get('impl')} | {r.get('batch')} | {cell('forward')} | {cell('backward')} | {cell('optimizer')} |")
+    name = r.get("impl", "") + (f" ({r['backward']})" if "backward" in r else "")
+    print(f"| {name} | {r.get('batch')} | {cell('forward')} | {cell('backward')} | {cell('optimizer')} |")
 PYEOF
 cat "$OUT/summary.md"; grep -h "test result\|rc=" "$OUT/parity.txt"
 if [ "$PROFILE" = 1 ]; then

@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Conv2dConfig, Linear, Module, VarBuilder};
 use nofuss_tensor::batch_norm::BatchNorm2d;
 use nofuss_tensor::conv::Conv2d;
-use nofuss_tensor::pool::{avg_pool2d, max_pool2d, Pool2d};
+use nofuss_tensor::pool::Pool2d;
+use nofuss_tensor::tape::{self, Graph, Layers, Tape};
 use nofuss_tensor::Normalization;
 use serde::{Deserialize, Serialize};
 
@@ -91,16 +92,11 @@ impl ConvBnRelu {
         Ok(Self { conv, bn })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    fn forward<L: Layers>(&self, l: &mut L, x: &L::Act) -> candle_core::Result<L::Act> {
         // The bias goes into the batch norm (no pass over the activation to add it, none
         // backward to differentiate the sum); in training mode it only moves the running
         // mean, as the batch statistics cancel it.
-        self.bn.forward_shifted_t(
-            &self.conv.forward_unbiased(x)?,
-            self.conv.bias(),
-            train,
-            true,
-        )
+        l.conv_bn(x, &self.conv, &self.bn, true)
     }
 }
 
@@ -350,28 +346,26 @@ impl InceptionBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    fn forward<L: Layers>(&self, l: &mut L, x: &L::Act) -> candle_core::Result<L::Act> {
         let mut branches = Vec::with_capacity(4);
         if let Some(c) = &self.one_by_one {
-            branches.push(c.forward(x, train)?);
+            branches.push(c.forward(l, x)?);
         }
-        branches.push(
-            self.conv_3x3
-                .forward(&self.reduce_3x3.forward(x, train)?, train)?,
-        );
-        let d = self.reduce_double.forward(x, train)?;
-        let d = self.double_1.forward(&d, train)?;
-        branches.push(self.double_2.forward(&d, train)?);
+        let r = self.reduce_3x3.forward(l, x)?;
+        branches.push(self.conv_3x3.forward(l, &r)?);
+        let d = self.reduce_double.forward(l, x)?;
+        let d = self.double_1.forward(l, &d)?;
+        branches.push(self.double_2.forward(l, &d)?);
         let pooled = match self.spec.pool {
-            PoolBranch::AvgProject(_) => avg_pool2d(x, &SAME_POOL, true)?,
-            PoolBranch::MaxProject(_) => max_pool2d(x, &SAME_POOL)?,
-            PoolBranch::MaxReduce => max_pool2d(x, &REDUCE_POOL)?,
+            PoolBranch::AvgProject(_) => l.avg_pool(x, &SAME_POOL, true)?,
+            PoolBranch::MaxProject(_) => l.max_pool(x, &SAME_POOL)?,
+            PoolBranch::MaxReduce => l.max_pool(x, &REDUCE_POOL)?,
         };
         branches.push(match &self.pool_proj {
-            Some(p) => p.forward(&pooled, train)?,
+            Some(p) => p.forward(l, &pooled)?,
             None => pooled,
         });
-        Tensor::cat(&branches, 1)
+        l.cat(&branches)
     }
 }
 
@@ -411,6 +405,19 @@ pub fn feature_len(len: usize) -> Option<usize> {
         l = pooled;
     }
     Some(l)
+}
+
+/// An error for input sizes the network's branches disagree on.
+fn check_input(x: &Tensor) -> candle_core::Result<()> {
+    let (_, _, h, w) = x.dims4()?;
+    if feature_len(h).is_none() || feature_len(w).is_none() {
+        candle_core::bail!(
+            "BN-Inception cannot take a {h}x{w} input: in its stride-2 blocks the \
+                 convolution and ceil-mode pooling branches disagree in size (the PyTorch \
+                 port fails alike); use e.g. 224, 227 or a multiple of 32"
+        );
+    }
+    Ok(())
 }
 
 /// Channels of BN-Inception's final feature map.
@@ -503,30 +510,42 @@ impl BnInception {
     }
 }
 
+impl BnInception {
+    /// The network over `l`'s layers (candle's graph or a tape), after the input check.
+    fn forward_layers<L: Layers>(&self, l: &mut L, x: &L::Act) -> candle_core::Result<L::Act> {
+        let h = self.conv1.forward(l, x)?;
+        let h = l.max_pool(&h, &REDUCE_POOL)?;
+        let h = self.conv2_reduce.forward(l, &h)?;
+        let h = self.conv2.forward(l, &h)?;
+        let mut h = l.max_pool(&h, &REDUCE_POOL)?;
+        for b in &self.blocks {
+            h = b.forward(l, &h)?;
+        }
+        Ok(h)
+    }
+}
+
 impl Backbone for BnInception {
     fn name(&self) -> &'static str {
         "bn-inception"
     }
 
     fn forward_map(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        if feature_len(h).is_none() || feature_len(w).is_none() {
-            candle_core::bail!(
-                "BN-Inception cannot take a {h}x{w} input: in its stride-2 blocks the \
-                 convolution and ceil-mode pooling branches disagree in size (the PyTorch \
-                 port fails alike); use e.g. 224, 227 or a multiple of 32"
-            );
-        }
+        check_input(x)?;
         let train = train && self.cfg.batch_norm == BatchNormMode::Train;
-        let h = self.conv1.forward(x, train)?;
-        let h = max_pool2d(&h, &REDUCE_POOL)?;
-        let h = self.conv2_reduce.forward(&h, train)?;
-        let h = self.conv2.forward(&h, train)?;
-        let mut h = max_pool2d(&h, &REDUCE_POOL)?;
-        for b in &self.blocks {
-            h = b.forward(&h, train)?;
-        }
-        Ok(h)
+        self.forward_layers(&mut Graph { train }, x)
+    }
+
+    fn forward_tape(
+        &self,
+        tape: &mut Tape,
+        x: &tape::Act,
+    ) -> Option<candle_core::Result<tape::Act>> {
+        // Frozen batch norm differentiates through fixed statistics: candle's graph.
+        (self.cfg.batch_norm == BatchNormMode::Train).then(|| {
+            check_input(x.tensor())?;
+            self.forward_layers(tape, x)
+        })
     }
 
     fn out_channels(&self) -> usize {

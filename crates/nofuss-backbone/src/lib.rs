@@ -37,7 +37,9 @@ pub use head::{EmbeddingHead, HeadConfig, HeadInit, Pooling};
 pub use nofuss_tensor::{ChannelOrder, Normalization, Precision};
 pub use small_cnn::{SmallCnn, SmallCnnConfig};
 
-use candle_core::Tensor;
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use nofuss_tensor::tape::{self, Tape};
 
 /// What a backbone expects as input.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +59,18 @@ pub trait Backbone: Send + Sync {
     /// `[N,C,H,W]` images to a `[N,F,h,w]` feature map. `train` selects batch statistics
     /// (and updates running statistics) in batch normalisation.
     fn forward_map(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor>;
+    /// [`Self::forward_map`] in training mode recorded on `tape` instead of candle's graph
+    /// (see [`nofuss_tensor::tape`]), or `None`, before recording anything, where the
+    /// backbone trains through candle's graph only (the default).
+    fn forward_tape(
+        &self,
+        tape: &mut Tape,
+        x: &tape::Act,
+    ) -> Option<candle_core::Result<tape::Act>> {
+        let _ = (tape, x);
+        None
+    }
+
     /// `F`, the channels of the feature map.
     fn out_channels(&self) -> usize;
     /// The expected input.
@@ -68,6 +82,7 @@ pub struct Embedder {
     backbone: Box<dyn Backbone>,
     head: EmbeddingHead,
     precision: Precision,
+    tape: bool,
 }
 
 impl Embedder {
@@ -77,7 +92,14 @@ impl Embedder {
             backbone,
             head,
             precision: Precision::F32,
+            tape: true,
         }
+    }
+
+    /// Whether [`Self::forward_train`] runs the backbone on a tape where it can (the
+    /// default) or always in candle's graph (for comparisons).
+    pub fn set_tape(&mut self, tape: bool) {
+        self.tape = tape;
     }
 
     /// Runs the backbone in `precision`'s compute dtype (bf16: autocast-style mixed
@@ -119,5 +141,268 @@ impl Embedder {
     /// Images to embeddings `[N,D]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.head.forward(&self.map(x, train)?)
+    }
+
+    /// A training-mode forward pass whose [`TrainingPass::backward`] gives the gradients
+    /// of a loss on its embeddings. The backbone runs on a [`Tape`] where it can
+    /// ([`Backbone::forward_tape`]; same values and gradients as candle's graph, without
+    /// its zero-filled gradient buffers; see [`Self::set_tape`]), the head in candle's
+    /// graph.
+    pub fn forward_train(&self, x: &Tensor) -> Result<TrainingPass> {
+        let xc = x.to_dtype(self.precision.compute_dtype())?;
+        let mut tape = Tape::new();
+        let input = tape.input(&xc);
+        let out = match self.tape {
+            true => self.backbone.forward_tape(&mut tape, &input),
+            false => None,
+        };
+        let Some(out) = out else {
+            return Ok(TrainingPass {
+                embeddings: self.forward(x, true)?,
+                tape: None,
+            });
+        };
+        let out = out?;
+        // The tape's output joins candle's graph as a leaf whose gradient starts the
+        // tape's backward pass.
+        let leaf = Var::from_tensor(&out.tensor().to_dtype(self.precision.loss_dtype())?)?;
+        let embeddings = self.head.forward(leaf.as_tensor())?;
+        Ok(TrainingPass {
+            embeddings,
+            tape: Some((tape, out, leaf)),
+        })
+    }
+}
+
+/// A training forward pass of an [`Embedder`] ([`Embedder::forward_train`]).
+pub struct TrainingPass {
+    /// The embeddings `[N,D]`, in candle's graph.
+    pub embeddings: Tensor,
+    /// The backbone's tape, its output and the leaf the head starts from.
+    tape: Option<(Tape, tape::Act, Var)>,
+}
+
+impl std::fmt::Debug for TrainingPass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainingPass")
+            .field("embeddings", &self.embeddings.dims())
+            .field("tape", &self.tape.as_ref().map(|t| &t.0))
+            .finish()
+    }
+}
+
+impl TrainingPass {
+    /// Whether the backbone ran on a tape (rather than in candle's graph).
+    pub fn taped(&self) -> bool {
+        self.tape.is_some()
+    }
+
+    /// The gradients of `loss` (a scalar computed from [`Self::embeddings`]) with respect
+    /// to every trained variable: candle's backward pass down to the backbone's output,
+    /// then the tape's.
+    pub fn backward(self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        if let Some((tape, out, leaf)) = self.tape {
+            if let Some(g) = grads.remove(leaf.as_tensor()) {
+                tape.backward_into(&out, &g, &mut grads)?;
+            }
+        }
+        Ok(grads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use nofuss_tensor::SeededVarMap;
+
+    type VarBuilderOf = candle_nn::VarBuilder<'static>;
+
+    fn vals(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn close(a: &[f64], b: &[f64], tol: f64, what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        let scale = b.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tol * scale, "{what}[{i}]: {x} vs {y}");
+        }
+    }
+
+    /// Fixed weights `cos(0.01 i)` shaped like `t`: the loss `Σ t ⊙ w` has gradient `w`.
+    fn weights_like(t: &Tensor) -> Tensor {
+        let w = Tensor::arange(0u32, t.elem_count() as u32, t.device())
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .reshape(t.dims())
+            .unwrap();
+        (w * 0.01)
+            .unwrap()
+            .cos()
+            .unwrap()
+            .to_dtype(t.dtype())
+            .unwrap()
+    }
+
+    /// Compares every variable's gradient (and every running statistic) of two copies of
+    /// the same parameters, `tol` relative to each tensor's largest value.
+    fn same_gradients(
+        (p_graph, g_graph): (&SeededVarMap, &GradStore),
+        (p_tape, g_tape): (&SeededVarMap, &GradStore),
+        tol: f64,
+    ) {
+        let mut compared = 0;
+        for ((name, gv), (_, tv)) in p_graph.named_vars().iter().zip(&p_tape.named_vars()) {
+            if name.contains("running") {
+                close(&vals(tv.as_tensor()), &vals(gv.as_tensor()), tol, name);
+                continue;
+            }
+            match (g_graph.get(gv.as_tensor()), g_tape.get(tv.as_tensor())) {
+                (Some(a), Some(b)) => {
+                    assert_eq!(a.dtype(), b.dtype(), "{name}");
+                    close(&vals(b), &vals(a), tol, name);
+                    compared += 1;
+                }
+                // Folded convolution biases: no gradient in training mode, either way.
+                (None, None) => assert!(name.ends_with(".bias"), "{name}"),
+                (a, b) => panic!("{name}: graph {:?}, tape {:?}", a.is_some(), b.is_some()),
+            }
+        }
+        assert!(compared > 4, "{compared} gradients compared");
+    }
+
+    /// A backbone's feature-map gradients, from its tape and from candle's graph.
+    fn backbone_tape_against_graph(
+        build: impl Fn(VarBuilderOf) -> Box<dyn Backbone>,
+        dims: (usize, usize, usize, usize),
+        dt: DType,
+        tol: f64,
+    ) {
+        let dev = Device::Cpu;
+        let make = || {
+            let params = SeededVarMap::new(11);
+            let backbone = build(params.var_builder(dt, &dev));
+            (params, backbone)
+        };
+        let (p_graph, graph) = make();
+        let (p_tape, taped) = make();
+        let x = Tensor::randn(0f64, 1.0, dims, &dev)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+        let map = graph.forward_map(&x, true).unwrap();
+        let w = weights_like(&map);
+        let g_graph = (&map * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut tape = Tape::new();
+        let input = tape.input(&x);
+        let out = taped.forward_tape(&mut tape, &input).unwrap().unwrap();
+        close(&vals(out.tensor()), &vals(&map), tol, "feature map");
+        let mut g_tape = (x.zeros_like().unwrap().sum_all().unwrap())
+            .backward()
+            .unwrap();
+        tape.backward_into(&out, &w, &mut g_tape).unwrap();
+        same_gradients((&p_graph, &g_graph), (&p_tape, &g_tape), tol);
+    }
+
+    /// The same through an [`Embedder`] (head and loss in candle's graph) in `precision`.
+    fn embedder_tape_against_graph(
+        build: impl Fn(VarBuilderOf) -> Box<dyn Backbone>,
+        dims: (usize, usize, usize, usize),
+        precision: Precision,
+        tol: f64,
+    ) {
+        let dev = Device::Cpu;
+        let make = || {
+            let params = SeededVarMap::new(11);
+            let vb = params.var_builder(DType::F32, &dev);
+            let backbone = build(vb.pp("backbone"));
+            let head = EmbeddingHead::new(
+                backbone.out_channels(),
+                &HeadConfig::default(),
+                vb.pp("head"),
+            )
+            .unwrap();
+            let model = Embedder::new(backbone, head).with_precision(precision);
+            (params, model)
+        };
+        let (p_graph, graph) = make();
+        let (p_tape, taped) = make();
+        let x = Tensor::randn(0f32, 1.0, dims, &dev).unwrap();
+        let e_graph = graph.forward(&x, true).unwrap();
+        let w = weights_like(&e_graph);
+        let g_graph = (&e_graph * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let pass = taped.forward_train(&x).unwrap();
+        assert!(pass.taped());
+        let e_tape = pass.embeddings.clone();
+        close(&vals(&e_tape), &vals(&e_graph), tol, "embeddings");
+        let loss = (&e_tape * &w).unwrap().sum_all().unwrap();
+        let g_tape = pass.backward(&loss).unwrap();
+        same_gradients((&p_graph, &g_graph), (&p_tape, &g_tape), tol);
+    }
+
+    fn small_cnn(vb: VarBuilderOf) -> Box<dyn Backbone> {
+        let cfg = SmallCnnConfig {
+            in_channels: 3,
+            widths: vec![4, 6],
+            input_size: 12,
+        };
+        Box::new(SmallCnn::new(&cfg, vb).unwrap())
+    }
+
+    fn bn_inception(vb: VarBuilderOf) -> Box<dyn Backbone> {
+        Box::new(BnInception::new(vb, &BnInceptionConfig::default()).unwrap())
+    }
+
+    #[test]
+    fn small_cnn_trains_the_same_on_a_tape() {
+        backbone_tape_against_graph(small_cnn, (4, 3, 12, 12), DType::F64, 1e-10);
+        embedder_tape_against_graph(small_cnn, (4, 3, 12, 12), Precision::F32, 1e-5);
+    }
+
+    #[test]
+    fn bn_inception_trains_the_same_on_a_tape() {
+        backbone_tape_against_graph(bn_inception, (2, 3, 64, 64), DType::F64, 1e-9);
+        embedder_tape_against_graph(bn_inception, (2, 3, 32, 32), Precision::F32, 1e-4);
+    }
+    #[test]
+    fn frozen_batch_norm_trains_in_candles_graph() {
+        let params = SeededVarMap::new(1);
+        let vb = params.var_builder(DType::F32, &Device::Cpu);
+        let cfg = BnInceptionConfig {
+            batch_norm: BatchNormMode::Frozen,
+            ..Default::default()
+        };
+        let net = BnInception::new(vb.pp("b"), &cfg).unwrap();
+        let head =
+            EmbeddingHead::new(BN_INCEPTION_FEATURES, &HeadConfig::default(), vb.pp("h")).unwrap();
+        let model = Embedder::new(Box::new(net), head);
+        let x = Tensor::zeros((2, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+        let pass = model.forward_train(&x).unwrap();
+        assert!(!pass.taped());
+        let loss = pass.embeddings.sum_all().unwrap();
+        assert!(pass.backward(&loss).is_ok());
+        // An input size the network refuses is an error on the tape too.
+        let bad = Tensor::zeros((2, 3, 40, 40), DType::F32, &Device::Cpu).unwrap();
+        let params = SeededVarMap::new(1);
+        let vb = params.var_builder(DType::F32, &Device::Cpu);
+        let net = BnInception::new(vb.pp("b"), &BnInceptionConfig::default()).unwrap();
+        let head =
+            EmbeddingHead::new(BN_INCEPTION_FEATURES, &HeadConfig::default(), vb.pp("h")).unwrap();
+        let model = Embedder::new(Box::new(net), head);
+        let err = model.forward_train(&bad).unwrap_err().to_string();
+        assert!(err.contains("40x40"), "{err}");
     }
 }

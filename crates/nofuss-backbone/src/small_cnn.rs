@@ -2,7 +2,8 @@ use candle_core::Tensor;
 use candle_nn::{Conv2dConfig, VarBuilder};
 use nofuss_tensor::batch_norm::BatchNorm2d;
 use nofuss_tensor::conv::Conv2d;
-use nofuss_tensor::pool::{max_pool2d, Pool2d};
+use nofuss_tensor::pool::Pool2d;
+use nofuss_tensor::tape::{self, Graph, Layers, Tape};
 use nofuss_tensor::Normalization;
 use serde::{Deserialize, Serialize};
 
@@ -75,18 +76,33 @@ impl SmallCnn {
     }
 }
 
+impl SmallCnn {
+    /// The network over `l`'s layers (candle's graph or a tape).
+    fn forward_layers<L: Layers>(&self, l: &mut L, x: &L::Act) -> candle_core::Result<L::Act> {
+        let mut h = x.clone();
+        for (conv, bn) in &self.blocks {
+            let a = l.conv_bn(&h, conv, bn, true)?;
+            h = l.max_pool(&a, &Pool2d::new(2, 2))?;
+        }
+        Ok(h)
+    }
+}
+
 impl Backbone for SmallCnn {
     fn name(&self) -> &'static str {
         "small-cnn"
     }
 
     fn forward_map(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut h = x.clone();
-        for (conv, bn) in &self.blocks {
-            let a = bn.forward_t(&conv.forward(&h)?, train, true)?;
-            h = max_pool2d(&a, &Pool2d::new(2, 2))?;
-        }
-        Ok(h)
+        self.forward_layers(&mut Graph { train }, x)
+    }
+
+    fn forward_tape(
+        &self,
+        tape: &mut Tape,
+        x: &tape::Act,
+    ) -> Option<candle_core::Result<tape::Act>> {
+        Some(self.forward_layers(tape, x))
     }
 
     fn out_channels(&self) -> usize {

@@ -130,18 +130,58 @@ impl BatchNorm2d {
                     (self.bias.to_dtype(pdt)? + (gamma * &invstd)?.mul(&s.to_dtype(pdt)?)?)?
                 }
             };
-            return apply(
-                &x.contiguous()?,
-                &self.weight,
-                &beta,
-                mean,
-                invstd,
-                relu,
-                false,
-            );
+            let stats = ChannelStats::new(mean, invstd, c, pdt)?;
+            return apply(&x.contiguous()?, &self.weight, &beta, stats, relu, false);
         }
         let out = batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
-        let count = (x.elem_count() / c) as f64;
+        self.update_running(&out, shift, x.elem_count() / c)?;
+        Ok(out.y)
+    }
+
+    /// Training-mode [`Self::forward_shifted_t`] outside candle's graph: the output (which
+    /// tracks nothing, whatever tracks the inputs) and what [`batch_norm_backward`] needs
+    /// for the gradients; the running statistics are updated as in the tracked form. For
+    /// a caller that keeps its own tape ([`crate::tape::Tape`]).
+    pub fn forward_train_saved(
+        &self,
+        x: &Tensor,
+        shift: Option<&Tensor>,
+        relu: bool,
+    ) -> Result<(Tensor, BatchNormSaved)> {
+        let c = x.dim(1)?;
+        if let Some(s) = shift {
+            if s.dims() != [c] {
+                candle_core::bail!(
+                    "batch norm input shift must have shape [{c}], got {:?}",
+                    s.dims()
+                );
+            }
+        }
+        let (out, stats) = train_parts(
+            &x.detach(),
+            &self.weight.detach(),
+            &self.bias.detach(),
+            self.eps,
+            relu,
+        )?;
+        self.update_running(&out, shift, x.elem_count() / c)?;
+        let saved = BatchNormSaved {
+            stats,
+            relu,
+            batch_stats: true,
+        };
+        Ok((out.y, saved))
+    }
+
+    /// Moves the running statistics towards a training batch's (`count` values per
+    /// channel); `shift` (see [`Self::forward_shifted_t`]) moves the mean.
+    fn update_running(
+        &self,
+        out: &BatchNormOutput,
+        shift: Option<&Tensor>,
+        count: usize,
+    ) -> Result<()> {
+        let count = count as f64;
         let update = |running: &Var, batch: &Tensor, factor: f64| -> Result<()> {
             let batch = batch.to_dtype(running.dtype())?;
             running.inplace_op2(
@@ -153,7 +193,7 @@ impl BatchNorm2d {
             )
         };
         let mean = match shift {
-            None => out.mean,
+            None => out.mean.clone(),
             Some(s) => {
                 (out.mean.to_dtype(self.running_mean.dtype())?
                     + s.detach().to_dtype(self.running_mean.dtype())?)?
@@ -161,8 +201,7 @@ impl BatchNorm2d {
         };
         update(&self.running_mean, &mean, 1.0)?;
         // PyTorch keeps the unbiased variance.
-        update(&self.running_var, &out.var, count / (count - 1.0))?;
-        Ok(out.y)
+        update(&self.running_var, &out.var, count / (count - 1.0))
     }
 
     /// Scale (γ).
@@ -216,6 +255,17 @@ pub fn batch_norm_train(
     eps: f64,
     relu: bool,
 ) -> Result<BatchNormOutput> {
+    Ok(train_parts(x, gamma, beta, eps, relu)?.0)
+}
+
+/// [`batch_norm_train`] with the statistics it normalised with.
+fn train_parts(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(BatchNormOutput, ChannelStats)> {
     let g = Geom::of(x)?;
     if g.count() < 2 {
         candle_core::bail!(
@@ -227,8 +277,74 @@ pub fn batch_norm_train(
     // Rows: mean, biased variance, 1/sqrt(variance + eps).
     let stats = x.apply_op1_no_bwd(&Stats { eps })?;
     let (mean, var, invstd) = (stats.get(0)?, stats.get(1)?, stats.get(2)?);
-    let y = apply(&x, gamma, beta, mean.clone(), invstd, relu, true)?;
-    Ok(BatchNormOutput { y, mean, var })
+    let stats = ChannelStats::new(mean.clone(), invstd, g.c, param_dtype(x.dtype()))?;
+    let y = apply(&x, gamma, beta, stats.clone(), relu, true)?;
+    Ok((BatchNormOutput { y, mean, var }, stats))
+}
+
+/// What the backward pass of a batch norm needs besides its input, output and output
+/// gradient: the statistics it normalised with, whether they were the batch's own, and
+/// whether a ReLU followed. Made by [`BatchNorm2d::forward_train_saved`].
+#[derive(Debug, Clone)]
+pub struct BatchNormSaved {
+    stats: ChannelStats,
+    relu: bool,
+    batch_stats: bool,
+}
+
+/// Gradients of a batch norm's input (when asked for), scale and shift; scale and shift
+/// in f32 (f64 for f64 inputs).
+#[derive(Debug, Clone)]
+pub struct BatchNormGrads {
+    /// `d loss / d x`, in the input's dtype.
+    pub x: Option<Tensor>,
+    /// `d loss / d γ`.
+    pub gamma: Tensor,
+    /// `d loss / d β`.
+    pub beta: Tensor,
+}
+
+/// The gradients of a batch norm from its input `x`, output `y`, the output's gradient
+/// `dy`, its scale `gamma` and what its forward pass saved: one reduction and, when
+/// `need_x`, one pass for the input gradient.
+pub fn batch_norm_backward(
+    x: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    gamma: &Tensor,
+    saved: &BatchNormSaved,
+    need_x: bool,
+) -> Result<BatchNormGrads> {
+    let dy = dy.contiguous()?;
+    let (x, y) = (x.contiguous()?, y.contiguous()?);
+    let sums = x.apply_op3_no_bwd(
+        &dy,
+        &y,
+        &GradSums {
+            stats: saved.stats.clone(),
+            relu: saved.relu,
+        },
+    )?;
+    let dx = need_x
+        .then(|| {
+            x.apply_op3_no_bwd(
+                &dy,
+                &y,
+                &GradInput {
+                    stats: saved.stats.clone(),
+                    gamma: gamma.detach().to_dtype(param_dtype(x.dtype()))?,
+                    sums: sums.clone(),
+                    relu: saved.relu,
+                    batch_stats: saved.batch_stats,
+                },
+            )
+        })
+        .transpose()?;
+    Ok(BatchNormGrads {
+        x: dx,
+        gamma: sums.get(1)?,
+        beta: sums.get(0)?,
+    })
 }
 
 /// Batch normalisation with given statistics (evaluation, or frozen batch norm in
@@ -242,9 +358,11 @@ pub fn batch_norm_fixed(
     eps: f64,
     relu: bool,
 ) -> Result<Tensor> {
-    Geom::of(x)?;
-    let (mean, invstd) = fixed_stats(mean, var, eps, param_dtype(x.dtype()))?;
-    apply(&x.contiguous()?, gamma, beta, mean, invstd, relu, false)
+    let g = Geom::of(x)?;
+    let pdt = param_dtype(x.dtype());
+    let (mean, invstd) = fixed_stats(mean, var, eps, pdt)?;
+    let stats = ChannelStats::new(mean, invstd, g.c, pdt)?;
+    apply(&x.contiguous()?, gamma, beta, stats, relu, false)
 }
 
 /// Given statistics as constants in the parameter dtype `pdt`: the mean and
@@ -262,31 +380,29 @@ fn param_dtype(dt: DType) -> DType {
     }
 }
 
+/// A per-channel vector as the kernels read it: `[c]`, contiguous, in `pdt`.
+fn channel_param(t: &Tensor, c: usize, pdt: DType, what: &str) -> Result<Tensor> {
+    if t.dims() != [c] {
+        candle_core::bail!(
+            "batch norm {what} must have shape [{c}], got {:?}",
+            t.dims()
+        );
+    }
+    t.to_dtype(pdt)?.contiguous()
+}
+
 fn apply(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
-    mean: Tensor,
-    invstd: Tensor,
+    stats: ChannelStats,
     relu: bool,
     batch_stats: bool,
 ) -> Result<Tensor> {
     let c = x.dim(1)?;
     let pdt = param_dtype(x.dtype());
-    let param = |t: &Tensor, what: &str| -> Result<Tensor> {
-        if t.dims() != [c] {
-            candle_core::bail!(
-                "batch norm {what} must have shape [{c}], got {:?}",
-                t.dims()
-            );
-        }
-        t.to_dtype(pdt)?.contiguous()
-    };
-    let (gamma, beta) = (param(gamma, "scale")?, param(beta, "shift")?);
-    let stats = ChannelStats {
-        mean: param(&mean, "mean")?,
-        invstd: param(&invstd, "inverse std")?,
-    };
+    let gamma = channel_param(gamma, c, pdt, "scale")?;
+    let beta = channel_param(beta, c, pdt, "shift")?;
     x.apply_op3(
         &gamma,
         &beta,
@@ -347,6 +463,13 @@ struct ChannelStats {
 }
 
 impl ChannelStats {
+    fn new(mean: Tensor, invstd: Tensor, c: usize, pdt: DType) -> Result<Self> {
+        Ok(Self {
+            mean: channel_param(&mean, c, pdt, "mean")?,
+            invstd: channel_param(&invstd, c, pdt, "inverse std")?,
+        })
+    }
+
     fn host(&self) -> Result<(Vec<f64>, Vec<f64>)> {
         Ok((host_f64s(&self.mean)?, host_f64s(&self.invstd)?))
     }
@@ -481,35 +604,16 @@ impl CustomOp3 for Apply {
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let sums = x.apply_op3_no_bwd(
-            &grad,
-            y,
-            &GradSums {
-                stats: self.stats.clone(),
-                relu: self.relu,
-            },
-        )?;
+        let saved = BatchNormSaved {
+            stats: self.stats.clone(),
+            relu: self.relu,
+            batch_stats: self.batch_stats,
+        };
         // Gradients only for inputs the graph tracks (frozen scale or shift take none).
-        let dx = x
-            .track_op()
-            .then(|| {
-                x.apply_op3_no_bwd(
-                    &grad,
-                    y,
-                    &GradInput {
-                        stats: self.stats.clone(),
-                        gamma: gamma.detach(),
-                        sums: sums.clone(),
-                        relu: self.relu,
-                        batch_stats: self.batch_stats,
-                    },
-                )
-            })
-            .transpose()?;
-        let dgamma = gamma.track_op().then(|| sums.get(1)).transpose()?;
-        let dbeta = beta.track_op().then(|| sums.get(0)).transpose()?;
-        Ok((dx, dgamma, dbeta))
+        let g = batch_norm_backward(x, y, grad, gamma, &saved, x.track_op())?;
+        let dgamma = gamma.track_op().then_some(g.gamma);
+        let dbeta = beta.track_op().then_some(g.beta);
+        Ok((g.x, dgamma, dbeta))
     }
 }
 

@@ -29,7 +29,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor, Var};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 static TF32: AtomicBool = AtomicBool::new(true);
@@ -561,6 +561,15 @@ fn cuda_conv(x: &Tensor, w: &Tensor, cfg: &Conv2dConfig) -> Result<Tensor> {
 
 #[cfg(feature = "cuda")]
 fn cuda_conv(x: &Tensor, w: &Tensor, cfg: &Conv2dConfig) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        cudnn_ops::Cudnn(cudnn_ops::Pass::Forward, cuda_key(x, w, cfg)?),
+    )
+}
+
+/// The cuDNN description of convolving `x` with `w` under `cfg`, checked.
+#[cfg(feature = "cuda")]
+fn cuda_key(x: &Tensor, w: &Tensor, cfg: &Conv2dConfig) -> Result<crate::cuda::ConvKey> {
     let (n, c_in, h, wd) = x.dims4()?;
     let (c_out, c_per_group, k_h, k_w) = w.dims4()?;
     if x.dtype() != w.dtype() {
@@ -579,7 +588,7 @@ fn cuda_conv(x: &Tensor, w: &Tensor, cfg: &Conv2dConfig) -> Result<Tensor> {
     }
     let out = |len, k| output_len(len, k, cfg);
     let i = |v: usize| v as i32;
-    let key = crate::cuda::ConvKey {
+    Ok(crate::cuda::ConvKey {
         x: [i(n), i(c_in), i(h), i(wd)],
         w: [i(c_out), i(c_per_group), i(k_h), i(k_w)],
         y: [i(n), i(c_out), i(out(h, k_h)?), i(out(wd, k_w)?)],
@@ -590,11 +599,57 @@ fn cuda_conv(x: &Tensor, w: &Tensor, cfg: &Conv2dConfig) -> Result<Tensor> {
         dtype: x.dtype(),
         tf32: tf32(),
         benchmark: algo_search() == AlgoSearch::Benchmark,
-    };
-    x.contiguous()?.apply_op2(
-        &w.contiguous()?,
-        cudnn_ops::Cudnn(cudnn_ops::Pass::Forward, key),
-    )
+    })
+}
+
+/// The gradients of `conv2d(x, w)` (no bias) for the output gradient `dy`: the input's
+/// (only when `need_x`; the first layer's images need none) and the weight's, outside
+/// candle's graph, for a caller that keeps its own tape ([`crate::tape::Tape`]). The same
+/// passes as [`conv2d`]'s backward: cuDNN's backward-data and backward-filter on CUDA,
+/// the tiled CPU products for f32 and f64 on the CPU, candle's autograd elsewhere.
+pub fn conv2d_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    cfg: &Conv2dConfig,
+    need_x: bool,
+) -> Result<(Option<Tensor>, Tensor)> {
+    let (x, w, dy) = (x.detach(), w.detach(), dy.detach().contiguous()?);
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        let key = cuda_key(&x, &w, cfg)?;
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        let dx = need_x
+            .then(|| dy.apply_op2_no_bwd(&w, &cudnn_ops::Cudnn(cudnn_ops::Pass::BackwardData, key)))
+            .transpose()?;
+        let dw =
+            x.apply_op2_no_bwd(&dy, &cudnn_ops::Cudnn(cudnn_ops::Pass::BackwardFilter, key))?;
+        return Ok((dx, dw));
+    }
+    if x.device().is_cpu()
+        && cfg.groups == 1
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.dtype() == w.dtype()
+    {
+        let g = cpu_ops::Geom::new(&x, &w, cfg)?;
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        let dx = need_x
+            .then(|| dy.apply_op2_no_bwd(&w, &cpu_ops::Conv(g, cpu_ops::Pass::GradInput)))
+            .transpose()?;
+        let dw = x.apply_op2_no_bwd(&dy, &cpu_ops::Conv(g, cpu_ops::Pass::GradWeight))?;
+        return Ok((dx, dw));
+    }
+    // Anything else (bf16 on the CPU, groups): candle's convolution and autograd, on a
+    // graph of its own: d/dθ Σ conv(x, w) ⊙ dy.
+    let (xv, wv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?);
+    let y = xv.conv2d(&wv, cfg.padding, cfg.stride, cfg.dilation, cfg.groups)?;
+    let grads = (y * dy.to_dtype(x.dtype())?)?.sum_all()?.backward()?;
+    let missing = || candle_core::Error::Msg("conv2d_backward: no gradient".into());
+    let dw = grads.get(wv.as_tensor()).ok_or_else(missing)?.clone();
+    let dx = need_x
+        .then(|| grads.get(xv.as_tensor()).cloned().ok_or_else(missing))
+        .transpose()?;
+    Ok((dx, dw))
 }
 
 #[cfg(feature = "cuda")]

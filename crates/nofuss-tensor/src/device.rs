@@ -169,6 +169,46 @@ fn keep_freed_memory(d: &candle_core::CudaDevice) {
     }
 }
 
+/// The state of a CUDA device's default memory pool, where candle's and nofuss's
+/// stream-ordered allocations come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Bytes the pool holds from the driver (in use or kept for reuse).
+    pub reserved_bytes: u64,
+    /// Bytes in live allocations.
+    pub used_bytes: u64,
+    /// Bytes of freed memory the pool keeps at a synchronisation (nofuss sets the
+    /// maximum on the devices it opens; the driver's default is 0).
+    pub release_threshold: u64,
+}
+
+/// The default memory pool's [`PoolStats`] of a CUDA device; `None` on the CPU, without
+/// the `cuda` feature, or where the driver does not answer.
+pub fn cuda_pool_stats(device: &Device) -> Option<PoolStats> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        use sys::CUmemPool_attribute as A;
+        let dev = d.cuda_stream().context().cu_device();
+        // SAFETY: `dev` comes from a live context; the three attributes are u64s.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(dev).ok()?;
+            let get = |attr: A| -> Option<u64> {
+                let mut v = 0u64;
+                result::mem_pool::get_attribute(pool, attr, (&mut v as *mut u64).cast()).ok()?;
+                Some(v)
+            };
+            return Some(PoolStats {
+                reserved_bytes: get(A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
+                used_bytes: get(A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+                release_threshold: get(A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD)?,
+            });
+        }
+    }
+    let _ = device;
+    None
+}
+
 fn cpu(description: String) -> SelectedDevice {
     SelectedDevice {
         device: Device::Cpu,
@@ -214,6 +254,7 @@ mod tests {
     #[test]
     fn cpu_and_auto_select_without_gpu() {
         assert!(DeviceSpec::Cpu.select().unwrap().device.is_cpu());
+        assert_eq!(cuda_pool_stats(&Device::Cpu), None);
         let auto = DeviceSpec::Auto.select().unwrap();
         if !crate::cuda_compiled() {
             assert!(auto.device.is_cpu());

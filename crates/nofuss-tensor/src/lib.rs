@@ -20,6 +20,8 @@
 //!   of an exact kNN search; one kernel per row block on CUDA);
 //! - [`optim`]: the optimisers (PyTorch's update rules, parameter groups, schedules,
 //!   clipping), each step two fused in-place kernels per parameter;
+//! - [`tape`]: a reverse-mode tape over those layers, beside candle's autograd, for the
+//!   training step of a convolutional backbone (no zero-filled gradient buffers);
 //! - [`profile`]: per-operation GPU timing of all of the above, to see where a step's
 //!   time goes.
 //!
@@ -60,8 +62,11 @@ mod precision;
 pub mod profile;
 mod proxy_rows;
 pub mod select;
+pub mod tape;
 
-pub use device::{fixtures_dir, on_pool, test_device, DeviceSpec, SelectedDevice};
+pub use device::{
+    cuda_pool_stats, fixtures_dir, on_pool, test_device, DeviceSpec, PoolStats, SelectedDevice,
+};
 pub use error::{Error, Result};
 pub use init::SeededVarMap;
 pub use normalization::{ChannelOrder, Normalization};

@@ -102,6 +102,57 @@ pub fn max_pool2d(x: &Tensor, p: &Pool2d) -> Result<Tensor> {
     x.contiguous()?.apply_op1(op)
 }
 
+/// The argmax positions a max pooling kept for its backward pass (see
+/// [`max_pool2d_with_indices`]), with the pooling's sizes.
+#[derive(Clone)]
+pub struct MaxPoolIndices {
+    geom: Geom,
+    saved: SavedArgmax,
+}
+
+impl std::fmt::Debug for MaxPoolIndices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MaxPoolIndices")
+            .field("input", &self.geom.in_shape())
+            .finish()
+    }
+}
+
+/// [`max_pool2d`] outside candle's graph, keeping each window's argmax for
+/// [`max_pool2d_backward`]: for a caller that keeps its own tape ([`crate::tape::Tape`]).
+pub fn max_pool2d_with_indices(x: &Tensor, p: &Pool2d) -> Result<(Tensor, MaxPoolIndices)> {
+    let geom = Geom::new(x.dims(), p)?;
+    let saved: SavedArgmax = Arc::new(Mutex::new(None));
+    let y = x.detach().contiguous()?.apply_op1_no_bwd(&MaxPool {
+        pool: *p,
+        saved: Some(saved.clone()),
+    })?;
+    Ok((y, MaxPoolIndices { geom, saved }))
+}
+
+/// The input gradient of a max pooling from its output gradient `dy`: each output's
+/// gradient added at its window's argmax.
+pub fn max_pool2d_backward(dy: &Tensor, indices: &MaxPoolIndices) -> Result<Tensor> {
+    dy.detach().contiguous()?.apply_op1_no_bwd(&MaxPoolBwd {
+        geom: indices.geom,
+        saved: indices.saved.clone(),
+    })
+}
+
+/// The input gradient of [`avg_pool2d`] of an input shaped `x_dims`, from its output
+/// gradient `dy`, outside candle's graph.
+pub fn avg_pool2d_backward(
+    dy: &Tensor,
+    x_dims: &[usize],
+    p: &Pool2d,
+    count_include_pad: bool,
+) -> Result<Tensor> {
+    dy.detach().contiguous()?.apply_op1_no_bwd(&AvgPoolBwd {
+        geom: Geom::new(x_dims, p)?,
+        include_pad: count_include_pad,
+    })
+}
+
 /// Average pooling of `[N,C,H,W]` with PyTorch's `nn.AvgPool2d` semantics
 /// (`count_include_pad` chooses whether padded zeros count in the divisor).
 pub fn avg_pool2d(x: &Tensor, p: &Pool2d, count_include_pad: bool) -> Result<Tensor> {
@@ -363,11 +414,11 @@ impl CustomOp1 for MaxPool {
         let saved = self.saved.clone().ok_or_else(|| {
             candle_core::Error::Msg("max pooling ran without gradient tracking".into())
         })?;
-        let op = MaxPoolBwd {
+        let indices = MaxPoolIndices {
             geom: Geom::new(arg.dims(), &self.pool)?,
             saved,
         };
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
+        Ok(Some(max_pool2d_backward(grad, &indices)?))
     }
 }
 
@@ -464,11 +515,12 @@ impl CustomOp1 for AvgPool {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let op = AvgPoolBwd {
-            geom: Geom::new(arg.dims(), &self.pool)?,
-            include_pad: self.include_pad,
-        };
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
+        Ok(Some(avg_pool2d_backward(
+            grad,
+            arg.dims(),
+            &self.pool,
+            self.include_pad,
+        )?))
     }
 }
 

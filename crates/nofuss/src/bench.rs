@@ -43,6 +43,9 @@ pub struct TrainStepBench {
     /// Also run `steps` steps with per-operation timing ([`nofuss_tensor::profile`]) and
     /// report each operation's milliseconds per step, largest first.
     pub profile_ops: bool,
+    /// Differentiate the backbone through candle's graph instead of nofuss's tape
+    /// ([`nofuss_tensor::tape`]), to compare the two.
+    pub graph_backward: bool,
 }
 
 impl Default for TrainStepBench {
@@ -59,6 +62,7 @@ impl Default for TrainStepBench {
             phases: false,
             cudnn_benchmark: false,
             profile_ops: false,
+            graph_backward: false,
         }
     }
 }
@@ -71,7 +75,7 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
             "bench needs steps >= 1, batch size >= 2 and classes >= 2".into(),
         ));
     }
-    let (cfg, description, dev, model, x) = setup(
+    let (cfg, description, dev, mut model, x) = setup(
         &b.backbone,
         b.image_size,
         b.batch_size,
@@ -80,6 +84,7 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         b.precision,
         b.cudnn_benchmark,
     )?;
+    model.embedder.set_tape(!b.graph_backward);
     let opt = model.optimizer(&cfg.optim)?;
     let size = cfg.data.image_size;
     let labels: Vec<u32> = (0..b.batch_size as u32)
@@ -108,12 +113,26 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         "backbone": b.backbone,
         "precision": b.precision.to_string(),
         "cudnn_algorithms": if b.cudnn_benchmark { "benchmark" } else { "heuristic" },
+        "backward": if b.graph_backward { "candle graph" } else { "tape" },
         "batch": b.batch_size,
         "image_size": size,
         "steps": b.steps,
         "median_ms": ms(med),
         "images_per_sec": (b.batch_size as f64 / med * 10.0).round() / 10.0,
     });
+    if let Some(p) = nofuss_tensor::cuda_pool_stats(&dev) {
+        // Whether the device kept freed memory between steps (allocations from a pool
+        // that returned it at every synchronisation would wait for the driver).
+        let mb = |b: u64| (b as f64 / 1e6).round();
+        if let Some(o) = out.as_object_mut() {
+            o.insert("pool_reserved_mb".into(), json!(mb(p.reserved_bytes)));
+            o.insert("pool_used_mb".into(), json!(mb(p.used_bytes)));
+            o.insert(
+                "pool_keeps_freed_memory".into(),
+                json!(p.release_threshold == u64::MAX),
+            );
+        }
+    }
     if b.phases {
         let phases = time_phases(b, &mut run)?;
         if let (Some(o), Value::Object(p)) = (out.as_object_mut(), phases) {
@@ -179,8 +198,9 @@ impl Steps<'_> {
     fn step(&mut self) -> Result<()> {
         let (model, opt, x, y) = (self.model, &mut self.opt, self.x, self.y);
         nofuss_tensor::on_pool(self.dev, || -> Result<()> {
-            let loss = model.loss.loss(&model.embedder.forward(x, true)?, y)?;
-            let grads = loss.backward()?;
+            let pass = model.embedder.forward_train(x)?;
+            let loss = model.loss.loss(&pass.embeddings, y)?;
+            let grads = pass.backward(&loss)?;
             opt.step(&grads)?;
             loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             Ok(())
@@ -216,10 +236,12 @@ fn time_phases(b: &TrainStepBench, run: &mut Steps<'_>) -> Result<Value> {
     let mut queued = vec![Vec::new(); 3];
     let mut done = vec![Vec::new(); 3];
     for i in 0..b.steps + b.warmup {
-        let (loss, q0, d0) = queued_and_done(dev, || {
-            Ok(model.loss.loss(&model.embedder.forward(x, true)?, y)?)
+        let ((pass, loss), q0, d0) = queued_and_done(dev, || {
+            let pass = model.embedder.forward_train(x)?;
+            let loss = model.loss.loss(&pass.embeddings, y)?;
+            Ok((pass, loss))
         })?;
-        let (grads, q1, d1) = queued_and_done(dev, || Ok(loss.backward()?))?;
+        let (grads, q1, d1) = queued_and_done(dev, || Ok(pass.backward(&loss)?))?;
         let ((), q2, d2) = queued_and_done(dev, || {
             opt.step(&grads)?;
             Ok(())
@@ -378,6 +400,17 @@ mod tests {
         assert_eq!(v["batch"], 4);
         assert!(v["images_per_sec"].as_f64().unwrap() > 0.0);
         assert!(v.get("forward_ms").is_none());
+        assert_eq!(v["backward"], "tape");
+        let v = train_step(&TrainStepBench {
+            batch_size: 4,
+            steps: 1,
+            warmup: 0,
+            device: "cpu".into(),
+            graph_backward: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(v["backward"], "candle graph");
         let v = train_step(&TrainStepBench {
             batch_size: 4,
             steps: 2,

@@ -148,6 +148,10 @@ pub enum BenchCommand {
         /// CPU operations) in extra steps: milliseconds per step, largest first, under "ops".
         #[arg(long)]
         profile_ops: bool,
+        /// Differentiate the backbone through candle's graph instead of nofuss's tape
+        /// (to compare the two).
+        #[arg(long)]
+        graph_backward: bool,
     },
 }
 
@@ -709,6 +713,7 @@ pub fn run(cli: Cli) -> Result<()> {
             phases,
             cudnn_benchmark,
             profile_ops,
+            graph_backward,
         }) => {
             let b = crate::bench::TrainStepBench {
                 backbone,
@@ -722,6 +727,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 phases,
                 cudnn_benchmark,
                 profile_ops,
+                graph_backward,
             };
             println!("{}", crate::bench::train_step(&b)?);
             Ok(())

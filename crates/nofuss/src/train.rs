@@ -868,7 +868,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             // The step's operations run on rayon's pool (CPU): see `on_pool`. The next
             // batch is waited for outside it.
             let outcome = nofuss_tensor::on_pool(&device, || -> Result<StepOutcome> {
-                let emb = model.embedder.forward(&batch_images, true)?;
+                let pass = model.embedder.forward_train(&batch_images)?;
+                let emb = pass.embeddings.clone();
                 let reseed = |r: &mut Option<ProxyReseeder>| -> Result<()> {
                     if let (Some(r), Some(v)) = (r.as_mut(), proxy_var.as_ref()) {
                         r.step(&emb, v, global_step(epoch, num_batches, step))?;
@@ -886,7 +887,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
                     }
                     Err(e) => return Err(e.into()),
                 };
-                let grads = loss.backward()?;
+                let grads = pass.backward(&loss)?;
                 opt.set_lr(
                     cfg.optim.schedule.factor(epoch - 1)
                         * warmup_factor(opt.steps(), cfg.optim.warmup_steps),
