@@ -8,10 +8,12 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::sys as cudnn_sys;
 use candle_core::cuda_backend::cudarc::cudnn::{
-    ConvBackwardData, ConvBackwardFilter, ConvForward, Cudnn, CudnnDataType, CudnnError,
+    ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnDataType,
+    CudnnError, FilterDescriptor, TensorDescriptor,
 };
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result, Storage, StorageRef, Tensor};
@@ -96,6 +98,32 @@ impl KernelDType for half::bf16 {
     const SUFFIX: &'static str = "bf16";
 }
 
+/// Device, module, kernel name and dtype suffix.
+type KernelKey = (DeviceId, &'static str, &'static str, &'static str);
+
+thread_local! {
+    static KERNELS: RefCell<HashMap<KernelKey, CudaFunction>> = RefCell::new(HashMap::new());
+}
+
+/// The kernel `<base>_<suffix>` of a PTX module (name, source) on `dev`, looked up in the
+/// driver once per thread and then kept (candle's lookup asks the driver at every call).
+fn kernel_function(
+    dev: &CudaDevice,
+    (module, ptx): (&'static str, &'static str),
+    base: &'static str,
+    suffix: &'static str,
+) -> Result<CudaFunction> {
+    let key = (dev.id(), module, base, suffix);
+    if let Some(f) = KERNELS.with(|m| m.borrow().get(&key).cloned()) {
+        return Ok(f);
+    }
+    let f = dev
+        .get_or_load_custom_func(&format!("{base}_{suffix}"), module, ptx)?
+        .into_cuda_function();
+    KERNELS.with(|m| m.borrow_mut().insert(key, f.clone()));
+    Ok(f)
+}
+
 /// Declares typed launchers, one per kernel of a `.cu` file: the kernel named
 /// `<name>_<suffix of the first type parameter>` in that file's PTX module, its
 /// parameters in order, device pointers as `&CudaView` (`const X*`) or
@@ -116,14 +144,12 @@ macro_rules! kernels {
                 cfg: LaunchConfig,
                 $($arg: $ty),*
             ) -> Result<()> {
-                let name = format!(concat!(stringify!($name), "_{}"), $S::SUFFIX);
-                let f = dev
-                    .get_or_load_custom_func(&name, $module, $ptx)?
-                    .into_cuda_function();
+                let f = kernel_function(dev, ($module, $ptx), stringify!($name), $S::SUFFIX)?;
                 let stream = dev.cuda_stream();
                 let mut b = stream.launch_builder(&f);
                 $(b.arg($arg);)*
-                crate::profile::timed(dev, || name.clone(), || {
+                let name = || format!(concat!(stringify!($name), "_{}"), $S::SUFFIX);
+                crate::profile::timed(dev, name, || {
                     // SAFETY: the parameters are the kernel's, in its order and with its
                     // types (checked against the .cu file by tests/kernel_signatures.rs);
                     // the callers size the buffers for the launch.
@@ -890,41 +916,69 @@ find_fastest_for! {
 }
 
 /// cuDNN's algorithm for `$op` (cached per shape), heuristic or timed as `$key.benchmark`
-/// says, and a workspace for it.
+/// says, and a workspace for it (none when it needs none); the workspace size is asked
+/// once per shape and pass (slot `$pass` of the descriptors' sizes).
 macro_rules! algo_and_workspace {
-    ($op:ident, $cache:ident, $key:ident, $dev:ident, $math:ident, $what:literal) => {{
+    ($op:ident, $cache:ident, $key:ident, $dev:ident, $descs:ident, $pass:literal, $what:literal) => {{
+        let math = $descs.math;
         let algo = cached(&$cache, &$key, || {
             if $key.benchmark {
-                $op.find_fastest($dev, &$key, $math)
+                $op.find_fastest($dev, &$key, math)
             } else {
                 $op.pick_algorithm()
                     .map_err(cudnn_err(concat!($what, " algorithm")))
             }
         })?;
-        let size = $op
-            .get_workspace_size(algo)
-            .map_err(cudnn_err(concat!($what, " workspace")))?;
+        let size = match $descs.workspace[$pass].get() {
+            Some((a, size)) if a == algo as u32 => size,
+            _ => {
+                let size = $op
+                    .get_workspace_size(algo)
+                    .map_err(cudnn_err(concat!($what, " workspace")))?;
+                $descs.workspace[$pass].set(Some((algo as u32, size)));
+                size
+            }
+        };
         // SAFETY: scratch space, never read before cuDNN writes it.
-        (algo, unsafe { $dev.alloc::<u8>(size.max(1))? })
+        let ws = (size > 0)
+            .then(|| unsafe { $dev.alloc::<u8>(size) })
+            .transpose()?;
+        (algo, ws)
     }};
 }
 
-/// A convolution's name in the profile: pass, dtype, shapes, stride, padding, algorithm.
-fn conv_label(pass: &str, key: &ConvKey, algo: impl std::fmt::Debug) -> String {
-    let algo = format!("{algo:?}");
-    let algo = algo.rsplit("_ALGO_").next().unwrap_or(&algo);
-    format!(
-        "cudnn {pass} {:?} x{:?} w{:?} s{} p{} {algo}",
-        key.dtype, key.x, key.w, key.stride, key.padding
-    )
+/// The cuDNN descriptors of one convolution shape on one thread's handle, with the
+/// workspace size each pass's algorithm needs once known (forward, backward-data,
+/// backward-filter): made once per shape instead of at every call.
+struct ConvDescs<T: CudnnDataType, C: CudnnDataType> {
+    conv: ConvDescriptor<C>,
+    x: TensorDescriptor<T>,
+    w: FilterDescriptor<T>,
+    y: TensorDescriptor<T>,
+    math: cudnn_sys::cudnnMathType_t,
+    workspace: [std::cell::Cell<Option<(u32, usize)>>; 3],
 }
 
-fn conv_typed<T, C>(dev: &CudaDevice, pass: ConvPass<'_>, key: ConvKey) -> Result<CudaStorage>
+thread_local! {
+    // Descriptors hold this thread's handle, so they are cached per thread too.
+    static CONV_DESCS: RefCell<HashMap<(DeviceId, ConvKey), std::rc::Rc<dyn std::any::Any>>> =
+        RefCell::new(HashMap::new());
+}
+
+/// This thread's descriptors of `key`'s convolution on `dev` (elements `T`, arithmetic
+/// `C`), made on first use.
+fn conv_descs<T, C>(dev: &CudaDevice, key: &ConvKey) -> Result<std::rc::Rc<ConvDescs<T, C>>>
 where
-    T: CudaDType + CudnnDataType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType,
-    C: CudnnDataType,
+    T: CudnnDataType + 'static,
+    C: CudnnDataType + 'static,
 {
     use cudnn_sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+    let id = (dev.id(), *key);
+    if let Some(d) = CONV_DESCS.with(|m| m.borrow().get(&id).cloned()) {
+        if let Ok(d) = d.downcast::<ConvDescs<T, C>>() {
+            return Ok(d);
+        }
+    }
     let handle = cudnn(dev)?;
     let mut conv = handle
         .create_conv2d::<C>(
@@ -945,26 +999,51 @@ where
         _ => cudnn_sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
     };
     conv.set_math_type(math).map_err(cudnn_err("math type"))?;
-    let xd = handle
-        .create_4d_tensor::<T>(CUDNN_TENSOR_NCHW, key.x)
-        .map_err(cudnn_err("input descriptor"))?;
-    let wd = handle
-        .create_4d_filter::<T>(CUDNN_TENSOR_NCHW, key.w)
-        .map_err(cudnn_err("filter descriptor"))?;
-    let yd = handle
-        .create_4d_tensor::<T>(CUDNN_TENSOR_NCHW, key.y)
-        .map_err(cudnn_err("output descriptor"))?;
+    let d = std::rc::Rc::new(ConvDescs {
+        conv,
+        x: handle
+            .create_4d_tensor::<T>(CUDNN_TENSOR_NCHW, key.x)
+            .map_err(cudnn_err("input descriptor"))?,
+        w: handle
+            .create_4d_filter::<T>(CUDNN_TENSOR_NCHW, key.w)
+            .map_err(cudnn_err("filter descriptor"))?,
+        y: handle
+            .create_4d_tensor::<T>(CUDNN_TENSOR_NCHW, key.y)
+            .map_err(cudnn_err("output descriptor"))?,
+        math,
+        workspace: Default::default(),
+    });
+    CONV_DESCS.with(|m| m.borrow_mut().insert(id, d.clone()));
+    Ok(d)
+}
+
+/// A convolution's name in the profile: pass, dtype, shapes, stride, padding, algorithm.
+fn conv_label(pass: &str, key: &ConvKey, algo: impl std::fmt::Debug) -> String {
+    let algo = format!("{algo:?}");
+    let algo = algo.rsplit("_ALGO_").next().unwrap_or(&algo);
+    format!(
+        "cudnn {pass} {:?} x{:?} w{:?} s{} p{} {algo}",
+        key.dtype, key.x, key.w, key.stride, key.padding
+    )
+}
+
+fn conv_typed<T, C>(dev: &CudaDevice, pass: ConvPass<'_>, key: ConvKey) -> Result<CudaStorage>
+where
+    T: CudaDType + CudnnDataType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType + 'static,
+    C: CudnnDataType + 'static,
+{
+    let d = conv_descs::<T, C>(dev, &key)?;
     let numel = |s: [i32; 4]| s.iter().map(|&d| d as usize).product::<usize>();
     let one_zero = (T::from_f64(1.0), T::from_f64(0.0));
     match pass {
         ConvPass::Forward { x, w } => {
             let op = ConvForward {
-                conv: &conv,
-                x: &xd,
-                w: &wd,
-                y: &yd,
+                conv: &d.conv,
+                x: &d.x,
+                w: &d.w,
+                y: &d.y,
             };
-            let (algo, mut ws) = algo_and_workspace!(op, FWD_ALGOS, key, dev, math, "forward");
+            let (algo, mut ws) = algo_and_workspace!(op, FWD_ALGOS, key, dev, d, 0, "forward");
             let (xv, wv) = (view::<T>(x.0, x.1)?, view::<T>(w.0, w.1)?);
             // SAFETY: every element is written by cuDNN.
             let mut y = unsafe { dev.alloc::<T>(numel(key.y))? };
@@ -973,7 +1052,7 @@ where
                 || conv_label("forward", &key, algo),
                 || {
                     // SAFETY: buffers match the descriptors' types and shapes.
-                    unsafe { op.launch(algo, Some(&mut ws), one_zero, &xv, &wv, &mut y) }
+                    unsafe { op.launch(algo, ws.as_mut(), one_zero, &xv, &wv, &mut y) }
                         .map_err(cudnn_err("forward"))
                 },
             )?;
@@ -981,13 +1060,13 @@ where
         }
         ConvPass::BackwardData { dy, w } => {
             let op = ConvBackwardData {
-                conv: &conv,
-                dx: &xd,
-                w: &wd,
-                dy: &yd,
+                conv: &d.conv,
+                dx: &d.x,
+                w: &d.w,
+                dy: &d.y,
             };
             let (algo, mut ws) =
-                algo_and_workspace!(op, BWD_DATA_ALGOS, key, dev, math, "backward-data");
+                algo_and_workspace!(op, BWD_DATA_ALGOS, key, dev, d, 1, "backward-data");
             let (dyv, wv) = (view::<T>(dy.0, dy.1)?, view::<T>(w.0, w.1)?);
             // SAFETY: every element is written by cuDNN (beta = 0).
             let mut dx = unsafe { dev.alloc::<T>(numel(key.x))? };
@@ -996,7 +1075,7 @@ where
                 || conv_label("backward-data", &key, algo),
                 || {
                     // SAFETY: buffers match the descriptors' types and shapes.
-                    unsafe { op.launch(algo, Some(&mut ws), one_zero, &mut dx, &wv, &dyv) }
+                    unsafe { op.launch(algo, ws.as_mut(), one_zero, &mut dx, &wv, &dyv) }
                         .map_err(cudnn_err("backward data"))
                 },
             )?;
@@ -1004,22 +1083,23 @@ where
         }
         ConvPass::BackwardFilter { x, dy } => {
             let op = ConvBackwardFilter {
-                conv: &conv,
-                x: &xd,
-                dw: &wd,
-                dy: &yd,
+                conv: &d.conv,
+                x: &d.x,
+                dw: &d.w,
+                dy: &d.y,
             };
             let (algo, mut ws) =
-                algo_and_workspace!(op, BWD_FILTER_ALGOS, key, dev, math, "backward-filter");
+                algo_and_workspace!(op, BWD_FILTER_ALGOS, key, dev, d, 2, "backward-filter");
             let (xv, dyv) = (view::<T>(x.0, x.1)?, view::<T>(dy.0, dy.1)?);
-            // Zeroed: some algorithms accumulate.
-            let mut dw = dev.alloc_zeros::<T>(numel(key.w))?;
+            // SAFETY: with beta = 0 cuDNN writes every element and reads none (PyTorch
+            // hands it an uninitialised buffer too).
+            let mut dw = unsafe { dev.alloc::<T>(numel(key.w))? };
             crate::profile::timed(
                 dev,
                 || conv_label("backward-filter", &key, algo),
                 || {
                     // SAFETY: buffers match the descriptors' types and shapes.
-                    unsafe { op.launch(algo, Some(&mut ws), one_zero, &xv, &mut dw, &dyv) }
+                    unsafe { op.launch(algo, ws.as_mut(), one_zero, &xv, &mut dw, &dyv) }
                         .map_err(cudnn_err("backward filter"))
                 },
             )?;
