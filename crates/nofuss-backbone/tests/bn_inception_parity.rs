@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use nofuss_backbone::{Backbone, BackboneError, BnInception, BnInceptionConfig};
+use nofuss_backbone::{Backbone, BackboneError, BnInception, BnInceptionConfig, Pooling};
+use nofuss_tensor::tape::Tape;
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -192,6 +193,56 @@ fn train_mode_statistics_and_gradients_match_the_port() {
     }
     // The convolution biases go into the batch norms, whose statistics cancel them: their
     // exact gradient is zero (PyTorch's is rounding noise), and they get none.
+    assert!(grads
+        .get(var(&vars, "conv2_3x3.bias").as_tensor())
+        .is_none());
+}
+
+/// The same case with the network on nofuss's tape (how the trainer runs it): the
+/// features' gradient comes from candle's graph above a leaf, the rest from the tape.
+#[test]
+fn train_mode_on_the_tape_matches_the_port() {
+    let fx = fixture();
+    let (net, vars) = seeded_net(&BnInceptionConfig::default(), DType::F64);
+    let x = seeded("input_small", &[2, 3, 64, 64])
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_device(&device())
+        .unwrap();
+    let mut tape = Tape::new();
+    let input = tape.input(&x);
+    let map = net.forward_tape(&mut tape, &input).unwrap().unwrap();
+    let leaf = Var::from_tensor(map.tensor()).unwrap();
+    let feats = Pooling::Average.apply(leaf.as_tensor()).unwrap();
+    let train = &fx["train"];
+    assert_close(
+        &values(&feats),
+        &floats(&train["features"]),
+        1e-9,
+        "train features",
+    );
+    for (layer, want) in train["running_var"].as_object().unwrap() {
+        let v = var(&vars, &format!("{layer}.running_var"));
+        assert_close(&values(v.as_tensor()), &floats(want), 1e-9, layer);
+    }
+    let r = seeded("grad_weights", &[2, 1024])
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_device(&device())
+        .unwrap();
+    let mut grads = (feats * r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = grads.remove(leaf.as_tensor()).unwrap();
+    tape.backward_into(&map, &g, &mut grads).unwrap();
+    for (name, want) in train["grads"].as_object().unwrap() {
+        let v = var(&vars, name);
+        let g = grads.get(v.as_tensor()).unwrap();
+        assert_close(
+            &values(g),
+            &floats(want),
+            1e-9,
+            &format!("tape grad {name}"),
+        );
+    }
     assert!(grads
         .get(var(&vars, "conv2_3x3.bias").as_tensor())
         .is_none());
