@@ -441,13 +441,43 @@ mod cpu_ops {
         dx
     }
 
+    /// Most partial sums the weight gradient is split into (see [`grad_weight`]).
+    const WEIGHT_GROUPS: usize = 8;
+
+    /// The weight gradient `dy colsᵀ`, summed over the tiles. Its product is small (`C_out
+    /// x C_in K K`) and long (every output position of the batch), which a multi-threaded
+    /// GEMM cannot share out, so the tiles are split into up to [`WEIGHT_GROUPS`] runs of
+    /// consecutive tiles, each summed on one thread, and the runs' sums added in order:
+    /// the grouping depends on the tile count only, so the result is the same on any
+    /// number of threads. A single tile is one multi-threaded product.
     fn grad_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
-        let mut dw = vec![T::zero(); g.c_out * g.rows()];
-        let mut s = Scratch::new();
-        for (first, images) in g.tiles() {
-            let dyt = gradient_rows(g, dy, first, images, &mut s.1);
-            let cols = columns(g, x, first, images, &mut s.0);
-            matmul(&mut dw, first > 0, dyt, cols.t(), parallelism(true));
+        let len = g.c_out * g.rows();
+        let tiles: Vec<(usize, usize)> = g.tiles().collect();
+        let groups = tiles.len().clamp(1, WEIGHT_GROUPS);
+        let per_group = tiles.len().div_ceil(groups).max(1);
+        let run = |tiles: &[(usize, usize)], par: Parallelism| -> Vec<T> {
+            let mut dw = vec![T::zero(); len];
+            let mut s = Scratch::new();
+            for (i, &(first, images)) in tiles.iter().enumerate() {
+                let dyt = gradient_rows(g, dy, first, images, &mut s.1);
+                let cols = columns(g, x, first, images, &mut s.0);
+                matmul(&mut dw, i > 0, dyt, cols.t(), par);
+            }
+            dw
+        };
+        if groups == 1 {
+            return run(&tiles, parallelism(true));
+        }
+        let partial: Vec<Vec<T>> = tiles
+            .par_chunks(per_group)
+            .map(|t| run(t, Parallelism::None))
+            .collect();
+        let mut parts = partial.into_iter();
+        let mut dw = parts.next().unwrap_or_else(|| vec![T::zero(); len]);
+        for p in parts {
+            for (d, v) in dw.iter_mut().zip(p) {
+                *d += v;
+            }
         }
         dw
     }
