@@ -541,11 +541,8 @@ impl Backbone for BnInception {
         tape: &mut Tape,
         x: &tape::Act,
     ) -> Option<candle_core::Result<tape::Act>> {
-        // Frozen batch norm differentiates through fixed statistics: candle's graph.
-        (self.cfg.batch_norm == BatchNormMode::Train).then(|| {
-            check_input(x.tensor())?;
-            self.forward_layers(tape, x)
-        })
+        tape.set_fixed_statistics(self.cfg.batch_norm == BatchNormMode::Frozen);
+        Some(check_input(x.tensor()).and_then(|()| self.forward_layers(tape, x)))
     }
 
     fn out_channels(&self) -> usize {

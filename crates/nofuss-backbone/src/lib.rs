@@ -271,7 +271,7 @@ mod tests {
                     close(&vals(b), &vals(a), tol, name);
                     compared += 1;
                 }
-                // Folded convolution biases: no gradient in training mode, either way.
+                // Folded convolution biases under batch statistics: no gradient, either way.
                 (None, None) => assert!(name.ends_with(".bias"), "{name}"),
                 (a, b) => panic!("{name}: graph {:?}, tape {:?}", a.is_some(), b.is_some()),
             }
@@ -290,6 +290,19 @@ mod tests {
         let make = || {
             let params = SeededVarMap::new(11);
             let backbone = build(params.var_builder(dt, &dev));
+            // Running statistics away from 0 and 1, for batch norms that use them.
+            for (name, v) in params.named_vars() {
+                let ramp = Tensor::arange(0u32, v.elem_count() as u32, &dev)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
+                let ramp = (ramp * 0.01).unwrap().sin().unwrap();
+                if name.ends_with("running_mean") {
+                    v.set(&(ramp * 0.3).unwrap()).unwrap();
+                } else if name.ends_with("running_var") {
+                    v.set(&(ramp.abs().unwrap() + 0.5).unwrap()).unwrap();
+                }
+            }
             (params, backbone)
         };
         let (p_graph, graph) = make();
@@ -377,19 +390,32 @@ mod tests {
         backbone_tape_against_graph(bn_inception, (2, 3, 64, 64), DType::F64, 1e-9);
         embedder_tape_against_graph(bn_inception, (2, 3, 32, 32), Precision::F32, 1e-4);
     }
+
+    /// Frozen batch norm (running statistics; scales, shifts and the folded convolution
+    /// biases train) on the tape, against candle's graph.
     #[test]
-    fn frozen_batch_norm_trains_in_candles_graph() {
+    fn frozen_bn_inception_trains_the_same_on_a_tape() {
+        let frozen = |vb: VarBuilderOf| -> Box<dyn Backbone> {
+            let cfg = BnInceptionConfig {
+                batch_norm: BatchNormMode::Frozen,
+                ..Default::default()
+            };
+            Box::new(BnInception::new(vb, &cfg).unwrap())
+        };
+        backbone_tape_against_graph(frozen, (2, 3, 64, 64), DType::F64, 1e-9);
+        embedder_tape_against_graph(frozen, (2, 3, 32, 32), Precision::F32, 1e-4);
+    }
+    #[test]
+    fn the_tape_can_be_turned_off_and_refuses_bad_sizes() {
         let params = SeededVarMap::new(1);
         let vb = params.var_builder(DType::F32, &Device::Cpu);
-        let cfg = BnInceptionConfig {
-            batch_norm: BatchNormMode::Frozen,
-            ..Default::default()
-        };
-        let net = BnInception::new(vb.pp("b"), &cfg).unwrap();
+        let net = SmallCnn::new(&SmallCnnConfig::default(), vb.pp("b")).unwrap();
         let head =
-            EmbeddingHead::new(BN_INCEPTION_FEATURES, &HeadConfig::default(), vb.pp("h")).unwrap();
-        let model = Embedder::new(Box::new(net), head);
-        let x = Tensor::zeros((2, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+            EmbeddingHead::new(net.out_channels(), &HeadConfig::default(), vb.pp("h")).unwrap();
+        let mut model = Embedder::new(Box::new(net), head);
+        let x = Tensor::zeros((2, 1, 32, 32), DType::F32, &Device::Cpu).unwrap();
+        assert!(model.forward_train(&x).unwrap().taped());
+        model.set_tape(false);
         let pass = model.forward_train(&x).unwrap();
         assert!(!pass.taped());
         let loss = pass.embeddings.sum_all().unwrap();

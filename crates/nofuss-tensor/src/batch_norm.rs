@@ -138,14 +138,15 @@ impl BatchNorm2d {
         Ok(out.y)
     }
 
-    /// Training-mode [`Self::forward_shifted_t`] outside candle's graph: the output (which
-    /// tracks nothing, whatever tracks the inputs) and what [`batch_norm_backward`] needs
-    /// for the gradients; the running statistics are updated as in the tracked form. For
-    /// a caller that keeps its own tape ([`crate::tape::Tape`]).
-    pub fn forward_train_saved(
+    /// [`Self::forward_shifted_t`] outside candle's graph: the output (which tracks
+    /// nothing, whatever tracks the inputs) and what [`batch_norm_backward`] needs for the
+    /// gradients; in training mode the running statistics are updated as in the tracked
+    /// form. For a caller that keeps its own tape ([`crate::tape::Tape`]).
+    pub fn forward_saved(
         &self,
         x: &Tensor,
         shift: Option<&Tensor>,
+        train: bool,
         relu: bool,
     ) -> Result<(Tensor, BatchNormSaved)> {
         let c = x.dim(1)?;
@@ -157,18 +158,48 @@ impl BatchNorm2d {
                 );
             }
         }
-        let (out, stats) = train_parts(
-            &x.detach(),
-            &self.weight.detach(),
-            &self.bias.detach(),
-            self.eps,
-            relu,
-        )?;
+        let (gamma, beta) = (self.weight.detach(), self.bias.detach());
+        if !train {
+            let g = Geom::of(x)?;
+            let pdt = param_dtype(x.dtype());
+            let (mean, invstd) = fixed_stats(
+                self.running_mean.as_tensor(),
+                self.running_var.as_tensor(),
+                self.eps,
+                pdt,
+            )?;
+            let (beta, fixed_shift) = match shift {
+                None => (beta, None),
+                Some(s) => {
+                    let s = s.detach().to_dtype(pdt)?;
+                    let term = (gamma.to_dtype(pdt)? * &invstd)?.mul(&s)?;
+                    ((beta.to_dtype(pdt)? + term)?, Some((invstd.clone(), s)))
+                }
+            };
+            let stats = ChannelStats::new(mean, invstd, g.c, pdt)?;
+            let y = apply(
+                &x.detach().contiguous()?,
+                &gamma,
+                &beta,
+                stats.clone(),
+                relu,
+                false,
+            )?;
+            let saved = BatchNormSaved {
+                stats,
+                relu,
+                batch_stats: false,
+                fixed_shift,
+            };
+            return Ok((y, saved));
+        }
+        let (out, stats) = train_parts(&x.detach(), &gamma, &beta, self.eps, relu)?;
         self.update_running(&out, shift, x.elem_count() / c)?;
         let saved = BatchNormSaved {
             stats,
             relu,
             batch_stats: true,
+            fixed_shift: None,
         };
         Ok((out.y, saved))
     }
@@ -284,12 +315,14 @@ fn train_parts(
 
 /// What the backward pass of a batch norm needs besides its input, output and output
 /// gradient: the statistics it normalised with, whether they were the batch's own, and
-/// whether a ReLU followed. Made by [`BatchNorm2d::forward_train_saved`].
+/// whether a ReLU followed. Made by [`BatchNorm2d::forward_saved`].
 #[derive(Debug, Clone)]
 pub struct BatchNormSaved {
     stats: ChannelStats,
     relu: bool,
     batch_stats: bool,
+    /// With fixed statistics and a shift: 1/σ and the shift, for the shift's gradient.
+    fixed_shift: Option<(Tensor, Tensor)>,
 }
 
 /// Gradients of a batch norm's input (when asked for), scale and shift; scale and shift
@@ -302,6 +335,10 @@ pub struct BatchNormGrads {
     pub gamma: Tensor,
     /// `d loss / d β`.
     pub beta: Tensor,
+    /// `d loss / d shift` of a batch norm with fixed statistics that was given a shift
+    /// ([`BatchNorm2d::forward_saved`]); `None` otherwise (with batch statistics the
+    /// shift's gradient is exactly zero).
+    pub shift: Option<Tensor>,
 }
 
 /// The gradients of a batch norm from its input `x`, output `y`, the output's gradient
@@ -340,10 +377,19 @@ pub fn batch_norm_backward(
             )
         })
         .transpose()?;
+    let (sum_g, mut dgamma) = (sums.get(0)?, sums.get(1)?);
+    // The shift entered as γ σ⁻¹ s added to β: it takes γ σ⁻¹ Σg, and γ takes σ⁻¹ s Σg.
+    let mut dshift = None;
+    if let Some((invstd, s)) = &saved.fixed_shift {
+        let k = (invstd * &sum_g)?;
+        dgamma = (dgamma + (&k * s)?)?;
+        dshift = Some((gamma.detach().to_dtype(k.dtype())? * k)?);
+    }
     Ok(BatchNormGrads {
         x: dx,
-        gamma: sums.get(1)?,
-        beta: sums.get(0)?,
+        gamma: dgamma,
+        beta: sum_g,
+        shift: dshift,
     })
 }
 
@@ -604,10 +650,12 @@ impl CustomOp3 for Apply {
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // A shift (fixed statistics) is already in β here: candle's graph differentiates it.
         let saved = BatchNormSaved {
             stats: self.stats.clone(),
             relu: self.relu,
             batch_stats: self.batch_stats,
+            fixed_shift: None,
         };
         // Gradients only for inputs the graph tracks (frozen scale or shift take none).
         let g = batch_norm_backward(x, y, grad, gamma, &saved, x.track_op())?;

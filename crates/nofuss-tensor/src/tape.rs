@@ -135,6 +135,8 @@ enum Node {
         y: Tensor,
         gamma: Tensor,
         beta: Tensor,
+        /// The convolution's bias, folded into the batch norm.
+        shift: Option<Tensor>,
         saved: BatchNormSaved,
         out: usize,
     },
@@ -168,14 +170,17 @@ impl Node {
     }
 }
 
-/// Layers recorded in training mode (batch statistics, running statistics updated), for
-/// one backward pass. See the module documentation.
+/// Layers recorded for one backward pass, their batch norms in training mode (batch
+/// statistics, running statistics updated) unless [`Tape::set_fixed_statistics`] says
+/// otherwise. See the module documentation.
 #[derive(Default)]
 pub struct Tape {
     nodes: Vec<Node>,
     /// Whether each activation depends on a parameter (the inputs do not: no gradient
     /// is computed for them).
     needs_grad: Vec<bool>,
+    /// Batch norms normalise with their running statistics ("frozen" batch norm).
+    fixed_statistics: bool,
 }
 
 impl std::fmt::Debug for Tape {
@@ -191,6 +196,14 @@ impl Tape {
     /// An empty tape.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Whether the batch norms recorded from now on normalise with their running
+    /// statistics (scale, shift and the folded convolution biases still train: "frozen"
+    /// batch norm, the usual choice for fine-tuning with small batches) instead of the
+    /// batch's (the default).
+    pub fn set_fixed_statistics(&mut self, fixed: bool) {
+        self.fixed_statistics = fixed;
     }
 
     /// Layers recorded so far.
@@ -228,7 +241,9 @@ impl Tape {
                 out.value.dims()
             );
         }
-        let Tape { nodes, needs_grad } = self;
+        let Tape {
+            nodes, needs_grad, ..
+        } = self;
         let mut grads: Vec<Option<Tensor>> = vec![None; needs_grad.len()];
         grads[out.id] = Some(grad.detach().to_dtype(out.value.dtype())?);
         let mut params = Vec::new();
@@ -255,6 +270,7 @@ impl Tape {
                     y,
                     gamma,
                     beta,
+                    shift,
                     saved,
                     ..
                 } => {
@@ -262,6 +278,9 @@ impl Tape {
                     drop((y, g));
                     param(gamma, bn.gamma)?;
                     param(beta, bn.beta)?;
+                    if let (Some(p), Some(ds)) = (shift, bn.shift) {
+                        param(p, ds)?;
+                    }
                     let Some(d_out) = bn.x else {
                         candle_core::bail!("tape backward: batch norm gave no input gradient");
                     };
@@ -334,7 +353,8 @@ impl Layers for Tape {
         let used = weight.detach().to_dtype(x.value.dtype())?;
         let cfg = *conv.config();
         let conv_out = conv2d(&x.value, &used, None, &cfg)?;
-        let (y, saved) = bn.forward_train_saved(&conv_out, conv.bias(), relu)?;
+        let train = !self.fixed_statistics;
+        let (y, saved) = bn.forward_saved(&conv_out, conv.bias(), train, relu)?;
         let out = self.value(y.clone(), true);
         self.nodes.push(Node::ConvBn {
             x: x.clone(),
@@ -345,6 +365,7 @@ impl Layers for Tape {
             y,
             gamma: bn.weight().clone(),
             beta: bn.bias().clone(),
+            shift: conv.bias().cloned(),
             saved,
             out: out.id,
         });
@@ -473,11 +494,24 @@ mod tests {
 
     /// Gradients of Σ out ⊙ r over every variable, from candle's graph and from a tape,
     /// on two copies of the same parameters; also the outputs and running statistics.
-    fn compare(dt: DType, tol: f64) {
+    /// `fixed`: batch norms with (non-trivial) running statistics instead of the batch's.
+    fn compare(dt: DType, tol: f64, fixed: bool) {
         let dev = Device::Cpu;
         let make = || {
             let params = SeededVarMap::new(7);
             let net = Net::new(&params.var_builder(dt, &dev));
+            for (name, v) in params.named_vars() {
+                let c = v.elem_count();
+                let ramp = Tensor::arange(0u32, c as u32, &dev)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
+                if name.ends_with("running_mean") {
+                    v.set(&((ramp * 0.1).unwrap() - 0.2).unwrap()).unwrap();
+                } else if name.ends_with("running_var") {
+                    v.set(&((ramp * 0.3).unwrap() + 0.5).unwrap()).unwrap();
+                }
+            }
             (params, net)
         };
         let (p_graph, graph_net) = make();
@@ -487,7 +521,7 @@ mod tests {
             .to_dtype(dt)
             .unwrap();
 
-        let y_graph = graph_net.forward(&mut Graph { train: true }, &x).unwrap();
+        let y_graph = graph_net.forward(&mut Graph { train: !fixed }, &x).unwrap();
         let r = Tensor::randn(0f64, 1.0, y_graph.dims(), &dev)
             .unwrap()
             .to_dtype(dt)
@@ -500,6 +534,7 @@ mod tests {
             .unwrap();
 
         let mut tape = Tape::new();
+        tape.set_fixed_statistics(fixed);
         let input = tape.input(&x);
         let y_tape = tape_net.forward(&mut tape, &input).unwrap();
         assert!(
@@ -529,24 +564,30 @@ mod tests {
                     close(&values(g), &values(w), tol, name);
                     trained += 1;
                 }
-                // The folded conv biases: no gradient on either side.
-                (None, None) => assert!(name.ends_with(".bias") && !name.contains("_bn"), "{name}"),
+                // The folded conv biases with batch statistics: no gradient either side.
+                (None, None) => assert!(
+                    !fixed && name.ends_with(".bias") && !name.contains("_bn"),
+                    "{name}"
+                ),
                 (w, g) => panic!("{name}: graph {:?}, tape {:?}", w.is_some(), g.is_some()),
             }
         }
-        // 5 weights, 5 scales, 5 shifts.
-        assert_eq!(trained, 15);
-        assert_eq!(taped.len(), 15);
+        // 5 weights, 5 scales, 5 shifts, and with fixed statistics the 5 conv biases.
+        let want = if fixed { 20 } else { 15 };
+        assert_eq!(trained, want);
+        assert_eq!(taped.len(), want);
     }
 
     #[test]
     fn tape_matches_candle_autograd_f64() {
-        compare(DType::F64, 1e-10);
+        compare(DType::F64, 1e-10, false);
+        compare(DType::F64, 1e-10, true);
     }
 
     #[test]
     fn tape_matches_candle_autograd_f32() {
-        compare(DType::F32, 1e-4);
+        compare(DType::F32, 1e-4, false);
+        compare(DType::F32, 1e-4, true);
     }
 
     #[test]
