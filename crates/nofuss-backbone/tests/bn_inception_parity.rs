@@ -84,6 +84,15 @@ fn seeded(name: &str, shape: &[usize]) -> Tensor {
 }
 
 /// A network with the seeded weights, its variables kept for inspection.
+/// [`seeded`] in f64 on the test device.
+fn seeded_f64(name: &str, shape: &[usize]) -> Tensor {
+    seeded(name, shape)
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_device(&device())
+        .unwrap()
+}
+
 fn seeded_net(cfg: &BnInceptionConfig, dtype: DType) -> (BnInception, VarMap) {
     let vars = VarMap::new();
     let dev = device();
@@ -157,11 +166,7 @@ fn train_mode_statistics_and_gradients_match_the_port() {
     let fx = fixture();
     // Float64 on both sides (see the reference script: this case is ill-conditioned).
     let (net, vars) = seeded_net(&BnInceptionConfig::default(), DType::F64);
-    let x = seeded("input_small", &[2, 3, 64, 64])
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_device(&device())
-        .unwrap();
+    let x = seeded_f64("input_small", &[2, 3, 64, 64]);
     let feats = net.forward_features(&x, true).unwrap();
     let train = &fx["train"];
     assert_close(
@@ -180,11 +185,7 @@ fn train_mode_statistics_and_gradients_match_the_port() {
             assert_close(&values(v.as_tensor()), &floats(want), 1e-9, &what);
         }
     }
-    let r = seeded("grad_weights", &[2, 1024])
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_device(&device())
-        .unwrap();
+    let r = seeded_f64("grad_weights", &[2, 1024]);
     let grads = (feats * r).unwrap().sum_all().unwrap().backward().unwrap();
     for (name, want) in train["grads"].as_object().unwrap() {
         let v = var(&vars, name);
@@ -204,11 +205,7 @@ fn train_mode_statistics_and_gradients_match_the_port() {
 fn train_mode_on_the_tape_matches_the_port() {
     let fx = fixture();
     let (net, vars) = seeded_net(&BnInceptionConfig::default(), DType::F64);
-    let x = seeded("input_small", &[2, 3, 64, 64])
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_device(&device())
-        .unwrap();
+    let x = seeded_f64("input_small", &[2, 3, 64, 64]);
     let mut tape = Tape::new();
     let input = tape.input(&x);
     let map = net.forward_tape(&mut tape, &input).unwrap().unwrap();
@@ -225,11 +222,7 @@ fn train_mode_on_the_tape_matches_the_port() {
         let v = var(&vars, &format!("{layer}.running_var"));
         assert_close(&values(v.as_tensor()), &floats(want), 1e-9, layer);
     }
-    let r = seeded("grad_weights", &[2, 1024])
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_device(&device())
-        .unwrap();
+    let r = seeded_f64("grad_weights", &[2, 1024]);
     let mut grads = (feats * r).unwrap().sum_all().unwrap().backward().unwrap();
     let g = grads.remove(leaf.as_tensor()).unwrap();
     tape.backward_into(&map, &g, &mut grads).unwrap();

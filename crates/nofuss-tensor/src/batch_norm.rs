@@ -105,32 +105,9 @@ impl BatchNorm2d {
         train: bool,
         relu: bool,
     ) -> Result<Tensor> {
-        let c = x.dim(1)?;
-        if let Some(s) = shift {
-            if s.dims() != [c] {
-                candle_core::bail!(
-                    "batch norm input shift must have shape [{c}], got {:?}",
-                    s.dims()
-                );
-            }
-        }
+        let c = check_shift(x, shift)?;
         if !train {
-            Geom::of(x)?;
-            let pdt = param_dtype(x.dtype());
-            let (mean, invstd) = fixed_stats(
-                self.running_mean.as_tensor(),
-                self.running_var.as_tensor(),
-                self.eps,
-                pdt,
-            )?;
-            let beta = match shift {
-                None => self.bias.clone(),
-                Some(s) => {
-                    let gamma = self.weight.to_dtype(pdt)?;
-                    (self.bias.to_dtype(pdt)? + (gamma * &invstd)?.mul(&s.to_dtype(pdt)?)?)?
-                }
-            };
-            let stats = ChannelStats::new(mean, invstd, c, pdt)?;
+            let (stats, beta, _) = self.fixed_parts(x, &self.weight, &self.bias, shift)?;
             return apply(&x.contiguous()?, &self.weight, &beta, stats, relu, false);
         }
         let out = batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
@@ -149,34 +126,11 @@ impl BatchNorm2d {
         train: bool,
         relu: bool,
     ) -> Result<(Tensor, BatchNormSaved)> {
-        let c = x.dim(1)?;
-        if let Some(s) = shift {
-            if s.dims() != [c] {
-                candle_core::bail!(
-                    "batch norm input shift must have shape [{c}], got {:?}",
-                    s.dims()
-                );
-            }
-        }
+        let c = check_shift(x, shift)?;
         let (gamma, beta) = (self.weight.detach(), self.bias.detach());
         if !train {
-            let g = Geom::of(x)?;
-            let pdt = param_dtype(x.dtype());
-            let (mean, invstd) = fixed_stats(
-                self.running_mean.as_tensor(),
-                self.running_var.as_tensor(),
-                self.eps,
-                pdt,
-            )?;
-            let (beta, fixed_shift) = match shift {
-                None => (beta, None),
-                Some(s) => {
-                    let s = s.detach().to_dtype(pdt)?;
-                    let term = (gamma.to_dtype(pdt)? * &invstd)?.mul(&s)?;
-                    ((beta.to_dtype(pdt)? + term)?, Some((invstd.clone(), s)))
-                }
-            };
-            let stats = ChannelStats::new(mean, invstd, g.c, pdt)?;
+            let shift = shift.map(Tensor::detach);
+            let (stats, beta, fixed_shift) = self.fixed_parts(x, &gamma, &beta, shift.as_ref())?;
             let y = apply(
                 &x.detach().contiguous()?,
                 &gamma,
@@ -202,6 +156,36 @@ impl BatchNorm2d {
             fixed_shift: None,
         };
         Ok((out.y, saved))
+    }
+
+    /// The running statistics as the kernels read them, and β with a `shift` taken in
+    /// (`β + γ σ⁻¹ shift`, differentiable in whatever of γ, β and the shift is tracked),
+    /// with σ⁻¹ and the shift for the shift's gradient on a tape.
+    #[allow(clippy::type_complexity)]
+    fn fixed_parts(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        shift: Option<&Tensor>,
+    ) -> Result<(ChannelStats, Tensor, Option<(Tensor, Tensor)>)> {
+        let g = Geom::of(x)?;
+        let pdt = param_dtype(x.dtype());
+        let (mean, invstd) = fixed_stats(
+            self.running_mean.as_tensor(),
+            self.running_var.as_tensor(),
+            self.eps,
+            pdt,
+        )?;
+        let (beta, shifted) = match shift {
+            None => (beta.clone(), None),
+            Some(s) => {
+                let s = s.to_dtype(pdt)?;
+                let term = (gamma.to_dtype(pdt)? * &invstd)?.mul(&s)?;
+                ((beta.to_dtype(pdt)? + term)?, Some((invstd.clone(), s)))
+            }
+        };
+        Ok((ChannelStats::new(mean, invstd, g.c, pdt)?, beta, shifted))
     }
 
     /// Moves the running statistics towards a training batch's (`count` values per
@@ -264,6 +248,20 @@ impl BatchNorm2d {
     pub fn momentum(&self) -> f64 {
         self.momentum
     }
+}
+
+/// The channels of `x` (`[N, C, ...]`), checking that a `shift` is `[C]`.
+fn check_shift(x: &Tensor, shift: Option<&Tensor>) -> Result<usize> {
+    let c = x.dim(1)?;
+    if let Some(s) = shift {
+        if s.dims() != [c] {
+            candle_core::bail!(
+                "batch norm input shift must have shape [{c}], got {:?}",
+                s.dims()
+            );
+        }
+    }
+    Ok(c)
 }
 
 /// Result of [`batch_norm_train`].
