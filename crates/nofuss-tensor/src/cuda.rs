@@ -992,10 +992,11 @@ where
         conv.set_group_count(key.groups)
             .map_err(cudnn_err("group count"))?;
     }
-    // PyTorch's choice: tensor cores for bf16 and (TF32) for f32 unless forbidden.
+    // PyTorch's (and Paddle's) choice: tensor-op math for bf16; for f32 the default math,
+    // which lets cuDNN use TF32 tensor cores, or FMA only when TF32 is forbidden.
     let math = match key.dtype {
-        DType::F64 => cudnn_sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
         DType::F32 if !key.tf32 => cudnn_sys::cudnnMathType_t::CUDNN_FMA_MATH,
+        DType::F32 | DType::F64 => cudnn_sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
         _ => cudnn_sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
     };
     conv.set_math_type(math).map_err(cudnn_err("math type"))?;
