@@ -172,12 +172,14 @@ __device__ void bn_bwd_data(const T* x, const T* dy, const T* y,
     }
 }
 
-// running = (1 - momentum) running + momentum factor batch, over n channels.
+// running = (1 - momentum) running + momentum factor (batch + shift), over n channels; the
+// shift (a folded convolution bias moving the mean) only when `has_shift`.
 template <typename A>
-__device__ void bn_update_running(A* running, const A* batch, int64_t n, double momentum,
-                                  double factor) {
+__device__ void bn_update_running(A* running, const A* batch, const A* shift, int64_t n,
+                                  double momentum, double factor, int has_shift) {
     GRID_STRIDE(i, n) {
-        running[i] = (A)((1.0 - momentum) * running[i] + momentum * factor * batch[i]);
+        A b = has_shift ? batch[i] + shift[i] : batch[i];
+        running[i] = (A)((1.0 - momentum) * running[i] + momentum * factor * b);
     }
 }
 
@@ -211,9 +213,11 @@ FOR_EACH_DTYPE(BN_KERNELS)
     extern "C" __global__ void bn_bwd_final_##SUF(const A* p, A* out, BnGeom g) {               \
         bn_bwd_final<A>(p, out, g);                                                             \
     }                                                                                           \
-    extern "C" __global__ void bn_update_running_##SUF(A* running, const A* batch, int64_t n,   \
-                                                       double momentum, double factor) {        \
-        bn_update_running<A>(running, batch, n, momentum, factor);                              \
+    extern "C" __global__ void bn_update_running_##SUF(A* running, const A* batch,              \
+                                                       const A* shift, int64_t n,               \
+                                                       double momentum, double factor,          \
+                                                       int has_shift) {                         \
+        bn_update_running<A>(running, batch, shift, n, momentum, factor, has_shift);            \
     }
 
 BN_ACC_KERNELS(float, f32)

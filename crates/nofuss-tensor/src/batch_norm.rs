@@ -38,8 +38,8 @@ use candle_core::backend::BackendStorage;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp2, Layout, Result, Shape, Tensor, Var,
-    WithDType,
+    CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp2, InplaceOp3, Layout, Result, Shape, Tensor,
+    Var, WithDType,
 };
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
@@ -207,14 +207,22 @@ impl BatchNorm2d {
                 },
             )
         };
-        let mean = match shift {
-            None => out.mean.clone(),
+        match shift {
+            None => update(&self.running_mean, &out.mean, 1.0)?,
+            // The shift moves the mean, added in the same pass.
             Some(s) => {
-                (out.mean.to_dtype(self.running_mean.dtype())?
-                    + s.detach().to_dtype(self.running_mean.dtype())?)?
+                let dt = self.running_mean.dtype();
+                let (batch, s) = (out.mean.to_dtype(dt)?, s.detach().to_dtype(dt)?);
+                self.running_mean.inplace_op3(
+                    &batch,
+                    &s.contiguous()?,
+                    &UpdateRunning {
+                        momentum: self.momentum,
+                        factor: 1.0,
+                    },
+                )?
             }
-        };
-        update(&self.running_mean, &mean, 1.0)?;
+        }
         // PyTorch keeps the unbiased variance.
         update(&self.running_var, &out.var, count / (count - 1.0))
     }
@@ -901,29 +909,31 @@ impl CustomOp3 for GradInput {
     }
 }
 
-/// In place: `running = (1 - momentum) running + momentum factor batch`.
+/// In place: `running = (1 - momentum) running + momentum factor batch`, or with a third
+/// input `shift`, `... factor (batch + shift)`.
 struct UpdateRunning {
     momentum: f64,
     factor: f64,
 }
 
-impl InplaceOp2 for UpdateRunning {
-    fn name(&self) -> &'static str {
-        "nofuss-batch-norm-running-update"
-    }
-
-    fn cpu_fwd(
+impl UpdateRunning {
+    fn cpu(
         &self,
         s1: &mut CpuStorage,
         l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        (s2, l2): (&CpuStorage, &Layout),
+        shift: Option<(&CpuStorage, &Layout)>,
     ) -> Result<()> {
-        let _timer = crate::profile::HostTimer::start(self.name());
+        let _timer = crate::profile::HostTimer::start("nofuss-batch-norm-running-update");
         let Some((a, b)) = l1.contiguous_offsets() else {
             candle_core::bail!("running statistics must be contiguous");
         };
-        let batch = to_f64s(s2, l2)?;
+        let mut batch = to_f64s(s2, l2)?;
+        if let Some((s3, l3)) = shift {
+            for (v, s) in batch.iter_mut().zip(to_f64s(s3, l3)?) {
+                *v += s;
+            }
+        }
         let (m, f) = (self.momentum, self.factor);
         match s1 {
             CpuStorage::F32(v) => v[a..b]
@@ -938,6 +948,22 @@ impl InplaceOp2 for UpdateRunning {
         }
         Ok(())
     }
+}
+
+impl InplaceOp2 for UpdateRunning {
+    fn name(&self) -> &'static str {
+        "nofuss-batch-norm-running-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        self.cpu(s1, l1, (s2, l2), None)
+    }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -947,7 +973,41 @@ impl InplaceOp2 for UpdateRunning {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> Result<()> {
-        crate::cuda::bn_update_running(s1, l1, s2, l2, self.momentum, self.factor)
+        let (m, f) = (self.momentum, self.factor);
+        crate::cuda::bn_update_running((s1, l1), (s2, l2), None, m, f)
+    }
+}
+
+impl InplaceOp3 for UpdateRunning {
+    fn name(&self) -> &'static str {
+        "nofuss-batch-norm-running-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        self.cpu(s1, l1, (s2, l2), Some((s3, l3)))
+    }
+
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::too_many_arguments)]
+    fn cuda_fwd(
+        &self,
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let (m, f) = (self.momentum, self.factor);
+        crate::cuda::bn_update_running((s1, l1), (s2, l2), Some((s3, l3)), m, f)
     }
 }
 

@@ -213,9 +213,11 @@ pub(crate) mod launch {
         fn bn_update_running<A>(
             running: &mut CudaViewMut<A>,
             batch: &CudaView<A>,
+            shift: &CudaView<A>,
             n: &i64,
             momentum: &f64,
             factor: &f64,
+            has_shift: &i32,
         );
     }
 
@@ -585,10 +587,9 @@ pub(crate) fn bn_grad_input(
 
 /// In place: `running = (1 - momentum) running + momentum factor batch`.
 pub(crate) fn bn_update_running(
-    rs: &mut CudaStorage,
-    rl: &Layout,
-    bs: &CudaStorage,
-    bl: &Layout,
+    (rs, rl): (&mut CudaStorage, &Layout),
+    (bs, bl): (&CudaStorage, &Layout),
+    shift: Option<(&CudaStorage, &Layout)>,
     momentum: f64,
     factor: f64,
 ) -> Result<()> {
@@ -596,16 +597,24 @@ pub(crate) fn bn_update_running(
         candle_core::bail!("running statistics must be contiguous");
     };
     let dt = rs.dtype();
-    if dt != bs.dtype() || !matches!(dt, DType::F32 | DType::F64) {
+    let same = |s: &CudaStorage| s.dtype() == dt;
+    if !same(bs) || !shift.is_none_or(|(s, _)| same(s)) || !matches!(dt, DType::F32 | DType::F64) {
         candle_core::bail!("running statistics must be f32 or f64 like the batch's");
     }
     let dev = rs.device.clone();
     let n = (b - a) as i64;
     with_cuda_dtype!(dt, T, A, {
         let batch = view::<T>(bs, bl)?;
+        // Without a shift the kernel reads none; the batch stands in for the pointer.
+        let (sv, has_shift) = match shift {
+            Some((ss, sl)) => (view::<T>(ss, sl)?, 1i32),
+            None => (view::<T>(bs, bl)?, 0),
+        };
         let mut run = rs.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
         let cfg = grid_1d(n as usize);
-        launch::bn_update_running::<T>(&dev, cfg, &mut run, &batch, &n, &momentum, &factor)?;
+        launch::bn_update_running::<T>(
+            &dev, cfg, &mut run, &batch, &sv, &n, &momentum, &factor, &has_shift,
+        )?;
         Ok(())
     })
 }

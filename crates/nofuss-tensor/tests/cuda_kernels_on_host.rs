@@ -286,6 +286,18 @@ fn cuda_kernels_match_the_cpu_operations() {
             dt,
         );
         close("bn running var", &h.read("running_var", pdt), &want_rv, dt);
+        let want_shifted: Vec<f64> = rm
+            .iter()
+            .zip(host(&out.mean))
+            .zip(&gv)
+            .map(|((r, b), s)| 0.9 * r + 0.1 * (b + s))
+            .collect();
+        close(
+            "bn running mean with a shift",
+            &h.read("running_mean_shifted", pdt),
+            &want_shifted,
+            dt,
+        );
 
         // Fused NCA rows, both forms, a row count and width that exercise the reductions.
         let (n, p) = (5usize, 300usize);

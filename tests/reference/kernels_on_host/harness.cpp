@@ -115,8 +115,13 @@ void bn(char** a) {
     auto rv = load<A>("running_var");
     double m = (double)(g.n * g.hw);
     if (batch) {
-        EMU1(bn_update_running<A>(rm.data(), stats.data(), g.c, 0.1, 1.0));
-        EMU1(bn_update_running<A>(rv.data(), stats.data() + g.c, g.c, 0.1, m / (m - 1)));
+        // The mean moved by a shift (a folded convolution bias; gamma stands in for one).
+        auto shifted = load<A>("running_mean");
+        EMU1(bn_update_running<A>(shifted.data(), stats.data(), gamma.data(), g.c, 0.1, 1.0, 1));
+        save("running_mean_shifted", shifted);
+        EMU1(bn_update_running<A>(rm.data(), stats.data(), stats.data(), g.c, 0.1, 1.0, 0));
+        EMU1(bn_update_running<A>(rv.data(), stats.data() + g.c, stats.data(), g.c, 0.1,
+                                  m / (m - 1), 0));
     }
     save("y", y);
     save("dx", dx);
