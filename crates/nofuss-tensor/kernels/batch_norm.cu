@@ -71,20 +71,37 @@ __device__ void bn_stats_partial(const T* x, typename Acc<T>::type* partial, BnG
     }
 }
 
-// out rows (length C): mean, biased variance, 1/sqrt(variance + eps).
+// Channel `ch` of the statistics rows (length C): mean, biased variance,
+// 1/sqrt(variance + eps), from its partials merged in slice order.
 template <typename A>
-__device__ void bn_stats_final(const A* partial, A* out, BnGeom g, double eps) {
-    int64_t ch = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (ch >= g.c) return;
+__device__ void bn_stats_merge(const volatile A* partial, A* out, BnGeom g, double eps,
+                               int64_t ch) {
     A n = 0, mean = 0, m2 = 0;
     for (int64_t s = 0; s < g.slices; ++s) {
-        const A* p = partial + (ch * g.slices + s) * 3;
-        chan_merge(n, mean, m2, p[0], p[1], p[2]);
+        const volatile A* p = partial + (ch * g.slices + s) * 3;
+        chan_merge(n, mean, m2, (A)p[0], (A)p[1], (A)p[2]);
     }
     A var = n > 0 ? m2 / n : (A)0;
     out[ch] = mean;
     out[g.c + ch] = var;
     out[2 * g.c + ch] = (A)1 / sqrt(var + (A)eps);
+}
+
+// out rows (length C) from the partials, a thread per channel.
+template <typename A>
+__device__ void bn_stats_final(const A* partial, A* out, BnGeom g, double eps) {
+    int64_t ch = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch < g.c) bn_stats_merge<A>(partial, out, g, eps, ch);
+}
+
+// The partials and, in the channel's last block to finish, their merge: the statistics
+// in one launch. `done` holds a zero counter per channel.
+template <typename T>
+__device__ void bn_stats(const T* x, typename Acc<T>::type* partial, typename Acc<T>::type* out,
+                         unsigned* done, BnGeom g, double eps) {
+    bn_stats_partial<T>(x, partial, g);
+    if (last_block(done + blockIdx.y, (unsigned)g.slices) && threadIdx.x == 0)
+        bn_stats_merge<typename Acc<T>::type>(partial, out, g, eps, blockIdx.y);
 }
 
 template <typename T>
@@ -137,18 +154,36 @@ __device__ void bn_bwd_partial(const T* x, const T* dy, const T* y,
     }
 }
 
-// out[ch] = sum g (the shift's gradient), out[C + ch] = sum g * xhat (the scale's).
+// out[ch] = sum g (the shift's gradient), out[C + ch] = sum g * xhat (the scale's), from
+// channel `ch`'s partials added in slice order.
 template <typename A>
-__device__ void bn_bwd_final(const A* partial, A* out, BnGeom g) {
-    int64_t ch = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (ch >= g.c) return;
+__device__ void bn_bwd_merge(const volatile A* partial, A* out, BnGeom g, int64_t ch) {
     A a = 0, b = 0;
     for (int64_t s = 0; s < g.slices; ++s) {
-        a += partial[(ch * g.slices + s) * 2];
-        b += partial[(ch * g.slices + s) * 2 + 1];
+        a += (A)partial[(ch * g.slices + s) * 2];
+        b += (A)partial[(ch * g.slices + s) * 2 + 1];
     }
     out[ch] = a;
     out[g.c + ch] = b;
+}
+
+// The sums from the partials, a thread per channel.
+template <typename A>
+__device__ void bn_bwd_final(const A* partial, A* out, BnGeom g) {
+    int64_t ch = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch < g.c) bn_bwd_merge<A>(partial, out, g, ch);
+}
+
+// The partials and, in the channel's last block to finish, their sums: one launch.
+template <typename T>
+__device__ void bn_bwd_sums(const T* x, const T* dy, const T* y,
+                            const typename Acc<T>::type* mean,
+                            const typename Acc<T>::type* invstd,
+                            typename Acc<T>::type* partial, typename Acc<T>::type* out,
+                            unsigned* done, BnGeom g, int relu) {
+    bn_bwd_partial<T>(x, dy, y, mean, invstd, partial, g, relu);
+    if (last_block(done + blockIdx.y, (unsigned)g.slices) && threadIdx.x == 0)
+        bn_bwd_merge<typename Acc<T>::type>(partial, out, g, blockIdx.y);
 }
 
 // dx = gamma * invstd * (g - [batch statistics] (sum g + xhat * sum g xhat) / M).
@@ -187,6 +222,15 @@ __device__ void bn_update_running(A* running, const A* batch, const A* shift, in
 #define BN_KERNELS(T, SUF)                                                                      \
     extern "C" __global__ void bn_stats_partial_##SUF(const T* x, ACC(T) * partial, BnGeom g) { \
         bn_stats_partial<T>(x, partial, g);                                                     \
+    }                                                                                           \
+    extern "C" __global__ void bn_stats_##SUF(const T* x, ACC(T) * partial, ACC(T) * out,       \
+                                              unsigned* done, BnGeom g, double eps) {           \
+        bn_stats<T>(x, partial, out, done, g, eps);                                             \
+    }                                                                                           \
+    extern "C" __global__ void bn_bwd_sums_##SUF(                                               \
+        const T* x, const T* dy, const T* y, const ACC(T) * mean, const ACC(T) * invstd,        \
+        ACC(T) * partial, ACC(T) * out, unsigned* done, BnGeom g, int relu) {                   \
+        bn_bwd_sums<T>(x, dy, y, mean, invstd, partial, out, done, g, relu);                    \
     }                                                                                           \
     extern "C" __global__ void bn_apply_##SUF(const T* x, const ACC(T) * gamma,                 \
                                               const ACC(T) * beta, const ACC(T) * mean,         \

@@ -58,6 +58,21 @@ __device__ __forceinline__ void block_sum2(A* s0, A* s1, A a, A b) {
     }
 }
 
+// Whether this block is the last of `count` blocks to arrive at `*counter` (zero before the
+// first of them arrives; the last resets it for the next launch). What thread 0 wrote
+// before the call is visible to the block that gets true, which should read it through
+// a volatile pointer (past the SM's own cache). Every thread of the block must call it.
+__device__ __forceinline__ bool last_block(unsigned* counter, unsigned count) {
+    __shared__ int last;
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(counter, 1u) == count - 1;
+        if (last) *counter = 0;
+    }
+    __syncthreads();
+    return last != 0;
+}
+
 #define GRID_STRIDE(i, n) \
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
          i += (int64_t)blockDim.x * gridDim.x)

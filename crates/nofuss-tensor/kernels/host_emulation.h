@@ -48,6 +48,8 @@ inline unsigned __float_as_uint(float v) {
 inline unsigned atomicAdd(unsigned* p, unsigned v) {
     return std::atomic_ref<unsigned>(*p).fetch_add(v);
 }
+// Blocks run one after another here, so a fence only has to order this thread's accesses.
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 // A barrier that also counts the threads whose predicate is nonzero.
 inline std::atomic<int> emu_count{0};
 inline int __syncthreads_count(int pred) {

@@ -174,6 +174,26 @@ pub(crate) mod launch {
     }
 
     kernels! { "batch_norm.cu", "nofuss_bn", BN_PTX;
+        fn bn_stats<T, A>(
+            x: &CudaView<T>,
+            partial: &mut CudaViewMut<A>,
+            out: &mut CudaViewMut<A>,
+            done: &mut CudaViewMut<u32>,
+            g: &BnGeom,
+            eps: &f64,
+        );
+        fn bn_bwd_sums<T, A>(
+            x: &CudaView<T>,
+            dy: &CudaView<T>,
+            y: &CudaView<T>,
+            mean: &CudaView<A>,
+            invstd: &CudaView<A>,
+            partial: &mut CudaViewMut<A>,
+            out: &mut CudaViewMut<A>,
+            done: &mut CudaViewMut<u32>,
+            g: &BnGeom,
+            relu: &i32,
+        );
         fn bn_stats_partial<T, A>(x: &CudaView<T>, partial: &mut CudaViewMut<A>, g: &BnGeom);
         fn bn_apply<T, A>(
             x: &CudaView<T>,
@@ -483,15 +503,54 @@ fn cuda_of<'a>(guard: &'a StorageRef<'_>) -> Result<&'a CudaStorage> {
     }
 }
 
+/// Whether the batch-norm reductions run as two launches each (partials, then a merge per
+/// channel) instead of one (the last block of each channel merges): set
+/// `NOFUSS_BN_TWO_PASS=1` to rule the one-launch form out when checking a GPU.
+fn bn_two_pass() -> bool {
+    static TWO: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TWO.get_or_init(|| std::env::var_os("NOFUSS_BN_TWO_PASS").is_some_and(|v| v == "1"))
+}
+
+thread_local! {
+    // Per device, a counter per channel for the one-launch reductions: zero between
+    // launches (each channel's last block resets its own), grown as channels need.
+    static BN_DONE: RefCell<HashMap<DeviceId, CudaSlice<u32>>> = RefCell::new(HashMap::new());
+}
+
+/// Runs `f` with at least `c` zero counters on `dev` (this thread's, see `BN_DONE`).
+fn with_counters<R>(
+    dev: &CudaDevice,
+    c: usize,
+    f: impl FnOnce(&mut CudaViewMut<u32>) -> Result<R>,
+) -> Result<R> {
+    BN_DONE.with(|m| {
+        let mut m = m.borrow_mut();
+        let fits = m.get(&dev.id()).is_some_and(|s| s.len() >= c);
+        if !fits {
+            m.insert(dev.id(), dev.alloc_zeros::<u32>(c.max(1024))?);
+        }
+        let done = m.get_mut(&dev.id()).expect("inserted above");
+        f(&mut done.slice_mut(..c))
+    })
+}
+
 /// Per-channel mean, biased variance and 1/sqrt(variance + eps): `[3, C]` in the
 /// accumulator dtype.
 pub(crate) fn bn_stats(s: &CudaStorage, l: &Layout, g: BnGeom, eps: f64) -> Result<CudaStorage> {
     let dev = s.device();
     with_cuda_dtype!(s.dtype(), T, A, {
         let x = view::<T>(s, l)?;
-        let (partial, ()) = fresh::<A, _>(dev, (3 * g.c * g.slices) as usize, |p| {
-            launch::bn_stats_partial::<T, A>(dev, g.reduce_grid(), &x, p, &g)
-        })?;
+        // SAFETY: every block writes its own partials before any merge reads them.
+        let mut partial = unsafe { dev.alloc::<A>((3 * g.c * g.slices) as usize)? };
+        if !bn_two_pass() {
+            return filled::<A>(dev, (3 * g.c) as usize, |out| {
+                with_counters(dev, g.c as usize, |done| {
+                    let p = &mut partial.as_view_mut();
+                    launch::bn_stats::<T, A>(dev, g.reduce_grid(), &x, p, out, done, &g, &eps)
+                })
+            });
+        }
+        launch::bn_stats_partial::<T, A>(dev, g.reduce_grid(), &x, &mut partial.as_view_mut(), &g)?;
         filled::<A>(dev, (3 * g.c) as usize, |out| {
             launch::bn_stats_final::<A>(dev, g.channel_grid(), &partial.as_view(), out, &g, &eps)
         })
@@ -536,10 +595,21 @@ pub(crate) fn bn_grad_sums(
     with_cuda_dtype!(xs.dtype(), T, A, {
         let (x, dy, y) = (view::<T>(xs, xl)?, view::<T>(ds, dl)?, view::<T>(ys, yl)?);
         let (mv, iv) = (view::<A>(cuda_of(&mg)?, ml)?, view::<A>(cuda_of(&ig)?, il)?);
-        let (partial, ()) = fresh::<A, _>(dev, (2 * g.c * g.slices) as usize, |p| {
-            let cfg = g.reduce_grid();
-            launch::bn_bwd_partial::<T, A>(dev, cfg, &x, &dy, &y, &mv, &iv, p, &g, &relu)
-        })?;
+        let cfg = g.reduce_grid();
+        // SAFETY: every block writes its own partials before any merge reads them.
+        let mut partial = unsafe { dev.alloc::<A>((2 * g.c * g.slices) as usize)? };
+        if !bn_two_pass() {
+            return filled::<A>(dev, (2 * g.c) as usize, |out| {
+                with_counters(dev, g.c as usize, |done| {
+                    let p = &mut partial.as_view_mut();
+                    launch::bn_bwd_sums::<T, A>(
+                        dev, cfg, &x, &dy, &y, &mv, &iv, p, out, done, &g, &relu,
+                    )
+                })
+            });
+        }
+        let p = &mut partial.as_view_mut();
+        launch::bn_bwd_partial::<T, A>(dev, cfg, &x, &dy, &y, &mv, &iv, p, &g, &relu)?;
         filled::<A>(dev, (2 * g.c) as usize, |out| {
             launch::bn_bwd_final::<A>(dev, g.channel_grid(), &partial.as_view(), out, &g)
         })

@@ -255,7 +255,17 @@ fn cuda_kernels_match_the_cpu_operations() {
         let stats = h.read("stats", pdt);
         close("bn mean", &stats[..c], &host(&out.mean), dt);
         close("bn var", &stats[c..2 * c], &host(&out.var), dt);
+        // The one-launch reductions' "last block" test: per channel exactly the fifth of
+        // five blocks (as another thread than the one that counted sees it), and the
+        // counters back at zero for the next launch.
+        h.run("last", DType::F32, &[]);
+        let once = [0, 0, 0, 0, 1, 0, 0, 0, 0, 1];
+        assert_eq!(h.read_u32("winners"), [once, once].concat());
+        assert_eq!(h.read_u32("done"), [0, 0]);
+        // The two-launch reductions (NOFUSS_BN_TWO_PASS=1) merge in the same order.
+        assert_eq!(h.read("stats_two_pass", pdt), stats, "two-pass statistics");
         let sums = h.read("sums", pdt);
+        assert_eq!(h.read("sums_two_pass", pdt), sums, "two-pass sums");
         close(
             "bn dbeta",
             &sums[..c],

@@ -14,6 +14,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -77,14 +78,22 @@ void bn(char** a) {
     auto gamma = load<A>("gamma");
     auto beta = load<A>("beta");
     std::vector<A> stats(3 * g.c), partial(3 * g.c * g.slices);
+    // The one-launch reductions' per-channel counters (zero again after every launch).
+    std::vector<unsigned> done(g.c, 0);
     if (batch) {
+        // Two launches (partials, then a thread per channel), kept as "stats_two_pass".
         emu_launch(g.slices, g.c, THREADS, [&] { bn_stats_partial<T>(x.data(), partial.data(), g); });
+        std::vector<A> two(3 * g.c);
         for (int64_t c = 0; c < g.c; ++c) {
             blockIdx = {0, 0, 0};
             threadIdx = {(unsigned)c, 0, 0};
             blockDim = {1, 1, 1};
-            bn_stats_final<A>(partial.data(), stats.data(), g, eps);
+            bn_stats_final<A>(partial.data(), two.data(), g, eps);
         }
+        save("stats_two_pass", two);
+        // One launch: each channel's last block merges.
+        emu_launch(g.slices, g.c, THREADS,
+                   [&] { bn_stats<T>(x.data(), partial.data(), stats.data(), done.data(), g, eps); });
     } else {
         auto mean = load<A>("mean");
         auto var = load<A>("var");
@@ -98,7 +107,7 @@ void bn(char** a) {
     const A* invstd = stats.data() + 2 * g.c;
     std::vector<T> y(x.size()), dx(x.size());
     EMU1(bn_apply<T>(x.data(), gamma.data(), beta.data(), mean, invstd, y.data(), g, relu));
-    std::vector<A> bpartial(2 * g.c * g.slices), sums(2 * g.c);
+    std::vector<A> bpartial(2 * g.c * g.slices), sums(2 * g.c), sums_two(2 * g.c);
     emu_launch(g.slices, g.c, THREADS, [&] {
         bn_bwd_partial<T>(x.data(), dy.data(), y.data(), mean, invstd, bpartial.data(), g, relu);
     });
@@ -106,8 +115,15 @@ void bn(char** a) {
         blockIdx = {0, 0, 0};
         threadIdx = {(unsigned)c, 0, 0};
         blockDim = {1, 1, 1};
-        bn_bwd_final<A>(bpartial.data(), sums.data(), g);
+        bn_bwd_final<A>(bpartial.data(), sums_two.data(), g);
     }
+    save("sums_two_pass", sums_two);
+    emu_launch(g.slices, g.c, THREADS, [&] {
+        bn_bwd_sums<T>(x.data(), dy.data(), y.data(), mean, invstd, bpartial.data(), sums.data(),
+                       done.data(), g, relu);
+    });
+    for (unsigned d : done)
+        if (d != 0) throw std::runtime_error("a reduction counter was left nonzero");
     EMU1(bn_bwd_data<T>(x.data(), dy.data(), y.data(), gamma.data(), mean, invstd, sums.data(),
                         dx.data(), g, relu, batch));
     // Running statistics: momentum 0.1, unbiased variance.
@@ -212,6 +228,22 @@ void select_k(char** a) {
     save("idx", idx);
 }
 
+// `last_block` over a (5, 2) grid of 4-thread blocks, twice on the same counters: which
+// blocks were told they came last (1 per block, in launch order), and the counters after.
+void last(char**) {
+    std::vector<unsigned> done(2, 0), winners;
+    for (int launch = 0; launch < 2; ++launch) {
+        std::vector<unsigned> w(10, 0);
+        emu_launch(5, 2, 4, [&] {
+            bool l = last_block(&done[blockIdx.y], 5);
+            if (threadIdx.x == 3) w[blockIdx.y * 5 + blockIdx.x] = l;
+        });
+        winners.insert(winners.end(), w.begin(), w.end());
+    }
+    save("winners", winners);
+    save("done", done);
+}
+
 int main(int argc, char** argv) {
     if (argc < 4) return 2;
     std::string op = argv[1], dt = argv[2];
@@ -236,6 +268,8 @@ int main(int argc, char** argv) {
         if (dt == "f32") sqdist<float>(a);
         else if (dt == "f64") sqdist<double>(a);
         else sqdist<__nv_bfloat16>(a);
+    } else if (op == "last") {
+        last(a);
     } else if (op == "select") {
         select_k(a);
     } else if (op == "optim") {
