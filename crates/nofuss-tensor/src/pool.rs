@@ -273,6 +273,40 @@ impl Geom {
             && (self.ow - 1) * self.s + self.k <= self.w
     }
 
+    /// [`Self::max_rows`] for 2x2 windows with stride 2 (VGG-style halving, the small
+    /// CNN's pools): each output's four values are read once and compared in registers,
+    /// in [`Self::argmax`]'s order, and the output and its argmax written once.
+    fn max_2x2<T: WithDType>(&self, plane: &[T], out: &mut [T], idx: &mut [u32]) {
+        let w = self.w;
+        for (yo, (out, idx)) in out
+            .chunks_exact_mut(self.ow)
+            .zip(idx.chunks_exact_mut(self.ow))
+            .enumerate()
+        {
+            let top = 2 * yo * w;
+            let (r0, r1) = (
+                &plane[top..top + 2 * self.ow],
+                &plane[top + w..top + w + 2 * self.ow],
+            );
+            for (xo, (o, i)) in out.iter_mut().zip(idx.iter_mut()).enumerate() {
+                let x = 2 * xo;
+                let (mut m, mut at) = (r0[x], top + x);
+                for (v, pos) in [
+                    (r0[x + 1], top + x + 1),
+                    (r1[x], top + w + x),
+                    (r1[x + 1], top + w + x + 1),
+                ] {
+                    if beats(v, m) {
+                        m = v;
+                        at = pos;
+                    }
+                }
+                *o = m;
+                *i = at as u32;
+            }
+        }
+    }
+
     /// Max pooling of one plane whose windows all lie inside it ([`Self::windows_inside`]),
     /// a row of outputs at a time: each window offset is compared across the whole row,
     /// so the row's outputs are independent chains of comparisons instead of one long
@@ -383,6 +417,9 @@ impl CustomOp1 for MaxPool {
                 .zip(idx.par_chunks_mut(g.out_plane()))
                 .zip(x.par_chunks(g.in_plane()))
                 .for_each(|((out, idx), plane)| {
+                    if inside && g.k == 2 && g.s == 2 {
+                        return g.max_2x2(plane, out, idx);
+                    }
                     if inside {
                         return g.max_rows(plane, out, idx);
                     }
