@@ -149,6 +149,21 @@ impl Embedder {
     /// its zero-filled gradient buffers; see [`Self::set_tape`]), the head in candle's
     /// graph.
     pub fn forward_train(&self, x: &Tensor) -> Result<TrainingPass> {
+        self.train_pass(x, |map| self.head.forward(map))
+    }
+
+    /// [`Self::forward_train`] up to the globally average-pooled backbone features `[N,F]`
+    /// (the head left out), for timing or training the backbone alone.
+    pub fn forward_train_features(&self, x: &Tensor) -> Result<TrainingPass> {
+        self.train_pass(x, |map| Ok(Pooling::Average.apply(map)?))
+    }
+
+    /// A training pass whose output is `top` of the backbone's feature map (in f32).
+    fn train_pass(
+        &self,
+        x: &Tensor,
+        top: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<TrainingPass> {
         let xc = x.to_dtype(self.precision.compute_dtype())?;
         let mut tape = Tape::new();
         let input = tape.input(&xc);
@@ -158,7 +173,7 @@ impl Embedder {
         };
         let Some(out) = out else {
             return Ok(TrainingPass {
-                embeddings: self.forward(x, true)?,
+                embeddings: top(&self.map(x, true)?)?,
                 tape: None,
             });
         };
@@ -166,7 +181,7 @@ impl Embedder {
         // The tape's output joins candle's graph as a leaf whose gradient starts the
         // tape's backward pass.
         let leaf = Var::from_tensor(&out.tensor().to_dtype(self.precision.loss_dtype())?)?;
-        let embeddings = self.head.forward(leaf.as_tensor())?;
+        let embeddings = top(leaf.as_tensor())?;
         Ok(TrainingPass {
             embeddings,
             tape: Some((tape, out, leaf)),
@@ -174,9 +189,10 @@ impl Embedder {
     }
 }
 
-/// A training forward pass of an [`Embedder`] ([`Embedder::forward_train`]).
+/// A training forward pass of an [`Embedder`] ([`Embedder::forward_train`],
+/// [`Embedder::forward_train_features`]).
 pub struct TrainingPass {
-    /// The embeddings `[N,D]`, in candle's graph.
+    /// The embeddings `[N,D]` (or pooled features `[N,F]`), in candle's graph.
     pub embeddings: Tensor,
     /// The backbone's tape, its output and the leaf the head starts from.
     tape: Option<(Tape, tape::Act, Var)>,
@@ -413,9 +429,30 @@ mod tests {
         let head =
             EmbeddingHead::new(net.out_channels(), &HeadConfig::default(), vb.pp("h")).unwrap();
         let mut model = Embedder::new(Box::new(net), head);
-        let x = Tensor::zeros((2, 1, 32, 32), DType::F32, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 1, 32, 32), &Device::Cpu).unwrap();
         assert!(model.forward_train(&x).unwrap().taped());
+        // The pooled features alone, on the tape and in candle's graph: the same values
+        // and gradients.
+        let features = |model: &Embedder| {
+            let pass = model.forward_train_features(&x).unwrap();
+            let taped = pass.taped();
+            let f = pass.embeddings.clone();
+            let grads = pass.backward(&f.sqr().unwrap().sum_all().unwrap()).unwrap();
+            let named = params.named_vars();
+            let (_, v) = named
+                .iter()
+                .find(|(n, _)| n == "b.blocks.0.conv.weight")
+                .unwrap();
+            let w = grads.get(v.as_tensor()).unwrap().clone();
+            (taped, vals(&f), vals(&w))
+        };
+        let on_tape = features(&model);
         model.set_tape(false);
+        let in_graph = features(&model);
+        assert_eq!((on_tape.0, in_graph.0), (true, false));
+        assert_eq!(on_tape.1.len(), 2 * 64);
+        close(&on_tape.1, &in_graph.1, 1e-5, "features");
+        close(&on_tape.2, &in_graph.2, 1e-5, "weight gradient");
         let pass = model.forward_train(&x).unwrap();
         assert!(!pass.taped());
         let loss = pass.embeddings.sum_all().unwrap();

@@ -329,7 +329,8 @@ pub struct BackboneBench {
 
 /// Images per second of the backbone's pooled features: forward in evaluation mode
 /// (`forward`), and forward in training mode plus the backward pass of their sum
-/// (`forward_backward`); medians over `steps` calls. One JSON object.
+/// (`forward_backward`, the backbone on its tape as in training); medians over `steps`
+/// calls. One JSON object.
 pub fn backbone(b: &BackboneBench) -> Result<Value> {
     if b.steps == 0 || b.batch_size == 0 {
         return Err(TrainError::Config(
@@ -352,11 +353,15 @@ pub fn backbone(b: &BackboneBench) -> Result<Value> {
         for i in 0..b.steps + b.warmup {
             let t = Instant::now();
             nofuss_tensor::on_pool(&dev, || -> Result<()> {
-                let f = embedder.forward_features(&x, train)?;
-                if train {
-                    let grads = f.sum_all()?.backward()?;
-                    drop(grads);
-                }
+                let f = if train {
+                    // As the trainer runs it: the backbone on its tape.
+                    let pass = embedder.forward_train_features(&x)?;
+                    let f = pass.embeddings.clone();
+                    drop(pass.backward(&f.sum_all()?)?);
+                    f
+                } else {
+                    embedder.forward_features(&x, false)?
+                };
                 f.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
                 Ok(())
             })?;
