@@ -227,6 +227,18 @@ impl Geom {
         (start.max(0) as usize, end.max(0) as usize)
     }
 
+    /// [`Self::span`] of every output `0..outs` along an axis of length `len`.
+    fn spans(&self, outs: usize, len: usize) -> Vec<(usize, usize)> {
+        (0..outs).map(|o| self.span(o, len)).collect()
+    }
+
+    /// [`Self::divisor`] of every output, row-major.
+    fn divisors(&self, include_pad: bool) -> Vec<f64> {
+        (0..self.oh)
+            .flat_map(|y| (0..self.ow).map(move |x| self.divisor(y, x, include_pad)))
+            .collect()
+    }
+
     /// PyTorch's divisor of average pooling at output `(y, x)`.
     fn divisor(&self, y: usize, x: usize, include_pad: bool) -> f64 {
         if include_pad {
@@ -273,7 +285,7 @@ impl Geom {
             && (self.ow - 1) * self.s + self.k <= self.w
     }
 
-    /// [`Self::max_rows`] for 2x2 windows with stride 2 (VGG-style halving, the small
+    /// [`Self::max_plane`] for 2x2 windows with stride 2 (VGG-style halving, the small
     /// CNN's pools): each output's four values are read once and compared in registers,
     /// in [`Self::argmax`]'s order, and the output and its argmax written once.
     fn max_2x2<T: WithDType>(&self, plane: &[T], out: &mut [T], idx: &mut [u32]) {
@@ -307,35 +319,56 @@ impl Geom {
         }
     }
 
-    /// Max pooling of one plane whose windows all lie inside it ([`Self::windows_inside`]),
-    /// a row of outputs at a time: each window offset is compared across the whole row,
-    /// so the row's outputs are independent chains of comparisons instead of one long
-    /// chain per output. Window elements are visited in [`Self::argmax`]'s order, so
-    /// ties and NaNs resolve the same way.
-    fn max_rows<T: WithDType>(&self, plane: &[T], out: &mut [T], idx: &mut [u32]) {
-        let (w, s, k) = (self.w, self.s, self.k);
+    /// The outputs along an axis of input length `len` whose windows lie inside it (no
+    /// padding, no ceil-mode overhang), out of `outs`: a range.
+    fn inside(&self, outs: usize, len: usize) -> std::ops::Range<usize> {
+        let lo = self.p.div_ceil(self.s).min(outs);
+        let hi = match (len + self.p).checked_sub(self.k) {
+            Some(room) => (room / self.s + 1).min(outs),
+            None => 0,
+        };
+        lo..hi.max(lo)
+    }
+
+    /// Max pooling of one plane: outputs whose windows lie inside the plane read their
+    /// window straight from the plane (no clipping), the border's (padding, ceil-mode
+    /// overhang) go through [`Self::argmax`]. Window elements are visited in
+    /// [`Self::argmax`]'s order, so ties and NaNs resolve the same way everywhere.
+    fn max_plane<T: WithDType>(&self, plane: &[T], out: &mut [T], idx: &mut [u32]) {
+        let (w, s, k, p) = (self.w, self.s, self.k, self.p);
+        let (rows, cols) = (self.inside(self.oh, self.h), self.inside(self.ow, self.w));
         for (yo, (out, idx)) in out
             .chunks_exact_mut(self.ow)
             .zip(idx.chunks_exact_mut(self.ow))
             .enumerate()
         {
-            let top = yo * s * w;
-            for (xo, (o, i)) in out.iter_mut().zip(idx.iter_mut()).enumerate() {
-                *i = (top + xo * s) as u32;
-                *o = plane[top + xo * s];
+            let mut one = |xo: usize| {
+                let a = self.argmax(plane, yo, xo);
+                out[xo] = plane[a];
+                idx[xo] = a as u32;
+            };
+            if !rows.contains(&yo) || cols.is_empty() {
+                (0..self.ow).for_each(&mut one);
+                continue;
             }
-            for ky in 0..k {
-                for kx in 0..k {
-                    let first = top + ky * w + kx;
-                    let row = &plane[first..first + (self.ow - 1) * s + 1];
-                    for (xo, (o, i)) in out.iter_mut().zip(idx.iter_mut()).enumerate() {
-                        let v = row[xo * s];
-                        if beats(v, *o) {
-                            *o = v;
-                            *i = (first + xo * s) as u32;
+            (0..cols.start).chain(cols.end..self.ow).for_each(&mut one);
+            // Window of output xo starts at column xo s - p of row yo s - p; its values
+            // are compared in argmax's order and the result written once.
+            let top = (yo * s - p) * w;
+            for xo in cols.clone() {
+                let base = top + xo * s - p;
+                let (mut m, mut at) = (plane[base], base);
+                for ky in 0..k {
+                    let start = base + ky * w;
+                    for (kx, &v) in plane[start..start + k].iter().enumerate() {
+                        if beats(v, m) {
+                            m = v;
+                            at = start + kx;
                         }
                     }
                 }
+                out[xo] = m;
+                idx[xo] = at as u32;
             }
         }
     }
@@ -420,16 +453,7 @@ impl CustomOp1 for MaxPool {
                     if inside && g.k == 2 && g.s == 2 {
                         return g.max_2x2(plane, out, idx);
                     }
-                    if inside {
-                        return g.max_rows(plane, out, idx);
-                    }
-                    for yo in 0..g.oh {
-                        for xo in 0..g.ow {
-                            let a = g.argmax(plane, yo, xo);
-                            out[yo * g.ow + xo] = plane[a];
-                            idx[yo * g.ow + xo] = a as u32;
-                        }
-                    }
+                    g.max_plane(plane, out, idx)
                 });
             save(&self.saved, Argmax::Cpu(idx));
             Ok((T::to_cpu_storage_owned(y), g.out_shape()))
@@ -523,19 +547,28 @@ impl CustomOp1 for AvgPool {
         with_cpu_dtype!(s.dtype(), T, {
             let x = slice::<T>(s, l)?;
             let mut y = vec![T::from_f64(0.0); g.n * g.c * g.out_plane()];
+            let (rows, cols) = (g.spans(g.oh, g.h), g.spans(g.ow, g.w));
+            let div = g.divisors(self.include_pad);
+            // Separably: each input row's window sums, then each output's rows of them
+            // added in order (the sums of the direct loop, in the same order).
             y.par_chunks_mut(g.out_plane())
                 .zip(x.par_chunks(g.in_plane()))
-                .for_each(|(out, plane)| {
-                    for yo in 0..g.oh {
-                        let (hs, he) = g.span(yo, g.h);
+                .for_each_init(Vec::new, |row_sums, (out, plane)| {
+                    row_sums.clear();
+                    for row in plane.chunks_exact(g.w) {
+                        row_sums.extend(
+                            cols.iter().map(|&(ws, we)| {
+                                row[ws..we].iter().map(|v| v.to_f64()).sum::<f64>()
+                            }),
+                        );
+                    }
+                    for (yo, &(hs, he)) in rows.iter().enumerate() {
                         for xo in 0..g.ow {
-                            let (ws, we) = g.span(xo, g.w);
                             let mut sum = 0f64;
-                            for row in plane[hs * g.w..he * g.w].chunks_exact(g.w) {
-                                sum += row[ws..we].iter().map(|v| v.to_f64()).sum::<f64>();
+                            for r in hs..he {
+                                sum += row_sums[r * g.ow + xo];
                             }
-                            out[yo * g.ow + xo] =
-                                T::from_f64(sum / g.divisor(yo, xo, self.include_pad));
+                            out[yo * g.ow + xo] = T::from_f64(sum / div[yo * g.ow + xo]);
                         }
                     }
                 });
@@ -577,15 +610,23 @@ impl CustomOp1 for AvgPoolBwd {
         let g = self.geom;
         with_cpu_dtype!(s.dtype(), T, {
             let dy = slice::<T>(s, l)?;
+            let (rows, cols) = (g.spans(g.oh, g.h), g.spans(g.ow, g.w));
+            let div = g.divisors(self.include_pad);
             Ok(g.input_grad(dy, |_, dy, acc| {
-                for yo in 0..g.oh {
-                    let (hs, he) = g.span(yo, g.h);
+                // Separably: each output's share added to the input rows its window
+                // covers (per output column), then spread along each row.
+                let mut col_sums = vec![0f64; g.h * g.ow];
+                for (yo, &(hs, he)) in rows.iter().enumerate() {
                     for xo in 0..g.ow {
-                        let (ws, we) = g.span(xo, g.w);
-                        let v = dy[yo * g.ow + xo].to_f64() / g.divisor(yo, xo, self.include_pad);
-                        for row in acc[hs * g.w..he * g.w].chunks_exact_mut(g.w) {
-                            row[ws..we].iter_mut().for_each(|a| *a += v);
+                        let v = dy[yo * g.ow + xo].to_f64() / div[yo * g.ow + xo];
+                        for r in hs..he {
+                            col_sums[r * g.ow + xo] += v;
                         }
+                    }
+                }
+                for (row, sums) in acc.chunks_exact_mut(g.w).zip(col_sums.chunks_exact(g.ow)) {
+                    for (&(ws, we), &v) in cols.iter().zip(sums) {
+                        row[ws..we].iter_mut().for_each(|a| *a += v);
                     }
                 }
             }))
