@@ -117,9 +117,13 @@ impl Embedder {
     }
 
     fn map(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let x = x.to_dtype(self.precision.compute_dtype())?;
+        self.map_of(&x.to_dtype(self.precision.compute_dtype())?, train)
+    }
+
+    /// [`Self::map`] of an input already in the compute dtype.
+    fn map_of(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         self.backbone
-            .forward_map(&x, train)?
+            .forward_map(x, train)?
             .to_dtype(self.precision.loss_dtype())
     }
 
@@ -167,13 +171,14 @@ impl Embedder {
         let xc = x.to_dtype(self.precision.compute_dtype())?;
         let mut tape = Tape::new();
         let input = tape.input(&xc);
-        let out = match self.tape {
-            true => self.backbone.forward_tape(&mut tape, &input),
-            false => None,
+        let out = if self.tape {
+            self.backbone.forward_tape(&mut tape, &input)
+        } else {
+            None
         };
         let Some(out) = out else {
             return Ok(TrainingPass {
-                embeddings: top(&self.map(x, true)?)?,
+                embeddings: top(&self.map_of(&xc, true)?)?,
                 tape: None,
             });
         };

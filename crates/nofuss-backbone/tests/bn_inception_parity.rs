@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use nofuss_backbone::{Backbone, BackboneError, BnInception, BnInceptionConfig, Pooling};
@@ -161,49 +162,55 @@ fn eval_features_and_logits_match_the_port() {
     );
 }
 
+/// Checks a training-mode pass of the seeded network (`seeded_net`, f64) on
+/// `input_small` against the port: the pooled features `feats`, the running statistics
+/// it left, and the gradients of `Σ feats ⊙ grad_weights` that `backward` makes of that
+/// loss (the convolution biases get none: the batch norms' statistics cancel them, so
+/// their exact gradient is zero, where PyTorch's is rounding noise).
+fn check_train_pass(
+    vars: &VarMap,
+    feats: &Tensor,
+    backward: impl FnOnce(&Tensor) -> GradStore,
+    what: &str,
+) {
+    let fx = fixture();
+    let train = &fx["train"];
+    let features = format!("{what}: train features");
+    assert_close(&values(feats), &floats(&train["features"]), 1e-9, &features);
+    for stat in ["running_mean", "running_var"] {
+        for (layer, want) in train[stat].as_object().unwrap() {
+            let v = var(vars, &format!("{layer}.{stat}"));
+            let name = format!("{what}: {layer}.{stat}");
+            assert_close(&values(v.as_tensor()), &floats(want), 1e-9, &name);
+        }
+    }
+    let r = seeded_f64("grad_weights", &[2, 1024]);
+    let grads = backward(&(feats * r).unwrap().sum_all().unwrap());
+    for (name, want) in train["grads"].as_object().unwrap() {
+        let g = grads.get(var(vars, name).as_tensor()).unwrap();
+        assert_close(
+            &values(g),
+            &floats(want),
+            1e-9,
+            &format!("{what}: grad {name}"),
+        );
+    }
+    assert!(grads.get(var(vars, "conv2_3x3.bias").as_tensor()).is_none());
+}
+
 #[test]
 fn train_mode_statistics_and_gradients_match_the_port() {
-    let fx = fixture();
     // Float64 on both sides (see the reference script: this case is ill-conditioned).
     let (net, vars) = seeded_net(&BnInceptionConfig::default(), DType::F64);
     let x = seeded_f64("input_small", &[2, 3, 64, 64]);
     let feats = net.forward_features(&x, true).unwrap();
-    let train = &fx["train"];
-    assert_close(
-        &values(&feats),
-        &floats(&train["features"]),
-        1e-9,
-        "train features",
-    );
-    for (stat, key) in [
-        ("running_mean", "running_mean"),
-        ("running_var", "running_var"),
-    ] {
-        for (layer, want) in train[key].as_object().unwrap() {
-            let v = var(&vars, &format!("{layer}.{stat}"));
-            let what = format!("{layer}.{stat}");
-            assert_close(&values(v.as_tensor()), &floats(want), 1e-9, &what);
-        }
-    }
-    let r = seeded_f64("grad_weights", &[2, 1024]);
-    let grads = (feats * r).unwrap().sum_all().unwrap().backward().unwrap();
-    for (name, want) in train["grads"].as_object().unwrap() {
-        let v = var(&vars, name);
-        let g = grads.get(v.as_tensor()).unwrap();
-        assert_close(&values(g), &floats(want), 1e-9, &format!("grad {name}"));
-    }
-    // The convolution biases go into the batch norms, whose statistics cancel them: their
-    // exact gradient is zero (PyTorch's is rounding noise), and they get none.
-    assert!(grads
-        .get(var(&vars, "conv2_3x3.bias").as_tensor())
-        .is_none());
+    check_train_pass(&vars, &feats, |loss| loss.backward().unwrap(), "graph");
 }
 
 /// The same case with the network on nofuss's tape (how the trainer runs it): the
 /// features' gradient comes from candle's graph above a leaf, the rest from the tape.
 #[test]
 fn train_mode_on_the_tape_matches_the_port() {
-    let fx = fixture();
     let (net, vars) = seeded_net(&BnInceptionConfig::default(), DType::F64);
     let x = seeded_f64("input_small", &[2, 3, 64, 64]);
     let mut tape = Tape::new();
@@ -211,34 +218,13 @@ fn train_mode_on_the_tape_matches_the_port() {
     let map = net.forward_tape(&mut tape, &input).unwrap().unwrap();
     let leaf = Var::from_tensor(map.tensor()).unwrap();
     let feats = Pooling::Average.apply(leaf.as_tensor()).unwrap();
-    let train = &fx["train"];
-    assert_close(
-        &values(&feats),
-        &floats(&train["features"]),
-        1e-9,
-        "train features",
-    );
-    for (layer, want) in train["running_var"].as_object().unwrap() {
-        let v = var(&vars, &format!("{layer}.running_var"));
-        assert_close(&values(v.as_tensor()), &floats(want), 1e-9, layer);
-    }
-    let r = seeded_f64("grad_weights", &[2, 1024]);
-    let mut grads = (feats * r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g = grads.remove(leaf.as_tensor()).unwrap();
-    tape.backward_into(&map, &g, &mut grads).unwrap();
-    for (name, want) in train["grads"].as_object().unwrap() {
-        let v = var(&vars, name);
-        let g = grads.get(v.as_tensor()).unwrap();
-        assert_close(
-            &values(g),
-            &floats(want),
-            1e-9,
-            &format!("tape grad {name}"),
-        );
-    }
-    assert!(grads
-        .get(var(&vars, "conv2_3x3.bias").as_tensor())
-        .is_none());
+    let backward = |loss: &Tensor| {
+        let mut grads = loss.backward().unwrap();
+        let g = grads.remove(leaf.as_tensor()).unwrap();
+        tape.backward_into(&map, &g, &mut grads).unwrap();
+        grads
+    };
+    check_train_pass(&vars, &feats, backward, "tape");
 }
 
 #[test]

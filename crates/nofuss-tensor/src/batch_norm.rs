@@ -197,34 +197,24 @@ impl BatchNorm2d {
         count: usize,
     ) -> Result<()> {
         let count = count as f64;
-        let update = |running: &Var, batch: &Tensor, factor: f64| -> Result<()> {
-            let batch = batch.to_dtype(running.dtype())?;
-            running.inplace_op2(
-                &batch,
-                &UpdateRunning {
-                    momentum: self.momentum,
-                    factor,
-                },
-            )
-        };
-        match shift {
-            None => update(&self.running_mean, &out.mean, 1.0)?,
-            // The shift moves the mean, added in the same pass.
-            Some(s) => {
-                let dt = self.running_mean.dtype();
-                let (batch, s) = (out.mean.to_dtype(dt)?, s.detach().to_dtype(dt)?);
-                self.running_mean.inplace_op3(
-                    &batch,
-                    &s.contiguous()?,
-                    &UpdateRunning {
-                        momentum: self.momentum,
-                        factor: 1.0,
-                    },
-                )?
+        // A shift (the mean's) is added in the same pass as the update.
+        let update = |running: &Var, batch: &Tensor, shift: Option<&Tensor>, factor: f64| {
+            let dt = running.dtype();
+            let op = UpdateRunning {
+                momentum: self.momentum,
+                factor,
+            };
+            let batch = batch.to_dtype(dt)?;
+            match shift {
+                None => running.inplace_op2(&batch, &op),
+                Some(s) => {
+                    running.inplace_op3(&batch, &s.detach().to_dtype(dt)?.contiguous()?, &op)
+                }
             }
-        }
+        };
+        update(&self.running_mean, &out.mean, shift, 1.0)?;
         // PyTorch keeps the unbiased variance.
-        update(&self.running_var, &out.var, count / (count - 1.0))
+        update(&self.running_var, &out.var, None, count / (count - 1.0))
     }
 
     /// Scale (γ).

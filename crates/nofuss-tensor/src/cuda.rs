@@ -13,7 +13,6 @@ use candle_core::cuda_backend::cudarc::cudnn::{
 };
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result, Storage, StorageRef, Tensor};
@@ -1109,7 +1108,7 @@ fn conv_label(pass: &str, key: &ConvKey, algo: impl std::fmt::Debug) -> String {
 
 fn conv_typed<T, C>(dev: &CudaDevice, pass: ConvPass<'_>, key: ConvKey) -> Result<CudaStorage>
 where
-    T: CudaDType + CudnnDataType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType + 'static,
+    T: CudaDType + CudnnDataType + DeviceRepr + candle_core::WithDType + 'static,
     C: CudnnDataType + 'static,
 {
     let d = conv_descs::<T, C>(dev, &key)?;

@@ -278,11 +278,10 @@ impl Geom {
 
     /// Whether every window lies inside the plane (no padding, no ceil-mode overhang).
     fn windows_inside(&self) -> bool {
-        self.p == 0
-            && self.oh > 0
+        self.oh > 0
             && self.ow > 0
-            && (self.oh - 1) * self.s + self.k <= self.h
-            && (self.ow - 1) * self.s + self.k <= self.w
+            && self.inside(self.oh, self.h) == (0..self.oh)
+            && self.inside(self.ow, self.w) == (0..self.ow)
     }
 
     /// [`Self::max_plane`] for 2x2 windows with stride 2 (VGG-style halving, the small

@@ -326,11 +326,11 @@ impl Tape {
     /// where `grads` has none for a parameter yet).
     pub fn backward_into(self, out: &Act, grad: &Tensor, grads: &mut GradStore) -> Result<()> {
         for (p, g) in self.backward(out, grad)? {
-            let g = match grads.remove(&p) {
-                Some(before) => (before + g)?,
-                None => g,
-            };
-            grads.insert(&p, g);
+            let mut slot = grads.remove(&p);
+            accumulate(&mut slot, g)?;
+            if let Some(g) = slot {
+                grads.insert(&p, g);
+            }
         }
         Ok(())
     }
