@@ -705,10 +705,11 @@ pub(crate) struct ConvKey {
 }
 
 type AlgoCache<A> = std::sync::Mutex<Option<HashMap<ConvKey, A>>>;
-static FWD_ALGOS: AlgoCache<cudnn_sys::cudnnConvolutionFwdAlgo_t> = std::sync::Mutex::new(None);
-static BWD_DATA_ALGOS: AlgoCache<cudnn_sys::cudnnConvolutionBwdDataAlgo_t> =
+static FWD_ALGOS: AlgoCache<Choice<cudnn_sys::cudnnConvolutionFwdAlgo_t>> =
     std::sync::Mutex::new(None);
-static BWD_FILTER_ALGOS: AlgoCache<cudnn_sys::cudnnConvolutionBwdFilterAlgo_t> =
+static BWD_DATA_ALGOS: AlgoCache<Choice<cudnn_sys::cudnnConvolutionBwdDataAlgo_t>> =
+    std::sync::Mutex::new(None);
+static BWD_FILTER_ALGOS: AlgoCache<Choice<cudnn_sys::cudnnConvolutionBwdFilterAlgo_t>> =
     std::sync::Mutex::new(None);
 
 /// The cached algorithm for `key`, or `pick()`'s, remembered.
@@ -914,22 +915,38 @@ fn with_raw_handle<R>(
     find(handle)
 }
 
-/// One `cudnnFind*` call for `key`'s convolution (elements `T`, arithmetic `C`) on this
-/// thread's raw handle, with room for `N` results; the fastest algorithm that ran (the
-/// results come sorted by time, failures included). `call` gets the handle, the
-/// descriptors, the result count and the results.
-fn find_fastest<T: CudnnDataType, C: CudnnDataType, P, A, const N: usize>(
+/// An algorithm of one convolution pass and the math type cuDNN ranked it under. Since
+/// cuDNN 7.4 the pair decides which kernels run (tensor-core or not), so the convolution
+/// descriptor takes the chosen math type before the pass runs, as PyTorch's cuDNN
+/// convolutions do; running the algorithm under the descriptor's own math type instead can
+/// give a different, slower kernel than the one cuDNN ranked first.
+type Choice<A> = (A, cudnn_sys::cudnnMathType_t);
+
+/// Whether a ranked math type may run `key`'s convolution: any, except that f32 with TF32
+/// forbidden must stay on FMA kernels.
+fn math_allowed(key: &ConvKey, math: cudnn_sys::cudnnMathType_t) -> bool {
+    key.dtype != DType::F32 || key.tf32 || math == cudnn_sys::cudnnMathType_t::CUDNN_FMA_MATH
+}
+
+/// cuDNN's ranking of `key`'s convolution (elements `T`, arithmetic `C`, descriptors under
+/// `math`) on this thread's raw handle, with room for `N` results: its heuristic
+/// (`cudnnGet*_v7`) or, when `key.benchmark`, every algorithm timed (`cudnnFind*`). The
+/// first result that can run (status success, an allowed math type) is the choice.
+/// `call` gets the handle, the descriptors, the result count and the results; `result`
+/// reads a result's status, algorithm and math type.
+fn ranked_choice<T: CudnnDataType, C: CudnnDataType, P, A, const N: usize>(
     dev: &CudaDevice,
     key: &ConvKey,
     math: cudnn_sys::cudnnMathType_t,
     what: &'static str,
     call: impl FnOnce(cudnn_sys::cudnnHandle_t, &RawConv, &mut i32, *mut P) -> cudnn_sys::cudnnStatus_t,
-    result: impl Fn(&P) -> (cudnn_sys::cudnnStatus_t, A),
-) -> Result<A> {
+    result: impl Fn(&P) -> (cudnn_sys::cudnnStatus_t, A, cudnn_sys::cudnnMathType_t),
+) -> Result<Choice<A>> {
     let raw = RawConv::new::<T, C>(key, math)?;
     with_raw_handle(dev, |h| {
         let mut count = 0i32;
-        // SAFETY: plain-old-data results, written by cuDNN.
+        // SAFETY: plain-old-data results, written by cuDNN (zero is a valid value of each
+        // of their enums).
         let mut perf: [P; N] = unsafe { std::mem::zeroed() };
         call(h, &raw, &mut count, perf.as_mut_ptr())
             .result()
@@ -937,91 +954,89 @@ fn find_fastest<T: CudnnDataType, C: CudnnDataType, P, A, const N: usize>(
         perf.iter()
             .take(count.clamp(0, N as i32) as usize)
             .map(&result)
-            .find(|(status, _)| *status == cudnn_sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
-            .map(|(_, algo)| algo)
-            .ok_or_else(|| candle_core::Error::Msg(format!("cuDNN {what}: no algorithm ran")))
+            .find(|&(status, _, m)| {
+                status == cudnn_sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && math_allowed(key, m)
+            })
+            .map(|(_, algo, m)| (algo, m))
+            .ok_or_else(|| candle_core::Error::Msg(format!("cuDNN {what}: no usable algorithm")))
     })
 }
 
-/// `AlgoSearch::Benchmark`'s choice for a convolution pass: every algorithm timed once by
-/// cuDNN (`cudnnFind*`, on scratch buffers it allocates), the fastest kept.
-trait FindFastest {
+/// The choice of algorithm and math type for one convolution pass.
+trait ChooseAlgorithm {
     /// The pass's algorithm enum.
     type Algo;
-    /// The fastest algorithm for `key` under `math`.
-    fn find_fastest(
-        &self,
+    /// cuDNN's first usable (algorithm, math type) for `key`, its descriptors set up under
+    /// `math`: heuristic, or timed when `key.benchmark` (`AlgoSearch::Benchmark`).
+    fn choose(
         dev: &CudaDevice,
         key: &ConvKey,
         math: cudnn_sys::cudnnMathType_t,
-    ) -> Result<Self::Algo>;
+    ) -> Result<Choice<Self::Algo>>;
 }
 
-/// Implements [`FindFastest`] for a pass: its op type, algorithm and result types, how
-/// many algorithms it has, its `cudnnFind*` function and that function's four
-/// descriptors in order (fields of [`RawConv`]).
-macro_rules! find_fastest_for {
-    ($($op:ident, $algo:ident, $perf:ident, $n:literal, $find:ident, $what:literal, [$a:ident, $b:ident, $c:ident, $d:ident];)*) => {$(
-        impl<X: CudnnDataType, C: CudnnDataType, Y: CudnnDataType> FindFastest for $op<'_, X, C, Y> {
+/// Implements [`ChooseAlgorithm`] for a pass: its op type, algorithm and result types, how
+/// many algorithms it has, its heuristic and timing functions (the same arguments) and
+/// their four descriptors in order (fields of [`RawConv`]).
+macro_rules! choose_algorithm_for {
+    ($($op:ident, $algo:ident, $perf:ident, $n:literal, $get:ident, $find:ident, $what:literal, [$a:ident, $b:ident, $c:ident, $d:ident];)*) => {$(
+        impl<X: CudnnDataType, C: CudnnDataType, Y: CudnnDataType> ChooseAlgorithm for $op<'_, X, C, Y> {
             type Algo = cudnn_sys::$algo;
-            fn find_fastest(
-                &self,
+            fn choose(
                 dev: &CudaDevice,
                 key: &ConvKey,
                 math: cudnn_sys::cudnnMathType_t,
-            ) -> Result<Self::Algo> {
-                find_fastest::<X, C, cudnn_sys::$perf, _, $n>(
+            ) -> Result<Choice<Self::Algo>> {
+                ranked_choice::<X, C, cudnn_sys::$perf, _, $n>(
                     dev,
                     key,
                     math,
                     $what,
                     // SAFETY: live descriptors and handle; room for `$n` results.
-                    |h, r, n, p| unsafe { cudnn_sys::$find(h, r.$a, r.$b, r.$c, r.$d, $n, n, p) },
-                    |p| (p.status, p.algo),
+                    |h, r, n, p| unsafe {
+                        if key.benchmark {
+                            cudnn_sys::$find(h, r.$a, r.$b, r.$c, r.$d, $n, n, p)
+                        } else {
+                            cudnn_sys::$get(h, r.$a, r.$b, r.$c, r.$d, $n, n, p)
+                        }
+                    },
+                    |p| (p.status, p.algo, p.mathType),
                 )
             }
         }
     )*};
 }
 
-find_fastest_for! {
+choose_algorithm_for! {
     ConvForward, cudnnConvolutionFwdAlgo_t, cudnnConvolutionFwdAlgoPerf_t, 8,
-        cudnnFindConvolutionForwardAlgorithm, "forward algorithm search", [x, w, conv, y];
+        cudnnGetConvolutionForwardAlgorithm_v7, cudnnFindConvolutionForwardAlgorithm,
+        "forward algorithm", [x, w, conv, y];
     ConvBackwardData, cudnnConvolutionBwdDataAlgo_t, cudnnConvolutionBwdDataAlgoPerf_t, 6,
-        cudnnFindConvolutionBackwardDataAlgorithm, "backward-data algorithm search", [w, y, conv, x];
+        cudnnGetConvolutionBackwardDataAlgorithm_v7, cudnnFindConvolutionBackwardDataAlgorithm,
+        "backward-data algorithm", [w, y, conv, x];
     ConvBackwardFilter, cudnnConvolutionBwdFilterAlgo_t, cudnnConvolutionBwdFilterAlgoPerf_t, 7,
-        cudnnFindConvolutionBackwardFilterAlgorithm, "backward-filter algorithm search", [x, y, conv, w];
+        cudnnGetConvolutionBackwardFilterAlgorithm_v7, cudnnFindConvolutionBackwardFilterAlgorithm,
+        "backward-filter algorithm", [x, y, conv, w];
 }
 
-/// cuDNN's algorithm for `$op` (cached per shape), heuristic or timed as `$key.benchmark`
-/// says, and a workspace for it (none when it needs none); the workspace size is asked
-/// once per shape and pass (slot `$pass` of the descriptors' sizes).
-macro_rules! algo_and_workspace {
-    ($op:ident, $cache:ident, $key:ident, $dev:ident, $descs:ident, $pass:literal, $what:literal) => {{
-        let math = $descs.math;
-        let algo = cached(&$cache, &$key, || {
-            if $key.benchmark {
-                $op.find_fastest($dev, &$key, math)
-            } else {
-                $op.pick_algorithm()
-                    .map_err(cudnn_err(concat!($what, " algorithm")))
-            }
-        })?;
+/// The workspace `$op` needs for `$algo` (none when it needs none); its size is asked once
+/// per shape and pass (slot `$pass` of the descriptors' sizes).
+macro_rules! workspace {
+    ($op:ident, $algo:ident, $dev:ident, $descs:ident, $pass:literal, $what:literal) => {{
         let size = match $descs.workspace[$pass].get() {
-            Some((a, size)) if a == algo as u32 => size,
+            Some((a, size)) if a == $algo as u32 => size,
             _ => {
                 let size = $op
-                    .get_workspace_size(algo)
+                    .get_workspace_size($algo)
                     .map_err(cudnn_err(concat!($what, " workspace")))?;
-                $descs.workspace[$pass].set(Some((algo as u32, size)));
+                $descs.workspace[$pass].set(Some(($algo as u32, size)));
                 size
             }
         };
         // SAFETY: scratch space, never read before cuDNN writes it.
-        let ws = (size > 0)
+        (size > 0)
             .then(|| unsafe { $dev.alloc::<u8>(size) })
-            .transpose()?;
-        (algo, ws)
+            .transpose()?
     }};
 }
 
@@ -1029,12 +1044,32 @@ macro_rules! algo_and_workspace {
 /// workspace size each pass's algorithm needs once known (forward, backward-data,
 /// backward-filter): made once per shape instead of at every call.
 struct ConvDescs<T: CudnnDataType, C: CudnnDataType> {
-    conv: ConvDescriptor<C>,
+    /// The convolution, under the math type of the pass that ran last (`conv_math`).
+    conv: RefCell<ConvDescriptor<C>>,
+    conv_math: std::cell::Cell<cudnn_sys::cudnnMathType_t>,
     x: TensorDescriptor<T>,
     w: FilterDescriptor<T>,
     y: TensorDescriptor<T>,
+    /// The math type cuDNN ranks algorithms under (PyTorch's for the element type).
     math: cudnn_sys::cudnnMathType_t,
     workspace: [std::cell::Cell<Option<(u32, usize)>>; 3],
+}
+
+impl<T: CudnnDataType, C: CudnnDataType> ConvDescs<T, C> {
+    /// The convolution descriptor under `math` (set only when it changes).
+    fn conv_under(
+        &self,
+        math: cudnn_sys::cudnnMathType_t,
+    ) -> Result<std::cell::Ref<'_, ConvDescriptor<C>>> {
+        if self.conv_math.get() != math {
+            self.conv
+                .borrow_mut()
+                .set_math_type(math)
+                .map_err(cudnn_err("math type"))?;
+            self.conv_math.set(math);
+        }
+        Ok(self.conv.borrow())
+    }
 }
 
 thread_local! {
@@ -1079,7 +1114,8 @@ where
     };
     conv.set_math_type(math).map_err(cudnn_err("math type"))?;
     let d = std::rc::Rc::new(ConvDescs {
-        conv,
+        conv: RefCell::new(conv),
+        conv_math: std::cell::Cell::new(math),
         x: handle
             .create_4d_tensor::<T>(CUDNN_TENSOR_NCHW, key.x)
             .map_err(cudnn_err("input descriptor"))?,
@@ -1096,14 +1132,30 @@ where
     Ok(d)
 }
 
-/// A convolution's name in the profile: pass, dtype, shapes, stride, padding, algorithm.
-fn conv_label(pass: &str, key: &ConvKey, algo: impl std::fmt::Debug) -> String {
+/// A convolution's name in the profile: pass, dtype, shapes, stride, padding, algorithm and
+/// its math type.
+fn conv_label(pass: &str, key: &ConvKey, (algo, math): Choice<impl std::fmt::Debug>) -> String {
     let algo = format!("{algo:?}");
     let algo = algo.rsplit("_ALGO_").next().unwrap_or(&algo);
+    let math = format!("{math:?}");
+    let math = math.trim_start_matches("CUDNN_").trim_end_matches("_MATH");
     format!(
-        "cudnn {pass} {:?} x{:?} w{:?} s{} p{} {algo}",
+        "cudnn {pass} {:?} x{:?} w{:?} s{} p{} {algo} {math}",
         key.dtype, key.x, key.w, key.stride, key.padding
     )
+}
+
+/// The (algorithm, math type) of a pass for `key`, cached per shape.
+fn choice<P: ChooseAlgorithm>(
+    cache: &AlgoCache<Choice<P::Algo>>,
+    dev: &CudaDevice,
+    key: &ConvKey,
+    math: cudnn_sys::cudnnMathType_t,
+) -> Result<Choice<P::Algo>>
+where
+    P::Algo: Copy,
+{
+    cached(cache, key, || P::choose(dev, key, math))
 }
 
 fn conv_typed<T, C>(dev: &CudaDevice, pass: ConvPass<'_>, key: ConvKey) -> Result<CudaStorage>
@@ -1116,19 +1168,21 @@ where
     let one_zero = (T::from_f64(1.0), T::from_f64(0.0));
     match pass {
         ConvPass::Forward { x, w } => {
+            let chosen = choice::<ConvForward<T, C, T>>(&FWD_ALGOS, dev, &key, d.math)?;
+            let (algo, conv) = (chosen.0, d.conv_under(chosen.1)?);
             let op = ConvForward {
-                conv: &d.conv,
+                conv: &conv,
                 x: &d.x,
                 w: &d.w,
                 y: &d.y,
             };
-            let (algo, mut ws) = algo_and_workspace!(op, FWD_ALGOS, key, dev, d, 0, "forward");
+            let mut ws = workspace!(op, algo, dev, d, 0, "forward");
             let (xv, wv) = (view::<T>(x.0, x.1)?, view::<T>(w.0, w.1)?);
             // SAFETY: every element is written by cuDNN.
             let mut y = unsafe { dev.alloc::<T>(numel(key.y))? };
             crate::profile::timed(
                 dev,
-                || conv_label("forward", &key, algo),
+                || conv_label("forward", &key, chosen),
                 || {
                     // SAFETY: buffers match the descriptors' types and shapes.
                     unsafe { op.launch(algo, ws.as_mut(), one_zero, &xv, &wv, &mut y) }
@@ -1138,20 +1192,21 @@ where
             Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
         }
         ConvPass::BackwardData { dy, w } => {
+            let chosen = choice::<ConvBackwardData<T, C, T>>(&BWD_DATA_ALGOS, dev, &key, d.math)?;
+            let (algo, conv) = (chosen.0, d.conv_under(chosen.1)?);
             let op = ConvBackwardData {
-                conv: &d.conv,
+                conv: &conv,
                 dx: &d.x,
                 w: &d.w,
                 dy: &d.y,
             };
-            let (algo, mut ws) =
-                algo_and_workspace!(op, BWD_DATA_ALGOS, key, dev, d, 1, "backward-data");
+            let mut ws = workspace!(op, algo, dev, d, 1, "backward-data");
             let (dyv, wv) = (view::<T>(dy.0, dy.1)?, view::<T>(w.0, w.1)?);
             // SAFETY: every element is written by cuDNN (beta = 0).
             let mut dx = unsafe { dev.alloc::<T>(numel(key.x))? };
             crate::profile::timed(
                 dev,
-                || conv_label("backward-data", &key, algo),
+                || conv_label("backward-data", &key, chosen),
                 || {
                     // SAFETY: buffers match the descriptors' types and shapes.
                     unsafe { op.launch(algo, ws.as_mut(), one_zero, &mut dx, &wv, &dyv) }
@@ -1161,21 +1216,23 @@ where
             Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
         }
         ConvPass::BackwardFilter { x, dy } => {
+            let chosen =
+                choice::<ConvBackwardFilter<T, C, T>>(&BWD_FILTER_ALGOS, dev, &key, d.math)?;
+            let (algo, conv) = (chosen.0, d.conv_under(chosen.1)?);
             let op = ConvBackwardFilter {
-                conv: &d.conv,
+                conv: &conv,
                 x: &d.x,
                 dw: &d.w,
                 dy: &d.y,
             };
-            let (algo, mut ws) =
-                algo_and_workspace!(op, BWD_FILTER_ALGOS, key, dev, d, 2, "backward-filter");
+            let mut ws = workspace!(op, algo, dev, d, 2, "backward-filter");
             let (xv, dyv) = (view::<T>(x.0, x.1)?, view::<T>(dy.0, dy.1)?);
             // SAFETY: with beta = 0 cuDNN writes every element and reads none (PyTorch
             // hands it an uninitialised buffer too).
             let mut dw = unsafe { dev.alloc::<T>(numel(key.w))? };
             crate::profile::timed(
                 dev,
-                || conv_label("backward-filter", &key, algo),
+                || conv_label("backward-filter", &key, chosen),
                 || {
                     // SAFETY: buffers match the descriptors' types and shapes.
                     unsafe { op.launch(algo, ws.as_mut(), one_zero, &xv, &mut dw, &dyv) }
