@@ -163,13 +163,69 @@ pub fn avg_pool2d(x: &Tensor, p: &Pool2d, count_include_pad: bool) -> Result<Ten
     })
 }
 
-/// Whether `v`, met after the window's current maximum `m`, replaces it: when larger, or
-/// NaN (after a NaN only NaNs move it), so ties keep the first maximum, as in PyTorch.
-#[inline]
-fn beats<T: WithDType>(v: T, m: T) -> bool {
-    #[allow(clippy::eq_op)]
-    let nan = v != v;
-    v > m || nan
+/// A float's place in max pooling's comparisons as an integer: larger keys for larger
+/// values, the same key for -0 and +0 (they compare equal), and `i64::MAX` for every NaN.
+/// With it a window's scan is integer compares and conditional moves: compared as floats,
+/// the running maximum's update compiled to a branch per comparison (x86-64's baseline
+/// has no float select), and which element of a window is largest is a coin toss on real
+/// activations.
+pub(crate) trait MaxKey: WithDType {
+    /// The key of `self`.
+    fn max_key(self) -> i64;
+}
+
+/// The key from a float's bits: `mag` the bits without the sign, `nan_above` the largest
+/// non-NaN `mag` (infinity's), `negative` the sign.
+#[inline(always)]
+fn key_of(mag: i64, nan_above: i64, negative: bool) -> i64 {
+    let s = -(negative as i64); // 0 or -1: negate negatives
+    let key = (mag ^ s) - s;
+    std::hint::select_unpredictable(mag > nan_above, i64::MAX, key)
+}
+
+impl MaxKey for f32 {
+    #[inline(always)]
+    fn max_key(self) -> i64 {
+        let b = self.to_bits();
+        key_of((b & 0x7fff_ffff) as i64, 0x7f80_0000, b >> 31 != 0)
+    }
+}
+
+impl MaxKey for f64 {
+    #[inline(always)]
+    fn max_key(self) -> i64 {
+        let b = self.to_bits();
+        key_of((b & !(1 << 63)) as i64, 0x7ff0_0000_0000_0000, b >> 63 != 0)
+    }
+}
+
+impl MaxKey for half::bf16 {
+    #[inline(always)]
+    fn max_key(self) -> i64 {
+        let b = self.to_bits();
+        key_of((b & 0x7fff) as i64, 0x7f80, b >> 15 != 0)
+    }
+}
+
+impl MaxKey for half::f16 {
+    #[inline(always)]
+    fn max_key(self) -> i64 {
+        let b = self.to_bits();
+        key_of((b & 0x7fff) as i64, 0x7c00, b >> 15 != 0)
+    }
+}
+
+/// The running maximum `(key, position)` of a window after meeting `v` at `pos`: `v`
+/// replaces it when larger, or NaN (after a NaN only NaNs move it), so ties keep the first
+/// maximum, as in PyTorch. No branch: conditional moves.
+#[inline(always)]
+fn keep_max<T: MaxKey>((m, at): (i64, usize), v: T, pos: usize) -> (i64, usize) {
+    let k = v.max_key();
+    let b = (k == i64::MAX) | (k > m);
+    (
+        std::hint::select_unpredictable(b, k, m),
+        std::hint::select_unpredictable(b, pos, at),
+    )
 }
 
 /// Sizes of one pooling: planes (N*C) of `h x w` into `oh x ow`.
@@ -256,24 +312,21 @@ impl Geom {
     }
 
     /// Position in the plane of the window's first maximum (a NaN wins, as in PyTorch;
-    /// see [`beats`]).
-    fn argmax<T: WithDType>(&self, plane: &[T], y: usize, x: usize) -> usize {
+    /// see [`keep_max`]).
+    fn argmax<T: MaxKey>(&self, plane: &[T], y: usize, x: usize) -> usize {
         let (hs, he) = self.span(y, self.h);
         let (ws, we) = self.span(x, self.w);
         // Starting from the first element is PyTorch's -inf start: the first element wins
-        // unless something is larger (or NaN: `v != v`, after which only NaNs move it).
-        let mut best = hs * self.w + ws;
-        let mut m = plane[best];
+        // unless something is larger (or NaN, after which only NaNs move it).
+        let first = hs * self.w + ws;
+        let mut best = (plane[first].max_key(), first);
         for yy in hs..he {
             let start = yy * self.w + ws;
             for (i, &v) in plane[start..yy * self.w + we].iter().enumerate() {
-                if beats(v, m) {
-                    m = v;
-                    best = start + i;
-                }
+                best = keep_max(best, v, start + i);
             }
         }
-        best
+        best.1
     }
 
     /// Whether every window lies inside the plane (no padding, no ceil-mode overhang).
@@ -287,7 +340,7 @@ impl Geom {
     /// [`Self::max_plane`] for 2x2 windows with stride 2 (VGG-style halving, the small
     /// CNN's pools): each output's four values are read once and compared in registers,
     /// in [`Self::argmax`]'s order, and the output and its argmax written once.
-    fn max_2x2<T: WithDType>(&self, plane: &[T], out: &mut [T], idx: &mut [u32]) {
+    fn max_2x2<T: MaxKey>(&self, plane: &[T], out: &mut [T], idx: &mut [u32]) {
         let w = self.w;
         for (yo, (out, idx)) in out
             .chunks_exact_mut(self.ow)
@@ -301,19 +354,12 @@ impl Geom {
             );
             for (xo, (o, i)) in out.iter_mut().zip(idx.iter_mut()).enumerate() {
                 let x = 2 * xo;
-                let (mut m, mut at) = (r0[x], top + x);
-                for (v, pos) in [
-                    (r0[x + 1], top + x + 1),
-                    (r1[x], top + w + x),
-                    (r1[x + 1], top + w + x + 1),
-                ] {
-                    if beats(v, m) {
-                        m = v;
-                        at = pos;
-                    }
-                }
-                *o = m;
-                *i = at as u32;
+                let mut best = (r0[x].max_key(), top + x);
+                best = keep_max(best, r0[x + 1], top + x + 1);
+                best = keep_max(best, r1[x], top + w + x);
+                best = keep_max(best, r1[x + 1], top + w + x + 1);
+                *o = plane[best.1];
+                *i = best.1 as u32;
             }
         }
     }
@@ -333,7 +379,7 @@ impl Geom {
     /// window straight from the plane (no clipping), the border's (padding, ceil-mode
     /// overhang) go through [`Self::argmax`]. Window elements are visited in
     /// [`Self::argmax`]'s order, so ties and NaNs resolve the same way everywhere.
-    fn max_plane<T: WithDType>(&self, plane: &[T], out: &mut [T], idx: &mut [u32]) {
+    fn max_plane<T: MaxKey>(&self, plane: &[T], out: &mut [T], idx: &mut [u32]) {
         let (w, s, k, p) = (self.w, self.s, self.k, self.p);
         let (rows, cols) = (self.inside(self.oh, self.h), self.inside(self.ow, self.w));
         for (yo, (out, idx)) in out
@@ -356,18 +402,15 @@ impl Geom {
             let top = (yo * s - p) * w;
             for xo in cols.clone() {
                 let base = top + xo * s - p;
-                let (mut m, mut at) = (plane[base], base);
+                let mut best = (plane[base].max_key(), base);
                 for ky in 0..k {
                     let start = base + ky * w;
                     for (kx, &v) in plane[start..start + k].iter().enumerate() {
-                        if beats(v, m) {
-                            m = v;
-                            at = start + kx;
-                        }
+                        best = keep_max(best, v, start + kx);
                     }
                 }
-                out[xo] = m;
-                idx[xo] = at as u32;
+                out[xo] = plane[best.1];
+                idx[xo] = best.1 as u32;
             }
         }
     }
@@ -824,6 +867,128 @@ mod tests {
         let x = Tensor::new(&[[[[1f32, f32::NAN], [3.0, 0.0]]]], &Device::Cpu).unwrap();
         let y = max_pool2d(&x, &Pool2d::new(2, 2)).unwrap();
         assert!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0].is_nan());
+    }
+
+    #[test]
+    fn max_keys_order_like_the_floats() {
+        // Every bf16 and f16 bit pattern, and f32 / f64 specials plus scattered patterns:
+        // NaN <=> i64::MAX, and sorted by value, keys rise exactly where values do.
+        fn check<T: MaxKey>(vals: Vec<T>) {
+            let mut pairs: Vec<(f64, i64)> = Vec::new();
+            for v in vals {
+                let (f, k) = (v.to_f64(), v.max_key());
+                assert_eq!(f.is_nan(), k == i64::MAX, "{f}");
+                if !f.is_nan() {
+                    pairs.push((f, k));
+                }
+            }
+            pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
+            for w in pairs.windows(2) {
+                let ((a, ka), (b, kb)) = (w[0], w[1]);
+                assert_eq!(a < b, ka < kb, "{a} {b}");
+                assert_eq!(a == b, ka == kb, "{a} {b}");
+            }
+        }
+        check((0..=u16::MAX).map(half::bf16::from_bits).collect());
+        check((0..=u16::MAX).map(half::f16::from_bits).collect());
+        let bits32 = (0..200_000u32).map(|i| i.wrapping_mul(2_654_435_761));
+        let specials = [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+        ];
+        let mut f32s: Vec<f32> = bits32.clone().map(f32::from_bits).collect();
+        f32s.extend(specials.iter().map(|&v| v as f32));
+        f32s.extend([
+            f32::MIN_POSITIVE,
+            -f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            f32::MAX,
+        ]);
+        check(f32s);
+        let mut f64s: Vec<f64> = bits32
+            .map(|b| f64::from_bits((b as u64) << 32 | b.rotate_left(7) as u64))
+            .collect();
+        f64s.extend(specials);
+        f64s.extend([f64::from_bits(1), -f64::from_bits(1), f64::MAX, f64::MIN]);
+        check(f64s);
+    }
+
+    #[test]
+    fn max_pool_ties_signed_zeros_and_nans_route_as_in_pytorch() {
+        // Values drawn from a few (ties everywhere, -0 beside +0, NaNs): every path (2x2,
+        // inside windows, border windows) against PyTorch's rule written out with float
+        // compares, `v > m || isnan(v)` from the window's first element: the output's bits
+        // and where each output's gradient lands.
+        let pick = [-1.0, -0.0, 0.0, 0.5, 2.0, f64::NAN, 2.0, 0.5];
+        for &(k, s, pad, ceil) in &[
+            (2, 2, 0, false),
+            (3, 2, 0, true),
+            (3, 1, 1, true),
+            (3, 2, 1, true),
+        ] {
+            let p = Pool2d {
+                kernel: k,
+                stride: s,
+                padding: pad,
+                ceil_mode: ceil,
+            };
+            for dt in [candle_core::DType::F32, candle_core::DType::F64] {
+                let (n, c, h, w) = (2, 2, 7, 8);
+                let vals: Vec<f64> = (0..n * c * h * w)
+                    .map(|i| pick[((i * 2_654_435_761usize) >> 7) % pick.len()])
+                    .collect();
+                let x = Tensor::from_vec(vals.clone(), (n, c, h, w), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
+                let (y, idx) = max_pool2d_with_indices(&x, &p).unwrap();
+                let (oh, ow) = (p.output_len(h).unwrap(), p.output_len(w).unwrap());
+                let dy = Tensor::arange(1f64, (n * c * oh * ow + 1) as f64, &Device::Cpu)
+                    .unwrap()
+                    .reshape((n, c, oh, ow))
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
+                let gx = max_pool2d_backward(&dy, &idx).unwrap();
+                let got_y = y.to_dtype(candle_core::DType::F64).unwrap();
+                let got_y = got_y.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let got_g = gx.to_dtype(candle_core::DType::F64).unwrap();
+                let got_g = got_g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let mut want_g = vec![0f64; vals.len()];
+                for plane in 0..n * c {
+                    for yo in 0..oh {
+                        for xo in 0..ow {
+                            let lo = |o: usize| (o * s).saturating_sub(pad);
+                            let hi = |o: usize, len: usize| (o * s + k - pad).min(len);
+                            let base = plane * h * w;
+                            let mut at = base + lo(yo) * w + lo(xo);
+                            for yy in lo(yo)..hi(yo, h) {
+                                for xx in lo(xo)..hi(xo, w) {
+                                    let v = vals[base + yy * w + xx];
+                                    if v > vals[at] || v.is_nan() {
+                                        at = base + yy * w + xx;
+                                    }
+                                }
+                            }
+                            let o = (plane * oh + yo) * ow + xo;
+                            let (a, b) = (got_y[o], vals[at]);
+                            let what = format!("{p:?} {dt:?} output {o}");
+                            assert!(
+                                a.to_bits() == b.to_bits() || a.is_nan() && b.is_nan(),
+                                "{what}: {a} vs {b}"
+                            );
+                            want_g[at] += (o + 1) as f64;
+                        }
+                    }
+                }
+                assert_eq!(got_g, want_g, "{p:?} {dt:?}");
+            }
+        }
     }
 
     #[test]
