@@ -451,32 +451,46 @@ mod cpu_ops {
     /// the grouping depends on the tile count only, so the result is the same on any
     /// number of threads. A single tile is one multi-threaded product.
     fn grad_weight<T: WithDType>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
-        let len = g.c_out * g.rows();
+        let (rows, len) = (g.rows(), g.c_out * g.rows());
         let tiles: Vec<(usize, usize)> = g.tiles().collect();
         let groups = tiles.len().clamp(1, WEIGHT_GROUPS);
         let per_group = tiles.len().div_ceil(groups).max(1);
+        // Summed transposed, `[C_in K K, C_out]` = cols dyᵀ: gemm turns a row-major
+        // product around to write column-major, so this way the column matrix (the larger
+        // operand, `C_in K K` rows against `C_out`) is read in place and only the output
+        // gradient's rows are packed; the other way round gemm copied the whole column
+        // matrix into its packed layout first, most of this pass's time.
         let run = |tiles: &[(usize, usize)], par: Parallelism| -> Vec<T> {
-            let mut dw = vec![T::zero(); len];
+            let mut dwt = vec![T::zero(); len];
             let mut s = Scratch::new();
             for (i, &(first, images)) in tiles.iter().enumerate() {
                 let dyt = gradient_rows(g, dy, first, images, &mut s.1);
                 let cols = columns(g, x, first, images, &mut s.0);
-                matmul(&mut dw, i > 0, dyt, cols.t(), par);
+                matmul(&mut dwt, i > 0, cols, dyt.t(), par);
             }
-            dw
+            dwt
         };
-        if groups == 1 {
-            return run(&tiles, parallelism(true));
-        }
-        let partial: Vec<Vec<T>> = tiles
-            .par_chunks(per_group)
-            .map(|t| run(t, Parallelism::None))
-            .collect();
-        let mut parts = partial.into_iter();
-        let mut dw = parts.next().unwrap_or_else(|| vec![T::zero(); len]);
-        for p in parts {
-            for (d, v) in dw.iter_mut().zip(p) {
-                *d += v;
+        let dwt = if groups == 1 {
+            run(&tiles, parallelism(true))
+        } else {
+            let partial: Vec<Vec<T>> = tiles
+                .par_chunks(per_group)
+                .map(|t| run(t, Parallelism::None))
+                .collect();
+            let mut parts = partial.into_iter();
+            let mut dwt = parts.next().unwrap_or_else(|| vec![T::zero(); len]);
+            for p in parts {
+                for (d, v) in dwt.iter_mut().zip(p) {
+                    *d += v;
+                }
+            }
+            dwt
+        };
+        // `[C_in K K, C_out]` -> `[C_out, C_in K K]`.
+        let mut dw = vec![T::zero(); len];
+        for (r, row) in dwt.chunks_exact(g.c_out.max(1)).enumerate() {
+            for (co, &v) in row.iter().enumerate() {
+                dw[co * rows + r] = v;
             }
         }
         dw
