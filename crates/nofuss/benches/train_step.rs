@@ -15,7 +15,8 @@ use nofuss::bench::{train_step, TrainStepBench};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     nofuss::allocator::keep_freed_memory(); // as in the `nofuss` binary
-                                            // `cargo bench` passes `--bench`; keep only numbers.
+    nofuss::threads::park_idle_candle_workers(); // as in the `nofuss` binary
+                                                 // `cargo bench` passes `--bench`; keep only numbers.
     let nums: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())

@@ -12,6 +12,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     nofuss::allocator::keep_freed_memory();
+    nofuss::threads::park_idle_candle_workers();
     let cli = nofuss::cli::Cli::parse();
     match nofuss::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
