@@ -22,6 +22,15 @@ __device__ __forceinline__ int64_t at(const BnGeom& g, int64_t ch, int64_t e) {
     return (q * g.c + ch) * g.hw + r;
 }
 
+// One value into a running (count, mean, M2).
+template <typename A>
+__device__ __forceinline__ void welford(A& n, A& mean, A& m2, A v) {
+    n += 1;
+    A d = v - mean;
+    mean += d / n;
+    m2 += d * (v - mean);
+}
+
 template <typename A>
 __device__ __forceinline__ void chan_merge(A& n, A& mean, A& m2, A n2, A mean2, A m22) {
     if (n2 == 0) return;
@@ -41,13 +50,19 @@ __device__ void bn_stats_partial(const T* x, typename Acc<T>::type* partial, BnG
     int64_t chunk = (m + g.slices - 1) / g.slices;
     int64_t lo = s * chunk, hi = min(lo + chunk, m);
     A n = 0, mean = 0, m2 = 0;
-    for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
-        A v = to_acc(x[at(g, ch, e)]);
-        n += 1;
-        A d = v - mean;
-        mean += d / n;
-        m2 += d * (v - mean);
+    // Four loads in flight per thread, then their updates in order (the same sequence as
+    // one element at a time): a reduction this memory-bound needs the loads overlapped.
+    const int64_t step = blockDim.x;
+    int64_t e = lo + threadIdx.x;
+    for (; e + 3 * step < hi; e += 4 * step) {
+        A v0 = to_acc(x[at(g, ch, e)]), v1 = to_acc(x[at(g, ch, e + step)]);
+        A v2 = to_acc(x[at(g, ch, e + 2 * step)]), v3 = to_acc(x[at(g, ch, e + 3 * step)]);
+        welford(n, mean, m2, v0);
+        welford(n, mean, m2, v1);
+        welford(n, mean, m2, v2);
+        welford(n, mean, m2, v3);
     }
+    for (; e < hi; e += step) welford(n, mean, m2, to_acc(x[at(g, ch, e)]));
     sn[threadIdx.x] = n;
     smean[threadIdx.x] = mean;
     sm2[threadIdx.x] = m2;
@@ -141,11 +156,30 @@ __device__ void bn_bwd_partial(const T* x, const T* dy, const T* y,
     int64_t chunk = (m + g.slices - 1) / g.slices;
     int64_t lo = s * chunk, hi = min(lo + chunk, m);
     A a = 0, b = 0;
-    for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
+    const A mu = mean[ch], is = invstd[ch];
+    // Four elements' loads first, then their sums in order (as in bn_stats_partial).
+    const int64_t step = blockDim.x;
+    int64_t e = lo + threadIdx.x;
+    for (; e + 3 * step < hi; e += 4 * step) {
+        int64_t i[4] = {at(g, ch, e), at(g, ch, e + step), at(g, ch, e + 2 * step),
+                        at(g, ch, e + 3 * step)};
+        A d[4], xv[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            d[k] = masked(dy, y, i[k], relu);
+            xv[k] = to_acc(x[i[k]]);
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            a += d[k];
+            b += d[k] * (xv[k] - mu) * is;
+        }
+    }
+    for (; e < hi; e += step) {
         int64_t i = at(g, ch, e);
         A d = masked(dy, y, i, relu);
         a += d;
-        b += d * (to_acc(x[i]) - mean[ch]) * invstd[ch];
+        b += d * (to_acc(x[i]) - mu) * is;
     }
     block_sum2(s0, s1, a, b);
     if (threadIdx.x == 0) {

@@ -461,9 +461,12 @@ unsafe impl DeviceRepr for BnGeom {}
 
 impl BnGeom {
     pub(crate) fn new(n: usize, c: usize, hw: usize) -> Self {
-        // About 512 reduction blocks in all, each with at least 4 elements per thread.
+        // About 2048 reduction blocks in all (two waves of eight 256-thread blocks per SM on
+        // an H100's 132: enough loads in flight for a memory-bound pass; 512 filled half
+        // the SMs' thread slots), each with at least 4 elements per thread (the kernels
+        // keep four loads in flight).
         let m = n * hw;
-        let by_blocks = 512usize.div_ceil(c.max(1));
+        let by_blocks = 2048usize.div_ceil(c.max(1));
         let by_work = m.div_ceil(THREADS as usize * 4).max(1);
         Self {
             n: n as i64,

@@ -185,129 +185,134 @@ fn cuda_kernels_match_the_cpu_operations() {
             );
         }
 
-        // Batch norm + ReLU in training mode, several reduction slices per channel.
-        let (n, c, hw) = (4usize, 5usize, 42usize);
-        let pdt = if dt == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        let xv: Vec<f64> = values(n * c * hw, 11)
-            .iter()
-            .map(|v| v * 2.0 + 0.3)
-            .collect();
-        let (gv, bv) = (
-            values(c, 5).iter().map(|v| v + 1.5).collect::<Vec<_>>(),
-            values(c, 6),
-        );
-        let (rm, rv) = (
-            values(c, 8),
-            values(c, 9)
+        // Batch norm + ReLU in training mode, several reduction slices per channel: short
+        // slices (under one element per thread), and long ones (the reductions' four-loads
+        // loop and its remainder).
+        for (n, c, hh, ww, slices) in [(4usize, 5usize, 6usize, 7usize, 3usize), (2, 2, 40, 53, 2)]
+        {
+            let hw = hh * ww;
+            let pdt = if dt == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
+            let xv: Vec<f64> = values(n * c * hw, 11)
                 .iter()
-                .map(|v| v.abs() + 0.5)
-                .collect::<Vec<_>>(),
-        );
-        let x = Var::from_tensor(&tensor(&xv, &[n, c, 6, 7], dt)).unwrap();
-        let gamma = Var::from_tensor(&tensor(&gv, &[c], pdt)).unwrap();
-        let beta = Var::from_tensor(&tensor(&bv, &[c], pdt)).unwrap();
-        let out = batch_norm_train(
-            x.as_tensor(),
-            gamma.as_tensor(),
-            beta.as_tensor(),
-            1e-5,
-            true,
-        )
-        .unwrap();
-        let dyv = values(n * c * hw, 12);
-        let grads = (&out.y * tensor(&dyv, &[n, c, 6, 7], dt))
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
+                .map(|v| v * 2.0 + 0.3)
+                .collect();
+            let (gv, bv) = (
+                values(c, 5).iter().map(|v| v + 1.5).collect::<Vec<_>>(),
+                values(c, 6),
+            );
+            let (rm, rv) = (
+                values(c, 8),
+                values(c, 9)
+                    .iter()
+                    .map(|v| v.abs() + 0.5)
+                    .collect::<Vec<_>>(),
+            );
+            let x = Var::from_tensor(&tensor(&xv, &[n, c, hh, ww], dt)).unwrap();
+            let gamma = Var::from_tensor(&tensor(&gv, &[c], pdt)).unwrap();
+            let beta = Var::from_tensor(&tensor(&bv, &[c], pdt)).unwrap();
+            let out = batch_norm_train(
+                x.as_tensor(),
+                gamma.as_tensor(),
+                beta.as_tensor(),
+                1e-5,
+                true,
+            )
             .unwrap();
-        for (name, v) in [("x", &xv), ("dy", &dyv)] {
-            h.write(name, v, dt);
+            let dyv = values(n * c * hw, 12);
+            let grads = (&out.y * tensor(&dyv, &[n, c, hh, ww], dt))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("x", &xv), ("dy", &dyv)] {
+                h.write(name, v, dt);
+            }
+            for (name, v) in [
+                ("gamma", &gv),
+                ("beta", &bv),
+                ("running_mean", &rm),
+                ("running_var", &rv),
+            ] {
+                h.write(name, v, pdt);
+            }
+            h.run(
+                "bn",
+                dt,
+                &[n, c, hw, slices]
+                    .map(|v| v.to_string())
+                    .into_iter()
+                    .chain(["1", "1", "1e-5"].map(String::from))
+                    .collect::<Vec<_>>(),
+            );
+            close("bn y", &h.read("y", dt), &host(&out.y), dt);
+            close(
+                "bn dx",
+                &h.read("dx", dt),
+                &host(grads.get(x.as_tensor()).unwrap()),
+                dt,
+            );
+            let stats = h.read("stats", pdt);
+            close("bn mean", &stats[..c], &host(&out.mean), dt);
+            close("bn var", &stats[c..2 * c], &host(&out.var), dt);
+            // The one-launch reductions' "last block" test: per channel exactly the fifth of
+            // five blocks (as another thread than the one that counted sees it), and the
+            // counters back at zero for the next launch.
+            h.run("last", DType::F32, &[]);
+            let once = [0, 0, 0, 0, 1, 0, 0, 0, 0, 1];
+            assert_eq!(h.read_u32("winners"), [once, once].concat());
+            assert_eq!(h.read_u32("done"), [0, 0]);
+            // The two-launch reductions (NOFUSS_BN_TWO_PASS=1) merge in the same order.
+            assert_eq!(h.read("stats_two_pass", pdt), stats, "two-pass statistics");
+            let sums = h.read("sums", pdt);
+            assert_eq!(h.read("sums_two_pass", pdt), sums, "two-pass sums");
+            close(
+                "bn dbeta",
+                &sums[..c],
+                &host(grads.get(beta.as_tensor()).unwrap()),
+                dt,
+            );
+            close(
+                "bn dgamma",
+                &sums[c..],
+                &host(grads.get(gamma.as_tensor()).unwrap()),
+                dt,
+            );
+            let m = (n * hw) as f64;
+            let want_rm: Vec<f64> = rm
+                .iter()
+                .zip(host(&out.mean))
+                .map(|(r, b)| 0.9 * r + 0.1 * b)
+                .collect();
+            let want_rv: Vec<f64> = rv
+                .iter()
+                .zip(host(&out.var))
+                .map(|(r, b)| 0.9 * r + 0.1 * b * m / (m - 1.0))
+                .collect();
+            close(
+                "bn running mean",
+                &h.read("running_mean", pdt),
+                &want_rm,
+                dt,
+            );
+            close("bn running var", &h.read("running_var", pdt), &want_rv, dt);
+            let want_shifted: Vec<f64> = rm
+                .iter()
+                .zip(host(&out.mean))
+                .zip(&gv)
+                .map(|((r, b), s)| 0.9 * r + 0.1 * (b + s))
+                .collect();
+            close(
+                "bn running mean with a shift",
+                &h.read("running_mean_shifted", pdt),
+                &want_shifted,
+                dt,
+            );
         }
-        for (name, v) in [
-            ("gamma", &gv),
-            ("beta", &bv),
-            ("running_mean", &rm),
-            ("running_var", &rv),
-        ] {
-            h.write(name, v, pdt);
-        }
-        h.run(
-            "bn",
-            dt,
-            &[n, c, hw, 3]
-                .map(|v| v.to_string())
-                .into_iter()
-                .chain(["1", "1", "1e-5"].map(String::from))
-                .collect::<Vec<_>>(),
-        );
-        close("bn y", &h.read("y", dt), &host(&out.y), dt);
-        close(
-            "bn dx",
-            &h.read("dx", dt),
-            &host(grads.get(x.as_tensor()).unwrap()),
-            dt,
-        );
-        let stats = h.read("stats", pdt);
-        close("bn mean", &stats[..c], &host(&out.mean), dt);
-        close("bn var", &stats[c..2 * c], &host(&out.var), dt);
-        // The one-launch reductions' "last block" test: per channel exactly the fifth of
-        // five blocks (as another thread than the one that counted sees it), and the
-        // counters back at zero for the next launch.
-        h.run("last", DType::F32, &[]);
-        let once = [0, 0, 0, 0, 1, 0, 0, 0, 0, 1];
-        assert_eq!(h.read_u32("winners"), [once, once].concat());
-        assert_eq!(h.read_u32("done"), [0, 0]);
-        // The two-launch reductions (NOFUSS_BN_TWO_PASS=1) merge in the same order.
-        assert_eq!(h.read("stats_two_pass", pdt), stats, "two-pass statistics");
-        let sums = h.read("sums", pdt);
-        assert_eq!(h.read("sums_two_pass", pdt), sums, "two-pass sums");
-        close(
-            "bn dbeta",
-            &sums[..c],
-            &host(grads.get(beta.as_tensor()).unwrap()),
-            dt,
-        );
-        close(
-            "bn dgamma",
-            &sums[c..],
-            &host(grads.get(gamma.as_tensor()).unwrap()),
-            dt,
-        );
-        let m = (n * hw) as f64;
-        let want_rm: Vec<f64> = rm
-            .iter()
-            .zip(host(&out.mean))
-            .map(|(r, b)| 0.9 * r + 0.1 * b)
-            .collect();
-        let want_rv: Vec<f64> = rv
-            .iter()
-            .zip(host(&out.var))
-            .map(|(r, b)| 0.9 * r + 0.1 * b * m / (m - 1.0))
-            .collect();
-        close(
-            "bn running mean",
-            &h.read("running_mean", pdt),
-            &want_rm,
-            dt,
-        );
-        close("bn running var", &h.read("running_var", pdt), &want_rv, dt);
-        let want_shifted: Vec<f64> = rm
-            .iter()
-            .zip(host(&out.mean))
-            .zip(&gv)
-            .map(|((r, b), s)| 0.9 * r + 0.1 * (b + s))
-            .collect();
-        close(
-            "bn running mean with a shift",
-            &h.read("running_mean_shifted", pdt),
-            &want_shifted,
-            dt,
-        );
 
         // Fused NCA rows, both forms, a row count and width that exercise the reductions.
         let (n, p) = (5usize, 300usize);
