@@ -21,9 +21,15 @@ pub const SPIN_LIMIT_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
 /// threads start: candle reads the variable when its pool starts, and the environment is
 /// only safe to change while one thread runs.
 pub fn park_idle_candle_workers() {
-    if std::env::var_os(SPIN_LIMIT_VAR).is_none() {
-        std::env::set_var(SPIN_LIMIT_VAR, SPIN_LIMIT.to_string());
+    if let Some(limit) = limit_to_set(std::env::var_os(SPIN_LIMIT_VAR).as_deref()) {
+        std::env::set_var(SPIN_LIMIT_VAR, limit);
     }
+}
+
+/// What [`park_idle_candle_workers`] sets the variable to, given its current value: the
+/// nofuss limit when it is unset, nothing when the environment chose one.
+fn limit_to_set(current: Option<&std::ffi::OsStr>) -> Option<String> {
+    current.is_none().then(|| SPIN_LIMIT.to_string())
 }
 
 #[cfg(test)]
@@ -32,11 +38,10 @@ mod tests {
 
     #[test]
     fn sets_the_limit_unless_the_environment_does() {
-        let before = std::env::var(SPIN_LIMIT_VAR).ok();
-        park_idle_candle_workers();
-        let want = before.clone().unwrap_or_else(|| SPIN_LIMIT.to_string());
-        assert_eq!(std::env::var(SPIN_LIMIT_VAR).ok(), Some(want.clone()));
-        park_idle_candle_workers(); // a second call leaves it
-        assert_eq!(std::env::var(SPIN_LIMIT_VAR).ok(), Some(want));
+        // The decision alone: changing the process environment here would race the
+        // other tests' threads reading it.
+        assert_eq!(limit_to_set(None), Some("200".to_string()));
+        assert_eq!(limit_to_set(Some("25000".as_ref())), None);
+        assert_eq!(limit_to_set(Some("".as_ref())), None);
     }
 }
