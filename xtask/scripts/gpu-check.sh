@@ -41,12 +41,14 @@ run .gpu/nofuss bench train-step --batch-size 256 --steps "$STEPS" --device cuda
 run $PY crates/nofuss/benches/torch_train_step.py 256 "$STEPS" --device cuda --classes 100
 # Where a step's time goes: forward, backward and optimiser each waited for, queueing
 # time against completion time (host-bound where they are about equal); nofuss's backward
-# on its tape (the default) and through candle's graph.
+# on its tape (the default) and through candle's graph, and on the tape without candle's
+# layout cache (each layout uploaded from pageable memory at every use).
 P="$OUT/phases.jsonl"; : > "$P"
 for n in 32 128; do
   for how in "" --graph-backward; do
     limited 120 .gpu/nofuss bench train-step --backbone bn-inception --batch-size $n --steps 5 --device cuda --phases $how >> "$P" 2>> "$OUT/errors.txt"
   done
+  NOFUSS_CUDA_LAYOUT_CACHE=0 limited 120 .gpu/nofuss bench train-step --backbone bn-inception --batch-size $n --steps 5 --device cuda --phases >> "$P" 2>> "$OUT/errors.txt"
   limited 120 $PY crates/nofuss/benches/torch_train_step.py $n 5 --backbone bn-inception --device cuda --classes 100 --phases >> "$P" 2>> "$OUT/errors.txt"
 done
 # SOP-scale evaluation: 60,502 synthetic 64-d embeddings in 11,316 classes, exact kNN and
@@ -92,6 +94,8 @@ print("| --- | --- | --- | --- | --- |")
 for r in phases:
     cell = lambda p: f"{r.get(p + '_queue_ms')} / {r.get(p + '_ms')}"
     name = r.get("impl", "") + (f" ({r['backward']})" if "backward" in r else "")
+    if r.get("layout_cache") is False:
+        name += " (no layout cache)"
     print(f"| {name} | {r.get('batch')} | {cell('forward')} | {cell('backward')} | {cell('optimizer')} |")
 PYEOF
 cat "$OUT/summary.md"; grep -h "test result\|rc=" "$OUT/parity.txt"

@@ -207,22 +207,31 @@ fn train_mode_statistics_and_gradients_match_the_port() {
     check_train_pass(&vars, &feats, |loss| loss.backward().unwrap(), "graph");
 }
 
-/// The same case with the network on nofuss's tape (how the trainer runs it): the
-/// features' gradient comes from candle's graph above a leaf, the rest from the tape.
+/// The same case with the network on nofuss's tape, as the trainer runs it: the
+/// features' gradient comes from candle's graph above a leaf, the rest from the tape, and
+/// on a GPU candle's layout uploads are cached (`with_cached_layouts`; the graph case
+/// above runs without).
 #[test]
 fn train_mode_on_the_tape_matches_the_port() {
+    use nofuss_tensor::with_cached_layouts as cached;
     let (net, vars) = seeded_net(&BnInceptionConfig::default(), DType::F64);
     let x = seeded_f64("input_small", &[2, 3, 64, 64]);
+    let dev = x.device().clone();
     let mut tape = Tape::new();
     let input = tape.input(&x);
-    let map = net.forward_tape(&mut tape, &input).unwrap().unwrap();
-    let leaf = Var::from_tensor(map.tensor()).unwrap();
-    let feats = Pooling::Average.apply(leaf.as_tensor()).unwrap();
+    let (map, leaf, feats) = cached(&dev, || {
+        let map = net.forward_tape(&mut tape, &input).unwrap().unwrap();
+        let leaf = Var::from_tensor(map.tensor()).unwrap();
+        let feats = Pooling::Average.apply(leaf.as_tensor()).unwrap();
+        (map, leaf, feats)
+    });
     let backward = |loss: &Tensor| {
-        let mut grads = loss.backward().unwrap();
-        let g = grads.remove(leaf.as_tensor()).unwrap();
-        tape.backward_into(&map, &g, &mut grads).unwrap();
-        grads
+        cached(&dev, || {
+            let mut grads = loss.backward().unwrap();
+            let g = grads.remove(leaf.as_tensor()).unwrap();
+            tape.backward_into(&map, &g, &mut grads).unwrap();
+            grads
+        })
     };
     check_train_pass(&vars, &feats, backward, "tape");
 }

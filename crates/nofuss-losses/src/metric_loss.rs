@@ -57,6 +57,21 @@ impl LossSpec {
         matches!(self, Self::ProxyNca(_) | Self::ProxyTriplet(_))
     }
 
+    /// Whether each call reads the batch on the host (its labels, or distances to the
+    /// proxies) and uploads what it picked: dynamic assignment, the k hardest negatives,
+    /// and the in-batch triplet and NCA baselines. Such a loss waits for the device at
+    /// every call and sends small tensors that change from batch to batch; the static
+    /// proxy losses queue all their work on the device without waiting for it.
+    pub fn selects_on_host(&self) -> bool {
+        match self {
+            Self::ProxyNca(c) => c.assignment != Assignment::Static,
+            Self::ProxyTriplet(c) => {
+                c.assignment != Assignment::Static || c.hardest_negatives.is_some()
+            }
+            Self::Triplet(_) | Self::Nca(_) => true,
+        }
+    }
+
     /// The proxy assignment (static for losses without proxies).
     pub fn assignment(&self) -> Assignment {
         match self {
@@ -166,5 +181,27 @@ mod tests {
         let vb = VarBuilder::from_varmap(&candle_nn::VarMap::new(), DType::F32, &dev);
         let one = MetricLoss::new(specs[0], 1, 4, ProxyInit::Normal, vb);
         assert!(one.is_err());
+    }
+
+    #[test]
+    fn only_static_proxy_losses_queue_without_host_selection() {
+        let dynamic = Assignment::Dynamic;
+        let host = |s: LossSpec| s.selects_on_host();
+        assert!(!host(LossSpec::ProxyNca(ProxyNcaConfig::default())));
+        assert!(!host(LossSpec::ProxyTriplet(ProxyTripletConfig::default())));
+        assert!(host(LossSpec::ProxyNca(ProxyNcaConfig {
+            assignment: dynamic,
+            ..Default::default()
+        })));
+        assert!(host(LossSpec::ProxyTriplet(ProxyTripletConfig {
+            assignment: dynamic,
+            ..Default::default()
+        })));
+        assert!(host(LossSpec::ProxyTriplet(ProxyTripletConfig {
+            hardest_negatives: Some(3),
+            ..Default::default()
+        })));
+        assert!(host(LossSpec::Triplet(TripletConfig::default())));
+        assert!(host(LossSpec::Nca(NcaConfig::default())));
     }
 }

@@ -111,6 +111,65 @@ pub fn on_pool<T: Send>(device: &Device, f: impl FnOnce() -> T + Send) -> T {
     }
 }
 
+/// Runs `f` with candle's device-side cache of layout parameters on, when `device` is a
+/// CUDA device (on the CPU it only runs `f`).
+///
+/// candle's CUDA backend hands every reduction, and every element-wise operation or copy
+/// over a non-contiguous layout, the dims and strides it works on as a small buffer copied
+/// from host memory before the launch: in a BN-Inception training step over forty of them,
+/// 38 for the copies of each inception branch's slice of a concatenation's gradient, the
+/// rest for the head's pooling mean and bias, the loss's mean and their gradients. They come from
+/// pageable memory, which CUDA may only copy once the stream's earlier work has finished
+/// (its documented "may synchronize with the stream"), so the host stops queueing work
+/// until the device catches up. With the cache on, each distinct layout is uploaded once
+/// and kept on the device, and later operations with it upload nothing.
+///
+/// While it is on, candle also keeps every other host-to-device copy of at most 4 KiB on
+/// the device, keyed by its content, for the rest of the process: `f` must not upload
+/// small data that changes from call to call (labels, index lists: batches are uploaded
+/// outside, and losses that pick on the host, `LossSpec::selects_on_host` in
+/// nofuss-losses, stay outside). Setting `NOFUSS_CUDA_LAYOUT_CACHE=0` turns it off, to
+/// compare.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// let dev = Device::Cpu; // on a CUDA device the transposed sum's layout is cached
+/// let x = Tensor::ones((2, 3), DType::F32, &dev)?;
+/// let s = nofuss_tensor::with_cached_layouts(&dev, || x.t()?.sum(1))?;
+/// assert_eq!(s.to_vec1::<f32>()?, [2.0, 2.0, 2.0]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn with_cached_layouts<T>(device: &Device, f: impl FnOnce() -> T) -> T {
+    #[cfg(feature = "cuda")]
+    let _cache = match device {
+        Device::Cuda(d) if layout_cache_wanted() => Some(d.enable_cuda_graph_htod_cache()),
+        _ => None,
+    };
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+    f()
+}
+
+/// Whether [`with_cached_layouts`] turns candle's layout cache on for `device`: a CUDA
+/// device, unless `NOFUSS_CUDA_LAYOUT_CACHE` is `0`.
+pub fn caches_layouts(device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    return device.is_cuda() && layout_cache_wanted();
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+/// Whether [`with_cached_layouts`] turns the cache on: unless `NOFUSS_CUDA_LAYOUT_CACHE`
+/// is `0` (read once).
+#[cfg(feature = "cuda")]
+fn layout_cache_wanted() -> bool {
+    static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WANTED.get_or_init(|| std::env::var_os("NOFUSS_CUDA_LAYOUT_CACHE").is_none_or(|v| v != "0"))
+}
+
 /// The device named by the environment variable `NOFUSS_TEST_DEVICE` (`cpu`, `cuda`,
 /// `cuda:N`, `auto`), the CPU when it is unset: lets the same parity tests run on a GPU
 /// (`NOFUSS_TEST_DEVICE=cuda cargo test --features cuda`).

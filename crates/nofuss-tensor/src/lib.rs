@@ -65,7 +65,8 @@ pub mod select;
 pub mod tape;
 
 pub use device::{
-    cuda_pool_stats, fixtures_dir, on_pool, test_device, DeviceSpec, PoolStats, SelectedDevice,
+    caches_layouts, cuda_pool_stats, fixtures_dir, on_pool, test_device, with_cached_layouts,
+    DeviceSpec, PoolStats, SelectedDevice,
 };
 pub use error::{Error, Result};
 pub use init::SeededVarMap;

@@ -114,6 +114,7 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         "precision": b.precision.to_string(),
         "cudnn_algorithms": if b.cudnn_benchmark { "benchmark" } else { "heuristic" },
         "backward": if b.graph_backward { "candle graph" } else { "tape" },
+        "layout_cache": nofuss_tensor::caches_layouts(&dev),
         "batch": b.batch_size,
         "image_size": size,
         "steps": b.steps,
@@ -196,12 +197,16 @@ impl Steps<'_> {
     /// One training step as the trainer runs it (on rayon's pool on the CPU), ended by
     /// reading the loss, which waits for the device.
     fn step(&mut self) -> Result<()> {
-        let (model, opt, x, y) = (self.model, &mut self.opt, self.x, self.y);
-        nofuss_tensor::on_pool(self.dev, || -> Result<()> {
-            let pass = model.embedder.forward_train(x)?;
-            let loss = model.loss.loss(&pass.embeddings, y)?;
-            let grads = pass.backward(&loss)?;
-            opt.step(&grads)?;
+        let (dev, model, opt, x, y) = (self.dev, self.model, &mut self.opt, self.x, self.y);
+        nofuss_tensor::on_pool(dev, || -> Result<()> {
+            // As the trainer runs a static proxy loss: candle's layout uploads cached.
+            let loss = nofuss_tensor::with_cached_layouts(dev, || -> Result<Tensor> {
+                let pass = model.embedder.forward_train(x)?;
+                let loss = model.loss.loss(&pass.embeddings, y)?;
+                let grads = pass.backward(&loss)?;
+                opt.step(&grads)?;
+                Ok(loss)
+            })?;
             loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             Ok(())
         })
@@ -220,7 +225,7 @@ fn queued_and_done<T: Send>(
     f: impl FnOnce() -> Result<T> + Send,
 ) -> Result<(T, f64, f64)> {
     let t = Instant::now();
-    let v = nofuss_tensor::on_pool(dev, f)?;
+    let v = nofuss_tensor::on_pool(dev, || nofuss_tensor::with_cached_layouts(dev, f))?;
     let queued = t.elapsed().as_secs_f64();
     dev.synchronize()?;
     Ok((v, queued, t.elapsed().as_secs_f64()))
@@ -353,15 +358,17 @@ pub fn backbone(b: &BackboneBench) -> Result<Value> {
         for i in 0..b.steps + b.warmup {
             let t = Instant::now();
             nofuss_tensor::on_pool(&dev, || -> Result<()> {
-                let f = if train {
-                    // As the trainer runs it: the backbone on its tape.
-                    let pass = embedder.forward_train_features(&x)?;
-                    let f = pass.embeddings.clone();
-                    drop(pass.backward(&f.sum_all()?)?);
-                    f
-                } else {
-                    embedder.forward_features(&x, false)?
-                };
+                let f = nofuss_tensor::with_cached_layouts(&dev, || -> Result<Tensor> {
+                    if train {
+                        // As the trainer runs it: the backbone on its tape.
+                        let pass = embedder.forward_train_features(&x)?;
+                        let f = pass.embeddings.clone();
+                        drop(pass.backward(&f.sum_all()?)?);
+                        Ok(f)
+                    } else {
+                        Ok(embedder.forward_features(&x, false)?)
+                    }
+                })?;
                 f.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
                 Ok(())
             })?;
@@ -406,6 +413,7 @@ mod tests {
         assert!(v["images_per_sec"].as_f64().unwrap() > 0.0);
         assert!(v.get("forward_ms").is_none());
         assert_eq!(v["backward"], "tape");
+        assert_eq!(v["layout_cache"], false, "candle caches layouts on CUDA only");
         let v = train_step(&TrainStepBench {
             batch_size: 4,
             steps: 1,

@@ -424,7 +424,9 @@ impl Model {
         let mut out = Vec::with_capacity(images.len() * self.embedder.head().config().dim);
         for batch in images.eval_batches(&norm, device)? {
             let (x, _, _) = batch?;
-            let e = nofuss_tensor::on_pool(device, || self.embedder.forward(&x, train))?;
+            let e = nofuss_tensor::on_pool(device, || {
+                nofuss_tensor::with_cached_layouts(device, || self.embedder.forward(&x, train))
+            })?;
             out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
         }
         Ok(out)
@@ -868,7 +870,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             // The step's operations run on rayon's pool (CPU): see `on_pool`. The next
             // batch is waited for outside it.
             let outcome = nofuss_tensor::on_pool(&device, || -> Result<StepOutcome> {
-                let pass = model.embedder.forward_train(&batch_images)?;
+                // On a GPU, candle's layout uploads are cached (`with_cached_layouts`),
+                // except around a loss that uploads what it picks from each batch.
+                use nofuss_tensor::with_cached_layouts as cached;
+                let pass = cached(&device, || model.embedder.forward_train(&batch_images))?;
                 let emb = pass.embeddings.clone();
                 let reseed = |r: &mut Option<ProxyReseeder>| -> Result<()> {
                     if let (Some(r), Some(v)) = (r.as_mut(), proxy_var.as_ref()) {
@@ -876,7 +881,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
                     }
                     Ok(())
                 };
-                let loss = match model.loss.loss(&emb, &batch_labels) {
+                let loss = if model.loss.spec().selects_on_host() {
+                    model.loss.loss(&emb, &batch_labels)
+                } else {
+                    cached(&device, || model.loss.loss(&emb, &batch_labels))
+                };
+                let loss = match loss {
                     Ok(l) => l,
                     Err(LossError::NonFinite(_)) => return Ok(StepOutcome::NonFinite),
                     // A batch without a usable pair or negative teaches nothing: skip the
@@ -887,12 +897,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
                     }
                     Err(e) => return Err(e.into()),
                 };
-                let grads = pass.backward(&loss)?;
+                let grads = cached(&device, || pass.backward(&loss))?;
                 opt.set_lr(
                     cfg.optim.schedule.factor(epoch - 1)
                         * warmup_factor(opt.steps(), cfg.optim.warmup_steps),
                 );
-                opt.step(&grads)?;
+                cached(&device, || opt.step(&grads))?;
                 reseed(&mut reseeder)?;
                 Ok(StepOutcome::Trained(loss))
             })?;
