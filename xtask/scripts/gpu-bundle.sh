@@ -14,7 +14,7 @@ export CARGO_TARGET_DIR="$TARGET"
 cargo build --release -p nofuss --features cuda
 mkdir -p .gpu
 # Test binaries: name -> package/test target.
-tests=(ops_parity:nofuss-tensor optim_parity:nofuss-tensor bn_inception_parity:nofuss-backbone reference_parity:nofuss-losses)
+tests=(ops_parity:nofuss-tensor optim_parity:nofuss-tensor graph_replay:nofuss-tensor bn_inception_parity:nofuss-backbone reference_parity:nofuss-losses)
 for t in "${tests[@]}"; do
   name="${t%%:*}"; pkg="${t##*:}"
   exe="$(cargo test --release --features cuda -p "$pkg" --test "$name" --no-run --message-format=json 2>/dev/null \
@@ -34,7 +34,7 @@ for l in sys.stdin:
 [ -n "$exe" ] || { echo "no knn bench binary" >&2; exit 1; }
 cp "$exe" .gpu/knn_bench
 cp "$TARGET/release/nofuss" .gpu/nofuss
-for f in nofuss ops_parity optim_parity bn_inception_parity reference_parity knn_bench; do
+for f in nofuss ops_parity optim_parity graph_replay bn_inception_parity reference_parity knn_bench; do
   strip ".gpu/$f" && xz -9 -T0 -f ".gpu/$f"
 done
 ls -l .gpu

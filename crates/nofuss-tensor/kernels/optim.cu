@@ -8,7 +8,20 @@ struct StepArgs {
     int kind, first, nesterov, centered, tf_style, pad;
     double scale, wd_l2, wd_decoupled, lr, momentum, dampening, alpha, eps, beta1, beta2, bc1,
         bc2;
+    uint64_t live;  // address of {lr, bc1, bc2} read instead of the fields when not 0
 };
+
+// The step's learning rate and bias corrections from `live` when it is set (a step
+// captured in a CUDA graph reads each replay's values there), else as passed.
+__device__ __forceinline__ StepArgs resolved(StepArgs s) {
+    if (s.live) {
+        const double* v = (const double*)s.live;
+        s.lr = v[0];
+        s.bc1 = v[1];
+        s.bc2 = v[2];
+    }
+    return s;
+}
 
 __device__ __forceinline__ double rms_ratio(const StepArgs& s, double g, double b, double c) {
     double var = s.centered ? b - c * c : b;
@@ -17,6 +30,7 @@ __device__ __forceinline__ double rms_ratio(const StepArgs& s, double g, double 
 
 template <typename T>
 __device__ void update_state(T* st, const T* grad, const T* param, int64_t n, StepArgs s) {
+    s = resolved(s);
     GRID_STRIDE(i, n) {
         double g = s.scale * (double)grad[i] + s.wd_l2 * (double)param[i];
         double a = st[i], b = st[n + i], c = st[2 * n + i];
@@ -42,6 +56,7 @@ __device__ void update_state(T* st, const T* grad, const T* param, int64_t n, St
 
 template <typename T>
 __device__ void update_param(T* param, const T* grad, const T* st, int64_t n, StepArgs s) {
+    s = resolved(s);
     GRID_STRIDE(i, n) {
         double p = param[i];
         double g = s.scale * (double)grad[i] + s.wd_l2 * p;

@@ -1252,6 +1252,20 @@ unsafe impl DeviceRepr for crate::fused_step::StepArgs {}
 
 /// One in-place pass of an optimiser step: the state `[3, n]` (`state_pass`) or the
 /// parameter, from the two read-only inputs (`grad` and the other of the two).
+/// The device address of the first element of `t`, a contiguous f64 tensor on CUDA.
+/// It stays valid while `t`'s storage lives (candle never moves a buffer).
+pub(crate) fn device_address_f64(t: &candle_core::Tensor) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (storage, layout) = t.storage_and_layout();
+    let (candle_core::Storage::Cuda(s), Some((a, b))) = (&*storage, layout.contiguous_offsets())
+    else {
+        candle_core::bail!("device address: a contiguous CUDA tensor is needed");
+    };
+    let view = s.as_cuda_slice::<f64>()?.slice(a..b);
+    let (address, _record) = view.device_ptr(view.stream());
+    Ok(address)
+}
+
 pub(crate) fn optim_update(
     state_pass: bool,
     (ds, dl): (&mut CudaStorage, &Layout),

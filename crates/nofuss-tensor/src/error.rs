@@ -23,6 +23,9 @@ pub enum Error {
     /// An optimiser that cannot step (bad setting, state or gradient).
     #[error("optimiser: {0}")]
     Optim(String),
+    /// A CUDA graph that could not be captured or replayed.
+    #[error("CUDA graph: {0}")]
+    Graph(String),
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

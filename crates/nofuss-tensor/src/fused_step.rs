@@ -41,6 +41,10 @@ pub(crate) struct StepArgs {
     /// Bias corrections `1 - beta^t`.
     pub bc1: f64,
     pub bc2: f64,
+    /// CUDA only: the device address of three f64, `lr`, `bc1` and `bc2`, which the
+    /// kernels read instead of the fields above (a step captured in a CUDA graph takes
+    /// each replay's values from there); 0: the fields.
+    pub live: u64,
 }
 
 impl StepArgs {

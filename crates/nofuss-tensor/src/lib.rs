@@ -22,6 +22,8 @@
 //!   clipping), each step two fused in-place kernels per parameter;
 //! - [`tape`]: a reverse-mode tape over those layers, beside candle's autograd, for the
 //!   training step of a convolutional backbone (no zero-filled gradient buffers);
+//! - [`graph`]: a training step captured once into a CUDA graph and replayed (one launch
+//!   instead of thousands);
 //! - [`profile`]: per-operation GPU timing of all of the above, to see where a step's
 //!   time goes.
 //!
@@ -53,6 +55,7 @@ mod cuda;
 mod device;
 mod error;
 mod fused_step;
+pub mod graph;
 mod init;
 mod normalization;
 pub mod ops;

@@ -257,6 +257,20 @@ pub struct Optimizer {
     slots: Vec<Vec<Slots>>,
     steps: u64,
     clip_norm: Option<f64>,
+    /// Per-step scalars read from the device ([`Optimizer::use_device_scalars`]).
+    device_scalars: Option<DeviceScalars>,
+}
+
+/// Each group's learning rate and the bias corrections of the next step, `[groups, 3]`
+/// f64 on the parameters' device, which the update kernels read (a captured step takes
+/// each replay's values from there), and whether [`Optimizer::advance`] has written the
+/// step [`Optimizer::step`] takes next.
+#[derive(Debug)]
+struct DeviceScalars {
+    values: Tensor,
+    /// The device address of `values` (CUDA; 0 on the CPU, where `step` reads them).
+    address: u64,
+    advanced: bool,
 }
 
 impl Optimizer {
@@ -276,6 +290,7 @@ impl Optimizer {
             slots,
             steps: 0,
             clip_norm: None,
+            device_scalars: None,
         })
     }
 
@@ -326,9 +341,76 @@ impl Optimizer {
             .sqrt())
     }
 
+    /// From now on the update kernels read each step's learning rates and bias
+    /// corrections from device memory that [`Optimizer::advance`] writes, instead of
+    /// taking them as launch arguments: a training step captured in a CUDA graph
+    /// (`nofuss_tensor::graph`) then replays with each step's values. Each step becomes
+    /// `advance`, then [`Optimizer::step`] (or a replay of a captured one), which no
+    /// longer counts steps itself. Every parameter must have taken a step already (its
+    /// state and SGD's momentum start are made then, and a capture would freeze them),
+    /// and gradient clipping, which reads the gradients' norm on the host, cannot be on.
+    pub fn use_device_scalars(&mut self) -> Result<()> {
+        if self.clip_norm.is_some() {
+            return Err(Error::Optim(
+                "gradient clipping reads the gradient norm on the host at every step; \
+                 it cannot run with per-step scalars on the device"
+                    .into(),
+            ));
+        }
+        let Some(dev) = self.groups.iter().flat_map(|g| g.vars.first()).next() else {
+            return Err(Error::Optim(
+                "device scalars of an optimiser without parameters".into(),
+            ));
+        };
+        let dev = dev.device().clone();
+        let values = Tensor::zeros((self.groups.len(), 3), candle_core::DType::F64, &dev)?;
+        let address = device_address(&values)?;
+        self.device_scalars = Some(DeviceScalars {
+            values,
+            address,
+            advanced: false,
+        });
+        Ok(())
+    }
+
+    /// With [`Optimizer::use_device_scalars`]: counts the next step and writes its
+    /// scalars (each group's learning rate at the current base rate, the bias
+    /// corrections) to the device, for the [`Optimizer::step`] or replay that follows.
+    /// It copies values that change every step from the host: call it outside a capture
+    /// and outside [`crate::with_cached_layouts`] (whose cache would keep each copy).
+    pub fn advance(&mut self) -> Result<()> {
+        if self.device_scalars.is_none() {
+            return Err(Error::Optim(
+                "advance needs device scalars (use_device_scalars)".into(),
+            ));
+        }
+        let t = (self.steps + 1) as i32;
+        let host: Vec<f64> = self
+            .groups
+            .iter()
+            .flat_map(|g| {
+                let a = self.kind.args(self.lr * g.lr_scale, 0.0, 1.0, t, false);
+                [a.lr, a.bc1, a.bc2]
+            })
+            .collect();
+        let host = Tensor::from_vec(host, (self.groups.len(), 3), &candle_core::Device::Cpu)?;
+        if let Some(ds) = self.device_scalars.as_mut() {
+            ds.values
+                .slice_set(&host.to_device(ds.values.device())?, 0, 0)?;
+            ds.advanced = true;
+        }
+        self.steps += 1;
+        Ok(())
+    }
+
     /// One update of every parameter that has a gradient in `grads`. Returns the global
-    /// gradient norm before clipping when clipping is on (else `None`).
+    /// gradient norm before clipping when clipping is on (else `None`). With device
+    /// scalars ([`Optimizer::use_device_scalars`]) it takes the step [`Optimizer::advance`]
+    /// counted and wrote.
     pub fn step(&mut self, grads: &GradStore) -> Result<Option<f64>> {
+        if self.device_scalars.is_some() {
+            return self.step_with_device_scalars(grads).map(|()| None);
+        }
         let (scale, norm) = match self.clip_norm {
             Some(max) => {
                 let n = self.grad_norm(grads)?;
@@ -369,6 +451,50 @@ impl Optimizer {
             }
         }
         Ok(norm)
+    }
+
+    /// [`Optimizer::step`] with device scalars: the kernels read group `g`'s learning
+    /// rate and bias corrections at the device address of row `g` (on the CPU, `step`
+    /// reads the rows and passes them).
+    fn step_with_device_scalars(&mut self, grads: &GradStore) -> Result<()> {
+        let Some(ds) = self.device_scalars.as_mut() else {
+            return Err(Error::Optim("no device scalars".into()));
+        };
+        if !std::mem::take(&mut ds.advanced) {
+            return Err(Error::Optim(
+                "with device scalars, call advance() before each step".into(),
+            ));
+        }
+        let rows = if ds.address == 0 {
+            Some(ds.values.to_vec2::<f64>()?)
+        } else {
+            None
+        };
+        let t = self.steps as i32;
+        for (gi, (g, slots)) in self.groups.iter().zip(&self.slots).enumerate() {
+            for (vi, (v, s)) in g.vars.iter().zip(slots).enumerate() {
+                let Some(grad) = grads.get(v.as_tensor()) else {
+                    continue;
+                };
+                let (Some(packed), true) = (&s.packed, s.started) else {
+                    return Err(Error::Optim(format!(
+                        "parameter {vi} of group {} has taken no step yet: with device \
+                         scalars every parameter needs one ordinary step first",
+                        g.name
+                    )));
+                };
+                let grad = grad.detach().contiguous()?;
+                let p = v.as_tensor();
+                let mut args = self.kind.args(0.0, g.weight_decay, 1.0, t, false);
+                match &rows {
+                    Some(r) => (args.lr, args.bc1, args.bc2) = (r[gi][0], r[gi][1], r[gi][2]),
+                    None => args.live = ds.address + (gi * 3 * std::mem::size_of::<f64>()) as u64,
+                }
+                packed.inplace_op3(&grad, p, &UpdateState(args))?;
+                p.inplace_op3(&grad, packed, &UpdateParam(args))?;
+            }
+        }
+        Ok(())
     }
 
     /// The optimiser's state as named tensors (`<group>.<index>.{a,b,c}` and `steps`), for
@@ -447,6 +573,16 @@ impl Optimizer {
         }
         Ok(())
     }
+}
+
+/// The device address of a contiguous f64 tensor's first element on CUDA; 0 on the CPU.
+fn device_address(t: &Tensor) -> Result<u64> {
+    #[cfg(feature = "cuda")]
+    if t.device().is_cuda() {
+        return Ok(crate::cuda::device_address_f64(t)?);
+    }
+    let _ = t;
+    Ok(0)
 }
 
 /// How the base learning rate changes over training.
@@ -551,6 +687,103 @@ mod tests {
                 assert!(!t.track_op(), "{kind:?}: {name} records a graph");
             }
         }
+    }
+
+    /// Two groups (different rates and decays) of one optimiser kind, on fresh copies of
+    /// the same starting values.
+    fn two_groups(kind: OptimizerKind) -> (Optimizer, Vec<Var>) {
+        let dev = Device::Cpu;
+        let vars = vec![
+            Var::new(&[1.0f64, -2.0, 0.5], &dev).unwrap(),
+            Var::new(&[[0.3f64, -0.7], [1.1, 0.2]], &dev).unwrap(),
+        ];
+        let opt = Optimizer::new(
+            kind,
+            0.05,
+            vec![
+                ParamGroup::new("a", vec![vars[0].clone()]).weight_decay(0.01),
+                ParamGroup::new("b", vec![vars[1].clone()])
+                    .lr_scale(3.0)
+                    .weight_decay(0.1),
+            ],
+        )
+        .unwrap();
+        (opt, vars)
+    }
+
+    /// A loss whose gradients change from step to step.
+    fn grads_of(vars: &[Var], step: usize) -> GradStore {
+        let k = 1.0 + step as f64;
+        let a = (vars[0].as_tensor().sqr().unwrap() * k)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let b = vars[1].as_tensor().powf(3.0).unwrap().sum_all().unwrap();
+        (a + b).unwrap().backward().unwrap()
+    }
+
+    #[test]
+    fn device_scalars_take_the_same_steps() {
+        // Steps with the learning rate and bias corrections written by `advance` (as a
+        // replayed CUDA graph reads them) equal ordinary steps bit for bit, with the base
+        // rate changed between steps.
+        for kind in [
+            OptimizerKind::adam(),
+            OptimizerKind::adamw(),
+            OptimizerKind::sgd(0.9, true),
+            OptimizerKind::RmsProp {
+                alpha: 0.9,
+                eps: 1e-3,
+                momentum: 0.5,
+                centered: true,
+                tf_style: true,
+            },
+        ] {
+            let (mut plain, pv) = two_groups(kind);
+            let (mut live, lv) = two_groups(kind);
+            for step in 0..5 {
+                let lr = 0.05 * (1.0 + 0.5 * step as f64);
+                plain.set_lr(lr);
+                live.set_lr(lr);
+                plain.step(&grads_of(&pv, step)).unwrap();
+                if step == 1 {
+                    live.use_device_scalars().unwrap();
+                }
+                if step >= 1 {
+                    live.advance().unwrap();
+                }
+                live.step(&grads_of(&lv, step)).unwrap();
+                assert_eq!(plain.steps(), live.steps(), "{kind:?}");
+            }
+            for (p, l) in pv.iter().zip(&lv) {
+                let bits = |v: &Var| {
+                    let v = v
+                        .as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f64>()
+                        .unwrap();
+                    v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(bits(p), bits(l), "{kind:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn device_scalars_refuse_what_a_capture_would_freeze() {
+        let (mut opt, vars) = two_groups(OptimizerKind::adam());
+        assert!(opt.advance().is_err(), "advance without device scalars");
+        opt.use_device_scalars().unwrap();
+        let e = opt.step(&grads_of(&vars, 0)).unwrap_err().to_string();
+        assert!(e.contains("advance"), "{e}");
+        opt.advance().unwrap();
+        // No parameter has a state yet: a capture would allocate it inside the graph.
+        let e = opt.step(&grads_of(&vars, 0)).unwrap_err().to_string();
+        assert!(e.contains("group a") && e.contains("ordinary step"), "{e}");
+        let (opt, _) = two_groups(OptimizerKind::adam());
+        let e = opt.with_clip_norm(1.0).use_device_scalars().unwrap_err();
+        assert!(e.to_string().contains("clipping"), "{e}");
     }
 
     #[test]

@@ -354,7 +354,8 @@ fn cuda_kernels_match_the_cpu_operations() {
             );
         }
 
-        // Three Adam steps with L2 weight decay and a clipping scale.
+        // Three Adam steps with L2 weight decay, the last two reading their scalars from
+        // the `live` address.
         let pv = values(37, 31);
         let var = Var::from_tensor(&tensor(&pv, &[37], dt)).unwrap();
         let mut opt = Optimizer::new(
@@ -375,28 +376,33 @@ fn cuda_kernels_match_the_cpu_operations() {
             h.write("grad", &gv, dt);
             h.write("state", &state, dt);
             let (b1, b2) = (0.9f64, 0.999f64);
-            let args: Vec<String> = ["2", "0", "0", "0", "0"]
+            let (lr, bc1, bc2) = (0.01, 1.0 - b1.powi(t), 1.0 - b2.powi(t));
+            // From step 2 on, the learning rate and bias corrections come from the
+            // `live` address (as in a replayed CUDA graph) and the fields passed by value
+            // are wrong on purpose.
+            let live = t >= 2;
+            let passed = if live {
+                (7.0, 0.5, 0.25)
+            } else {
+                (lr, bc1, bc2)
+            };
+            if live {
+                h.write("live", &[lr, bc1, bc2], DType::F64);
+            }
+            let mut args: Vec<String> = ["2", "0", "0", "0", "0"]
                 .iter()
                 .map(|s| s.to_string())
                 .chain(
                     [
-                        1.0,
-                        0.1,
-                        0.0,
-                        0.01,
-                        0.0,
-                        0.0,
-                        0.0,
-                        1e-8,
-                        b1,
-                        b2,
-                        1.0 - b1.powi(t),
-                        1.0 - b2.powi(t),
+                        1.0, 0.1, 0.0, passed.0, 0.0, 0.0, 0.0, 1e-8, b1, b2, passed.1, passed.2,
                     ]
                     .iter()
                     .map(|v| format!("{v:e}")),
                 )
                 .collect();
+            if live {
+                args.push("live".into());
+            }
             h.run("optim", dt, &args);
             p_k = h.read("p", dt);
             state = h.read("state", dt);

@@ -51,6 +51,7 @@ fn c_scalar(t: &str) -> String {
         "int" | "int32_t" => "i32".into(),
         "int64_t" | "long long" => "i64".into(),
         "uint32_t" | "unsigned" | "unsigned int" => "u32".into(),
+        "uint64_t" => "u64".into(),
         "float" => "f32".into(),
         "double" => "f64".into(),
         "ACC(T)" => "A".into(),

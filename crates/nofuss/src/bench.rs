@@ -46,6 +46,10 @@ pub struct TrainStepBench {
     /// Differentiate the backbone through candle's graph instead of nofuss's tape
     /// ([`nofuss_tensor::tape`]), to compare the two.
     pub graph_backward: bool,
+    /// After the warm-up, capture one step into a CUDA graph ([`nofuss_tensor::graph`],
+    /// the optimiser's per-step scalars on the device) and time `steps` replays of it,
+    /// each followed by reading its loss, instead of eager steps. CUDA only.
+    pub cuda_graph: bool,
 }
 
 impl Default for TrainStepBench {
@@ -63,6 +67,7 @@ impl Default for TrainStepBench {
             cudnn_benchmark: false,
             profile_ops: false,
             graph_backward: false,
+            cuda_graph: false,
         }
     }
 }
@@ -73,6 +78,13 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
     if b.steps == 0 || b.batch_size < 2 || b.classes < 2 {
         return Err(TrainError::Config(
             "bench needs steps >= 1, batch size >= 2 and classes >= 2".into(),
+        ));
+    }
+    if b.cuda_graph && (b.phases || b.profile_ops || b.warmup == 0) {
+        return Err(TrainError::Config(
+            "--cuda-graph times replays of a step captured after at least one warm-up \
+             step; --phases and --profile-ops time eager steps (run them separately)"
+                .into(),
         ));
     }
     let (cfg, description, dev, mut model, x) = setup(
@@ -99,12 +111,16 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         y: &y,
     };
     let mut times = Vec::with_capacity(b.steps);
-    for i in 0..b.steps + b.warmup {
+    let eager = if b.cuda_graph { 0 } else { b.steps };
+    for i in 0..eager + b.warmup {
         let t = Instant::now();
         run.step()?;
         if i >= b.warmup {
             times.push(t.elapsed().as_secs_f64());
         }
+    }
+    if b.cuda_graph {
+        times = run.replays(b.steps)?;
     }
     let med = median(times);
     let mut out = json!({
@@ -114,6 +130,7 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         "precision": b.precision.to_string(),
         "cudnn_algorithms": if b.cudnn_benchmark { "benchmark" } else { "heuristic" },
         "backward": if b.graph_backward { "candle graph" } else { "tape" },
+        "cuda_graph": b.cuda_graph,
         "layout_cache": nofuss_tensor::caches_layouts(&dev),
         "batch": b.batch_size,
         "image_size": size,
@@ -210,6 +227,48 @@ impl Steps<'_> {
             loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             Ok(())
         })
+    }
+}
+
+impl Steps<'_> {
+    /// [`TrainStepBench::cuda_graph`]: the step captured once (after the eager warm-up
+    /// steps, which set up everything a capture cannot make), then `steps` timed replays,
+    /// each followed by reading its loss as [`Steps::step`] does; the seconds of each.
+    fn replays(&mut self, steps: usize) -> Result<Vec<f64>> {
+        use nofuss_tensor::graph::StepGraph;
+        let (dev, model, x, y) = (self.dev, self.model, self.x, self.y);
+        let opt = &mut self.opt;
+        opt.use_device_scalars()?;
+        let loss_out = Tensor::zeros(1, DType::F32, dev)?;
+        let read = |t: &Tensor, replay: usize| -> Result<f32> {
+            let v = t.to_vec1::<f32>()?[0];
+            if !v.is_finite() {
+                let e = format!("replay {replay} of the captured step: loss {v}");
+                return Err(nofuss_tensor::Error::Graph(e).into());
+            }
+            Ok(v)
+        };
+        opt.advance()?;
+        let graph = StepGraph::capture(dev, || -> Result<()> {
+            let pass = model.embedder.forward_train(x)?;
+            let loss = model.loss.loss(&pass.embeddings, y)?;
+            let grads = pass.backward(&loss)?;
+            opt.step(&grads)?;
+            loss_out.slice_set(&loss.to_dtype(DType::F32)?.reshape(1)?, 0, 0)?;
+            Ok(())
+        })?;
+        // The capture ran nothing: the first replay is the step `advance` counted.
+        graph.replay()?;
+        read(&loss_out, 0)?;
+        let mut times = Vec::with_capacity(steps);
+        for i in 1..=steps {
+            let t = Instant::now();
+            opt.advance()?;
+            graph.replay()?;
+            read(&loss_out, i)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        Ok(times)
     }
 }
 
@@ -413,7 +472,10 @@ mod tests {
         assert!(v["images_per_sec"].as_f64().unwrap() > 0.0);
         assert!(v.get("forward_ms").is_none());
         assert_eq!(v["backward"], "tape");
-        assert_eq!(v["layout_cache"], false, "candle caches layouts on CUDA only");
+        assert_eq!(
+            v["layout_cache"], false,
+            "candle caches layouts on CUDA only"
+        );
         let v = train_step(&TrainStepBench {
             batch_size: 4,
             steps: 1,
@@ -483,5 +545,26 @@ mod tests {
             ..Default::default()
         })
         .is_err());
+        // Replays of a captured step: a CUDA graph needs a CUDA device, and eager phases or
+        // profiles do not mix with it.
+        let graph = |phases| {
+            train_step(&TrainStepBench {
+                batch_size: 4,
+                steps: 1,
+                warmup: 1,
+                device: "cpu".into(),
+                cuda_graph: true,
+                phases,
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(
+            graph(false).contains("CUDA graphs need a CUDA device"),
+            "{}",
+            graph(false)
+        );
+        assert!(graph(true).contains("--phases"), "{}", graph(true));
     }
 }

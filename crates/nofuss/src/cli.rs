@@ -152,6 +152,10 @@ pub enum BenchCommand {
         /// (to compare the two).
         #[arg(long)]
         graph_backward: bool,
+        /// Capture one step into a CUDA graph after the warm-up and time its replays
+        /// (one launch per step; CUDA only).
+        #[arg(long)]
+        cuda_graph: bool,
     },
 }
 
@@ -714,6 +718,7 @@ pub fn run(cli: Cli) -> Result<()> {
             cudnn_benchmark,
             profile_ops,
             graph_backward,
+            cuda_graph,
         }) => {
             let b = crate::bench::TrainStepBench {
                 backbone,
@@ -728,6 +733,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 cudnn_benchmark,
                 profile_ops,
                 graph_backward,
+                cuda_graph,
             };
             println!("{}", crate::bench::train_step(&b)?);
             Ok(())

@@ -150,7 +150,7 @@ void bn(char** a) {
 template <typename T>
 void optim(char** a) {
     // kind first nesterov centered tf scale wd_l2 wd_dec lr momentum dampening alpha eps
-    // beta1 beta2 bc1 bc2 ; files p grad state -> p state
+    // beta1 beta2 bc1 bc2 [live] ; files p grad state [live: lr bc1 bc2 as f64] -> p state
     StepArgs s{};
     s.kind = std::atoi(a[0]);
     s.first = std::atoi(a[1]);
@@ -162,6 +162,11 @@ void optim(char** a) {
     auto p = load<T>("p");
     auto grad = load<T>("grad");
     auto st = load<T>("state");
+    std::vector<double> live;
+    if (a[17] && std::string(a[17]) == "live") {
+        live = load<double>("live");
+        s.live = (uint64_t)live.data();
+    }
     int64_t n = p.size();
     EMU1(update_state<T>(st.data(), grad.data(), p.data(), n, s));
     EMU1(update_param<T>(p.data(), grad.data(), st.data(), n, s));

@@ -1,0 +1,180 @@
+//! A training step captured into a CUDA graph and replayed takes the same steps as the
+//! same step run eagerly: a small two-branch network on the tape (cuDNN convolutions,
+//! batch norm with running statistics, pooling, concatenation), a loss in candle's graph
+//! above it, Adam with its per-step scalars on the device. On a GPU
+//! (`NOFUSS_TEST_DEVICE=cuda`, as `xtask/scripts/gpu-check.sh` runs it) both runs are
+//! compared parameter by parameter; on the CPU the capture is refused, which is checked.
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use nofuss_tensor::batch_norm::BatchNorm2d;
+use nofuss_tensor::conv::Conv2d;
+use nofuss_tensor::graph::{graphs_available, StepGraph};
+use nofuss_tensor::optim::{Optimizer, OptimizerKind, ParamGroup};
+use nofuss_tensor::pool::Pool2d;
+use nofuss_tensor::tape::{Layers, Tape};
+use nofuss_tensor::{test_device, SeededVarMap};
+
+type Layer = (Conv2d, BatchNorm2d);
+
+/// A stem and two branches over it, concatenated, max-pooled and average-pooled.
+struct Net {
+    stem: Layer,
+    left: Layer,
+    right: Layer,
+}
+
+impl Net {
+    fn new(vb: &VarBuilder) -> candle_core::Result<Self> {
+        let layer = |name: &str, c_in, c_out, k: usize| -> candle_core::Result<Layer> {
+            let cfg = Conv2dConfig {
+                padding: k / 2,
+                ..Default::default()
+            };
+            Ok((
+                Conv2d::new(c_in, c_out, k, cfg, true, vb.pp(name))?,
+                BatchNorm2d::new(c_out, 1e-5, 0.1, vb.pp(format!("{name}_bn")))?,
+            ))
+        };
+        Ok(Self {
+            stem: layer("stem", 3, 8, 3)?,
+            left: layer("left", 8, 4, 1)?,
+            right: layer("right", 8, 6, 3)?,
+        })
+    }
+
+    fn forward<L: Layers>(&self, l: &mut L, x: &L::Act) -> candle_core::Result<L::Act> {
+        let h = l.conv_bn(x, &self.stem.0, &self.stem.1, true)?;
+        let a = l.conv_bn(&h, &self.left.0, &self.left.1, true)?;
+        let b = l.conv_bn(&h, &self.right.0, &self.right.1, true)?;
+        let y = l.cat(&[a, b])?;
+        let y = l.max_pool(&y, &Pool2d::new(2, 2))?;
+        let same = Pool2d {
+            padding: 1,
+            ..Pool2d::new(3, 1)
+        };
+        l.avg_pool(&y, &same, true)
+    }
+}
+
+/// The network, its variables (sorted by name) and an Adam optimiser over them.
+fn model(dev: &Device) -> (Net, Vec<(String, Var)>, Optimizer) {
+    let params = SeededVarMap::new(7);
+    let net = Net::new(&params.var_builder(DType::F64, dev)).unwrap();
+    let mut vars = params
+        .var_map()
+        .data()
+        .lock()
+        .unwrap()
+        .clone()
+        .into_iter()
+        .collect::<Vec<_>>();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let trained = vars
+        .iter()
+        .filter(|(n, _)| !n.contains("running_"))
+        .map(|(_, v)| v.clone())
+        .collect();
+    let opt = Optimizer::new(
+        OptimizerKind::adam(),
+        1e-2,
+        vec![ParamGroup::new("all", trained).weight_decay(1e-3)],
+    )
+    .unwrap();
+    (net, vars, opt)
+}
+
+/// One training step: forward on a tape, loss in candle's graph, backward, update; the
+/// loss written into `loss_out`.
+fn step(
+    net: &Net,
+    opt: &mut Optimizer,
+    x: &Tensor,
+    loss_out: &Tensor,
+) -> nofuss_tensor::Result<()> {
+    let mut tape = Tape::new();
+    let input = tape.input(x);
+    let out = net.forward(&mut tape, &input)?;
+    let leaf = Var::from_tensor(out.tensor())?;
+    let loss = (leaf.as_tensor() - 0.5)?.sqr()?.mean_all()?;
+    let mut grads = loss.backward()?;
+    if let Some(g) = grads.remove(leaf.as_tensor()) {
+        tape.backward_into(&out, &g, &mut grads)?;
+    }
+    opt.step(&grads)?;
+    loss_out.slice_set(&loss.reshape(1)?, 0, 0)?;
+    Ok(())
+}
+
+fn values(vars: &[(String, Var)]) -> Vec<(String, Vec<f64>)> {
+    vars.iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                v.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn replayed_steps_match_eager_steps() {
+    let dev = test_device().unwrap();
+    let x = Tensor::randn(0f64, 1.0, (4, 3, 12, 12), &Device::Cpu)
+        .unwrap()
+        .to_device(&dev)
+        .unwrap();
+    if !graphs_available(&dev) {
+        let e = StepGraph::capture(&dev, || -> nofuss_tensor::Result<()> { Ok(()) });
+        assert!(e.is_err(), "no graphs on {dev:?}");
+        eprintln!("graph_replay: capture needs a CUDA device (NOFUSS_TEST_DEVICE=cuda); skipped");
+        return;
+    }
+    const STEPS: usize = 4;
+    // Eager: one ordinary step, then steps with the optimiser's scalars on the device.
+    let (net, eager_vars, mut opt) = model(&dev);
+    let loss = Tensor::zeros(1, DType::F64, &dev).unwrap();
+    let mut eager_losses = Vec::new();
+    for i in 0..STEPS {
+        if i == 1 {
+            opt.use_device_scalars().unwrap();
+        }
+        if i >= 1 {
+            opt.advance().unwrap();
+        }
+        step(&net, &mut opt, &x, &loss).unwrap();
+        eager_losses.push(loss.to_vec1::<f64>().unwrap()[0]);
+    }
+    // Captured: the same ordinary first step, then the second step captured and replayed,
+    // the third and fourth replayed (each with its own bias corrections).
+    let (net, graph_vars, mut opt) = model(&dev);
+    let mut graph_losses = Vec::new();
+    step(&net, &mut opt, &x, &loss).unwrap();
+    graph_losses.push(loss.to_vec1::<f64>().unwrap()[0]);
+    opt.use_device_scalars().unwrap();
+    opt.advance().unwrap();
+    let graph = StepGraph::capture(&dev, || step(&net, &mut opt, &x, &loss)).unwrap();
+    for i in 1..STEPS {
+        if i > 1 {
+            opt.advance().unwrap();
+        }
+        graph.replay().unwrap();
+        graph_losses.push(loss.to_vec1::<f64>().unwrap()[0]);
+    }
+    assert_eq!(opt.steps(), STEPS as u64);
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-10 * (1.0 + a.abs().max(b.abs()));
+    for (i, (a, b)) in eager_losses.iter().zip(&graph_losses).enumerate() {
+        assert!(close(*a, *b), "loss of step {i}: eager {a}, replayed {b}");
+    }
+    // The losses moved: the replays did train (a replay of stale scalars or of nothing
+    // would leave the parameters or the losses where they were).
+    assert!(
+        graph_losses.windows(2).all(|w| w[0] != w[1]),
+        "{graph_losses:?}"
+    );
+    for ((name, a), (_, b)) in values(&eager_vars).iter().zip(values(&graph_vars)) {
+        for (j, (p, q)) in a.iter().zip(&b).enumerate() {
+            assert!(close(*p, *q), "{name}[{j}]: eager {p}, replayed {q}");
+        }
+    }
+}
