@@ -53,6 +53,15 @@ for n in 32 128; do
   NOFUSS_CUDA_LAYOUT_CACHE=0 limited 120 .gpu/nofuss bench train-step --backbone bn-inception --batch-size $n --steps 5 --device cuda --phases >> "$P" 2>> "$OUT/errors.txt"
   limited 120 $PY crates/nofuss/benches/torch_train_step.py $n 5 --backbone bn-inception --device cuda --classes 100 --phases >> "$P" 2>> "$OUT/errors.txt"
 done
+# The trainer on the default dataset, its steps eager and then replayed from a CUDA graph
+# (same seed): the metrics should agree, the time say what replaying buys a real run.
+# Into parity.txt: at most 8 files come back.
+T="$OUT/parity.txt"
+for how in "" --cuda-graph; do
+  echo "=== nofuss train --device cuda --epochs 3 $how" >> "$T"
+  ( time limited 150 .gpu/nofuss train --device cuda --epochs 3 --quiet --out-dir /tmp/gpu-runs $how ) >> "$T" 2>&1
+  echo "rc=$?" >> "$T"
+done
 # SOP-scale evaluation: 60,502 synthetic 64-d embeddings in 11,316 classes, exact kNN and
 # Recall@{1,10,100,1000} on the GPU, nofuss-eval then PyTorch (matmul + topk).
 K="$(mktemp -d)"
@@ -104,7 +113,7 @@ for r in phases:
         name += " (no layout cache)"
     print(f"| {name} | {r.get('batch')} | {cell('forward')} | {cell('backward')} | {cell('optimizer')} |")
 PYEOF
-cat "$OUT/summary.md"; grep -h "test result\|rc=" "$OUT/parity.txt"
+cat "$OUT/summary.md"; grep -h "test result\|rc=\|=== nofuss train\|Recall@1\|^real" "$OUT/parity.txt"
 if [ "$PROFILE" = 1 ]; then
   GPU_CHECK_SECONDS=$((DEADLINE - SECONDS)) "$(dirname "$0")/gpu-profile.sh" > /dev/null
   echo "profile: $OUT/profile.md ($(grep -c '^## ' "$OUT/profile.md" 2>/dev/null || echo 0) runs)"

@@ -1255,7 +1255,7 @@ unsafe impl DeviceRepr for crate::fused_step::StepArgs {}
 /// The device address of the first element of `t`, a contiguous f64 tensor on CUDA.
 /// It stays valid while `t`'s storage lives (candle never moves a buffer).
 pub(crate) fn device_address_f64(t: &candle_core::Tensor) -> Result<u64> {
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceSlice};
     let (storage, layout) = t.storage_and_layout();
     let (candle_core::Storage::Cuda(s), Some((a, b))) = (&*storage, layout.contiguous_offsets())
     else {

@@ -373,6 +373,12 @@ impl Optimizer {
         Ok(())
     }
 
+    /// Whether the update kernels read their per-step scalars from the device
+    /// ([`Optimizer::use_device_scalars`]).
+    pub fn uses_device_scalars(&self) -> bool {
+        self.device_scalars.is_some()
+    }
+
     /// With [`Optimizer::use_device_scalars`]: counts the next step and writes its
     /// scalars (each group's learning rate at the current base rate, the bias
     /// corrections) to the device, for the [`Optimizer::step`] or replay that follows.

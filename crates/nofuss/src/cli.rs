@@ -341,6 +341,10 @@ pub struct TrainArgs {
     /// cudnn.benchmark; a slower first step) instead of its heuristic's pick.
     #[arg(long)]
     pub cudnn_benchmark: bool,
+    /// On CUDA, capture the training step into a CUDA graph after the first step and
+    /// replay it for every full batch (static proxy losses, no clipping).
+    #[arg(long)]
+    pub cuda_graph: bool,
     /// Parent folder of run directories.
     #[arg(long, value_name = "DIR")]
     pub out_dir: Option<PathBuf>,
@@ -622,6 +626,9 @@ impl TrainArgs {
         if self.cudnn_benchmark {
             c.cudnn_benchmark = true;
         }
+        if self.cuda_graph {
+            c.cuda_graph = true;
+        }
         set!(c.run.out_dir, self.out_dir);
         if self.name.is_some() {
             c.run.name = self.name.clone();
@@ -823,6 +830,10 @@ mod tests {
         // It reaches the run's config.toml and reads back.
         let back: TrainConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
         assert!(back.cudnn_benchmark);
+        assert!(!c.cuda_graph);
+        let c = parse(&["train", "--cuda-graph"]).resolve().unwrap();
+        let back: TrainConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
+        assert!(c.cuda_graph && back.cuda_graph);
     }
 
     #[test]

@@ -289,6 +289,11 @@ pub struct TrainConfig {
     /// On CUDA, choose each convolution shape's cuDNN algorithm by timing them all once
     /// (PyTorch's `cudnn.benchmark`) instead of taking cuDNN's heuristic pick.
     pub cudnn_benchmark: bool,
+    /// On CUDA, capture the training step into a CUDA graph after the run's first step
+    /// and replay it for every full batch: one launch per step instead of a few thousand
+    /// (`nofuss_tensor::graph`). Static proxy losses only (no selection on the host), no
+    /// gradient clipping.
+    pub cuda_graph: bool,
     /// Data.
     pub data: DataConfig,
     /// Model.
@@ -309,6 +314,7 @@ impl Default for TrainConfig {
             seed: 0,
             device: "auto".into(),
             cudnn_benchmark: false,
+            cuda_graph: false,
             data: DataConfig::default(),
             model: ModelConfig::default(),
             loss: LossConfig::default(),
@@ -373,6 +379,25 @@ impl TrainConfig {
                 "reseeding unused proxies applies to dynamic assignment (--assignment dynamic)"
                     .into(),
             );
+        }
+        if self.cuda_graph {
+            let spec = self.loss.spec()?;
+            if spec.selects_on_host() {
+                return bad(format!(
+                    "cuda_graph replays a captured step, which cannot read the batch on the \
+                     host as {} with these settings does (dynamic assignment, hardest \
+                     negatives and the in-batch baselines pick on the host); use a static \
+                     proxy loss or turn cuda_graph off",
+                    spec.name()
+                ));
+            }
+            if self.optim.clip_norm.is_some() {
+                return bad(
+                    "cuda_graph cannot clip gradients (clip_norm reads the gradient norm on \
+                     the host at every step)"
+                        .into(),
+                );
+            }
         }
         if self.loss.proxy_triplet.hardest_negatives.is_some() && self.loss.name != "proxy-triplet"
         {
@@ -486,6 +511,40 @@ mod tests {
             }
         }
         assert!(TrainConfig::preset("imagenet").is_err());
+    }
+
+    #[test]
+    fn cuda_graph_refuses_what_a_replayed_step_cannot_do() {
+        let with = |f: &dyn Fn(&mut TrainConfig)| {
+            let mut c = TrainConfig {
+                cuda_graph: true,
+                ..Default::default()
+            };
+            f(&mut c);
+            c.check()
+        };
+        with(&|_| {}).unwrap(); // static Proxy-NCA
+        with(&|c| c.loss.name = "proxy-triplet".into()).unwrap();
+        for (what, f) in [
+            (
+                "dynamic",
+                &(|c: &mut TrainConfig| {
+                    c.loss.proxy_nca.assignment = nofuss_losses::Assignment::Dynamic;
+                }) as &dyn Fn(&mut TrainConfig),
+            ),
+            ("hardest", &|c: &mut TrainConfig| {
+                c.loss.name = "proxy-triplet".into();
+                c.loss.proxy_triplet.hardest_negatives = Some(3);
+            }),
+            ("triplet", &|c: &mut TrainConfig| {
+                c.loss.name = "triplet".into()
+            }),
+            ("nca", &|c: &mut TrainConfig| c.loss.name = "nca".into()),
+            ("clip", &|c: &mut TrainConfig| c.optim.clip_norm = Some(1.0)),
+        ] {
+            let e = with(f).unwrap_err().to_string();
+            assert!(e.contains("cuda_graph"), "{what}: {e}");
+        }
     }
 
     #[test]

@@ -56,6 +56,20 @@ pub enum TrainError {
         /// Epochs finished (and saved) before the failure.
         finished: usize,
     },
+    /// A training step replayed from a CUDA graph (`cuda_graph`) failed, or its capture.
+    #[error("epoch {epoch}, step {step}: the CUDA graph of the training step failed: {reason}; stopped. {finished} finished epoch(s) are kept in {run_dir}: set cuda_graph = false in its config.toml and resume it (--resume) to go on without CUDA graphs")]
+    Replay {
+        /// 1-based epoch.
+        epoch: usize,
+        /// 1-based step within the epoch.
+        step: usize,
+        /// What failed.
+        reason: String,
+        /// Where finished work is.
+        run_dir: PathBuf,
+        /// Epochs finished (and saved) before the failure.
+        finished: usize,
+    },
     /// File output.
     #[error("{path}: {source}")]
     Io {

@@ -433,6 +433,81 @@ impl Model {
     }
 }
 
+/// The trainer's replayed steps (`cuda_graph`). The run's first step (in this process)
+/// runs eagerly, with the optimiser as usual; then the optimiser takes its per-step
+/// scalars from the device, the first full batch is copied into buffers of its own and
+/// its step captured into a CUDA graph, and every later full batch is copied into those
+/// buffers and the graph replayed. A partial batch (the end of an epoch) runs eagerly.
+#[derive(Default)]
+struct Replay {
+    captured: Option<Captured>,
+}
+
+/// A captured training step and the buffers it reads and writes.
+struct Captured {
+    graph: nofuss_tensor::graph::StepGraph,
+    images: Tensor,
+    labels: Tensor,
+    loss: Tensor,
+}
+
+impl Replay {
+    /// Whether the batch of `batch_len` images is replayed (or captured): a full batch,
+    /// once the optimiser takes its scalars from the device.
+    fn ready(&self, opt: &Optimizer, batch_len: usize, cfg: &TrainConfig) -> bool {
+        opt.uses_device_scalars() && batch_len == cfg.optim.batch_size
+    }
+
+    /// After an eager step: the first turns the optimiser's device scalars on.
+    fn after_eager_step(&mut self, opt: &mut Optimizer) -> Result<()> {
+        if !opt.uses_device_scalars() && opt.steps() > 0 {
+            opt.use_device_scalars()?;
+        }
+        Ok(())
+    }
+
+    /// One full batch's step at learning rate `lr`: copied into the captured step's
+    /// buffers and replayed (captured first, if not yet). Returns a copy of its loss,
+    /// read later.
+    fn step(
+        &mut self,
+        model: &Model,
+        opt: &mut Optimizer,
+        (images, labels): (&Tensor, &Tensor),
+        lr: f64,
+    ) -> Result<Tensor> {
+        opt.set_lr(lr);
+        if let Some(c) = &self.captured {
+            c.images.slice_set(images, 0, 0)?;
+            c.labels.slice_set(labels, 0, 0)?;
+            opt.advance()?;
+            c.graph.replay()?;
+            return Ok(c.loss.copy()?);
+        }
+        let (images, labels) = (images.copy()?, labels.copy()?);
+        let loss_out = Tensor::zeros(1, DType::F32, images.device())?;
+        opt.advance()?;
+        let graph = nofuss_tensor::graph::StepGraph::capture(images.device(), || -> Result<()> {
+            let pass = model.embedder.forward_train(&images)?;
+            let loss = model.loss.loss(&pass.embeddings, &labels)?;
+            let grads = pass.backward(&loss)?;
+            opt.step(&grads)?;
+            loss_out.slice_set(&loss.to_dtype(DType::F32)?.reshape(1)?, 0, 0)?;
+            Ok(())
+        })?;
+        // The capture ran nothing: its first replay is this step.
+        graph.replay()?;
+        let loss = loss_out.copy()?;
+        self.captured = Some(Captured {
+            graph,
+            images,
+            labels,
+            loss: loss_out,
+        });
+        Ok(loss)
+    }
+}
+
 /// What one training step did.
 enum StepOutcome {
     /// Updated the model; the step's loss (not yet read).
@@ -671,6 +746,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     let picked = cfg.device.parse::<DeviceSpec>()?.select()?;
     let device = picked.device.clone();
     say(opts, format!("device: {}", picked.description));
+    if cfg.cuda_graph && !nofuss_tensor::graph::graphs_available(&device) {
+        return Err(TrainError::Config(format!(
+            "cuda_graph replays training steps on a CUDA device (a build with --features \
+             cuda and a GPU); this run is on {}",
+            picked.description
+        )));
+    }
 
     let PreparedData {
         train_set,
@@ -719,6 +801,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         model.proxies_at_class_means(&train_bank, &train_set.labels, &device)?;
     }
     let mut opt = model.optimizer(&cfg.optim)?;
+    let mut replay = cfg.cuda_graph.then(Replay::default);
     let dynamic = model.loss.spec().assignment() == nofuss_losses::Assignment::Dynamic;
     let mut reseeder = match (model.loss.proxies(), cfg.loss.reseed_unused_after) {
         (Some(p), after) if dynamic && after > 0 => {
@@ -867,45 +950,67 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         for (i, batch) in batches.enumerate() {
             let step = i + 1;
             let (batch_images, batch_labels, batch_len) = batch?;
+            let lr = cfg.optim.schedule.factor(epoch - 1)
+                * warmup_factor(opt.steps(), cfg.optim.warmup_steps);
+            // `cuda_graph`: every full batch after the run's first step is a replay.
+            let replayed = replay.as_mut().filter(|r| r.ready(&opt, batch_len, cfg));
             // The step's operations run on rayon's pool (CPU): see `on_pool`. The next
             // batch is waited for outside it.
-            let outcome = nofuss_tensor::on_pool(&device, || -> Result<StepOutcome> {
-                // On a GPU, candle's layout uploads are cached (`with_cached_layouts`),
-                // except around a loss that uploads what it picks from each batch.
-                use nofuss_tensor::with_cached_layouts as cached;
-                let pass = cached(&device, || model.embedder.forward_train(&batch_images))?;
-                let emb = pass.embeddings.clone();
-                let reseed = |r: &mut Option<ProxyReseeder>| -> Result<()> {
-                    if let (Some(r), Some(v)) = (r.as_mut(), proxy_var.as_ref()) {
-                        r.step(&emb, v, global_step(epoch, num_batches, step))?;
+            let outcome = if let Some(r) = replayed {
+                let loss = r
+                    .step(&model, &mut opt, (&batch_images, &batch_labels), lr)
+                    .map_err(|e| TrainError::Replay {
+                        epoch,
+                        step,
+                        reason: e.to_string(),
+                        run_dir: dir.clone(),
+                        finished: epoch - 1,
+                    })?;
+                StepOutcome::Trained(loss)
+            } else {
+                nofuss_tensor::on_pool(&device, || -> Result<StepOutcome> {
+                    // On a GPU, candle's layout uploads are cached (`with_cached_layouts`),
+                    // except around a loss that uploads what it picks from each batch.
+                    use nofuss_tensor::with_cached_layouts as cached;
+                    let pass = cached(&device, || model.embedder.forward_train(&batch_images))?;
+                    let emb = pass.embeddings.clone();
+                    let reseed = |r: &mut Option<ProxyReseeder>| -> Result<()> {
+                        if let (Some(r), Some(v)) = (r.as_mut(), proxy_var.as_ref()) {
+                            r.step(&emb, v, global_step(epoch, num_batches, step))?;
+                        }
+                        Ok(())
+                    };
+                    let loss = if model.loss.spec().selects_on_host() {
+                        model.loss.loss(&emb, &batch_labels)
+                    } else {
+                        cached(&device, || model.loss.loss(&emb, &batch_labels))
+                    };
+                    let loss = match loss {
+                        Ok(l) => l,
+                        Err(LossError::NonFinite(_)) => return Ok(StepOutcome::NonFinite),
+                        // A batch without a usable pair or negative teaches nothing: skip the
+                        // step (counted in the metrics) rather than end the run.
+                        Err(LossError::NoPairs(reason)) => {
+                            reseed(&mut reseeder)?;
+                            return Ok(StepOutcome::Skipped(reason));
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    let grads = cached(&device, || pass.backward(&loss))?;
+                    opt.set_lr(lr);
+                    if opt.uses_device_scalars() {
+                        opt.advance()?; // `cuda_graph`: a partial batch, eagerly
                     }
-                    Ok(())
-                };
-                let loss = if model.loss.spec().selects_on_host() {
-                    model.loss.loss(&emb, &batch_labels)
-                } else {
-                    cached(&device, || model.loss.loss(&emb, &batch_labels))
-                };
-                let loss = match loss {
-                    Ok(l) => l,
-                    Err(LossError::NonFinite(_)) => return Ok(StepOutcome::NonFinite),
-                    // A batch without a usable pair or negative teaches nothing: skip the
-                    // step (counted in the metrics) rather than end the run.
-                    Err(LossError::NoPairs(reason)) => {
-                        reseed(&mut reseeder)?;
-                        return Ok(StepOutcome::Skipped(reason));
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                let grads = cached(&device, || pass.backward(&loss))?;
-                opt.set_lr(
-                    cfg.optim.schedule.factor(epoch - 1)
-                        * warmup_factor(opt.steps(), cfg.optim.warmup_steps),
-                );
-                cached(&device, || opt.step(&grads))?;
-                reseed(&mut reseeder)?;
-                Ok(StepOutcome::Trained(loss))
-            })?;
+                    cached(&device, || opt.step(&grads))?;
+                    reseed(&mut reseeder)?;
+                    Ok(StepOutcome::Trained(loss))
+                })?
+            };
+            if let Some(r) = replay.as_mut() {
+                // After the run's first step every parameter has its optimiser state:
+                // from now on the optimiser takes its per-step scalars from the device.
+                r.after_eager_step(&mut opt)?;
+            }
             let loss = match outcome {
                 StepOutcome::Trained(loss) => loss,
                 StepOutcome::NonFinite => return Err(non_finite((step, f32::NAN), &dir)),

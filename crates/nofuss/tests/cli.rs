@@ -246,6 +246,21 @@ fn unknown_options_and_bad_values_fail_cleanly() {
     let out = nofuss(&["train", "--batch-size", "1", "--quiet"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("batch_size"));
+    // CUDA graphs need a CUDA device: refused before any data or run directory is made.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_run(
+        tmp.path(),
+        "graph",
+        "0",
+        &["--cuda-graph", "--device", "cpu"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cuda_graph replays"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!tmp.path().join("runs").exists() && !tmp.path().join("glyphs").exists());
     let out = nofuss(&["train", "--help"]);
     assert!(out.status.success());
     for flag in [
