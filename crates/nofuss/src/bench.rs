@@ -235,7 +235,6 @@ impl Steps<'_> {
     /// steps, which set up everything a capture cannot make), then `steps` timed replays,
     /// each followed by reading its loss as [`Steps::step`] does; the seconds of each.
     fn replays(&mut self, steps: usize) -> Result<Vec<f64>> {
-        use nofuss_tensor::graph::StepGraph;
         let (dev, model, x, y) = (self.dev, self.model, self.x, self.y);
         let opt = &mut self.opt;
         opt.use_device_scalars()?;
@@ -249,14 +248,7 @@ impl Steps<'_> {
             Ok(v)
         };
         opt.advance()?;
-        let graph = StepGraph::capture(dev, || -> Result<()> {
-            let pass = model.embedder.forward_train(x)?;
-            let loss = model.loss.loss(&pass.embeddings, y)?;
-            let grads = pass.backward(&loss)?;
-            opt.step(&grads)?;
-            loss_out.slice_set(&loss.to_dtype(DType::F32)?.reshape(1)?, 0, 0)?;
-            Ok(())
-        })?;
+        let graph = crate::train::capture_step(model, opt, (x, y), &loss_out)?;
         // The capture ran nothing: the first replay is the step `advance` counted.
         graph.replay()?;
         read(&loss_out, 0)?;

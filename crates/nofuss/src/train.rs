@@ -487,14 +487,7 @@ impl Replay {
         let (images, labels) = (images.copy()?, labels.copy()?);
         let loss_out = Tensor::zeros(1, DType::F32, images.device())?;
         opt.advance()?;
-        let graph = nofuss_tensor::graph::StepGraph::capture(images.device(), || -> Result<()> {
-            let pass = model.embedder.forward_train(&images)?;
-            let loss = model.loss.loss(&pass.embeddings, &labels)?;
-            let grads = pass.backward(&loss)?;
-            opt.step(&grads)?;
-            loss_out.slice_set(&loss.to_dtype(DType::F32)?.reshape(1)?, 0, 0)?;
-            Ok(())
-        })?;
+        let graph = capture_step(model, opt, (&images, &labels), &loss_out)?;
         // The capture ran nothing: its first replay is this step.
         graph.replay()?;
         let loss = loss_out.copy()?;
@@ -506,6 +499,26 @@ impl Replay {
         });
         Ok(loss)
     }
+}
+
+/// Captures a training step of `model` on `images` and `labels` into a CUDA graph:
+/// forward on the tape, loss, backward, `opt`'s step (its device scalars on and
+/// [`Optimizer::advance`] called), the loss written into `loss_out` (`[1]`, f32). The
+/// inputs and `loss_out` must outlive the graph; nothing runs until its first replay.
+pub(crate) fn capture_step(
+    model: &Model,
+    opt: &mut Optimizer,
+    (images, labels): (&Tensor, &Tensor),
+    loss_out: &Tensor,
+) -> Result<nofuss_tensor::graph::StepGraph> {
+    nofuss_tensor::graph::StepGraph::capture(images.device(), || -> Result<()> {
+        let pass = model.embedder.forward_train(images)?;
+        let loss = model.loss.loss(&pass.embeddings, labels)?;
+        let grads = pass.backward(&loss)?;
+        opt.step(&grads)?;
+        loss_out.slice_set(&loss.to_dtype(DType::F32)?.reshape(1)?, 0, 0)?;
+        Ok(())
+    })
 }
 
 /// What one training step did.
