@@ -19,8 +19,9 @@ limited() {
   [ "$t" -gt "$left" ] && t=$left
   timeout "$t" "$@"
 }
-for f in nofuss ops_parity optim_parity bn_inception_parity reference_parity knn_bench; do
-  [ -f ".gpu/$f.xz" ] || continue
+for x in .gpu/*.xz; do
+  [ -f "$x" ] || continue
+  f="$(basename "$x" .xz)"
   [ ".gpu/$f" -nt ".gpu/$f.xz" ] && continue  # unpacked already
   if command -v xz >/dev/null; then xz -d -k -f ".gpu/$f.xz"
   else $PY -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' ".gpu/$f.xz" ".gpu/$f"
