@@ -438,8 +438,9 @@ impl Model {
 /// scalars from the device, the first full batch is copied into buffers of its own and
 /// its step captured into a CUDA graph, and every later full batch is copied into those
 /// buffers and the graph replayed. A partial batch (the end of an epoch) runs eagerly.
-#[derive(Default)]
 struct Replay {
+    /// The batch size of the captured step.
+    batch: usize,
     captured: Option<Captured>,
 }
 
@@ -454,8 +455,8 @@ struct Captured {
 impl Replay {
     /// Whether the batch of `batch_len` images is replayed (or captured): a full batch,
     /// once the optimiser takes its scalars from the device.
-    fn ready(&self, opt: &Optimizer, batch_len: usize, cfg: &TrainConfig) -> bool {
-        opt.uses_device_scalars() && batch_len == cfg.optim.batch_size
+    fn ready(&self, opt: &Optimizer, batch_len: usize) -> bool {
+        opt.uses_device_scalars() && batch_len == self.batch
     }
 
     /// After an eager step: the first turns the optimiser's device scalars on.
@@ -814,7 +815,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         model.proxies_at_class_means(&train_bank, &train_set.labels, &device)?;
     }
     let mut opt = model.optimizer(&cfg.optim)?;
-    let mut replay = cfg.cuda_graph.then(Replay::default);
+    let mut replay = cfg.cuda_graph.then(|| Replay {
+        batch: cfg.optim.batch_size,
+        captured: None,
+    });
     let dynamic = model.loss.spec().assignment() == nofuss_losses::Assignment::Dynamic;
     let mut reseeder = match (model.loss.proxies(), cfg.loss.reseed_unused_after) {
         (Some(p), after) if dynamic && after > 0 => {
@@ -966,7 +970,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             let lr = cfg.optim.schedule.factor(epoch - 1)
                 * warmup_factor(opt.steps(), cfg.optim.warmup_steps);
             // `cuda_graph`: every full batch after the run's first step is a replay.
-            let replayed = replay.as_mut().filter(|r| r.ready(&opt, batch_len, cfg));
+            let replayed = replay.as_mut().filter(|r| r.ready(&opt, batch_len));
             // The step's operations run on rayon's pool (CPU): see `on_pool`. The next
             // batch is waited for outside it.
             let outcome = if let Some(r) = replayed {
