@@ -138,7 +138,11 @@ pub fn append_metrics(dir: &Path, line: &serde_json::Value) -> Result<()> {
         .append(true)
         .open(&path)
         .map_err(|e| TrainError::io(&path, e))?;
-    writeln!(f, "{line}").map_err(|e| TrainError::io(&path, e))?;
+    // One write of the whole line: formatted straight into the file, a JSON value goes
+    // out a token per system call, and a reader (or a kill) could meet half a line.
+    let text = format!("{line}\n");
+    f.write_all(text.as_bytes())
+        .map_err(|e| TrainError::io(&path, e))?;
     f.sync_data().map_err(|e| TrainError::io(&path, e))
 }
 

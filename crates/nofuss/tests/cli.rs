@@ -1002,8 +1002,9 @@ fn train_and_kill(tmp: &Path, name: &str, lines: usize) {
     let metrics = runs.join(name).join("metrics.jsonl");
     let t0 = std::time::Instant::now();
     loop {
+        // Whole lines only: a line is finished once its newline is written.
         let n = std::fs::read_to_string(&metrics)
-            .map(|t| t.lines().count())
+            .map(|t| t.matches('\n').count())
             .unwrap_or(0);
         if n >= lines || t0.elapsed().as_secs() > 300 {
             break;
