@@ -142,7 +142,7 @@ pub fn on_pool<T: Send>(device: &Device, f: impl FnOnce() -> T + Send) -> T {
 pub fn with_cached_layouts<T>(device: &Device, f: impl FnOnce() -> T) -> T {
     #[cfg(feature = "cuda")]
     let _cache = match device {
-        Device::Cuda(d) if layout_cache_wanted() => Some(d.enable_cuda_graph_htod_cache()),
+        Device::Cuda(d) if caches_layouts(device) => Some(d.enable_cuda_graph_htod_cache()),
         _ => None,
     };
     #[cfg(not(feature = "cuda"))]

@@ -414,30 +414,54 @@ impl Optimizer {
     /// scalars ([`Optimizer::use_device_scalars`]) it takes the step [`Optimizer::advance`]
     /// counted and wrote.
     pub fn step(&mut self, grads: &GradStore) -> Result<Option<f64>> {
-        if self.device_scalars.is_some() {
-            return self.step_with_device_scalars(grads).map(|()| None);
-        }
-        let (scale, norm) = match self.clip_norm {
-            Some(max) => {
-                let n = self.grad_norm(grads)?;
-                if !n.is_finite() {
-                    return Err(Error::Optim(format!(
-                        "gradient norm is {n} at step {}",
-                        self.steps + 1
-                    )));
+        let (scale, norm, live) = match self.device_scalars.as_mut() {
+            // The step `advance` counted: each group's row of scalars, read here on the
+            // CPU, at its device address on CUDA.
+            Some(ds) => {
+                if !std::mem::take(&mut ds.advanced) {
+                    return Err(Error::Optim(
+                        "with device scalars, call advance() before each step".into(),
+                    ));
                 }
-                ((max / (n + 1e-6)).min(1.0), Some(n))
+                let live = if ds.address == 0 {
+                    Live::Rows(ds.values.to_vec2::<f64>()?)
+                } else {
+                    Live::At(ds.address)
+                };
+                (1.0, None, Some(live))
             }
-            None => (1.0, None),
+            None => {
+                let (scale, norm) = match self.clip_norm {
+                    Some(max) => {
+                        let n = self.grad_norm(grads)?;
+                        if !n.is_finite() {
+                            return Err(Error::Optim(format!(
+                                "gradient norm is {n} at step {}",
+                                self.steps + 1
+                            )));
+                        }
+                        ((max / (n + 1e-6)).min(1.0), Some(n))
+                    }
+                    None => (1.0, None),
+                };
+                self.steps += 1;
+                (scale, norm, None)
+            }
         };
-        self.steps += 1;
         let t = self.steps as i32;
-        for (g, slots) in self.groups.iter().zip(&mut self.slots) {
+        for (gi, (g, slots)) in self.groups.iter().zip(&mut self.slots).enumerate() {
             let lr = self.lr * g.lr_scale;
-            for (v, s) in g.vars.iter().zip(slots.iter_mut()) {
+            for (vi, (v, s)) in g.vars.iter().zip(slots.iter_mut()).enumerate() {
                 let Some(grad) = grads.get(v.as_tensor()) else {
                     continue;
                 };
+                if live.is_some() && !(s.started && s.packed.is_some()) {
+                    return Err(Error::Optim(format!(
+                        "parameter {vi} of group {} has taken no step yet: with device \
+                         scalars every parameter needs one ordinary step first",
+                        g.name
+                    )));
+                }
                 // Detached and in place: the update and the state it leaves record no
                 // computation graph.
                 let grad = grad.detach().contiguous()?;
@@ -450,57 +474,20 @@ impl Optimizer {
                         t
                     }
                 };
-                let args = self.kind.args(lr, g.weight_decay, scale, t, !s.started);
+                let mut args = self.kind.args(lr, g.weight_decay, scale, t, !s.started);
+                match &live {
+                    None => {}
+                    Some(Live::Rows(r)) => {
+                        (args.lr, args.bc1, args.bc2) = (r[gi][0], r[gi][1], r[gi][2]);
+                    }
+                    Some(Live::At(a)) => args.live = a + (gi * 3 * size_of::<f64>()) as u64,
+                }
                 packed.inplace_op3(&grad, p, &UpdateState(args))?;
                 p.inplace_op3(&grad, &packed, &UpdateParam(args))?;
                 s.started = true;
             }
         }
         Ok(norm)
-    }
-
-    /// [`Optimizer::step`] with device scalars: the kernels read group `g`'s learning
-    /// rate and bias corrections at the device address of row `g` (on the CPU, `step`
-    /// reads the rows and passes them).
-    fn step_with_device_scalars(&mut self, grads: &GradStore) -> Result<()> {
-        let Some(ds) = self.device_scalars.as_mut() else {
-            return Err(Error::Optim("no device scalars".into()));
-        };
-        if !std::mem::take(&mut ds.advanced) {
-            return Err(Error::Optim(
-                "with device scalars, call advance() before each step".into(),
-            ));
-        }
-        let rows = if ds.address == 0 {
-            Some(ds.values.to_vec2::<f64>()?)
-        } else {
-            None
-        };
-        let t = self.steps as i32;
-        for (gi, (g, slots)) in self.groups.iter().zip(&self.slots).enumerate() {
-            for (vi, (v, s)) in g.vars.iter().zip(slots).enumerate() {
-                let Some(grad) = grads.get(v.as_tensor()) else {
-                    continue;
-                };
-                let (Some(packed), true) = (&s.packed, s.started) else {
-                    return Err(Error::Optim(format!(
-                        "parameter {vi} of group {} has taken no step yet: with device \
-                         scalars every parameter needs one ordinary step first",
-                        g.name
-                    )));
-                };
-                let grad = grad.detach().contiguous()?;
-                let p = v.as_tensor();
-                let mut args = self.kind.args(0.0, g.weight_decay, 1.0, t, false);
-                match &rows {
-                    Some(r) => (args.lr, args.bc1, args.bc2) = (r[gi][0], r[gi][1], r[gi][2]),
-                    None => args.live = ds.address + (gi * 3 * std::mem::size_of::<f64>()) as u64,
-                }
-                packed.inplace_op3(&grad, p, &UpdateState(args))?;
-                p.inplace_op3(&grad, packed, &UpdateParam(args))?;
-            }
-        }
-        Ok(())
     }
 
     /// The optimiser's state as named tensors (`<group>.<index>.{a,b,c}` and `steps`), for
@@ -579,6 +566,13 @@ impl Optimizer {
         }
         Ok(())
     }
+}
+
+/// Where one step's device scalars come from: the rows read to the host (CPU), or the
+/// device address of row 0 (CUDA; the kernels read row `g` themselves).
+enum Live {
+    Rows(Vec<Vec<f64>>),
+    At(u64),
 }
 
 /// The device address of a contiguous f64 tensor's first element on CUDA; 0 on the CPU.
