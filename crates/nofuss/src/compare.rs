@@ -23,6 +23,9 @@ pub struct LossCurve {
     pub run_dir: PathBuf,
     /// The error that stopped the run, if any (its finished epochs are kept).
     pub stopped: Option<String>,
+    /// Whether its steps were replayed from a CUDA graph (`cuda_graph`). With
+    /// `cuda_graph` on, a loss that picks from each batch on the host runs eagerly.
+    pub cuda_graph: bool,
 }
 
 impl LossCurve {
@@ -59,7 +62,10 @@ pub struct Comparison {
 
 /// Trains `base` once per loss in `losses` (each run in `<out_dir>/<name>/<loss>`) and
 /// compares them. A loss whose run stops early (a non-finite loss, nothing to learn) is
-/// reported with the epochs it finished; the other losses still run.
+/// reported with the epochs it finished; the other losses still run. With `cuda_graph`
+/// on, the losses a replayed step cannot run (those that pick from each batch on the
+/// host: the triplet and NCA baselines, dynamic assignment, hardest negatives) run
+/// eagerly, and the report says so beside their times.
 pub fn compare(base: &TrainConfig, losses: &[String], opts: &TrainOptions) -> Result<Comparison> {
     if losses.is_empty() {
         return Err(TrainError::Config("compare needs at least one loss".into()));
@@ -73,11 +79,7 @@ pub fn compare(base: &TrainConfig, losses: &[String], opts: &TrainOptions) -> Re
     std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
     let mut curves = Vec::new();
     for loss in losses {
-        let mut cfg = base.clone();
-        cfg.loss.name = loss.clone();
-        cfg.run.out_dir = dir.clone();
-        cfg.run.name = Some(loss.clone());
-        cfg.check()?;
+        let cfg = run_config(base, loss, &dir)?;
         if opts.verbose {
             println!("== {loss} ==");
         }
@@ -95,6 +97,7 @@ pub fn compare(base: &TrainConfig, losses: &[String], opts: &TrainOptions) -> Re
             points,
             run_dir: run,
             stopped,
+            cuda_graph: cfg.cuda_graph,
         });
     }
     let report = report(&curves, base);
@@ -105,6 +108,20 @@ pub fn compare(base: &TrainConfig, losses: &[String], opts: &TrainOptions) -> Re
         dir,
         report,
     })
+}
+
+/// The configuration of `loss`'s run in `dir`: `base` with that loss, checked. Under
+/// `cuda_graph` a loss that picks on the host runs eagerly instead of being refused.
+fn run_config(base: &TrainConfig, loss: &str, dir: &std::path::Path) -> Result<TrainConfig> {
+    let mut cfg = base.clone();
+    cfg.loss.name = loss.to_string();
+    cfg.run.out_dir = dir.to_path_buf();
+    cfg.run.name = Some(loss.to_string());
+    if cfg.cuda_graph && cfg.loss.spec()?.selects_on_host() {
+        cfg.cuda_graph = false;
+    }
+    cfg.check()?;
+    Ok(cfg)
 }
 
 /// `(steps, training seconds, Recall@1)` per evaluation of a run, from its
@@ -173,6 +190,11 @@ fn baseline(curves: &[LossCurve]) -> Option<&LossCurve> {
         .or_else(|| curves.iter().find(|c| c.loss == "triplet"))
 }
 
+/// The report's note on a loss run eagerly while the others replay CUDA graphs.
+const EAGER_NOTE: &str = "run eagerly (it picks from each batch on the host, which a \
+     replayed CUDA graph cannot): its training seconds include the per-step host work the \
+     replayed runs skip";
+
 fn report(curves: &[LossCurve], cfg: &TrainConfig) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -197,11 +219,17 @@ fn report(curves: &[LossCurve], cfg: &TrainConfig) -> String {
             None => "-".into(),
         };
         let secs = c.points.last().map(|p| p.1).unwrap_or(0.0);
-        let note = c
+        let mut note = c
             .stopped
             .as_deref()
             .map(|e| e.split(';').next().unwrap_or(e).to_string())
             .unwrap_or_default();
+        if cfg.cuda_graph && !c.cuda_graph {
+            if !note.is_empty() {
+                note.push_str("; ");
+            }
+            note.push_str(EAGER_NOTE);
+        }
         let _ = writeln!(
             s,
             "| {} | {first:.4} | {best:.4} | {at} | {to_base} | {secs:.1} | {note} |",
@@ -253,7 +281,45 @@ mod tests {
                 .collect(),
             run_dir: PathBuf::new(),
             stopped: None,
+            cuda_graph: false,
         }
+    }
+
+    #[test]
+    fn under_cuda_graph_losses_that_pick_on_the_host_run_eagerly_and_say_so() {
+        let base = TrainConfig {
+            cuda_graph: true,
+            ..TrainConfig::default()
+        };
+        let dir = std::path::Path::new("runs/x");
+        let proxy = run_config(&base, "proxy-nca", dir).unwrap();
+        assert!(proxy.cuda_graph);
+        assert_eq!(proxy.run.name.as_deref(), Some("proxy-nca"));
+        for loss in ["triplet", "triplet-semihard", "nca"] {
+            let c = run_config(&base, loss, dir).unwrap();
+            assert!(!c.cuda_graph, "{loss}");
+        }
+        // What cuda_graph cannot do for any loss is still refused.
+        let mut clipped = base.clone();
+        clipped.optim.clip_norm = Some(1.0);
+        assert!(run_config(&clipped, "proxy-nca", dir).is_err());
+
+        let mut curves = vec![
+            curve("proxy-nca", &[0.2, 0.6]),
+            curve("triplet", &[0.2, 0.5]),
+        ];
+        curves[0].cuda_graph = true;
+        let r = report(&curves, &base);
+        let row = |loss: &str| {
+            r.lines()
+                .find(|l| l.starts_with(&format!("| {loss} |")))
+                .unwrap()
+                .to_string()
+        };
+        assert!(row("triplet").contains("run eagerly"), "{r}");
+        assert!(!row("proxy-nca").contains("run eagerly"), "{r}");
+        // Without cuda_graph nothing is said.
+        assert!(!report(&curves, &TrainConfig::default()).contains("run eagerly"));
     }
 
     #[test]
