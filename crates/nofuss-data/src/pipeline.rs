@@ -37,6 +37,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 
+use nofuss_tensor::upload::Uploader;
 use nofuss_tensor::Normalization;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -118,16 +119,27 @@ pub struct PhotoBatch {
 
 impl PhotoBatch {
     /// The batch as candle tensors on `device`: images `[B,3,S,S]` f32 (bytes uploaded,
-    /// normalised there), labels `[B]` u32.
+    /// normalised there), labels `[B]` u32. For a stream of batches to a GPU,
+    /// [`PhotoBatch::to_tensors_with`] does not make the host wait for the upload.
     pub fn to_tensors(
         &self,
         device: &candle_core::Device,
     ) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+        self.to_tensors_with(&mut Uploader::direct(), device)
+    }
+
+    /// [`PhotoBatch::to_tensors`] through `up`'s staging buffers (page-locked on CUDA:
+    /// the call returns once the bytes are staged; keep one `up` for all of an epoch's
+    /// batches).
+    pub fn to_tensors_with(
+        &self,
+        up: &mut Uploader,
+        device: &candle_core::Device,
+    ) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
         let b = self.labels.len();
-        let pixels =
-            candle_core::Tensor::from_slice(&self.pixels, (b, 3, self.size, self.size), device)?;
+        let pixels = up.upload(&self.pixels, (b, 3, self.size, self.size), device)?;
         let images = self.normalization.normalize_bytes(&pixels)?;
-        let labels = candle_core::Tensor::from_slice(&self.labels, b, device)?;
+        let labels = up.upload(&self.labels, b, device)?;
         Ok((images, labels))
     }
 
@@ -507,6 +519,17 @@ mod tests {
             .iter()
             .zip(&host)
             .all(|(a, b)| a.to_bits() == b.to_bits()));
+        // Through one uploader for all batches: the same tensors.
+        let mut up = Uploader::default();
+        for b in &one {
+            let (i, l) = b
+                .to_tensors_with(&mut up, &candle_core::Device::Cpu)
+                .unwrap();
+            let (i2, l2) = b.to_tensors(&candle_core::Device::Cpu).unwrap();
+            let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(flat(&i), flat(&i2));
+            assert_eq!(l.to_vec1::<u32>().unwrap(), l2.to_vec1::<u32>().unwrap());
+        }
     }
 
     #[test]

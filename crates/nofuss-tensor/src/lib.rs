@@ -25,7 +25,9 @@
 //! - [`graph`]: a training step captured once into a CUDA graph and replayed (one launch
 //!   instead of thousands);
 //! - [`profile`]: per-operation GPU timing of all of the above, to see where a step's
-//!   time goes.
+//!   time goes;
+//! - [`upload`]: batches to a GPU through page-locked staging buffers (the host does not
+//!   wait for the GPU to take them).
 //!
 //! With the `cuda` feature it also forwards CUDA support to candle; building and testing
 //! without a GPU needs nothing CUDA-specific (docs/GPU.md).
@@ -66,6 +68,7 @@ pub mod profile;
 mod proxy_rows;
 pub mod select;
 pub mod tape;
+pub mod upload;
 
 pub use device::{
     caches_layouts, cuda_pool_stats, fixtures_dir, on_pool, test_device, with_cached_layouts,

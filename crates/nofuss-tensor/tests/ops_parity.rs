@@ -2,7 +2,8 @@
 //! PyTorch, forward and backward: `tests/reference/tensor_ops.py` wrote the fixture.
 //! Runs on `NOFUSS_TEST_DEVICE` (the CPU by default; `cuda` on a GPU machine). Also the
 //! kNN row selection, the fused row normalisation and squared distances and the 8-bit
-//! pixel normalisation, on that device against the CPU.
+//! pixel normalisation, on that device against the CPU, and uploads through the staging
+//! buffers.
 //!
 //! Tolerances, relative to the largest reference value of each tensor: 1e-9 in f64,
 //! 1e-4 in f32 (TF32 is switched off for this test), 4e-2 in bf16 (pooling and batch
@@ -274,6 +275,56 @@ fn byte_normalisation_matches_the_host() {
     for (i, (&b, g)) in bytes.iter().zip(&got).enumerate() {
         let (mul, add) = coef[(i / 25) % 3];
         assert_eq!(g.to_bits(), (b as f32 * mul + add).to_bits(), "{i}");
+    }
+}
+
+/// Uploads through the staging buffers arrive intact: more uploads than buffers, of
+/// growing sizes and three types, queued (on a GPU) behind long work, so each buffer
+/// is written again while earlier transfers still wait their turn in the stream.
+#[test]
+fn staged_uploads_arrive_intact() {
+    let dev = nofuss_tensor::test_device().unwrap();
+    let busy = if dev.is_cuda() {
+        let m = Tensor::ones((4096, 4096), DType::F32, &dev).unwrap();
+        Some((0..8).try_fold(m.clone(), |a, _| a.matmul(&m)).unwrap())
+    } else {
+        None
+    };
+    let mut up = nofuss_tensor::upload::Uploader::default();
+    let bytes: Vec<Vec<u8>> = (0..9)
+        .map(|k| {
+            (0..1000 + k * 70_000)
+                .map(|i| ((i * 7 + k * 13) % 251) as u8)
+                .collect()
+        })
+        .collect();
+    let words: Vec<u32> = (0..5000u32)
+        .map(|i| i.wrapping_mul(2_654_435_761).wrapping_add(i))
+        .collect();
+    let floats: Vec<f32> = (0..3000).map(|i| i as f32 * 0.25 - 100.0).collect();
+    let mut sent = Vec::new();
+    for (k, b) in bytes.iter().enumerate() {
+        sent.push(up.upload(b, b.len(), &dev).unwrap());
+        if k % 3 == 0 {
+            sent.push(up.upload(&words, (50, 100), &dev).unwrap());
+            sent.push(up.upload(&floats, 3000, &dev).unwrap());
+        }
+    }
+    drop(busy);
+    let mut i = 0;
+    for (k, b) in bytes.iter().enumerate() {
+        assert_eq!(&sent[i].to_vec1::<u8>().unwrap(), b, "bytes {k}");
+        i += 1;
+        if k % 3 == 0 {
+            let w = sent[i].flatten_all().unwrap().to_vec1::<u32>().unwrap();
+            assert_eq!(w, words, "words after {k}");
+            assert_eq!(
+                sent[i + 1].to_vec1::<f32>().unwrap(),
+                floats,
+                "floats after {k}"
+            );
+            i += 2;
+        }
     }
 }
 

@@ -184,9 +184,11 @@ fn bank_batches(b: Batches<'_>) -> BatchIter<'_> {
 }
 
 fn photo_batches<'a>(loader: Loader, epoch: u64, device: Device) -> BatchIter<'a> {
+    // On a GPU through page-locked buffers: the host queues the step while they go up.
+    let mut up = nofuss_tensor::upload::Uploader::default();
     Box::new(loader.epoch(epoch).map(move |r| {
         let b = r?;
-        let (images, labels) = b.to_tensors(&device)?;
+        let (images, labels) = b.to_tensors_with(&mut up, &device)?;
         Ok((images, labels, b.labels.len()))
     }))
 }
