@@ -12,13 +12,15 @@ struct BnGeom {
     int64_t c;       // channels
     int64_t hw;      // plane size
     int64_t slices;  // blocks per channel
+    // div_by's (mul, shift) for hw and c (0: divide; n * c * hw does not fit).
+    uint32_t hw_mul, hw_shift, c_mul, c_shift;
 };
 
 #define THREADS 256
 
 // Element `e` (0 <= e < n*hw) of channel `ch`.
 __device__ __forceinline__ int64_t at(const BnGeom& g, int64_t ch, int64_t e) {
-    int64_t r, q = divmod(e, g.hw, r);
+    int64_t r, q = div_by(e, g.hw, g.hw_mul, g.hw_shift, r);
     return (q * g.c + ch) * g.hw + r;
 }
 
@@ -29,6 +31,19 @@ __device__ __forceinline__ void welford(A& n, A& mean, A& m2, A v) {
     A d = v - mean;
     mean += d / n;
     m2 += d * (v - mean);
+}
+
+// Four values into a running (count, mean, M2): their own mean and M2, then one Chan
+// merge (one division for the four, where welford takes one per value).
+template <typename A>
+__device__ __forceinline__ void welford4(A& n, A& mean, A& m2, A v0, A v1, A v2, A v3) {
+    A m4 = ((v0 + v1) + (v2 + v3)) * (A)0.25;
+    A d0 = v0 - m4, d1 = v1 - m4, d2 = v2 - m4, d3 = v3 - m4;
+    A q4 = (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    A tot = n + (A)4, d = m4 - mean, f = (A)4 / tot;
+    mean += d * f;
+    m2 += q4 + d * d * n * f;
+    n = tot;
 }
 
 template <typename A>
@@ -57,10 +72,7 @@ __device__ void bn_stats_partial(const T* x, typename Acc<T>::type* partial, BnG
     for (; e + 3 * step < hi; e += 4 * step) {
         A v0 = to_acc(x[at(g, ch, e)]), v1 = to_acc(x[at(g, ch, e + step)]);
         A v2 = to_acc(x[at(g, ch, e + 2 * step)]), v3 = to_acc(x[at(g, ch, e + 3 * step)]);
-        welford(n, mean, m2, v0);
-        welford(n, mean, m2, v1);
-        welford(n, mean, m2, v2);
-        welford(n, mean, m2, v3);
+        welford4(n, mean, m2, v0, v1, v2, v3);
     }
     for (; e < hi; e += step) welford(n, mean, m2, to_acc(x[at(g, ch, e)]));
     sn[threadIdx.x] = n;
@@ -127,7 +139,7 @@ __device__ void bn_apply(const T* x, const typename Acc<T>::type* gamma,
     int64_t total = g.n * g.c * g.hw;
     GRID_STRIDE(i, total) {
         int64_t r, ch;
-        divmod(divmod(i, g.hw, r), g.c, ch);
+        div_by(div_by(i, g.hw, g.hw_mul, g.hw_shift, r), g.c, g.c_mul, g.c_shift, ch);
         A v = (to_acc(x[i]) - mean[ch]) * invstd[ch] * gamma[ch] + beta[ch];
         if (relu && v <= 0) v = 0;  // a NaN stays NaN, as in PyTorch
         y[i] = from_acc<T>(v);
@@ -231,7 +243,7 @@ __device__ void bn_bwd_data(const T* x, const T* dy, const T* y,
     A inv_m = (A)1 / (A)(g.n * g.hw);
     GRID_STRIDE(i, total) {
         int64_t r, ch;
-        divmod(divmod(i, g.hw, r), g.c, ch);
+        div_by(div_by(i, g.hw, g.hw_mul, g.hw_shift, r), g.c, g.c_mul, g.c_shift, ch);
         A d = masked(dy, y, i, relu);
         if (batch_stats) {
             A xhat = (to_acc(x[i]) - mean[ch]) * invstd[ch];

@@ -41,6 +41,33 @@ __device__ __forceinline__ int64_t divmod(int64_t a, int64_t b, int64_t& r) {
     return q;
 }
 
+// q = a / d with r = a % d, for 0 <= a < 2^31, from the launch's (mul, shift) for d
+// (src/fast_div.rs: a multiply-high, an add and a shift instead of a division, which a
+// GPU runs on its slow special-function units); by divmod where mul is 0, the
+// launcher's sign that the dividends may not fit.
+__device__ __forceinline__ int64_t div_by(int64_t a, int64_t d, uint32_t mul, uint32_t shift,
+                                          int64_t& r) {
+    if (mul != 0) {
+        uint32_t x = (uint32_t)a;
+        uint32_t q = (__umulhi(x, mul) + x) >> shift;
+        r = (int64_t)(x - q * (uint32_t)d);
+        return q;
+    }
+    return divmod(a, d, r);
+}
+
+#ifdef NOFUSS_HOST_EMULATION
+// (mul, shift) for d and dividends below max_a, as src/fast_div.rs computes them (the
+// host harness fills the geometry structs with these).
+inline void fast_div_params(int64_t d, int64_t max_a, uint32_t& mul, uint32_t& shift) {
+    const uint64_t limit = 1ULL << 31;
+    mul = shift = 0;
+    if (d <= 0 || (uint64_t)d >= limit || (uint64_t)max_a > limit) return;
+    while ((1ULL << shift) < (uint64_t)d) ++shift;
+    mul = (uint32_t)(((1ULL << 32) * ((1ULL << shift) - (uint64_t)d)) / (uint64_t)d + 1);
+}
+#endif
+
 // Sums `a` and `b` over the threads of a block (blockDim.x a power of two) through the
 // shared arrays `s0` and `s1` (blockDim.x entries each); the totals end in s0[0] and
 // s1[0], which every thread may read on return.

@@ -44,6 +44,10 @@ inline unsigned __float_as_uint(float v) {
     std::memcpy(&u, &v, 4);
     return u;
 }
+// The high 32 bits of a 32-bit product.
+inline unsigned __umulhi(unsigned a, unsigned b) {
+    return (unsigned)(((unsigned long long)a * b) >> 32);
+}
 // Shared-memory atomics: the block's threads are real threads here.
 inline unsigned atomicAdd(unsigned* p, unsigned v) {
     return std::atomic_ref<unsigned>(*p).fetch_add(v);

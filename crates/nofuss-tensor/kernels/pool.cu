@@ -7,7 +7,21 @@
 struct PoolGeom {
     int64_t planes;
     int h, w, oh, ow, k, s, p;
+    // div_by's (mul, shift) for ow and oh (forward: 0 when planes * oh * ow does not fit)
+    // and for w and h (backward: 0 when planes * h * w does not fit).
+    uint32_t ow_mul, ow_shift, oh_mul, oh_shift, w_mul, w_shift, h_mul, h_shift;
 };
+
+// Output element i's (plane, row, column).
+__device__ __forceinline__ int64_t out_at(const PoolGeom& g, int64_t i, int64_t& yo,
+                                          int64_t& xo) {
+    return div_by(div_by(i, g.ow, g.ow_mul, g.ow_shift, xo), g.oh, g.oh_mul, g.oh_shift, yo);
+}
+
+// Input element i's (plane, row, column).
+__device__ __forceinline__ int64_t in_at(const PoolGeom& g, int64_t i, int64_t& r, int64_t& c) {
+    return div_by(div_by(i, g.w, g.w_mul, g.w_shift, c), g.h, g.h_mul, g.h_shift, r);
+}
 
 // Window of output (y, x): [hs, he) x [ws, we), clipped to the input.
 __device__ __forceinline__ void window(const PoolGeom& g, int y, int x, int& hs, int& he,
@@ -60,7 +74,7 @@ template <typename T>
 __device__ void max_pool_fwd(const T* x, T* y, uint32_t* idx, PoolGeom g) {
     int64_t n = g.planes * g.oh * g.ow;
     GRID_STRIDE(i, n) {
-        int64_t xo, yo, b = divmod(divmod(i, g.ow, xo), g.oh, yo);
+        int64_t xo, yo, b = out_at(g, i, yo, xo);
         const T* plane = x + b * g.h * g.w;
         int a = argmax(plane, g, yo, xo);
         y[i] = plane[a];
@@ -74,7 +88,7 @@ __device__ void max_pool_bwd(const uint32_t* idx, const T* dy, T* dx, PoolGeom g
     typedef typename Acc<T>::type A;
     int64_t n = g.planes * g.h * g.w;
     GRID_STRIDE(i, n) {
-        int64_t c, r, b = divmod(divmod(i, g.w, c), g.h, r);
+        int64_t c, r, b = in_at(g, i, r, c);
         const uint32_t* win = idx + b * g.oh * g.ow;
         const T* grad = dy + b * g.oh * g.ow;
         int ylo, yhi, xlo, xhi;
@@ -94,7 +108,7 @@ __device__ void avg_pool_fwd(const T* x, T* y, PoolGeom g, int include_pad) {
     typedef typename Acc<T>::type A;
     int64_t n = g.planes * g.oh * g.ow;
     GRID_STRIDE(i, n) {
-        int64_t xo, yo, b = divmod(divmod(i, g.ow, xo), g.oh, yo);
+        int64_t xo, yo, b = out_at(g, i, yo, xo);
         const T* plane = x + b * g.h * g.w;
         int hs, he, ws, we;
         window(g, yo, xo, hs, he, ws, we);
@@ -110,7 +124,7 @@ __device__ void avg_pool_bwd(const T* dy, T* dx, PoolGeom g, int include_pad) {
     typedef typename Acc<T>::type A;
     int64_t n = g.planes * g.h * g.w;
     GRID_STRIDE(i, n) {
-        int64_t c, r, b = divmod(divmod(i, g.w, c), g.h, r);
+        int64_t c, r, b = in_at(g, i, r, c);
         const T* grad = dy + b * g.oh * g.ow;
         int ylo, yhi, xlo, xhi;
         covering(r, g.k, g.s, g.p, g.oh, ylo, yhi);

@@ -17,6 +17,8 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result, Storage, StorageRef, Tensor};
 
+use crate::fast_div::fast_div_params;
+
 /// PTX of `kernels/pool.cu`.
 pub(crate) const POOL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pool.ptx"));
 /// PTX of `kernels/batch_norm.cu`.
@@ -365,10 +367,49 @@ pub(crate) struct PoolGeom {
     pub k: i32,
     pub s: i32,
     pub p: i32,
+    /// `div_by`'s multipliers and shifts for ow, oh (forward) and w, h (backward).
+    pub ow_mul: u32,
+    pub ow_shift: u32,
+    pub oh_mul: u32,
+    pub oh_shift: u32,
+    pub w_mul: u32,
+    pub w_shift: u32,
+    pub h_mul: u32,
+    pub h_shift: u32,
 }
 
 // SAFETY: plain old data with the C layout the kernels declare.
 unsafe impl DeviceRepr for PoolGeom {}
+
+impl PoolGeom {
+    /// `planes` planes of `[h, w, oh, ow]`, window `[k, s, p]` (size, stride, padding).
+    pub(crate) fn new(planes: usize, [h, w, oh, ow]: [usize; 4], [k, s, p]: [usize; 3]) -> Self {
+        let fwd = (planes * oh * ow) as u64;
+        let bwd = (planes * h * w) as u64;
+        let (ow_mul, ow_shift) = fast_div_params(ow as u64, fwd);
+        let (oh_mul, oh_shift) = fast_div_params(oh as u64, fwd);
+        let (w_mul, w_shift) = fast_div_params(w as u64, bwd);
+        let (h_mul, h_shift) = fast_div_params(h as u64, bwd);
+        Self {
+            planes: planes as i64,
+            h: h as i32,
+            w: w as i32,
+            oh: oh as i32,
+            ow: ow as i32,
+            k: k as i32,
+            s: s as i32,
+            p: p as i32,
+            ow_mul,
+            ow_shift,
+            oh_mul,
+            oh_shift,
+            w_mul,
+            w_shift,
+            h_mul,
+            h_shift,
+        }
+    }
+}
 
 /// Max pooling forward: the output and, when `keep_argmax`, each window's argmax.
 pub(crate) fn max_pool_fwd(
@@ -454,6 +495,11 @@ pub(crate) struct BnGeom {
     pub hw: i64,
     /// Blocks per channel of the reductions.
     pub slices: i64,
+    /// `div_by`'s multipliers and shifts for hw and c.
+    pub hw_mul: u32,
+    pub hw_shift: u32,
+    pub c_mul: u32,
+    pub c_shift: u32,
 }
 
 // SAFETY: plain old data with the C layout the kernels declare.
@@ -468,11 +514,18 @@ impl BnGeom {
         let m = n * hw;
         let by_blocks = 2048usize.div_ceil(c.max(1));
         let by_work = m.div_ceil(THREADS as usize * 4).max(1);
+        let total = (n * c * hw) as u64;
+        let (hw_mul, hw_shift) = fast_div_params(hw as u64, total);
+        let (c_mul, c_shift) = fast_div_params(c as u64, total);
         Self {
             n: n as i64,
             c: c as i64,
             hw: hw as i64,
             slices: by_blocks.min(by_work).clamp(1, 1024) as i64,
+            hw_mul,
+            hw_shift,
+            c_mul,
+            c_shift,
         }
     }
 

@@ -56,6 +56,7 @@ mod cpu;
 mod cuda;
 mod device;
 mod error;
+mod fast_div;
 mod fused_step;
 pub mod graph;
 mod init;

@@ -438,16 +438,11 @@ impl Geom {
 
     #[cfg(feature = "cuda")]
     fn device(&self) -> crate::cuda::PoolGeom {
-        crate::cuda::PoolGeom {
-            planes: (self.n * self.c) as i64,
-            h: self.h as i32,
-            w: self.w as i32,
-            oh: self.oh as i32,
-            ow: self.ow as i32,
-            k: self.k as i32,
-            s: self.s as i32,
-            p: self.p as i32,
-        }
+        crate::cuda::PoolGeom::new(
+            self.n * self.c,
+            [self.h, self.w, self.oh, self.ow],
+            [self.k, self.s, self.p],
+        )
     }
 }
 

@@ -14,6 +14,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -40,6 +41,15 @@ template <typename T> void save(const char* name, const std::vector<T>& v) {
     std::fclose(f);
 }
 
+// Stops the harness when two runs that must agree to the bit do not.
+template <typename T>
+void same_bits(const std::vector<T>& a, const std::vector<T>& b, const char* what) {
+    if (a.size() != b.size() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) != 0) {
+        std::fprintf(stderr, "%s: dividing and multiply-high indexing disagree\n", what);
+        std::exit(3);
+    }
+}
+
 // Grid-stride kernels: 3 blocks of 64 threads.
 #define EMU1(...) emu_launch(3, 1, 64, [&] { __VA_ARGS__; })
 
@@ -53,14 +63,28 @@ void pool(char** a, const char* sfx) {
     int inc = std::atoi(a[10]);
     auto x = load<T>("x");
     auto dy = load<T>("dy");
-    std::vector<T> y(g.planes * g.oh * g.ow), dx(x.size());
-    if (avg) {
-        EMU1(avg_pool_fwd<T>(x.data(), y.data(), g, inc));
-        EMU1(avg_pool_bwd<T>(dy.data(), dx.data(), g, inc));
-    } else {
-        std::vector<uint32_t> idx(y.size());
-        EMU1(max_pool_fwd<T>(x.data(), y.data(), idx.data(), g));
-        EMU1(max_pool_bwd<T>(idx.data(), dy.data(), dx.data(), g));
+    // Once dividing (the geometry's multipliers 0), once by multiply-high (as the
+    // launcher sets them): the two must agree to the bit.
+    PoolGeom fast = g;
+    int64_t fwd = g.planes * g.oh * g.ow, bwd = g.planes * g.h * g.w;
+    fast_div_params(g.ow, fwd, fast.ow_mul, fast.ow_shift);
+    fast_div_params(g.oh, fwd, fast.oh_mul, fast.oh_shift);
+    fast_div_params(g.w, bwd, fast.w_mul, fast.w_shift);
+    fast_div_params(g.h, bwd, fast.h_mul, fast.h_shift);
+    std::vector<T> y, dx;
+    for (const PoolGeom& geom : {g, fast}) {
+        std::vector<T> yy(g.planes * g.oh * g.ow), dxx(x.size());
+        if (avg) {
+            EMU1(avg_pool_fwd<T>(x.data(), yy.data(), geom, inc));
+            EMU1(avg_pool_bwd<T>(dy.data(), dxx.data(), geom, inc));
+        } else {
+            std::vector<uint32_t> idx(yy.size());
+            EMU1(max_pool_fwd<T>(x.data(), yy.data(), idx.data(), geom));
+            EMU1(max_pool_bwd<T>(idx.data(), dy.data(), dxx.data(), geom));
+        }
+        if (!y.empty()) same_bits(y, yy, "pool y"), same_bits(dx, dxx, "pool dx");
+        y = yy;
+        dx = dxx;
     }
     save("y", y);
     save("dx", dx);
@@ -70,7 +94,12 @@ template <typename T>
 void bn(char** a) {
     // n c hw slices relu batch_stats eps ; files x dy gamma beta [mean var for fixed]
     typedef typename Acc<T>::type A;
-    BnGeom g{std::atoll(a[0]), std::atoll(a[1]), std::atoll(a[2]), std::atoll(a[3])};
+    // The launcher's geometry (multiply-high indexing) and the same dividing, run again
+    // at the end: the two must agree to the bit.
+    BnGeom slow{std::atoll(a[0]), std::atoll(a[1]), std::atoll(a[2]), std::atoll(a[3])};
+    BnGeom g = slow;
+    fast_div_params(g.hw, g.n * g.c * g.hw, g.hw_mul, g.hw_shift);
+    fast_div_params(g.c, g.n * g.c * g.hw, g.c_mul, g.c_shift);
     int relu = std::atoi(a[4]), batch = std::atoi(a[5]);
     double eps = std::atof(a[6]);
     auto x = load<T>("x");
@@ -126,6 +155,24 @@ void bn(char** a) {
         if (d != 0) throw std::runtime_error("a reduction counter was left nonzero");
     EMU1(bn_bwd_data<T>(x.data(), dy.data(), y.data(), gamma.data(), mean, invstd, sums.data(),
                         dx.data(), g, relu, batch));
+    {
+        std::vector<T> y2(x.size()), dx2(x.size());
+        std::vector<A> p2(partial.size()), bp2(bpartial.size());
+        if (batch) {
+            emu_launch(g.slices, g.c, THREADS,
+                       [&] { bn_stats_partial<T>(x.data(), p2.data(), slow); });
+            same_bits(partial, p2, "bn statistics partials");
+        }
+        EMU1(bn_apply<T>(x.data(), gamma.data(), beta.data(), mean, invstd, y2.data(), slow, relu));
+        same_bits(y, y2, "bn apply");
+        emu_launch(g.slices, g.c, THREADS, [&] {
+            bn_bwd_partial<T>(x.data(), dy.data(), y.data(), mean, invstd, bp2.data(), slow, relu);
+        });
+        same_bits(bpartial, bp2, "bn backward partials");
+        EMU1(bn_bwd_data<T>(x.data(), dy.data(), y.data(), gamma.data(), mean, invstd,
+                            sums.data(), dx2.data(), slow, relu, batch));
+        same_bits(dx, dx2, "bn input gradient");
+    }
     // Running statistics: momentum 0.1, unbiased variance.
     auto rm = load<A>("running_mean");
     auto rv = load<A>("running_var");
