@@ -8,17 +8,26 @@ struct StepArgs {
     int kind, first, nesterov, centered, tf_style, pad;
     double scale, wd_l2, wd_decoupled, lr, momentum, dampening, alpha, eps, beta1, beta2, bc1,
         bc2;
-    uint64_t live;  // address of {lr, bc1, bc2} read instead of the fields when not 0
+    uint64_t live;      // address of {lr, bc1, bc2} read instead of the fields when not 0
+    uint64_t sumsq_at;  // address of the gradients' summed squares: clip to max_norm
+    double max_norm;
 };
 
 // The step's learning rate and bias corrections from `live` when it is set (a step
-// captured in a CUDA graph reads each replay's values there), else as passed.
+// captured in a CUDA graph reads each replay's values there), else as passed; and with
+// `sumsq_at`, the gradient scale of clipping to `max_norm` from the global norm on the
+// device (torch.nn.utils.clip_grad_norm_: min(1, max / (norm + 1e-6)), a NaN norm
+// giving a NaN scale as torch.clamp does), instead of `scale`.
 __device__ __forceinline__ StepArgs resolved(StepArgs s) {
     if (s.live) {
         const double* v = (const double*)s.live;
         s.lr = v[0];
         s.bc1 = v[1];
         s.bc2 = v[2];
+    }
+    if (s.sumsq_at) {
+        double c = s.max_norm / (sqrt(*(const double*)s.sumsq_at) + 1e-6);
+        s.scale = c > 1.0 ? 1.0 : c;
     }
     return s;
 }

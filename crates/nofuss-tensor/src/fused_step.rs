@@ -45,6 +45,12 @@ pub(crate) struct StepArgs {
     /// kernels read instead of the fields above (a step captured in a CUDA graph takes
     /// each replay's values from there); 0: the fields.
     pub live: u64,
+    /// CUDA only: the device address of the gradients' summed squares (one f64); the
+    /// kernels then scale the gradient by `min(1, max_norm / (norm + 1e-6))` instead of
+    /// `scale` (clipping without reading the norm on the host). 0: `scale`.
+    pub sumsq_at: u64,
+    /// The clipping bound with `sumsq_at`.
+    pub max_norm: f64,
 }
 
 impl StepArgs {

@@ -261,6 +261,23 @@ pub struct Optimizer {
     device_scalars: Option<DeviceScalars>,
 }
 
+/// How a step clips its gradients ([`Optimizer::with_clip_norm`]).
+enum Clip {
+    Off,
+    /// By `scale`, from the global norm read on the host.
+    Host {
+        scale: f64,
+        norm: f64,
+    },
+    /// By the update kernels, from the summed squares at `address` (kept alive in
+    /// `_sumsq` until the step's kernels are queued).
+    Device {
+        _sumsq: Tensor,
+        address: u64,
+        max: f64,
+    },
+}
+
 /// Each group's learning rate and the bias corrections of the next step, `[groups, 3]`
 /// f64 on the parameters' device, which the update kernels read (a captured step takes
 /// each replay's values from there), and whether [`Optimizer::advance`] has written the
@@ -295,7 +312,9 @@ impl Optimizer {
     }
 
     /// Rescales all gradients together so their global L2 norm is at most `max_norm`
-    /// before each step (`torch.nn.utils.clip_grad_norm_`).
+    /// before each step (`torch.nn.utils.clip_grad_norm_`). On a GPU the scale is
+    /// computed by the update kernels from the norm on the device: nothing is read back,
+    /// and a captured step ([`crate::graph`]) clips too.
     pub fn with_clip_norm(mut self, max_norm: f64) -> Self {
         self.clip_norm = Some(max_norm);
         self
@@ -323,7 +342,15 @@ impl Optimizer {
 
     /// Global L2 norm of the gradients of all parameters (missing gradients count 0).
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        // Per-parameter sums stay on the device; one read brings back the total.
+        Ok(match self.sum_of_squares(grads)? {
+            Some(s) => s.to_scalar::<f64>()?.sqrt(),
+            None => 0.0,
+        })
+    }
+
+    /// The gradients' summed squares as an f64 scalar on their device (`None` without
+    /// any gradient): per-parameter sums and their total, nothing read back.
+    fn sum_of_squares(&self, grads: &GradStore) -> Result<Option<Tensor>> {
         let mut sums = Vec::new();
         for g in &self.groups {
             for v in &g.vars {
@@ -333,12 +360,47 @@ impl Optimizer {
             }
         }
         if sums.is_empty() {
-            return Ok(0.0);
+            return Ok(None);
         }
-        Ok(Tensor::stack(&sums, 0)?
-            .sum_all()?
-            .to_scalar::<f64>()?
-            .sqrt())
+        Ok(Some(Tensor::stack(&sums, 0)?.sum_all()?))
+    }
+
+    /// How step `step` clips: not at all; by a scale from the norm read on the host (a
+    /// non-finite norm refused); or, on a GPU, by the update kernels from the summed
+    /// squares left on the device (nothing read back, so a step can be queued, or
+    /// captured, without waiting for its gradients).
+    fn clipping(&self, grads: &GradStore, step: u64) -> Result<Clip> {
+        let Some(max) = self.clip_norm else {
+            return Ok(Clip::Off);
+        };
+        let Some(sumsq) = self.sum_of_squares(grads)? else {
+            return Ok(Clip::Host {
+                scale: 1.0,
+                norm: 0.0,
+            });
+        };
+        let address = if sumsq.device().is_cuda() {
+            device_address(&sumsq)?
+        } else {
+            0
+        };
+        if address != 0 {
+            return Ok(Clip::Device {
+                _sumsq: sumsq,
+                address,
+                max,
+            });
+        }
+        let norm = sumsq.to_scalar::<f64>()?.sqrt();
+        if !norm.is_finite() {
+            return Err(Error::Optim(format!(
+                "gradient norm is {norm} at step {step}"
+            )));
+        }
+        Ok(Clip::Host {
+            scale: (max / (norm + 1e-6)).min(1.0),
+            norm,
+        })
     }
 
     /// From now on the update kernels read each step's learning rates and bias
@@ -347,16 +409,9 @@ impl Optimizer {
     /// (`nofuss_tensor::graph`) then replays with each step's values. Each step becomes
     /// `advance`, then [`Optimizer::step`] (or a replay of a captured one), which no
     /// longer counts steps itself. Every parameter must have taken a step already (its
-    /// state and SGD's momentum start are made then, and a capture would freeze them),
-    /// and gradient clipping, which reads the gradients' norm on the host, cannot be on.
+    /// state and SGD's momentum start are made then, and a capture would freeze them).
+    /// Gradient clipping may be on: on a GPU it never reads the norm on the host.
     pub fn use_device_scalars(&mut self) -> Result<()> {
-        if self.clip_norm.is_some() {
-            return Err(Error::Optim(
-                "gradient clipping reads the gradient norm on the host at every step; \
-                 it cannot run with per-step scalars on the device"
-                    .into(),
-            ));
-        }
         let Some(dev) = self.groups.iter().flat_map(|g| g.vars.first()).next() else {
             return Err(Error::Optim(
                 "device scalars of an optimiser without parameters".into(),
@@ -410,11 +465,15 @@ impl Optimizer {
     }
 
     /// One update of every parameter that has a gradient in `grads`. Returns the global
-    /// gradient norm before clipping when clipping is on (else `None`). With device
-    /// scalars ([`Optimizer::use_device_scalars`]) it takes the step [`Optimizer::advance`]
-    /// counted and wrote.
+    /// gradient norm before clipping when clipping is on and reads it on the host (the
+    /// CPU; else `None`). With device scalars ([`Optimizer::use_device_scalars`]) it
+    /// takes the step [`Optimizer::advance`] counted and wrote.
+    ///
+    /// On a GPU, clipping takes its scale from the norm on the device, as
+    /// `torch.nn.utils.clip_grad_norm_` does: a non-finite norm is not refused here
+    /// (the parameters become non-finite, and so the next loss); on the CPU it is.
     pub fn step(&mut self, grads: &GradStore) -> Result<Option<f64>> {
-        let (scale, norm, live) = match self.device_scalars.as_mut() {
+        let live = match self.device_scalars.as_mut() {
             // The step `advance` counted: each group's row of scalars, read here on the
             // CPU, at its device address on CUDA.
             Some(ds) => {
@@ -423,30 +482,24 @@ impl Optimizer {
                         "with device scalars, call advance() before each step".into(),
                     ));
                 }
-                let live = if ds.address == 0 {
+                Some(if ds.address == 0 {
                     Live::Rows(ds.values.to_vec2::<f64>()?)
                 } else {
                     Live::At(ds.address)
-                };
-                (1.0, None, Some(live))
+                })
             }
-            None => {
-                let (scale, norm) = match self.clip_norm {
-                    Some(max) => {
-                        let n = self.grad_norm(grads)?;
-                        if !n.is_finite() {
-                            return Err(Error::Optim(format!(
-                                "gradient norm is {n} at step {}",
-                                self.steps + 1
-                            )));
-                        }
-                        ((max / (n + 1e-6)).min(1.0), Some(n))
-                    }
-                    None => (1.0, None),
-                };
-                self.steps += 1;
-                (scale, norm, None)
-            }
+            None => None,
+        };
+        let step = if live.is_some() {
+            self.steps
+        } else {
+            self.steps + 1
+        };
+        let clip = self.clipping(grads, step)?;
+        self.steps = step;
+        let (scale, norm) = match clip {
+            Clip::Host { scale, norm } => (scale, Some(norm)),
+            Clip::Off | Clip::Device { .. } => (1.0, None),
         };
         let t = self.steps as i32;
         for (gi, (g, slots)) in self.groups.iter().zip(&mut self.slots).enumerate() {
@@ -481,6 +534,9 @@ impl Optimizer {
                         (args.lr, args.bc1, args.bc2) = (r[gi][0], r[gi][1], r[gi][2]);
                     }
                     Some(Live::At(a)) => args.live = a + (gi * 3 * size_of::<f64>()) as u64,
+                }
+                if let Clip::Device { address, max, .. } = clip {
+                    (args.sumsq_at, args.max_norm) = (address, max);
                 }
                 packed.inplace_op3(&grad, p, &UpdateState(args))?;
                 p.inplace_op3(&grad, &packed, &UpdateParam(args))?;
@@ -726,8 +782,8 @@ mod tests {
     fn device_scalars_take_the_same_steps() {
         // Steps with the learning rate and bias corrections written by `advance` (as a
         // replayed CUDA graph reads them) equal ordinary steps bit for bit, with the base
-        // rate changed between steps.
-        for kind in [
+        // rate changed between steps, unclipped and clipped.
+        let kinds = [
             OptimizerKind::adam(),
             OptimizerKind::adamw(),
             OptimizerKind::sgd(0.9, true),
@@ -738,14 +794,23 @@ mod tests {
                 centered: true,
                 tf_style: true,
             },
-        ] {
+        ];
+        for (kind, clip) in kinds.iter().flat_map(|&k| [(k, None), (k, Some(0.5))]) {
             let (mut plain, pv) = two_groups(kind);
             let (mut live, lv) = two_groups(kind);
+            if let Some(c) = clip {
+                plain = plain.with_clip_norm(c);
+                live = live.with_clip_norm(c);
+            }
             for step in 0..5 {
                 let lr = 0.05 * (1.0 + 0.5 * step as f64);
                 plain.set_lr(lr);
                 live.set_lr(lr);
-                plain.step(&grads_of(&pv, step)).unwrap();
+                let norm = plain.step(&grads_of(&pv, step)).unwrap();
+                if clip.is_some() {
+                    // The clip binds: the norm is above the bound.
+                    assert!(norm.unwrap() > 0.5, "{kind:?}: {norm:?}");
+                }
                 if step == 1 {
                     live.use_device_scalars().unwrap();
                 }
@@ -781,9 +846,6 @@ mod tests {
         // No parameter has a state yet: a capture would allocate it inside the graph.
         let e = opt.step(&grads_of(&vars, 0)).unwrap_err().to_string();
         assert!(e.contains("group a") && e.contains("ordinary step"), "{e}");
-        let (opt, _) = two_groups(OptimizerKind::adam());
-        let e = opt.with_clip_norm(1.0).use_device_scalars().unwrap_err();
-        assert!(e.to_string().contains("clipping"), "{e}");
     }
 
     #[test]

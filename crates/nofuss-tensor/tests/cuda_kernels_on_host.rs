@@ -354,16 +354,19 @@ fn cuda_kernels_match_the_cpu_operations() {
             );
         }
 
-        // Three Adam steps with L2 weight decay, the last two reading their scalars from
-        // the `live` address.
+        // Three Adam steps with L2 weight decay and gradient clipping, the last two
+        // reading their scalars from the `live` address, the last its clipping scale
+        // from the summed squares at the `clip` address (as on a GPU).
         let pv = values(37, 31);
         let var = Var::from_tensor(&tensor(&pv, &[37], dt)).unwrap();
+        let max_norm = 0.5;
         let mut opt = Optimizer::new(
             OptimizerKind::adam(),
             0.01,
             vec![ParamGroup::new("p", vec![var.clone()]).weight_decay(0.1)],
         )
-        .unwrap();
+        .unwrap()
+        .with_clip_norm(max_norm);
         let (mut p_k, mut state) = (pv.clone(), vec![0f64; 3 * 37]);
         for t in 1..=3i32 {
             let gv = values(37, 40 + t as usize);
@@ -371,7 +374,19 @@ fn cuda_kernels_match_the_cpu_operations() {
                 .unwrap()
                 .sum_all()
                 .unwrap();
-            opt.step(&loss.backward().unwrap()).unwrap();
+            let norm = opt.step(&loss.backward().unwrap()).unwrap().unwrap();
+            assert!(norm > max_norm, "the clip binds: {norm}");
+            // The gradient as the optimiser saw it (rounded to the test's type).
+            let sumsq: f64 = host(&tensor(&gv, &[37], dt)).iter().map(|g| g * g).sum();
+            let clip = t == 3;
+            let scale = if clip {
+                7.0
+            } else {
+                (max_norm / (sumsq.sqrt() + 1e-6)).min(1.0)
+            };
+            if clip {
+                h.write("clip", &[sumsq, max_norm], DType::F64);
+            }
             h.write("p", &p_k, dt);
             h.write("grad", &gv, dt);
             h.write("state", &state, dt);
@@ -394,7 +409,7 @@ fn cuda_kernels_match_the_cpu_operations() {
                 .map(|s| s.to_string())
                 .chain(
                     [
-                        1.0, 0.1, 0.0, passed.0, 0.0, 0.0, 0.0, 1e-8, b1, b2, passed.1, passed.2,
+                        scale, 0.1, 0.0, passed.0, 0.0, 0.0, 0.0, 1e-8, b1, b2, passed.1, passed.2,
                     ]
                     .iter()
                     .map(|v| format!("{v:e}")),
@@ -402,6 +417,9 @@ fn cuda_kernels_match_the_cpu_operations() {
                 .collect();
             if live {
                 args.push("live".into());
+            }
+            if clip {
+                args.push("clip".into());
             }
             h.run("optim", dt, &args);
             p_k = h.read("p", dt);

@@ -1,7 +1,7 @@
 //! A training step captured into a CUDA graph and replayed takes the same steps as the
 //! same step run eagerly: a small two-branch network on the tape (cuDNN convolutions,
 //! batch norm with running statistics, pooling, concatenation), a loss in candle's graph
-//! above it, Adam with its per-step scalars on the device. On a GPU
+//! above it, Adam with its per-step scalars on the device, unclipped and clipped. On a GPU
 //! (`NOFUSS_TEST_DEVICE=cuda`, as `xtask/scripts/gpu-check.sh` runs it) both runs are
 //! compared parameter by parameter; on the CPU the capture is refused, which is checked.
 
@@ -57,8 +57,9 @@ impl Net {
     }
 }
 
-/// The network, its variables (sorted by name) and an Adam optimiser over them.
-fn model(dev: &Device) -> (Net, Vec<(String, Var)>, Optimizer) {
+/// The network, its variables (sorted by name) and an Adam optimiser over them,
+/// clipping the gradients' norm to `clip` if given.
+fn model(dev: &Device, clip: Option<f64>) -> (Net, Vec<(String, Var)>, Optimizer) {
     let params = SeededVarMap::new(7);
     let net = Net::new(&params.var_builder(DType::F64, dev)).unwrap();
     let mut vars = params
@@ -75,12 +76,15 @@ fn model(dev: &Device) -> (Net, Vec<(String, Var)>, Optimizer) {
         .filter(|(n, _)| !n.contains("running_"))
         .map(|(_, v)| v.clone())
         .collect();
-    let opt = Optimizer::new(
+    let mut opt = Optimizer::new(
         OptimizerKind::adam(),
         1e-2,
         vec![ParamGroup::new("all", trained).weight_decay(1e-3)],
     )
     .unwrap();
+    if let Some(c) = clip {
+        opt = opt.with_clip_norm(c);
+    }
     (net, vars, opt)
 }
 
@@ -119,6 +123,14 @@ fn values(vars: &[(String, Var)]) -> Vec<(String, Vec<f64>)> {
 
 #[test]
 fn replayed_steps_match_eager_steps() {
+    // Unclipped, and clipped to a bound every step's gradients exceed (on a GPU the
+    // scale comes from the norm on the device, inside the captured step).
+    for clip in [None, Some(1e-3)] {
+        replays_match(clip);
+    }
+}
+
+fn replays_match(clip: Option<f64>) {
     let dev = test_device().unwrap();
     let x = Tensor::randn(0f64, 1.0, (4, 3, 12, 12), &Device::Cpu)
         .unwrap()
@@ -137,7 +149,7 @@ fn replayed_steps_match_eager_steps() {
         nofuss_tensor::with_cached_layouts(&dev, || step(net, opt, &x, loss)).unwrap()
     };
     // Eager: one ordinary step, then steps with the optimiser's scalars on the device.
-    let (net, eager_vars, mut opt) = model(&dev);
+    let (net, eager_vars, mut opt) = model(&dev, clip);
     let loss = Tensor::zeros(1, DType::F64, &dev).unwrap();
     let mut eager_losses = Vec::new();
     for i in 0..STEPS {
@@ -152,7 +164,7 @@ fn replayed_steps_match_eager_steps() {
     }
     // Captured: the same ordinary first step, then the second step captured and replayed,
     // the third and fourth replayed (each with its own bias corrections).
-    let (net, graph_vars, mut opt) = model(&dev);
+    let (net, graph_vars, mut opt) = model(&dev, clip);
     let mut graph_losses = Vec::new();
     eager(&net, &mut opt, &loss);
     graph_losses.push(loss.to_vec1::<f64>().unwrap()[0]);
@@ -169,7 +181,10 @@ fn replayed_steps_match_eager_steps() {
     assert_eq!(opt.steps(), STEPS as u64);
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-10 * (1.0 + a.abs().max(b.abs()));
     for (i, (a, b)) in eager_losses.iter().zip(&graph_losses).enumerate() {
-        assert!(close(*a, *b), "loss of step {i}: eager {a}, replayed {b}");
+        assert!(
+            close(*a, *b),
+            "clip {clip:?}, loss of step {i}: eager {a}, replayed {b}"
+        );
     }
     // The losses moved: the replays did train (a replay of stale scalars or of nothing
     // would leave the parameters or the losses where they were).
@@ -179,7 +194,10 @@ fn replayed_steps_match_eager_steps() {
     );
     for ((name, a), (_, b)) in values(&eager_vars).iter().zip(values(&graph_vars)) {
         for (j, (p, q)) in a.iter().zip(&b).enumerate() {
-            assert!(close(*p, *q), "{name}[{j}]: eager {p}, replayed {q}");
+            assert!(
+                close(*p, *q),
+                "clip {clip:?}, {name}[{j}]: eager {p}, replayed {q}"
+            );
         }
     }
 }

@@ -76,3 +76,62 @@ fn trajectories_match_torch_optim() {
         }
     }
 }
+
+/// Clipped steps on the test device equal clipped steps on the CPU, where the norm is
+/// read on the host: on a GPU the update kernels take the scale from the norm on the
+/// device instead. The bound is tight enough to clip every step.
+#[test]
+fn clipped_steps_match_the_cpu() {
+    let trajectory = |dev: &candle_core::Device| {
+        let w = Var::from_tensor(
+            &Tensor::from_vec(vec![0.3f64, -1.2, 2.0, 0.7, -0.4, 1.5], (2, 3), dev).unwrap(),
+        )
+        .unwrap();
+        let v =
+            Var::from_tensor(&Tensor::from_vec(vec![2.0f64, -3.0, 0.5], 3, dev).unwrap()).unwrap();
+        let mut opt = Optimizer::new(
+            OptimizerKind::adam(),
+            0.05,
+            vec![
+                ParamGroup::new("w", vec![w.clone()]).weight_decay(0.01),
+                ParamGroup::new("v", vec![v.clone()]).lr_scale(0.5),
+            ],
+        )
+        .unwrap()
+        .with_clip_norm(0.25);
+        let mut out = Vec::new();
+        for step in 0..6 {
+            let k = 1.0 + step as f64;
+            let loss = ((w.as_tensor().sin().unwrap() * k)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                + (v.as_tensor() - 1.0)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap())
+            .unwrap();
+            let norm = opt.step(&loss.backward().unwrap()).unwrap();
+            if let Some(n) = norm {
+                assert!(n > 0.25, "the bound clips: {n}");
+            }
+            for t in [&w, &v] {
+                out.extend(
+                    t.as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f64>()
+                        .unwrap(),
+                );
+            }
+        }
+        out
+    };
+    let dev = nofuss_tensor::test_device().unwrap();
+    let (got, want) = (trajectory(&dev), trajectory(&candle_core::Device::Cpu));
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!((a - b).abs() < 1e-10, "value {i}: {a} on {dev:?}, CPU {b}");
+    }
+}

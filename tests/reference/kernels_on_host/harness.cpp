@@ -197,7 +197,8 @@ void bn(char** a) {
 template <typename T>
 void optim(char** a) {
     // kind first nesterov centered tf scale wd_l2 wd_dec lr momentum dampening alpha eps
-    // beta1 beta2 bc1 bc2 [live] ; files p grad state [live: lr bc1 bc2 as f64] -> p state
+    // beta1 beta2 bc1 bc2 [live] [clip] ; files p grad state [live: lr bc1 bc2 as f64]
+    // [clip: the gradients' summed squares and max_norm as f64] -> p state
     StepArgs s{};
     s.kind = std::atoi(a[0]);
     s.first = std::atoi(a[1]);
@@ -209,10 +210,16 @@ void optim(char** a) {
     auto p = load<T>("p");
     auto grad = load<T>("grad");
     auto st = load<T>("state");
-    std::vector<double> live;
-    if (a[17] && std::string(a[17]) == "live") {
-        live = load<double>("live");
-        s.live = (uint64_t)live.data();
+    std::vector<double> live, clip;
+    for (int i = 17; a[i]; ++i) {
+        if (std::string(a[i]) == "live") {
+            live = load<double>("live");
+            s.live = (uint64_t)live.data();
+        } else if (std::string(a[i]) == "clip") {
+            clip = load<double>("clip");
+            s.sumsq_at = (uint64_t)clip.data();
+            s.max_norm = clip[1];
+        }
     }
     int64_t n = p.size();
     EMU1(update_state<T>(st.data(), grad.data(), p.data(), n, s));
