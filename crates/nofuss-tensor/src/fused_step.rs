@@ -1,8 +1,9 @@
 //! One optimiser step of one parameter in two in-place passes: the state (`[3, numel]`:
 //! rows a, b, c) from the gradient and the parameter, then the parameter from the gradient
 //! and the state. candle operations would take a dozen launches and allocations per
-//! parameter (BN-Inception has about 280 parameter tensors); this is two, on the CPU and
-//! on CUDA (`kernels/optim.cu`), with the formulas of `torch.optim`.
+//! parameter (BN-Inception has about 280 parameter tensors); this is two on CUDA
+//! (`kernels/optim.cu`) and one on the CPU ([`UpdateBoth`]), with the formulas of
+//! `torch.optim`.
 
 use candle_core::backend::BackendStorage;
 #[cfg(feature = "cuda")]
@@ -270,5 +271,118 @@ impl InplaceOp3 for UpdateParam {
         sl: &Layout,
     ) -> Result<()> {
         crate::cuda::optim_update(false, (p, l), (gs, gl), (ss, sl), &self.0)
+    }
+}
+
+/// The CPU's step in one pass: `param[n]` and `state[3, n]` together, in place (the
+/// parameter is this op's target, the state is updated through a nested in-place op on
+/// its own tensor). The same arithmetic as [`UpdateState`] then [`UpdateParam`], to the
+/// bit (the parameter's update reads the state as stored, rounded to its type), with
+/// each element's gradient, parameter and state read once instead of twice. CUDA keeps
+/// the two kernels.
+pub(crate) struct UpdateBoth {
+    /// The parameter's `[3, numel]` state (contiguous, the parameter's type).
+    pub state: candle_core::Tensor,
+    pub args: StepArgs,
+}
+
+/// The parameter and gradient slices [`UpdateBoth`] hands to its nested state update.
+enum ParamSlices<'a> {
+    F32(&'a mut [f32], &'a [f32]),
+    F64(&'a mut [f64], &'a [f64]),
+}
+
+/// [`UpdateBoth`]'s nested op on the state: the parameter arrives through a `RefCell`
+/// because an in-place op sees only `&self`.
+struct StateAndParam<'a> {
+    param: std::cell::RefCell<ParamSlices<'a>>,
+    args: StepArgs,
+}
+
+impl candle_core::InplaceOp2 for UpdateBoth {
+    fn name(&self) -> &'static str {
+        "nofuss-optim-step"
+    }
+
+    fn cpu_fwd(&self, p: &mut CpuStorage, l: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<()> {
+        let _timer = crate::profile::HostTimer::start(self.name());
+        let (p0, p1) = offsets(l, "parameter")?;
+        let slices = match p {
+            CpuStorage::F32(v) => ParamSlices::F32(&mut v[p0..p1], slice::<f32>(gs, gl)?),
+            CpuStorage::F64(v) => ParamSlices::F64(&mut v[p0..p1], slice::<f64>(gs, gl)?),
+            s => candle_core::bail!(
+                "optimiser parameters must be f32 or f64, not {:?}",
+                s.dtype()
+            ),
+        };
+        self.state.inplace_op1(&StateAndParam {
+            param: std::cell::RefCell::new(slices),
+            args: self.args,
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _p: &mut CudaStorage,
+        _l: &Layout,
+        _gs: &CudaStorage,
+        _gl: &Layout,
+    ) -> Result<()> {
+        candle_core::bail!("the one-pass optimiser step is the CPU's; CUDA runs two kernels")
+    }
+}
+
+// The loop serves f32 and f64 storage alike: for f64 the casts are no-ops.
+#[allow(clippy::unnecessary_cast)]
+impl candle_core::InplaceOp1 for StateAndParam<'_> {
+    fn name(&self) -> &'static str {
+        "nofuss-optim-step-state"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let (s0, s1) = offsets(l, "state")?;
+        let args = self.args;
+        let mut param = self.param.borrow_mut();
+        macro_rules! run {
+            ($st:expr, $param:expr, $grad:expr, $T:ty) => {{
+                let st = &mut $st[s0..s1];
+                let n = $param.len();
+                if st.len() != 3 * n || $grad.len() != n {
+                    candle_core::bail!(
+                        "optimiser state of {} values for a parameter of {n}",
+                        st.len()
+                    );
+                }
+                let (ra, rest) = st.split_at_mut(n);
+                let (rb, rc) = rest.split_at_mut(n);
+                const CH: usize = 8192;
+                ra.par_chunks_mut(CH)
+                    .zip(rb.par_chunks_mut(CH))
+                    .zip(rc.par_chunks_mut(CH))
+                    .zip($param.par_chunks_mut(CH).zip($grad.par_chunks(CH)))
+                    .for_each(|(((ca, cb), cc), (cp, cg))| {
+                        for i in 0..cp.len() {
+                            // The new state, stored in its type, then the parameter from
+                            // the state as stored (as the two-pass form reads it back).
+                            let (g, old) = (cg[i] as f64, cp[i] as f64);
+                            let (na, nb, nc) =
+                                args.state(g, old, (ca[i] as f64, cb[i] as f64, cc[i] as f64));
+                            (ca[i], cb[i], cc[i]) = (na as $T, nb as $T, nc as $T);
+                            cp[i] = args.param(g, old, (ca[i] as f64, cb[i] as f64, cc[i] as f64))
+                                as $T;
+                        }
+                    });
+            }};
+        }
+        match (s, &mut *param) {
+            (CpuStorage::F32(st), ParamSlices::F32(p, g)) => run!(st, p, g, f32),
+            (CpuStorage::F64(st), ParamSlices::F64(p, g)) => run!(st, p, g, f64),
+            (s, _) => candle_core::bail!(
+                "optimiser state of type {:?} does not match its parameter",
+                s.dtype()
+            ),
+        }
+        Ok(())
     }
 }

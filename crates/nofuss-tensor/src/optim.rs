@@ -24,7 +24,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::fused_step::{StepArgs, UpdateParam, UpdateState};
+use crate::fused_step::{StepArgs, UpdateBoth, UpdateParam, UpdateState};
 use crate::{Error, Result};
 
 /// The update rule and its hyper-parameters.
@@ -538,8 +538,19 @@ impl Optimizer {
                 if let Clip::Device { address, max, .. } = clip {
                     (args.sumsq_at, args.max_norm) = (address, max);
                 }
-                packed.inplace_op3(&grad, p, &UpdateState(args))?;
-                p.inplace_op3(&grad, &packed, &UpdateParam(args))?;
+                if p.device().is_cpu() {
+                    // One pass over gradient, parameter and state.
+                    p.inplace_op2(
+                        &grad,
+                        &UpdateBoth {
+                            state: packed,
+                            args,
+                        },
+                    )?;
+                } else {
+                    packed.inplace_op3(&grad, p, &UpdateState(args))?;
+                    p.inplace_op3(&grad, &packed, &UpdateParam(args))?;
+                }
                 s.started = true;
             }
         }
@@ -698,6 +709,74 @@ pub fn warmup_factor(step: u64, steps: u64) -> f64 {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    #[test]
+    fn the_cpu_one_pass_step_equals_the_two_passes_to_the_bit() {
+        let kinds = [
+            OptimizerKind::sgd(0.0, false),
+            OptimizerKind::sgd(0.9, true),
+            OptimizerKind::Sgd {
+                momentum: 0.8,
+                dampening: 0.1,
+                nesterov: false,
+            },
+            OptimizerKind::RmsProp {
+                alpha: 0.9,
+                eps: 1e-3,
+                momentum: 0.0,
+                centered: true,
+                tf_style: false,
+            },
+            OptimizerKind::RmsProp {
+                alpha: 0.9,
+                eps: 1e-3,
+                momentum: 0.5,
+                centered: false,
+                tf_style: true,
+            },
+            OptimizerKind::adam(),
+            OptimizerKind::adamw(),
+        ];
+        let dev = Device::Cpu;
+        let n = 1000;
+        let wave = |k: f64| (0..n).map(|i| ((i as f64) * k).sin()).collect::<Vec<_>>();
+        for kind in kinds {
+            for dt in [DType::F32, DType::F64] {
+                let t = |v: Vec<f64>, shape: &[usize]| {
+                    Tensor::from_vec(v, shape, &dev)
+                        .unwrap()
+                        .to_dtype(dt)
+                        .unwrap()
+                };
+                let (p1, p2) = (t(wave(0.37), &[n]), t(wave(0.37), &[n]));
+                let st = wave(0.11).into_iter().chain(wave(0.23)).chain(wave(0.31));
+                let st: Vec<f64> = st.map(|v| v.abs()).collect();
+                let (s1, s2) = (t(st.clone(), &[3, n]), t(st, &[3, n]));
+                for step in 1..=3 {
+                    let g = t(wave(0.5 + step as f64), &[n]);
+                    let args = kind.args(0.01, 0.05, 0.7, step, step == 1);
+                    s1.inplace_op3(&g, &p1, &UpdateState(args)).unwrap();
+                    p1.inplace_op3(&g, &s1, &UpdateParam(args)).unwrap();
+                    let both = UpdateBoth {
+                        state: s2.clone(),
+                        args,
+                    };
+                    p2.inplace_op2(&g, &both).unwrap();
+                }
+                let bits = |x: &Tensor| {
+                    let v = x.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+                    v.to_vec1::<f64>()
+                        .unwrap()
+                        .iter()
+                        .map(|f| f.to_bits())
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(bits(&p1), bits(&p2), "{kind:?} {dt:?} parameter");
+                assert_eq!(bits(&s1), bits(&s2), "{kind:?} {dt:?} state");
+                assert_ne!(bits(&p1), bits(&t(wave(0.37), &[n])), "{kind:?} moved");
+            }
+        }
+    }
 
     #[test]
     fn schedules() {
