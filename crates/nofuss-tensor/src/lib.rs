@@ -19,7 +19,8 @@
 //! - [`select::smallest_k`]: the k smallest entries of every row, sorted (the selection
 //!   of an exact kNN search; one kernel per row block on CUDA);
 //! - [`optim`]: the optimisers (PyTorch's update rules, parameter groups, schedules,
-//!   clipping), each step two fused in-place kernels per parameter;
+//!   clipping), each step two fused in-place kernels per parameter on CUDA, one pass on
+//!   the CPU;
 //! - [`tape`]: a reverse-mode tape over those layers, beside candle's autograd, for the
 //!   training step of a convolutional backbone (no zero-filled gradient buffers);
 //! - [`graph`]: a training step captured once into a CUDA graph and replayed (one launch
