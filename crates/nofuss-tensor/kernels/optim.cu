@@ -32,6 +32,15 @@ __device__ __forceinline__ StepArgs resolved(StepArgs s) {
     return s;
 }
 
+// Whether the update reads and writes state row 0 (a), 1 (b) or 2 (c): the others are
+// neither loaded nor stored (Adam's c, SGD's b and c), as OptimizerKind::uses_row says.
+__device__ __forceinline__ bool uses_row(const StepArgs& s, int row) {
+    if (row == 0)
+        return s.kind == 0 ? s.momentum != 0.0 : (s.kind == 2 || s.tf_style || s.momentum > 0.0);
+    if (row == 1) return s.kind != 0;
+    return s.kind == 1 && s.centered;
+}
+
 __device__ __forceinline__ double rms_ratio(const StepArgs& s, double g, double b, double c) {
     double var = s.centered ? b - c * c : b;
     return s.tf_style ? g / sqrt(var + s.eps) : g / (sqrt(var) + s.eps);
@@ -40,9 +49,11 @@ __device__ __forceinline__ double rms_ratio(const StepArgs& s, double g, double 
 template <typename T>
 __device__ void update_state(T* st, const T* grad, const T* param, int64_t n, StepArgs s) {
     s = resolved(s);
+    const bool ua = uses_row(s, 0), ub = uses_row(s, 1), uc = uses_row(s, 2);
     GRID_STRIDE(i, n) {
         double g = s.scale * (double)grad[i] + s.wd_l2 * (double)param[i];
-        double a = st[i], b = st[n + i], c = st[2 * n + i];
+        double a = ua ? (double)st[i] : 0.0, b = ub ? (double)st[n + i] : 0.0;
+        double c = uc ? (double)st[2 * n + i] : 0.0;
         if (s.kind == 0) {
             if (s.momentum != 0.0) a = s.first ? g : s.momentum * a + (1.0 - s.dampening) * g;
         } else if (s.kind == 1) {
@@ -57,19 +68,21 @@ __device__ void update_state(T* st, const T* grad, const T* param, int64_t n, St
             a = s.beta1 * a + (1.0 - s.beta1) * g;
             b = s.beta2 * b + (1.0 - s.beta2) * g * g;
         }
-        st[i] = (T)a;
-        st[n + i] = (T)b;
-        st[2 * n + i] = (T)c;
+        if (ua) st[i] = (T)a;
+        if (ub) st[n + i] = (T)b;
+        if (uc) st[2 * n + i] = (T)c;
     }
 }
 
 template <typename T>
 __device__ void update_param(T* param, const T* grad, const T* st, int64_t n, StepArgs s) {
     s = resolved(s);
+    const bool ua = uses_row(s, 0), ub = uses_row(s, 1), uc = uses_row(s, 2);
     GRID_STRIDE(i, n) {
         double p = param[i];
         double g = s.scale * (double)grad[i] + s.wd_l2 * p;
-        double a = st[i], b = st[n + i], c = st[2 * n + i];
+        double a = ua ? (double)st[i] : 0.0, b = ub ? (double)st[n + i] : 0.0;
+        double c = uc ? (double)st[2 * n + i] : 0.0;
         if (s.kind == 0) {
             double d = s.momentum == 0.0 ? g : (s.nesterov ? g + s.momentum * a : a);
             p -= s.lr * d;

@@ -426,6 +426,72 @@ fn cuda_kernels_match_the_cpu_operations() {
             state = h.read("state", dt);
         }
         close("adam parameter", &p_k, &host(var.as_tensor()), dt);
+
+        // Two steps of SGD with Nesterov momentum (state row a only) and of centred
+        // RMSprop (rows b and c only): the kernels load and store only the rows an
+        // optimiser uses, and must still agree with the CPU's optimiser.
+        let kinds: [(&str, OptimizerKind, [f64; 4]); 2] = [
+            // (name, kind, [kind code, nesterov, centered, unused]) and its arguments below
+            (
+                "sgd nesterov",
+                OptimizerKind::sgd(0.9, true),
+                [0.0, 1.0, 0.0, 0.0],
+            ),
+            (
+                "rmsprop centred",
+                OptimizerKind::RmsProp {
+                    alpha: 0.9,
+                    eps: 1e-3,
+                    momentum: 0.0,
+                    centered: true,
+                    tf_style: false,
+                },
+                [1.0, 0.0, 1.0, 0.0],
+            ),
+        ];
+        for (name, kind, [code, nesterov, centered, _]) in kinds {
+            let var = Var::from_tensor(&tensor(&pv, &[37], dt)).unwrap();
+            let mut opt = Optimizer::new(
+                kind,
+                0.01,
+                vec![ParamGroup::new("p", vec![var.clone()]).weight_decay(0.1)],
+            )
+            .unwrap();
+            let (mut p_k, mut state) = (pv.clone(), vec![0f64; 3 * 37]);
+            for t in 1..=2 {
+                let gv = values(37, 60 + t);
+                let loss = (var.as_tensor() * tensor(&gv, &[37], dt))
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                opt.step(&loss.backward().unwrap()).unwrap();
+                h.write("p", &p_k, dt);
+                h.write("grad", &gv, dt);
+                h.write("state", &state, dt);
+                let first = (t == 1) as i32;
+                // scale wd_l2 wd_dec lr momentum dampening alpha eps beta1 beta2 bc1 bc2
+                let (momentum, alpha, eps) = if code == 0.0 {
+                    (0.9, 0.0, 0.0)
+                } else {
+                    (0.0, 0.9, 1e-3)
+                };
+                let args: Vec<String> = [code as i32, first, nesterov as i32, centered as i32, 0]
+                    .iter()
+                    .map(|v| v.to_string())
+                    .chain(
+                        [
+                            1.0, 0.1, 0.0, 0.01, momentum, 0.0, alpha, eps, 0.0, 0.0, 1.0, 1.0,
+                        ]
+                        .iter()
+                        .map(|v| format!("{v:e}")),
+                    )
+                    .collect();
+                h.run("optim", dt, &args);
+                p_k = h.read("p", dt);
+                state = h.read("state", dt);
+            }
+            close(name, &p_k, &host(var.as_tensor()), dt);
+        }
     }
 
     // Scaled row normalisation, a zero row included, forward and backward.
