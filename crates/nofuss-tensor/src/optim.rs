@@ -379,11 +379,7 @@ impl Optimizer {
                 norm: 0.0,
             });
         };
-        let address = if sumsq.device().is_cuda() {
-            device_address(&sumsq)?
-        } else {
-            0
-        };
+        let address = device_address(&sumsq)?; // 0 off CUDA
         if address != 0 {
             return Ok(Clip::Device {
                 _sumsq: sumsq,

@@ -143,13 +143,13 @@ impl Uploader {
         let bytes = std::mem::size_of_val(data);
         let slot = &mut self.slots[self.next];
         self.next = (self.next + 1) % SLOTS;
-        if slot.as_ref().is_none_or(|s| s.capacity() < bytes) {
-            // The old buffer (dropped first) waits for its last transfer.
+        if slot.as_ref().is_some_and(|s| s.capacity() < bytes) {
+            // Too small: dropped (waiting for its last transfer) before a larger one.
             *slot = None;
-            *slot = Some(cuda::Slot::new(stream.context(), bytes)?);
         }
-        let Some(slot) = slot.as_mut() else {
-            candle_core::bail!("upload: no staging buffer");
+        let slot = match slot {
+            Some(s) => s,
+            empty => empty.insert(cuda::Slot::new(stream.context(), bytes)?),
         };
         // Its transfer of `SLOTS` uploads ago has left the buffer.
         let host = slot.writable()?.cast::<T>();

@@ -82,7 +82,10 @@ void pool(char** a, const char* sfx) {
             EMU1(max_pool_fwd<T>(x.data(), yy.data(), idx.data(), geom));
             EMU1(max_pool_bwd<T>(idx.data(), dy.data(), dxx.data(), geom));
         }
-        if (!y.empty()) same_bits(y, yy, "pool y"), same_bits(dx, dxx, "pool dx");
+        if (!y.empty()) {
+            same_bits(y, yy, "pool y");
+            same_bits(dx, dxx, "pool dx");
+        }
         y = yy;
         dx = dxx;
     }
