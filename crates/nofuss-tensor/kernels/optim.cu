@@ -1,8 +1,14 @@
 // One optimiser step in two in-place passes (state, then parameter), torch.optim's
 // formulas for SGD (momentum, dampening, Nesterov), RMSprop (centred; TensorFlow's
 // variant) and Adam / AdamW. The state is [3, n]: rows a, b, c. Arithmetic in double;
-// parameters and state are f32 or f64.
+// parameters and state are f32 or f64. And the gradients' summed squares that clipping
+// scales by, over many tensors per launch.
 #include "common.cuh"
+
+#define THREADS 256
+// Tensors per launch of sumsq_partial, and elements per block.
+#define SUMSQ_TENSORS 64
+#define SUMSQ_CHUNK 4096
 
 struct StepArgs {
     int kind, first, nesterov, centered, tf_style, pad;
@@ -113,3 +119,72 @@ __device__ void update_param(T* param, const T* grad, const T* st, int64_t n, St
 
 OPTIM_KERNELS(float, f32)
 OPTIM_KERNELS(double, f64)
+
+// Up to SUMSQ_TENSORS tensors of one launch (src/fused_step.rs fills it): tensor i's
+// address and length, and the first of its ceil(len / SUMSQ_CHUNK) blocks. `blocks` is
+// the launch's grid, `base` where its blocks' partial sums start in the output.
+struct SumsqTable {
+    uint64_t data[SUMSQ_TENSORS];
+    int64_t len[SUMSQ_TENSORS];
+    uint32_t first_block[SUMSQ_TENSORS];
+    uint32_t count, blocks, base, pad;
+};
+
+// partial[base + b] = the sum of squares (in double) of block b's chunk: SUMSQ_CHUNK
+// elements of the tensor the block falls in. Every chunk is summed in the same order on
+// every run, so the total is deterministic.
+template <typename T>
+__device__ void sumsq_partial(const SumsqTable& t, double* partial) {
+    __shared__ double s[THREADS];
+    const unsigned b = blockIdx.x;
+    // The last tensor whose first block is b or before (no tensor is empty).
+    unsigned lo = 0, hi = t.count;
+    while (hi - lo > 1) {
+        unsigned mid = (lo + hi) / 2;
+        if (t.first_block[mid] <= b) lo = mid;
+        else hi = mid;
+    }
+    const T* x = (const T*)t.data[lo];
+    const int64_t start = (int64_t)(b - t.first_block[lo]) * SUMSQ_CHUNK;
+    const int64_t end = min(start + (int64_t)SUMSQ_CHUNK, t.len[lo]);
+    double acc = 0.0;
+    for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+        double v = (double)x[i];
+        acc += v * v;
+    }
+    s[threadIdx.x] = acc;
+    __syncthreads();
+    for (unsigned stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) s[threadIdx.x] += s[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[t.base + b] = s[0];
+}
+
+// out[0] = the sum of partial[0..n], by one block in a fixed order.
+template <typename A>
+__device__ void sumsq_total(const A* partial, int64_t n, A* out) {
+    __shared__ A s[THREADS];
+    A acc = 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
+    s[threadIdx.x] = acc;
+    __syncthreads();
+    for (unsigned stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) s[threadIdx.x] += s[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[0] = s[0];
+}
+
+#define SUMSQ_PARTIAL(T, SUF)                                                                 \
+    extern "C" __global__ void sumsq_partial_##SUF(SumsqTable t, double* partial) {          \
+        sumsq_partial<T>(t, partial);                                                         \
+    }
+#define SUMSQ_TOTAL(A, SUF)                                                                   \
+    extern "C" __global__ void sumsq_total_##SUF(const A* partial, int64_t n, A* out) {      \
+        sumsq_total<A>(partial, n, out);                                                      \
+    }
+
+SUMSQ_PARTIAL(float, f32)
+SUMSQ_PARTIAL(double, f64)
+SUMSQ_TOTAL(double, f64)

@@ -166,6 +166,7 @@ macro_rules! kernels {
 pub(crate) mod launch {
     use super::*;
     use crate::fused_step::StepArgs;
+    use crate::sumsq::SumsqTable;
 
     kernels! { "pool.cu", "nofuss_pool", POOL_PTX;
         fn max_pool_fwd<T>(x: &CudaView<T>, y: &mut CudaViewMut<T>, idx: &mut CudaViewMut<u32>, g: &PoolGeom);
@@ -245,6 +246,8 @@ pub(crate) mod launch {
     kernels! { "optim.cu", "nofuss_optim", OPTIM_PTX;
         fn optim_state<T>(st: &mut CudaViewMut<T>, grad: &CudaView<T>, param: &CudaView<T>, n: &i64, s: &StepArgs);
         fn optim_param<T>(param: &mut CudaViewMut<T>, grad: &CudaView<T>, st: &CudaView<T>, n: &i64, s: &StepArgs);
+        fn sumsq_partial<T>(t: &SumsqTable, partial: &mut CudaViewMut<f64>);
+        fn sumsq_total<A>(partial: &CudaView<A>, n: &i64, out: &mut CudaViewMut<A>);
     }
 
     kernels! { "nca.cu", "nofuss_nca", NCA_PTX;
@@ -1303,22 +1306,118 @@ where
 // SAFETY: plain old data with the C layout `kernels/optim.cu` declares.
 unsafe impl DeviceRepr for crate::fused_step::StepArgs {}
 
-/// One in-place pass of an optimiser step: the state `[3, n]` (`state_pass`) or the
-/// parameter, from the two read-only inputs (`grad` and the other of the two).
 /// The device address of the first element of `t`, a contiguous f64 tensor on CUDA.
 /// It stays valid while `t`'s storage lives (candle never moves a buffer).
-pub(crate) fn device_address_f64(t: &candle_core::Tensor) -> Result<u64> {
+pub(crate) fn device_address_f64(t: &Tensor) -> Result<u64> {
+    device_address::<f64>(t)
+}
+
+/// [`device_address_f64`] for a contiguous CUDA tensor of element type `T`.
+fn device_address<T: CudaDType>(t: &Tensor) -> Result<u64> {
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceSlice};
     let (storage, layout) = t.storage_and_layout();
-    let (candle_core::Storage::Cuda(s), Some((a, b))) = (&*storage, layout.contiguous_offsets())
-    else {
+    let (Storage::Cuda(s), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
         candle_core::bail!("device address: a contiguous CUDA tensor is needed");
     };
-    let view = s.as_cuda_slice::<f64>()?.slice(a..b);
+    let view = s.as_cuda_slice::<T>()?.slice(a..b);
     let (address, _record) = view.device_ptr(view.stream());
     Ok(address)
 }
 
+// SAFETY: plain old data with the C layout `kernels/optim.cu` declares.
+unsafe impl DeviceRepr for crate::sumsq::SumsqTable {}
+
+/// The summed squares of `tensors` (f32 or f64, on `dev`) as a scalar f64 on `dev`:
+/// `sumsq_partial` over tables of up to `SUMSQ_TENSORS` tensors of one dtype, then
+/// `sumsq_total` (`crate::sumsq`).
+pub(crate) fn sum_of_squares(dev: &CudaDevice, tensors: &[&Tensor]) -> Result<Tensor> {
+    use crate::sumsq::{plan, SumsqTable, SUMSQ_TENSORS};
+    // Contiguous copies, where needed, live until the launches are queued (a buffer
+    // freed after that is reused in stream order).
+    let tensors = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(t) = tensors
+        .iter()
+        .find(|t| !matches!(t.dtype(), DType::F32 | DType::F64) || !t.device().is_cuda())
+    {
+        candle_core::bail!(
+            "summed squares of f32 or f64 CUDA tensors, not {:?} on {:?}",
+            t.dtype(),
+            t.device()
+        );
+    }
+    let mut launches = vec![];
+    let mut end = 0;
+    for dt in [DType::F32, DType::F64] {
+        let of_dt: Vec<&Tensor> = tensors.iter().filter(|t| t.dtype() == dt).collect();
+        let lens: Vec<usize> = of_dt.iter().map(|t| t.elem_count()).collect();
+        let (planned, next) =
+            plan(&lens, end).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        end = next;
+        for l in planned {
+            let mut table = SumsqTable {
+                data: [0; SUMSQ_TENSORS],
+                len: [0; SUMSQ_TENSORS],
+                first_block: [0; SUMSQ_TENSORS],
+                count: l.tensors.len() as u32,
+                blocks: l.blocks,
+                base: l.base,
+                _pad: 0,
+            };
+            for (k, (&i, &first)) in l.tensors.iter().zip(&l.first_block).enumerate() {
+                let t = of_dt[i];
+                table.data[k] = match dt {
+                    DType::F32 => device_address::<f32>(t)?,
+                    _ => device_address::<f64>(t)?,
+                };
+                table.len[k] = t.elem_count() as i64;
+                table.first_block[k] = first;
+            }
+            launches.push((dt, table));
+        }
+    }
+    let total = end as usize;
+    if total == 0 {
+        return Tensor::zeros((), DType::F64, &candle_core::Device::Cuda(dev.clone()));
+    }
+    // SAFETY: every partial sum is written by the launches below before the total reads
+    // them (each block writes its own).
+    let mut partial = unsafe { dev.alloc::<f64>(total)? };
+    let out = {
+        for (dt, table) in &launches {
+            let cfg = LaunchConfig {
+                grid_dim: (table.blocks, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let p = &mut partial.as_view_mut();
+            match dt {
+                DType::F32 => launch::sumsq_partial::<f32>(dev, cfg, table, p)?,
+                _ => launch::sumsq_partial::<f64>(dev, cfg, table, p)?,
+            }
+        }
+        let one = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n = total as i64;
+        filled::<f64>(dev, 1, |out| {
+            launch::sumsq_total::<f64>(dev, one, &partial.as_view(), &n, out)
+        })?
+    };
+    Ok(Tensor::from_storage(
+        Storage::Cuda(out),
+        (),
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+/// One in-place pass of an optimiser step: the state `[3, n]` (`state_pass`) or the
+/// parameter, from the two read-only inputs (`grad` and the other of the two).
 pub(crate) fn optim_update(
     state_pass: bool,
     (ds, dl): (&mut CudaStorage, &Layout),

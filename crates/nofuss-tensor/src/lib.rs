@@ -69,6 +69,7 @@ mod precision;
 pub mod profile;
 mod proxy_rows;
 pub mod select;
+mod sumsq;
 pub mod tape;
 pub mod upload;
 

@@ -275,9 +275,15 @@ impl CustomOp2 for SqDistBwd {
             let d = slice::<T>(s2, l2)?;
             let (zero, m2) = (T::from_f64(0.0), T::from_f64(-2.0));
             let mut out = vec![zero; g.len()];
-            out.par_iter_mut()
-                .zip(g.par_iter().zip(d.par_iter()))
-                .for_each(|(o, (&g, &d))| *o = if d > zero { m2 * g } else { zero });
+            // Chunks of plain loops, which vectorise (a per-element parallel zip does not).
+            const CHUNK: usize = 8192;
+            out.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK).zip(d.par_chunks(CHUNK)))
+                .for_each(|(o, (g, d))| {
+                    for ((o, &g), &d) in o.iter_mut().zip(g).zip(d) {
+                        *o = if d > zero { m2 * g } else { zero };
+                    }
+                });
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
     }

@@ -349,20 +349,16 @@ impl Optimizer {
     }
 
     /// The gradients' summed squares as an f64 scalar on their device (`None` without
-    /// any gradient): per-parameter sums and their total, nothing read back.
+    /// any gradient), nothing read back (`crate::sumsq`: on a GPU a few launches for all
+    /// of them).
     fn sum_of_squares(&self, grads: &GradStore) -> Result<Option<Tensor>> {
-        let mut sums = Vec::new();
-        for g in &self.groups {
-            for v in &g.vars {
-                if let Some(gr) = grads.get(v.as_tensor()) {
-                    sums.push(gr.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?);
-                }
-            }
-        }
-        if sums.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(Tensor::stack(&sums, 0)?.sum_all()?))
+        let present: Vec<&Tensor> = self
+            .groups
+            .iter()
+            .flat_map(|g| &g.vars)
+            .filter_map(|v| grads.get(v.as_tensor()))
+            .collect();
+        crate::sumsq::sum_of_squares(&present)
     }
 
     /// How step `step` clips: not at all; by a scale from the norm read on the host (a

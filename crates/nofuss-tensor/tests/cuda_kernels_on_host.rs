@@ -599,4 +599,70 @@ fn cuda_kernels_match_the_cpu_operations() {
             "{what}: values"
         );
     }
+
+    // The gradients' summed squares of clipping: 70 f32 tensors (two tables' worth: a
+    // second launch numbering its blocks on from the first's) and three f64 ones, with
+    // empty tensors, lengths at and around the chunk size and more partial sums than a
+    // block has threads, against the CPU optimiser's gradient norm.
+    let chunk = 4096usize;
+    let mut lens32: Vec<u32> = (0..70u32).map(|i| (i * 977) % 30011).collect();
+    lens32[3] = 0;
+    lens32[10] = chunk as u32;
+    lens32[11] = chunk as u32 + 1;
+    lens32[12] = chunk as u32 - 1;
+    lens32[69] = 1;
+    let lens64: Vec<u32> = vec![2 * chunk as u32 + 5, 0, 17];
+    let mut vars = vec![];
+    let mut all = [vec![], vec![]];
+    for (k, (lens, dt)) in [(&lens32, DType::F32), (&lens64, DType::F64)]
+        .iter()
+        .enumerate()
+    {
+        for (i, &n) in lens.iter().enumerate() {
+            let v = values(n as usize, 80 + i + 100 * k);
+            all[k].extend_from_slice(&v);
+            vars.push(Var::from_tensor(&tensor(&v, &[n as usize], *dt)).unwrap());
+        }
+    }
+    let blocks: u32 = lens32
+        .iter()
+        .chain(&lens64)
+        .map(|&n| n.div_ceil(chunk as u32))
+        .sum();
+    assert!(blocks > 256, "{blocks} partial sums");
+    h.write_u32("lens32", &lens32);
+    h.write("x32", &all[0], DType::F32);
+    h.write_u32("lens64", &lens64);
+    h.write("x64", &all[1], DType::F64);
+    h.run("sumsq", DType::F64, &[]);
+    // Each variable's gradient is the variable itself.
+    let loss = vars
+        .iter()
+        .map(|v| {
+            (v.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+        })
+        .reduce(|a, b| (a + b).unwrap())
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let opt = Optimizer::new(
+        OptimizerKind::sgd(0.0, false),
+        0.1,
+        vec![ParamGroup::new("all", vars.clone())],
+    )
+    .unwrap();
+    let want = opt.grad_norm(&grads).unwrap().powi(2);
+    let partial = h.read("partial", DType::F64);
+    assert_eq!(partial.len(), blocks as usize);
+    assert!(
+        partial.iter().all(|p| p.is_finite()),
+        "a block wrote no sum"
+    );
+    let got = h.read("sumsq", DType::F64)[0];
+    assert!(
+        (got - want).abs() <= 1e-12 * want,
+        "summed squares: kernels {got}, CPU {want}"
+    );
 }

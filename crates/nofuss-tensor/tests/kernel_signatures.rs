@@ -175,7 +175,12 @@ fn c_struct(src: &str, name: &str) -> Vec<String> {
     for decl in body.split(';').map(words).filter(|d| !d.is_empty()) {
         let (ty, names) = decl.split_once(' ').unwrap();
         for n in names.split(',') {
-            fields.push(format!("{}: {}", n.trim(), c_scalar(ty)));
+            // An array `name[N]` is Rust's `name: [T; N]`.
+            let field = match n.trim().split_once('[') {
+                Some((n, len)) => format!("{n}: [{}; {}]", c_scalar(ty), len.trim_end_matches(']')),
+                None => format!("{}: {}", n.trim(), c_scalar(ty)),
+            };
+            fields.push(field);
         }
     }
     fields
@@ -296,10 +301,12 @@ fn launchers_match_the_kernels() {
     }
     // The structs passed by value.
     let fused = read("src/fused_step.rs");
+    let sumsq = read("src/sumsq.rs");
     for (name, cu, rs) in [
         ("PoolGeom", "kernels/pool.cu", &cuda_rs),
         ("BnGeom", "kernels/batch_norm.cu", &cuda_rs),
         ("StepArgs", "kernels/optim.cu", &fused),
+        ("SumsqTable", "kernels/optim.cu", &sumsq),
     ] {
         assert_eq!(
             rust_struct(rs, name),
@@ -313,8 +320,18 @@ fn launchers_match_the_kernels() {
         "kernels/batch_norm.cu",
         "kernels/nca.cu",
         "kernels/normalize.cu",
+        "kernels/optim.cu",
     ] {
         assert_eq!(define(&read(cu), "THREADS"), Some(threads), "{cu}: THREADS");
+    }
+    // The table's arrays and chunks.
+    let optim = read("kernels/optim.cu");
+    for name in ["SUMSQ_TENSORS", "SUMSQ_CHUNK"] {
+        assert_eq!(
+            define(&optim, name),
+            Some(rust_const(&sumsq, name)),
+            "{name}"
+        );
     }
     let select = read("kernels/select.cu");
     assert_eq!(

@@ -135,3 +135,50 @@ fn clipped_steps_match_the_cpu() {
         assert!((a - b).abs() < 1e-10, "value {i}: {a} on {dev:?}, CPU {b}");
     }
 }
+
+/// The global gradient norm over many tensors (more than one launch's table on a GPU;
+/// empty ones and lengths around a block's chunk among them) is the CPU's, and the same
+/// to the bit when summed again.
+#[test]
+fn gradient_norms_of_many_tensors_match_the_cpu() {
+    let norms = |dev: &candle_core::Device| {
+        let vars: Vec<Var> = (0..150usize)
+            .map(|i| {
+                let n = match i {
+                    0 => 0,
+                    1 => 4096,
+                    2 => 4097,
+                    3 => 100_003,
+                    _ => (i * 613) % 9001,
+                };
+                let v: Vec<f32> = (0..n)
+                    .map(|j| (((j * 31 + i * 17) % 199) as f32 - 99.0) / 37.0)
+                    .collect();
+                Var::from_tensor(&Tensor::from_vec(v, n, dev).unwrap()).unwrap()
+            })
+            .collect();
+        let loss = vars
+            .iter()
+            .map(|v| (v.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap())
+            .reduce(|a, b| (a + b).unwrap())
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let opt = Optimizer::new(
+            OptimizerKind::sgd(0.0, false),
+            0.1,
+            vec![ParamGroup::new("all", vars)],
+        )
+        .unwrap();
+        (
+            opt.grad_norm(&grads).unwrap(),
+            opt.grad_norm(&grads).unwrap(),
+        )
+    };
+    let dev = nofuss_tensor::test_device().unwrap();
+    let ((got, again), (want, _)) = (norms(&dev), norms(&candle_core::Device::Cpu));
+    assert_eq!(got.to_bits(), again.to_bits(), "summed twice on {dev:?}");
+    assert!(
+        (got - want).abs() <= 1e-12 * want,
+        "gradient norm on {dev:?} {got}, CPU {want}"
+    );
+}

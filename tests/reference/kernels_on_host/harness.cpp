@@ -276,6 +276,55 @@ void sqdist(char** a) {
     save("dab", dab);
 }
 
+// Appends the launch tables of tensors of lengths `lens`, laid end to end in `x`, to
+// `tables`, as src/sumsq.rs plans them: empty tensors left out, SUMSQ_TENSORS a table,
+// ceil(len / SUMSQ_CHUNK) blocks a tensor, partial sums numbered on from `next`.
+template <typename T>
+void sumsq_tables(const std::vector<uint32_t>& lens, const std::vector<T>& x,
+                  std::vector<std::pair<bool, SumsqTable>>& tables, uint32_t& next) {
+    const bool is_f32 = sizeof(T) == 4;
+    bool open = false;
+    size_t off = 0;
+    for (size_t i = 0; i < lens.size(); off += lens[i], ++i) {
+        if (lens[i] == 0) continue;
+        if (!open || tables.back().second.count == SUMSQ_TENSORS) {
+            SumsqTable t{};
+            t.base = next;
+            tables.push_back({is_f32, t});
+            open = true;
+        }
+        SumsqTable& t = tables.back().second;
+        uint32_t blocks = (lens[i] + SUMSQ_CHUNK - 1) / SUMSQ_CHUNK;
+        t.data[t.count] = (uint64_t)(x.data() + off);
+        t.len[t.count] = lens[i];
+        t.first_block[t.count] = t.blocks;
+        t.blocks += blocks;
+        next += blocks;
+        t.count++;
+    }
+}
+
+// The summed squares of f32 tensors and f64 tensors together, as the clipping of a step
+// sums them on a GPU: files lens32 x32 lens64 x64 -> sumsq (f64) and partial (f64).
+void sumsq(char**) {
+    auto lens32 = load<uint32_t>("lens32");
+    auto x32 = load<float>("x32");
+    auto lens64 = load<uint32_t>("lens64");
+    auto x64 = load<double>("x64");
+    std::vector<std::pair<bool, SumsqTable>> tables;
+    uint32_t next = 0;
+    sumsq_tables(lens32, x32, tables, next);
+    sumsq_tables(lens64, x64, tables, next);
+    std::vector<double> partial(next, std::nan("")), out(1, std::nan(""));
+    for (auto& [is_f32, t] : tables) {
+        if (is_f32) emu_launch(t.blocks, 1, THREADS, [&] { sumsq_partial<float>(t, partial.data()); });
+        else emu_launch(t.blocks, 1, THREADS, [&] { sumsq_partial<double>(t, partial.data()); });
+    }
+    emu_launch(1, 1, THREADS, [&] { sumsq_total<double>(partial.data(), next, out.data()); });
+    save("sumsq", out);
+    save("partial", partial);
+}
+
 void select_k(char** a) {
     // rows cols k skip_offset skip ; file x (f32) -> vals (f32) idx (u32)
     int64_t rows = std::atoll(a[0]), cols = std::atoll(a[1]), off = std::atoll(a[3]);
@@ -332,6 +381,8 @@ int main(int argc, char** argv) {
         else sqdist<__nv_bfloat16>(a);
     } else if (op == "last") {
         last(a);
+    } else if (op == "sumsq") {
+        sumsq(a);
     } else if (op == "select") {
         select_k(a);
     } else if (op == "optim") {
