@@ -7,9 +7,10 @@
 struct PoolGeom {
     int64_t planes;
     int h, w, oh, ow, k, s, p;
-    // div_by's (mul, shift) for ow and oh (forward: 0 when planes * oh * ow does not fit)
-    // and for w and h (backward: 0 when planes * h * w does not fit).
-    uint32_t ow_mul, ow_shift, oh_mul, oh_shift, w_mul, w_shift, h_mul, h_shift;
+    // div_by's (mul, shift) for ow and oh (forward: 0 when planes * oh * ow does not fit),
+    // for w and h (backward: 0 when planes * h * w does not fit) and for the stride
+    // (backward: a row or column plus the padding).
+    uint32_t ow_mul, ow_shift, oh_mul, oh_shift, w_mul, w_shift, h_mul, h_shift, s_mul, s_shift;
 };
 
 // Output element i's (plane, row, column).
@@ -63,10 +64,13 @@ __device__ __forceinline__ int argmax(const T* plane, const PoolGeom& g, int y, 
     return best;
 }
 
-// Outputs whose windows contain input row `r`: [lo, hi].
-__device__ __forceinline__ void covering(int r, int k, int s, int p, int out, int& lo, int& hi) {
-    lo = (r + p < k) ? 0 : (r + p - k) / s + 1;
-    hi = min((r + p) / s, out - 1);
+// Outputs whose windows contain input row `r` of `out` output rows: [lo, hi] (the
+// stride's divisions by div_by).
+__device__ __forceinline__ void covering(const PoolGeom& g, int r, int out, int& lo, int& hi) {
+    int64_t rem;
+    const int a = r + g.p;
+    lo = (a < g.k) ? 0 : (int)div_by(a - g.k, g.s, g.s_mul, g.s_shift, rem) + 1;
+    hi = min((int)div_by(a, g.s, g.s_mul, g.s_shift, rem), out - 1);
 }
 
 // y and, for the backward pass, each window's argmax position in its plane.
@@ -92,8 +96,8 @@ __device__ void max_pool_bwd(const uint32_t* idx, const T* dy, T* dx, PoolGeom g
         const uint32_t* win = idx + b * g.oh * g.ow;
         const T* grad = dy + b * g.oh * g.ow;
         int ylo, yhi, xlo, xhi;
-        covering(r, g.k, g.s, g.p, g.oh, ylo, yhi);
-        covering(c, g.k, g.s, g.p, g.ow, xlo, xhi);
+        covering(g, r, g.oh, ylo, yhi);
+        covering(g, c, g.ow, xlo, xhi);
         uint32_t self = (uint32_t)(r * g.w + c);
         A acc = 0;
         for (int yo = ylo; yo <= yhi; ++yo)
@@ -127,8 +131,8 @@ __device__ void avg_pool_bwd(const T* dy, T* dx, PoolGeom g, int include_pad) {
         int64_t c, r, b = in_at(g, i, r, c);
         const T* grad = dy + b * g.oh * g.ow;
         int ylo, yhi, xlo, xhi;
-        covering(r, g.k, g.s, g.p, g.oh, ylo, yhi);
-        covering(c, g.k, g.s, g.p, g.ow, xlo, xhi);
+        covering(g, r, g.oh, ylo, yhi);
+        covering(g, c, g.ow, xlo, xhi);
         A acc = 0;
         for (int yo = ylo; yo <= yhi; ++yo)
             for (int xo = xlo; xo <= xhi; ++xo)

@@ -370,7 +370,8 @@ pub(crate) struct PoolGeom {
     pub k: i32,
     pub s: i32,
     pub p: i32,
-    /// `div_by`'s multipliers and shifts for ow, oh (forward) and w, h (backward).
+    /// `div_by`'s multipliers and shifts for ow, oh (forward), w, h and the stride
+    /// (backward).
     pub ow_mul: u32,
     pub ow_shift: u32,
     pub oh_mul: u32,
@@ -379,6 +380,8 @@ pub(crate) struct PoolGeom {
     pub w_shift: u32,
     pub h_mul: u32,
     pub h_shift: u32,
+    pub s_mul: u32,
+    pub s_shift: u32,
 }
 
 // SAFETY: plain old data with the C layout the kernels declare.
@@ -393,6 +396,8 @@ impl PoolGeom {
         let (oh_mul, oh_shift) = fast_div_params(oh as u64, fwd);
         let (w_mul, w_shift) = fast_div_params(w as u64, bwd);
         let (h_mul, h_shift) = fast_div_params(h as u64, bwd);
+        // The backward pass divides a row or column plus the padding by the stride.
+        let (s_mul, s_shift) = fast_div_params(s as u64, (h.max(w) + p + 1) as u64);
         Self {
             planes: planes as i64,
             h: h as i32,
@@ -410,6 +415,8 @@ impl PoolGeom {
             w_shift,
             h_mul,
             h_shift,
+            s_mul,
+            s_shift,
         }
     }
 }

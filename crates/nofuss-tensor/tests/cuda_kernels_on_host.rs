@@ -133,13 +133,16 @@ fn tensor(v: &[f64], shape: &[usize], dt: DType) -> Tensor {
 fn cuda_kernels_match_the_cpu_operations() {
     let h = Harness::build();
     for dt in [DType::F64, DType::F32] {
-        // Pooling: BN-Inception's three kinds and an odd one.
+        // Pooling: BN-Inception's three kinds and odd ones (a stride that is not a power
+        // of two, windows with gaps between them).
         let (n, c, hh, ww) = (2usize, 3usize, 11usize, 9usize);
         for (avg, k, s, p, ceil, inc) in [
             (false, 3, 2, 0, true, true),
             (false, 3, 1, 1, true, true),
             (true, 3, 1, 1, true, true),
             (true, 3, 2, 1, true, false),
+            (false, 3, 3, 1, true, true),
+            (true, 2, 3, 0, false, true),
         ] {
             let pool = Pool2d {
                 kernel: k,

@@ -71,6 +71,7 @@ void pool(char** a, const char* sfx) {
     fast_div_params(g.oh, fwd, fast.oh_mul, fast.oh_shift);
     fast_div_params(g.w, bwd, fast.w_mul, fast.w_shift);
     fast_div_params(g.h, bwd, fast.h_mul, fast.h_shift);
+    fast_div_params(g.s, max(g.h, g.w) + g.p + 1, fast.s_mul, fast.s_shift);
     std::vector<T> y, dx;
     for (const PoolGeom& geom : {g, fast}) {
         std::vector<T> yy(g.planes * g.oh * g.ow), dxx(x.size());
