@@ -219,8 +219,13 @@ impl MaxKey for half::f16 {
 /// replaces it when larger, or NaN (after a NaN only NaNs move it), so ties keep the first
 /// maximum, as in PyTorch. No branch: conditional moves.
 #[inline(always)]
-fn keep_max<T: MaxKey>((m, at): (i64, usize), v: T, pos: usize) -> (i64, usize) {
-    let k = v.max_key();
+fn keep_max<T: MaxKey>(best: (i64, usize), v: T, pos: usize) -> (i64, usize) {
+    keep_key(best, v.max_key(), pos)
+}
+
+/// [`keep_max`] with the value's key already made.
+#[inline(always)]
+fn keep_key((m, at): (i64, usize), k: i64, pos: usize) -> (i64, usize) {
     let b = (k == i64::MAX) | (k > m);
     (
         std::hint::select_unpredictable(b, k, m),
@@ -380,7 +385,12 @@ impl Geom {
     /// overhang) go through [`Self::argmax`]. Window elements are visited in
     /// [`Self::argmax`]'s order, so ties and NaNs resolve the same way everywhere.
     fn max_plane<T: MaxKey>(&self, plane: &[T], out: &mut [T], idx: &mut [u32]) {
+        /// Interior windows compared side by side.
+        const LANES: usize = 4;
         let (w, s, k, p) = (self.w, self.s, self.k, self.p);
+        // The plane's keys, made once for the interior windows (each element is in up to
+        // k² of them).
+        let mut keys: Option<Vec<i64>> = None;
         let (rows, cols) = (self.inside(self.oh, self.h), self.inside(self.ow, self.w));
         for (yo, (out, idx)) in out
             .chunks_exact_mut(self.ow)
@@ -400,13 +410,36 @@ impl Geom {
             // Window of output xo starts at column xo s - p of row yo s - p; its values
             // are compared in argmax's order and the result written once.
             let top = (yo * s - p) * w;
-            for xo in cols.clone() {
+            let keys = keys.get_or_insert_with(|| plane.iter().map(|v| v.max_key()).collect());
+            let mut xo = cols.start;
+            // LANES windows side by side: independent chains of compares, which the
+            // processor overlaps (one window's chain of k² dependent selects is latency).
+            while xo + LANES <= cols.end {
+                let base: [usize; LANES] = std::array::from_fn(|l| top + (xo + l) * s - p);
+                let mut m: [i64; LANES] = std::array::from_fn(|l| keys[base[l]]);
+                let mut at = base;
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let off = ky * w + kx;
+                        for l in 0..LANES {
+                            let pos = base[l] + off;
+                            (m[l], at[l]) = keep_key((m[l], at[l]), keys[pos], pos);
+                        }
+                    }
+                }
+                for l in 0..LANES {
+                    out[xo + l] = plane[at[l]];
+                    idx[xo + l] = at[l] as u32;
+                }
+                xo += LANES;
+            }
+            for xo in xo..cols.end {
                 let base = top + xo * s - p;
-                let mut best = (plane[base].max_key(), base);
+                let mut best = (keys[base], base);
                 for ky in 0..k {
                     let start = base + ky * w;
-                    for (kx, &v) in plane[start..start + k].iter().enumerate() {
-                        best = keep_max(best, v, start + kx);
+                    for (kx, &key) in keys[start..start + k].iter().enumerate() {
+                        best = keep_key(best, key, start + kx);
                     }
                 }
                 out[xo] = plane[best.1];
@@ -932,8 +965,13 @@ mod tests {
                 padding: pad,
                 ceil_mode: ceil,
             };
-            for dt in [candle_core::DType::F32, candle_core::DType::F64] {
-                let (n, c, h, w) = (2, 2, 7, 8);
+            // The wider planes have several groups of interior windows side by side and a
+            // tail at every stride.
+            for (dt, (h, w)) in [candle_core::DType::F32, candle_core::DType::F64]
+                .into_iter()
+                .flat_map(|dt| [(7, 8), (9, 23), (5, 40)].map(|hw| (dt, hw)))
+            {
+                let (n, c) = (2, 2);
                 let vals: Vec<f64> = (0..n * c * h * w)
                     .map(|i| pick[((i * 2_654_435_761usize) >> 7) % pick.len()])
                     .collect();
