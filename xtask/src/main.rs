@@ -106,6 +106,9 @@ enum Bench {
     Kmeans,
     /// Decode + RandomResizedCrop + flip + normalise against torchvision + PIL.
     Pipeline,
+    /// Max and average pooling forward + backward (BN-Inception's and the small CNN's
+    /// shapes) against PyTorch, CPU.
+    Pool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -282,6 +285,78 @@ fn bench_losses(repeats: usize, python: &str, losses: &[String]) -> Result<()> {
             o["n"],
             o["d"],
             o["p"],
+            b / a
+        );
+    }
+    Ok(())
+}
+
+/// `benches/pool.rs` and `benches/torch_pool.py` in `repeats` alternating rounds of 15
+/// calls per case each; per case and pass the median of the rounds' medians.
+fn bench_pool(repeats: usize, python: &str) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let build = Command::new(&cargo)
+        .args([
+            "bench",
+            "-q",
+            "-p",
+            "nofuss-tensor",
+            "--bench",
+            "pool",
+            "--no-run",
+        ])
+        .status()?;
+    if !build.success() {
+        bail!("building the benchmark failed");
+    }
+    let key =
+        |v: &serde_json::Value| format!("{} {} {} {}", v["op"], v["pass"], v["shape"], v["window"]);
+    let mut ours: Vec<Vec<serde_json::Value>> = vec![];
+    let mut theirs: Vec<Vec<serde_json::Value>> = vec![];
+    for _ in 0..repeats.max(1) {
+        ours.push(json_lines(Command::new(&cargo).args([
+            "bench",
+            "-q",
+            "-p",
+            "nofuss-tensor",
+            "--bench",
+            "pool",
+            "--",
+            "15",
+        ]))?);
+        theirs.push(json_lines(
+            Command::new(python).args(["crates/nofuss-tensor/benches/torch_pool.py", "15"]),
+        )?);
+    }
+    // The median over the rounds of a case's milliseconds.
+    let median_of = |runs: &[Vec<serde_json::Value>], k: &str| {
+        let mut v: Vec<f64> = runs
+            .iter()
+            .flat_map(|r| r.iter().filter(|x| key(x) == k))
+            .filter_map(|x| x["median_ms"].as_f64())
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    let reference = theirs
+        .first()
+        .and_then(|r| r.first())
+        .and_then(|v| v["impl"].as_str())
+        .unwrap_or("reference")
+        .to_string();
+    println!("| op | pass | shape | window (k, s, p) | nofuss ms | {reference} ms | ratio (PyTorch time / nofuss time) |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for o in ours.first().into_iter().flatten() {
+        let k = key(o);
+        let (Some(a), Some(b)) = (median_of(&ours, &k), median_of(&theirs, &k)) else {
+            continue;
+        };
+        println!(
+            "| {} | {} | {} | {} | {a:.2} | {b:.2} | {:.2}x |",
+            o["op"].as_str().unwrap_or("?"),
+            o["pass"].as_str().unwrap_or("?"),
+            o["shape"],
+            o["window"],
             b / a
         );
     }
@@ -552,6 +627,12 @@ fn run(cli: Cli) -> Result<()> {
             python,
             ..
         } => bench_pipeline(repeats, &python)?,
+        Task::Bench {
+            which: Bench::Pool,
+            repeats,
+            python,
+            ..
+        } => bench_pool(repeats, &python)?,
     }
     Ok(())
 }
