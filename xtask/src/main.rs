@@ -295,18 +295,14 @@ fn bench_losses(repeats: usize, python: &str, losses: &[String]) -> Result<()> {
 /// calls per case each; per case and pass the median of the rounds' medians.
 fn bench_pool(repeats: usize, python: &str) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let build = Command::new(&cargo)
-        .args([
-            "bench",
-            "-q",
-            "-p",
-            "nofuss-tensor",
-            "--bench",
-            "pool",
-            "--no-run",
-        ])
-        .status()?;
-    if !build.success() {
+    // `cargo bench` of benches/pool.rs with `extra` arguments.
+    let ours_cmd = |extra: &[&str]| {
+        let mut c = Command::new(&cargo);
+        c.args(["bench", "-q", "-p", "nofuss-tensor", "--bench", "pool"])
+            .args(extra);
+        c
+    };
+    if !ours_cmd(&["--no-run"]).status()?.success() {
         bail!("building the benchmark failed");
     }
     let key =
@@ -314,16 +310,7 @@ fn bench_pool(repeats: usize, python: &str) -> Result<()> {
     let mut ours: Vec<Vec<serde_json::Value>> = vec![];
     let mut theirs: Vec<Vec<serde_json::Value>> = vec![];
     for _ in 0..repeats.max(1) {
-        ours.push(json_lines(Command::new(&cargo).args([
-            "bench",
-            "-q",
-            "-p",
-            "nofuss-tensor",
-            "--bench",
-            "pool",
-            "--",
-            "15",
-        ]))?);
+        ours.push(json_lines(&mut ours_cmd(&["--", "15"]))?);
         theirs.push(json_lines(
             Command::new(python).args(["crates/nofuss-tensor/benches/torch_pool.py", "15"]),
         )?);
