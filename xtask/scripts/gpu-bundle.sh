@@ -45,4 +45,6 @@ for t in "${tests[@]}" knn:bench nofuss:bin; do
   strip ".gpu/$out" && xz -9 -T0 -f ".gpu/$out"
 done
 rm -f "$json"
+# Which source the binaries are of: the commit, and the tracked files changed from it.
+{ git rev-parse HEAD; git status --porcelain --untracked-files=no; } > .gpu/COMMIT
 ls -l .gpu

@@ -15,6 +15,7 @@ PY="${PYTHON:-python3}"
 source "$(dirname "$0")/gpu-env.sh"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   $PY -c "import torch; print('torch', torch.__version__, 'cuDNN', torch.backends.cudnn.version())"
+  echo "bundle of: $(cat .gpu/COMMIT 2>/dev/null || echo unknown)"
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; ldd .gpu/nofuss
 } > "$OUT/gpu.txt" 2>&1
 export NOFUSS_FIXTURES="$PWD/tests/reference/fixtures" NOFUSS_TEST_DEVICE=cuda
