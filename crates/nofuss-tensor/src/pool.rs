@@ -34,7 +34,7 @@
 use candle_core::backend::BackendStorage;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
@@ -580,12 +580,30 @@ impl CustomOp1 for MaxPoolBwd {
         };
         with_cpu_dtype!(s.dtype(), T, {
             let dy = slice::<T>(s, l)?;
-            Ok(g.input_grad(dy, |plane, dy, acc| {
-                let idx = &idx[plane * g.out_plane()..][..g.out_plane()];
-                for (&d, &i) in dy.iter().zip(idx) {
-                    acc[i as usize] += d.to_f64();
-                }
-            }))
+            // Each output's gradient added at its argmax, in output order, in the
+            // element type (f32 for bf16 and f16, rounded once at the end): PyTorch's
+            // CPU scatter, and the sums the CUDA kernel gathers in the same order.
+            let mut dx = vec![T::from_f64(0.0); g.n * g.c * g.in_plane()];
+            let direct = matches!(T::DTYPE, DType::F32 | DType::F64);
+            dx.par_chunks_mut(g.in_plane())
+                .zip(dy.par_chunks(g.out_plane()))
+                .zip(idx.par_chunks(g.out_plane()))
+                .for_each(|((dx, dy), idx)| {
+                    if direct {
+                        for (&d, &i) in dy.iter().zip(idx) {
+                            dx[i as usize] += d;
+                        }
+                        return;
+                    }
+                    let mut acc = vec![0f32; dx.len()];
+                    for (&d, &i) in dy.iter().zip(idx) {
+                        acc[i as usize] += d.to_f64() as f32;
+                    }
+                    for (o, a) in dx.iter_mut().zip(acc) {
+                        *o = T::from_f64(a as f64);
+                    }
+                });
+            Ok((T::to_cpu_storage_owned(dx), g.in_shape()))
         })
     }
 
