@@ -58,15 +58,18 @@ impl LossSpec {
     }
 
     /// Whether each call reads the batch on the host (its labels, or distances to the
-    /// proxies) and uploads what it picked: dynamic assignment, the k hardest negatives,
-    /// and the in-batch triplet and NCA baselines. Such a loss waits for the device at
+    /// proxies) and uploads what it picked: dynamic assignment, and the in-batch triplet
+    /// and NCA baselines (static Proxy-Triplet's k hardest negatives are picked on the
+    /// device, up to `nofuss_tensor::select::MAX_K` of them). Such a loss waits for the device at
     /// every call and sends small tensors that change from batch to batch; the static
     /// proxy losses queue all their work on the device without waiting for it.
     pub fn selects_on_host(&self) -> bool {
         match self {
             Self::ProxyNca(c) => c.assignment != Assignment::Static,
             Self::ProxyTriplet(c) => {
-                c.assignment != Assignment::Static || c.hardest_negatives.is_some()
+                c.assignment != Assignment::Static
+                    || c.hardest_negatives
+                        .is_some_and(|k| k > nofuss_tensor::select::MAX_K)
             }
             Self::Triplet(_) | Self::Nca(_) => true,
         }
@@ -197,8 +200,13 @@ mod tests {
             assignment: dynamic,
             ..Default::default()
         })));
-        assert!(host(LossSpec::ProxyTriplet(ProxyTripletConfig {
+        // The k hardest static negatives are picked on the device while it can.
+        assert!(!host(LossSpec::ProxyTriplet(ProxyTripletConfig {
             hardest_negatives: Some(3),
+            ..Default::default()
+        })));
+        assert!(host(LossSpec::ProxyTriplet(ProxyTripletConfig {
+            hardest_negatives: Some(nofuss_tensor::select::MAX_K + 1),
             ..Default::default()
         })));
         assert!(host(LossSpec::Triplet(TripletConfig::default())));

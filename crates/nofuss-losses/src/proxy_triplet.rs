@@ -75,9 +75,10 @@ pub fn proxy_triplet(
     cfg.check()?;
     let scales = (cfg.embedding_scale, cfg.proxy_scale);
     let what = "a triplet of proxies";
-    if cfg.assignment == Assignment::Static && cfg.hardest_negatives.is_none() {
-        // Every example an anchor, every other proxy a negative: one fused pass over the
-        // distance rows (on the CPU one operation, no `[N, P]` tensor in the graph).
+    if cfg.assignment == Assignment::Static && static_rows(cfg.hardest_negatives, embeddings) {
+        // Every example an anchor, every other proxy (or the k nearest of them) a
+        // negative: one fused pass over the distance rows (on the CPU one operation, no
+        // `[N, P]` tensor in the graph; elsewhere the k nearest picked on the device).
         let (x, pr, labels) = static_inputs(
             embeddings,
             labels,
@@ -85,10 +86,16 @@ pub fn proxy_triplet(
             (scales, cfg.check_finite),
             (2, what),
         )?;
-        let rows = nofuss_tensor::ops::triplet_rows_from_points(&x, &pr, &labels, cfg.margin)?;
+        let rows = match cfg.hardest_negatives {
+            None => nofuss_tensor::ops::triplet_rows_from_points(&x, &pr, &labels, cfg.margin)?,
+            Some(k) => nofuss_tensor::ops::hardest_triplet_rows_from_points(
+                &x, &pr, &labels, cfg.margin, k,
+            )?,
+        };
         return Ok(rows.mean(0)?);
     }
-    // Dynamic assignment or the k hardest: distances to the proxies the anchors use.
+    // Dynamic assignment (or more hardest negatives than a device selection takes):
+    // distances to the proxies the anchors use, picked on the host.
     let (dist, sel) = proxy_distances(
         embeddings,
         labels,
@@ -102,6 +109,16 @@ pub fn proxy_triplet(
         (2, what),
     )?;
     triplet_over_selection(&dist, &sel, cfg.margin)
+}
+
+/// Whether static assignment with `hardest` negatives runs as per-row objectives of
+/// the points ([`nofuss_tensor::ops::hardest_triplet_rows_from_points`]): always on the
+/// CPU and with all negatives, elsewhere when the device selection takes `k`.
+pub(crate) fn static_rows(hardest: Option<usize>, embeddings: &Tensor) -> bool {
+    match hardest {
+        Some(k) => embeddings.device().is_cpu() || k <= nofuss_tensor::select::MAX_K,
+        None => true,
+    }
 }
 
 /// The Proxy-Triplet objective over a selection: `dist` `[N, P]` holds the squared

@@ -43,6 +43,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // SAFETY: stores an integer in mimalloc's option table.
         unsafe { libmimalloc_sys::mi_option_set(15, -1) };
     }
+    // As the `nofuss` binary does (`nofuss::threads`): candle's own element-wise worker
+    // threads park almost at once instead of spinning beside rayon's on the same cores.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200");
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let repeats: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(15);
     let dev = if args.iter().any(|a| a == "cuda") {

@@ -9,7 +9,9 @@ use candle_core::{
 use rayon::prelude::*;
 
 use crate::cpu::{slice, with_cpu_dtype};
-pub use crate::proxy_rows::{nca_rows, nca_rows_from_points, triplet_rows_from_points};
+pub use crate::proxy_rows::{
+    hardest_triplet_rows_from_points, nca_rows, nca_rows_from_points, triplet_rows_from_points,
+};
 
 /// Norms at or below this divide by it instead (a zero row stays zero, not NaN).
 const NORM_EPS: f64 = 1e-12;

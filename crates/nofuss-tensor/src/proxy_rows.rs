@@ -1,7 +1,8 @@
 //! The per-row objectives of the proxy losses: Proxy-NCA's from a distance matrix
 //! ([`nca_rows`]) or straight from the points and the proxies
 //! ([`nca_rows_from_points`]), and Proxy-Triplet's from the points and the proxies
-//! ([`triplet_rows_from_points`]). From the points, the CPU runs one operation that
+//! ([`triplet_rows_from_points`], and over each row's k hardest negatives:
+//! [`hardest_triplet_rows_from_points`]). From the points, the CPU runs one operation that
 //! never puts an `[N, P]` tensor in candle's graph.
 
 use candle_core::backend::BackendStorage;
@@ -117,6 +118,70 @@ fn triplet_rows_composed(
         .broadcast_ne(&columns)?
         .to_dtype(dist.dtype())?;
     (hinge * negatives)?.sum(1)? / (p - 1) as f64
+}
+
+/// [`triplet_rows_from_points`] over the `k` hardest negatives of each row only: the
+/// hinge `max(d_iy + margin - d_ij, 0)` averaged over the `min(k, P - 1)` proxies
+/// `j ≠ y_i` nearest to `x_i` (Proxy-Triplet with static proxies and the `k` hardest
+/// negatives). The hardest are picked by distance, ties to the lower proxy index; which
+/// they are does not depend on the parameters' gradient (a piecewise-constant choice).
+/// Returns `[N]`, differentiable in `x` and `proxies`.
+///
+/// On the CPU one operation as [`triplet_rows_from_points`], the negatives picked by
+/// `f64::total_cmp` with a heap per row during its one pass over the row (no `[N, P]`
+/// mask, nothing read back to pick them). Elsewhere the composition, with the picking by
+/// [`crate::select::smallest_k`] on the device (in f32, the positive's column set to
+/// `+inf`): nothing is read back either, so a CUDA graph can capture it; `min(k, P - 1)`
+/// must then be at most [`crate::select::MAX_K`].
+pub fn hardest_triplet_rows_from_points(
+    x: &Tensor,
+    proxies: &Tensor,
+    labels: &Tensor,
+    margin: f64,
+    k: usize,
+) -> Result<Tensor> {
+    let what = "hardest_triplet_rows_from_points";
+    if proxies.dims().first().is_some_and(|&p| p < 2) {
+        candle_core::bail!("{what}: needs at least 2 proxies, got {:?}", proxies.dims());
+    }
+    if k == 0 {
+        candle_core::bail!("{what}: needs k >= 1 hardest negatives");
+    }
+    let loss = RowLoss::HardestTriplet { margin, k };
+    if let Some(rows) = rows_on_cpu(what, x, proxies, labels, loss)? {
+        return Ok(rows);
+    }
+    hardest_triplet_rows_composed(x, proxies, labels, margin, k)
+}
+
+/// [`hardest_triplet_rows_from_points`] as a composition of candle operations and
+/// [`crate::select::smallest_k`] (other devices).
+fn hardest_triplet_rows_composed(
+    x: &Tensor,
+    proxies: &Tensor,
+    labels: &Tensor,
+    margin: f64,
+    k: usize,
+) -> Result<Tensor> {
+    let what = "hardest_triplet_rows_from_points";
+    let (n, p) = (x.dim(0)?, proxies.dim(0)?);
+    let kk = k.min(p - 1);
+    if kk > crate::select::MAX_K {
+        candle_core::bail!(
+            "{what}: {kk} hardest negatives, more than the {} a device selection takes",
+            crate::select::MAX_K
+        );
+    }
+    let dist = crate::ops::pairwise_squared_distances(x, proxies)?;
+    let labels = check_labels(what, labels, n, &dist)?;
+    let columns = Tensor::arange(0u32, p as u32, dist.device())?.unsqueeze(0)?;
+    let own = labels.unsqueeze(1)?.broadcast_eq(&columns)?;
+    let inf = Tensor::full(f32::INFINITY, (n, p), dist.device())?;
+    let masked = own.where_cond(&inf, &dist.detach().to_dtype(DType::F32)?)?;
+    let (_, picked) = crate::select::smallest_k(&masked, kk, None)?;
+    let d_neg = dist.gather(&picked.contiguous()?, 1)?; // [N, kk]
+    let d_pos = dist.gather(&labels.unsqueeze(1)?, 1)?; // [N, 1]
+    (d_pos + margin)?.broadcast_sub(&d_neg)?.relu()?.sum(1)? / kk as f64
 }
 
 /// The CPU half of the `*_rows_from_points` functions: shape checks, then one
@@ -295,6 +360,8 @@ enum RowLoss {
     Nca(NcaForm),
     /// [`triplet_rows_from_points`].
     Triplet { margin: f64 },
+    /// [`hardest_triplet_rows_from_points`].
+    HardestTriplet { margin: f64, k: usize },
 }
 
 impl RowLoss {
@@ -321,6 +388,27 @@ impl RowLoss {
                 let hinges = sum_of(a, hinge) + sum_of(b, hinge);
                 (hinges / (p - 1) as f64, 0.0)
             }
+            Self::HardestTriplet { margin, k } => {
+                let p = d.len();
+                if y >= p || p < 2 {
+                    return (f64::NAN, 0.0);
+                }
+                let (zero, top) = (T::from_f64(0.0), d[y] + T::from_f64(*margin));
+                let picked = hardest(d, y, *k);
+                let hinges: f64 = picked
+                    .iter()
+                    .map(|&j| {
+                        let h = top - d[j];
+                        // NaN stays NaN, as in the all-negatives form.
+                        if h <= zero {
+                            0.0
+                        } else {
+                            h.to_f64()
+                        }
+                    })
+                    .sum();
+                (hinges / picked.len() as f64, 0.0)
+            }
         }
     }
 
@@ -330,8 +418,64 @@ impl RowLoss {
         match *self {
             Self::Nca(form) => form.grad_row(d, y, aux, g, true),
             Self::Triplet { margin } => triplet_grad_row(d, y, margin, g),
+            Self::HardestTriplet { margin, k } => hardest_triplet_grad_row(d, y, margin, k, g),
         }
     }
+}
+
+/// The columns of the `k` smallest values of row `d` other than column `y` (all other
+/// columns when there are at most `k`), unordered: the `k` hardest negatives, ranked by
+/// value in `f64::total_cmp`'s order, then by column. One pass with the best so far in a
+/// max-heap: a value no better than the worst of them costs one comparison.
+fn hardest<T: Real>(d: &[T], y: usize, k: usize) -> Vec<usize> {
+    // f64::total_cmp's order as an integer (its own transform of the bits).
+    let key = |v: T| {
+        let b = v.to_f64().to_bits() as i64;
+        b ^ (((b >> 63) as u64) >> 1) as i64
+    };
+    let mut best = std::collections::BinaryHeap::with_capacity(k + 1);
+    for (j, &v) in d.iter().enumerate() {
+        if j == y {
+            continue;
+        }
+        let c = (key(v), j);
+        if best.len() < k {
+            best.push(c);
+        } else if best.peek().is_some_and(|worst| c < *worst) {
+            if let Some(mut top) = best.peek_mut() {
+                *top = c;
+            }
+        }
+    }
+    best.into_iter().map(|(_, j)| j).collect()
+}
+
+/// [`RowLoss::grad_row`] of the hardest-negatives triplet objective: as
+/// [`triplet_grad_row`] over the row's `k` hardest negatives (the same pick as the
+/// forward's, from the same distances), 0 on the other columns.
+fn hardest_triplet_grad_row<T: Real>(d: &mut [T], y: usize, margin: f64, k: usize, g: f64) {
+    let p = d.len();
+    if y >= p || p < 2 {
+        d.fill(T::from_f64(f64::NAN));
+        return;
+    }
+    let zero = T::from_f64(0.0);
+    let picked: Vec<(usize, T)> = hardest(d, y, k).into_iter().map(|j| (j, d[j])).collect();
+    let (dy, top) = (d[y], d[y] + T::from_f64(margin));
+    let step = T::from_f64(g / picked.len() as f64);
+    let minus = zero - step;
+    d.fill(zero);
+    let mut active = 0usize;
+    for &(j, v) in &picked {
+        let on = top - v > zero;
+        active += on as usize;
+        d[j] = if on && v > zero { minus } else { zero };
+    }
+    d[y] = if dy > zero {
+        T::from_f64(g * active as f64 / picked.len() as f64)
+    } else {
+        zero
+    };
 }
 
 /// [`RowLoss::grad_row`] of the triplet objective: the row of a point with hinges over
@@ -909,6 +1053,82 @@ mod tests {
         assert!(nca_rows_from_points(&x, &single, &labels, true, 0.0).is_err());
         let short = labels.narrow(0, 0, 3).unwrap();
         assert!(nca_rows_from_points(&x, &pr, &short, true, 0.0).is_err());
+    }
+
+    #[test]
+    fn hardest_triplet_rows_match_their_composition_and_the_full_form() {
+        let (xv, pv, labels, _) = points_case();
+        let (n, p, d) = (9usize, 21usize, 5usize);
+        for dt in [DType::F64, DType::F32] {
+            for margin in [0.0, 0.5, 3.0] {
+                for k in [1usize, 3, 20, 50] {
+                    let what = format!("hardest {k}, margin {margin}");
+                    let grads = compare_rows(
+                        dt,
+                        &what,
+                        |x, pr| {
+                            hardest_triplet_rows_from_points(x, pr, &labels, margin, k).unwrap()
+                        },
+                        |x, pr| hardest_triplet_rows_composed(x, pr, &labels, margin, k).unwrap(),
+                    );
+                    if margin == 3.0 {
+                        assert!(
+                            grads.iter().flatten().any(|v| v.abs() > 1e-3),
+                            "{what}: all zero"
+                        );
+                    }
+                    // With every negative among the k, the full form.
+                    if k >= p - 1 {
+                        compare_rows(
+                            dt,
+                            &what,
+                            |x, pr| {
+                                hardest_triplet_rows_from_points(x, pr, &labels, margin, k).unwrap()
+                            },
+                            |x, pr| triplet_rows_from_points(x, pr, &labels, margin).unwrap(),
+                        );
+                    }
+                }
+            }
+        }
+        // Ties go to the lower proxy index on both paths: proxies 5 and 9 the same point,
+        // so one of them is picked with k = 1 wherever they are the nearest negatives.
+        let mut tied = pv.clone();
+        tied.copy_within(5 * d..6 * d, 9 * d);
+        let x = Tensor::from_vec(xv.clone(), (n, d), &Device::Cpu).unwrap();
+        let proxy_grads = |composed: bool| {
+            let pr = Var::from_vec(tied.clone(), (p, d), &Device::Cpu).unwrap();
+            let rows = if composed {
+                hardest_triplet_rows_composed(&x, pr.as_tensor(), &labels, 3.0, 1).unwrap()
+            } else {
+                hardest_triplet_rows_from_points(&x, pr.as_tensor(), &labels, 3.0, 1).unwrap()
+            };
+            let g = rows.sum_all().unwrap().backward().unwrap();
+            crate::cpu::values(g.get(pr.as_tensor()).unwrap())
+        };
+        let (a, b) = (proxy_grads(false), proxy_grads(true));
+        for (u, v) in a.iter().zip(&b) {
+            assert!((u - v).abs() < 1e-12, "{a:?} vs {b:?}");
+        }
+        let norm = |g: &[f64], j: usize| g[j * d..(j + 1) * d].iter().map(|v| v.abs()).sum::<f64>();
+        assert!(
+            norm(&a, 5) > 0.0 && norm(&a, 9) == 0.0,
+            "the lower index wins the tie"
+        );
+        assert_eq!(hardest(&[0.5f64, 0.2, 0.9, 0.2, 0.1], 4, 1), [1]);
+        let mut two = hardest(&[0.5f64, 0.2, 0.9, 0.2, 0.1], 4, 2);
+        two.sort();
+        assert_eq!(two, [1, 3]);
+        // A bad label gives NaN for its row; k = 0 or one proxy is an error.
+        let pr = Tensor::from_vec(pv.clone(), (p, d), &Device::Cpu).unwrap();
+        let bad = Tensor::new(&[2u32, 0, 21, 7, 7, 13, 1, 19, 4], &Device::Cpu).unwrap();
+        let rows = hardest_triplet_rows_from_points(&x, &pr, &bad, 0.1, 3).unwrap();
+        let rows = crate::cpu::values(&rows);
+        assert!(rows[2].is_nan() && rows.iter().filter(|v| v.is_finite()).count() == n - 1);
+        assert!(hardest_triplet_rows_from_points(&x, &pr, &labels, 0.1, 0).is_err());
+        let one = pr.narrow(0, 0, 1).unwrap();
+        let zeros = Tensor::zeros(n, DType::U32, &Device::Cpu).unwrap();
+        assert!(hardest_triplet_rows_from_points(&x, &one, &zeros, 0.1, 1).is_err());
     }
 
     #[test]
