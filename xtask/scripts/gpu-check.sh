@@ -19,7 +19,7 @@ source "$(dirname "$0")/gpu-env.sh"
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; ldd .gpu/nofuss
 } > "$OUT/gpu.txt" 2>&1
 export NOFUSS_FIXTURES="$PWD/tests/reference/fixtures" NOFUSS_TEST_DEVICE=cuda
-for t in ops_parity optim_parity graph_replay bn_inception_parity reference_parity; do
+for t in ops_parity optim_parity graph_replay bn_inception_parity losses_parity; do
   echo "=== $t" >> "$OUT/parity.txt"
   ( time limited 90 ".gpu/$t" --test-threads 1 ) >> "$OUT/parity.txt" 2>&1
   rc=$?; echo "rc=$rc ($t)" >> "$OUT/parity.txt"
