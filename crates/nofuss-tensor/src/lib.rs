@@ -13,9 +13,10 @@
 //!   `count_include_pad`;
 //! - [`batch_norm`]: batch normalisation fused with ReLU, statistics and running
 //!   statistics included;
-//! - [`ops::nca_rows`], [`ops::nca_rows_from_points`], [`ops::triplet_rows_from_points`]:
-//!   the per-row objectives of the proxy losses (on the CPU from the points and proxies in
-//!   one operation, no `[N, P]` tensor in the graph);
+//! - [`ops::nca_rows`], [`ops::nca_rows_from_points`], [`ops::triplet_rows_from_points`],
+//!   [`ops::hardest_triplet_rows_from_points`]: the per-row objectives of the proxy losses
+//!   (on the CPU from the points and proxies in one operation, no `[N, P]` tensor in the
+//!   graph);
 //! - [`select::smallest_k`]: the k smallest entries of every row, sorted (the selection
 //!   of an exact kNN search; one kernel per row block on CUDA);
 //! - [`optim`]: the optimisers (PyTorch's update rules, parameter groups, schedules,

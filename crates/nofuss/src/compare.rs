@@ -64,7 +64,7 @@ pub struct Comparison {
 /// compares them. A loss whose run stops early (a non-finite loss, nothing to learn) is
 /// reported with the epochs it finished; the other losses still run. With `cuda_graph`
 /// on, the losses a replayed step cannot run (those that pick from each batch on the
-/// host: the triplet and NCA baselines, dynamic assignment, hardest negatives) run
+/// host: the triplet and NCA baselines, dynamic assignment, more than 4,096 hardest negatives) run
 /// eagerly, and the report says so beside their times.
 pub fn compare(base: &TrainConfig, losses: &[String], opts: &TrainOptions) -> Result<Comparison> {
     if losses.is_empty() {

@@ -385,9 +385,9 @@ impl TrainConfig {
             if spec.selects_on_host() {
                 return bad(format!(
                     "cuda_graph replays a captured step, which cannot read the batch on the \
-                     host as {} with these settings does (dynamic assignment, hardest \
-                     negatives and the in-batch baselines pick on the host); use a static \
-                     proxy loss or turn cuda_graph off",
+                     host as {} with these settings does (dynamic assignment, more than \
+                     4,096 hardest negatives and the in-batch baselines pick on the host); \
+                     use a static proxy loss or turn cuda_graph off",
                     spec.name()
                 ));
             }
@@ -518,8 +518,14 @@ mod tests {
         };
         with(&|_| {}).unwrap(); // static Proxy-NCA
         with(&|c| c.loss.name = "proxy-triplet".into()).unwrap();
-        // Clipping, on the GPU from the norm on the device, replays too.
+        // Clipping, on the GPU from the norm on the device, replays too, and so do the
+        // k hardest static negatives (picked on the device).
         with(&|c| c.optim.clip_norm = Some(1.0)).unwrap();
+        with(&|c| {
+            c.loss.name = "proxy-triplet".into();
+            c.loss.proxy_triplet.hardest_negatives = Some(3);
+        })
+        .unwrap();
         for (what, f) in [
             (
                 "dynamic",
@@ -529,7 +535,7 @@ mod tests {
             ),
             ("hardest", &|c: &mut TrainConfig| {
                 c.loss.name = "proxy-triplet".into();
-                c.loss.proxy_triplet.hardest_negatives = Some(3);
+                c.loss.proxy_triplet.hardest_negatives = Some(5000);
             }),
             ("triplet", &|c: &mut TrainConfig| {
                 c.loss.name = "triplet".into()
