@@ -99,7 +99,7 @@ impl Selection {
     /// Rows may be f32 or f64 (compared as f64, exactly).
     pub fn keep_hardest<T: Copy + Into<f64>>(&mut self, dist_rows: &[T], k: usize) {
         let p = self.num_proxies;
-        let mut best = std::collections::BinaryHeap::with_capacity(k + 1);
+        let mut best = std::collections::BinaryHeap::with_capacity(k.min(p) + 1);
         for (a, row) in self.negatives.chunks_mut(p.max(1)).enumerate() {
             let d = &dist_rows[a * p..(a + 1) * p];
             // One pass with the k best so far in a max-heap: a candidate that is not

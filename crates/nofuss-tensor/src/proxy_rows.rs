@@ -433,7 +433,7 @@ fn hardest<T: Real>(d: &[T], y: usize, k: usize) -> Vec<usize> {
         let b = v.to_f64().to_bits() as i64;
         b ^ (((b >> 63) as u64) >> 1) as i64
     };
-    let mut best = std::collections::BinaryHeap::with_capacity(k + 1);
+    let mut best = std::collections::BinaryHeap::with_capacity(k.min(d.len()) + 1);
     for (j, &v) in d.iter().enumerate() {
         if j == y {
             continue;
@@ -1126,6 +1126,12 @@ mod tests {
         let rows = crate::cpu::values(&rows);
         assert!(rows[2].is_nan() && rows.iter().filter(|v| v.is_finite()).count() == n - 1);
         assert!(hardest_triplet_rows_from_points(&x, &pr, &labels, 0.1, 0).is_err());
+        // Any k beyond the row is all negatives (and allocates for the row, not for k).
+        let all = crate::cpu::values(&triplet_rows_from_points(&x, &pr, &labels, 0.5).unwrap());
+        let huge = hardest_triplet_rows_from_points(&x, &pr, &labels, 0.5, usize::MAX).unwrap();
+        for (u, v) in crate::cpu::values(&huge).iter().zip(&all) {
+            assert!((u - v).abs() < 1e-12, "{u} vs {v}");
+        }
         let one = pr.narrow(0, 0, 1).unwrap();
         let zeros = Tensor::zeros(n, DType::U32, &Device::Cpu).unwrap();
         assert!(hardest_triplet_rows_from_points(&x, &one, &zeros, 0.1, 1).is_err());
