@@ -1,7 +1,8 @@
 //! A training step captured into a CUDA graph and replayed takes the same steps as the
 //! same step run eagerly: a small two-branch network on the tape (cuDNN convolutions,
 //! batch norm with running statistics, pooling, concatenation), a loss in candle's graph
-//! above it, Adam with its per-step scalars on the device, unclipped and clipped. On a GPU
+//! above it (a squared error, or Proxy-Triplet's hardest negatives picked on the device),
+//! Adam with its per-step scalars on the device, unclipped and clipped. On a GPU
 //! (`NOFUSS_TEST_DEVICE=cuda`, as `xtask/scripts/gpu-check.sh` runs it) both runs are
 //! compared parameter by parameter; on the CPU the capture is refused, which is checked.
 
@@ -88,19 +89,47 @@ fn model(dev: &Device, clip: Option<f64>) -> (Net, Vec<(String, Var)>, Optimizer
     (net, vars, opt)
 }
 
+/// The loss above the network.
+enum Loss {
+    /// The mean squared distance of the outputs from 0.5.
+    Mse,
+    /// Proxy-Triplet over each output's 2 hardest negatives among fixed proxies
+    /// (`hardest_triplet_rows_from_points`: picked on the device by `smallest_k`, so
+    /// nothing is read back and the capture holds it).
+    Hardest { proxies: Tensor, labels: Tensor },
+}
+
+impl Loss {
+    fn of(&self, out: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Mse => (out - 0.5)?.sqr()?.mean_all(),
+            Self::Hardest { proxies, labels } => {
+                nofuss_tensor::ops::hardest_triplet_rows_from_points(
+                    &out.flatten_from(1)?,
+                    proxies,
+                    labels,
+                    1.0,
+                    2,
+                )?
+                .mean_all()
+            }
+        }
+    }
+}
+
 /// One training step: forward on a tape, loss in candle's graph, backward, update; the
 /// loss written into `loss_out`.
 fn step(
     net: &Net,
     opt: &mut Optimizer,
-    x: &Tensor,
+    (x, what): (&Tensor, &Loss),
     loss_out: &Tensor,
 ) -> nofuss_tensor::Result<()> {
     let mut tape = Tape::new();
     let input = tape.input(x);
     let out = net.forward(&mut tape, &input)?;
     let leaf = Var::from_tensor(out.tensor())?;
-    let loss = (leaf.as_tensor() - 0.5)?.sqr()?.mean_all()?;
+    let loss = what.of(leaf.as_tensor())?;
     let mut grads = loss.backward()?;
     if let Some(g) = grads.remove(leaf.as_tensor()) {
         tape.backward_into(&out, &g, &mut grads)?;
@@ -125,20 +154,39 @@ fn values(vars: &[(String, Var)]) -> Vec<(String, Vec<f64>)> {
 fn replayed_steps_match_eager_steps() {
     // Unclipped, and clipped to a bound every step's gradients exceed (on a GPU the
     // scale comes from the norm on the device, inside the captured step).
-    for clip in [None, Some(1e-3)] {
-        replays_match(clip);
+    // And a loss that picks each output's hardest negatives on the device.
+    for (clip, hardest) in [(None, false), (Some(1e-3), false), (None, true)] {
+        replays_match(clip, hardest);
     }
 }
 
-fn replays_match(clip: Option<f64>) {
+fn replays_match(clip: Option<f64>, hardest: bool) {
     let dev = test_device().unwrap();
     let x = Tensor::randn(0f64, 1.0, (4, 3, 12, 12), &Device::Cpu)
         .unwrap()
         .to_device(&dev)
         .unwrap();
+    // The network's outputs are [4, 10, 6, 6]: 360 values a row.
+    let what = if hardest {
+        Loss::Hardest {
+            proxies: Tensor::randn(0f64, 0.1, (5, 360), &Device::Cpu)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap(),
+            labels: Tensor::new(&[0u32, 3, 1, 3], &dev).unwrap(),
+        }
+    } else {
+        Loss::Mse
+    };
     if !graphs_available(&dev) {
         let e = StepGraph::capture(&dev, || -> nofuss_tensor::Result<()> { Ok(()) });
         assert!(e.is_err(), "no graphs on {dev:?}");
+        // The step itself runs anywhere.
+        let (net, _, mut opt) = model(&dev, clip);
+        let loss = Tensor::zeros(1, DType::F64, &dev).unwrap();
+        step(&net, &mut opt, (&x, &what), &loss).unwrap();
+        let l = loss.to_vec1::<f64>().unwrap()[0];
+        assert!(l.is_finite() && l > 0.0, "loss {l}");
         eprintln!("graph_replay: capture needs a CUDA device (NOFUSS_TEST_DEVICE=cuda); skipped");
         return;
     }
@@ -146,7 +194,7 @@ fn replays_match(clip: Option<f64>) {
     // Eager steps run as the trainer runs them, with candle's layout cache on: what they
     // upload is what a capture later finds there (it refuses a miss).
     let eager = |net: &Net, opt: &mut Optimizer, loss: &Tensor| {
-        nofuss_tensor::with_cached_layouts(&dev, || step(net, opt, &x, loss)).unwrap()
+        nofuss_tensor::with_cached_layouts(&dev, || step(net, opt, (&x, &what), loss)).unwrap()
     };
     // Eager: one ordinary step, then steps with the optimiser's scalars on the device.
     let (net, eager_vars, mut opt) = model(&dev, clip);
@@ -170,7 +218,7 @@ fn replays_match(clip: Option<f64>) {
     graph_losses.push(loss.to_vec1::<f64>().unwrap()[0]);
     opt.use_device_scalars().unwrap();
     opt.advance().unwrap();
-    let graph = StepGraph::capture(&dev, || step(&net, &mut opt, &x, &loss)).unwrap();
+    let graph = StepGraph::capture(&dev, || step(&net, &mut opt, (&x, &what), &loss)).unwrap();
     for i in 1..STEPS {
         if i > 1 {
             opt.advance().unwrap();
@@ -183,7 +231,7 @@ fn replays_match(clip: Option<f64>) {
     for (i, (a, b)) in eager_losses.iter().zip(&graph_losses).enumerate() {
         assert!(
             close(*a, *b),
-            "clip {clip:?}, loss of step {i}: eager {a}, replayed {b}"
+            "clip {clip:?}, hardest {hardest}, loss of step {i}: eager {a}, replayed {b}"
         );
     }
     // The losses moved: the replays did train (a replay of stale scalars or of nothing
@@ -196,7 +244,7 @@ fn replays_match(clip: Option<f64>) {
         for (j, (p, q)) in a.iter().zip(&b).enumerate() {
             assert!(
                 close(*p, *q),
-                "clip {clip:?}, {name}[{j}]: eager {p}, replayed {q}"
+                "clip {clip:?}, hardest {hardest}, {name}[{j}]: eager {p}, replayed {q}"
             );
         }
     }
