@@ -68,6 +68,19 @@ inline void fast_div_params(int64_t d, int64_t max_a, uint32_t& mul, uint32_t& s
 }
 #endif
 
+// Sums `a` over the threads of a block (blockDim.x a power of two) through the shared
+// array `s` (blockDim.x entries); the total ends in s[0], which every thread may read on
+// return.
+template <typename A>
+__device__ __forceinline__ void block_sum(A* s, A a) {
+    s[threadIdx.x] = a;
+    __syncthreads();
+    for (unsigned stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) s[threadIdx.x] += s[threadIdx.x + stride];
+        __syncthreads();
+    }
+}
+
 // Sums `a` and `b` over the threads of a block (blockDim.x a power of two) through the
 // shared arrays `s0` and `s1` (blockDim.x entries each); the totals end in s0[0] and
 // s1[0], which every thread may read on return.

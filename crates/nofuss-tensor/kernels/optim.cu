@@ -120,7 +120,7 @@ __device__ void update_param(T* param, const T* grad, const T* st, int64_t n, St
 OPTIM_KERNELS(float, f32)
 OPTIM_KERNELS(double, f64)
 
-// Up to SUMSQ_TENSORS tensors of one launch (src/fused_step.rs fills it): tensor i's
+// Up to SUMSQ_TENSORS tensors of one launch (src/cuda.rs fills it, src/sumsq.rs plans it): tensor i's
 // address and length, and the first of its ceil(len / SUMSQ_CHUNK) blocks. `blocks` is
 // the launch's grid, `base` where its blocks' partial sums start in the output.
 struct SumsqTable {
@@ -152,12 +152,7 @@ __device__ void sumsq_partial(const SumsqTable& t, double* partial) {
         double v = (double)x[i];
         acc += v * v;
     }
-    s[threadIdx.x] = acc;
-    __syncthreads();
-    for (unsigned stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-        if (threadIdx.x < stride) s[threadIdx.x] += s[threadIdx.x + stride];
-        __syncthreads();
-    }
+    block_sum(s, acc);
     if (threadIdx.x == 0) partial[t.base + b] = s[0];
 }
 
@@ -167,12 +162,7 @@ __device__ void sumsq_total(const A* partial, int64_t n, A* out) {
     __shared__ A s[THREADS];
     A acc = 0.0;
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
-    s[threadIdx.x] = acc;
-    __syncthreads();
-    for (unsigned stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-        if (threadIdx.x < stride) s[threadIdx.x] += s[threadIdx.x + stride];
-        __syncthreads();
-    }
+    block_sum(s, acc);
     if (threadIdx.x == 0) out[0] = s[0];
 }
 

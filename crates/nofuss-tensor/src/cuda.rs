@@ -1392,29 +1392,18 @@ pub(crate) fn sum_of_squares(dev: &CudaDevice, tensors: &[&Tensor]) -> Result<Te
     // SAFETY: every partial sum is written by the launches below before the total reads
     // them (each block writes its own).
     let mut partial = unsafe { dev.alloc::<f64>(total)? };
-    let out = {
-        for (dt, table) in &launches {
-            let cfg = LaunchConfig {
-                grid_dim: (table.blocks, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let p = &mut partial.as_view_mut();
-            match dt {
-                DType::F32 => launch::sumsq_partial::<f32>(dev, cfg, table, p)?,
-                _ => launch::sumsq_partial::<f64>(dev, cfg, table, p)?,
-            }
+    for (dt, table) in &launches {
+        let cfg = rows_grid(table.blocks as usize, THREADS)?;
+        let p = &mut partial.as_view_mut();
+        match dt {
+            DType::F32 => launch::sumsq_partial::<f32>(dev, cfg, table, p)?,
+            _ => launch::sumsq_partial::<f64>(dev, cfg, table, p)?,
         }
-        let one = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let n = total as i64;
-        filled::<f64>(dev, 1, |out| {
-            launch::sumsq_total::<f64>(dev, one, &partial.as_view(), &n, out)
-        })?
-    };
+    }
+    let n = total as i64;
+    let out = filled::<f64>(dev, 1, |out| {
+        launch::sumsq_total::<f64>(dev, rows_grid(1, THREADS)?, &partial.as_view(), &n, out)
+    })?;
     Ok(Tensor::from_storage(
         Storage::Cuda(out),
         (),
