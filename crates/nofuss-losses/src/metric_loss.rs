@@ -69,7 +69,7 @@ impl LossSpec {
             Self::ProxyTriplet(c) => {
                 c.assignment != Assignment::Static
                     || c.hardest_negatives
-                        .is_some_and(|k| k > nofuss_tensor::select::MAX_K)
+                        .is_some_and(|k| !crate::proxy_triplet::hardest_on_device(k))
             }
             Self::Triplet(_) | Self::Nca(_) => true,
         }

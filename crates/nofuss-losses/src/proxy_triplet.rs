@@ -111,12 +111,18 @@ pub fn proxy_triplet(
     triplet_over_selection(&dist, &sel, cfg.margin)
 }
 
+/// Whether the device picks `k` hardest negatives ([`nofuss_tensor::select::smallest_k`]
+/// takes that many); beyond that they are picked on the host.
+pub(crate) fn hardest_on_device(k: usize) -> bool {
+    k <= nofuss_tensor::select::MAX_K
+}
+
 /// Whether static assignment with `hardest` negatives runs as per-row objectives of
 /// the points ([`nofuss_tensor::ops::hardest_triplet_rows_from_points`]): always on the
-/// CPU and with all negatives, elsewhere when the device selection takes `k`.
-pub(crate) fn static_rows(hardest: Option<usize>, embeddings: &Tensor) -> bool {
+/// CPU and with all negatives, elsewhere when [`hardest_on_device`].
+fn static_rows(hardest: Option<usize>, embeddings: &Tensor) -> bool {
     match hardest {
-        Some(k) => embeddings.device().is_cpu() || k <= nofuss_tensor::select::MAX_K,
+        Some(k) => embeddings.device().is_cpu() || hardest_on_device(k),
         None => true,
     }
 }
