@@ -304,6 +304,19 @@ impl CustomOp2 for SqDistBwd {
     }
 }
 
+/// `[N, cols]` rows of zeros with a 1 at each row's index in `indices` (`[N]`, u8, u32 or
+/// i64, each below `cols`), in `dtype`. Made on `indices`' device by one scatter into a
+/// zero-filled buffer: nothing is uploaded (an `arange` of the columns to compare with
+/// would be, `cols` values every call, and a CUDA graph capture refuses uploads of more
+/// than candle's 4 KiB cache takes: SOP's 11,318 proxies as u32 are 45 KB). An index out of
+/// range is an error on the CPU and undefined on other devices, as candle's scatter.
+pub fn one_hot(indices: &Tensor, cols: usize, dtype: candle_core::DType) -> Result<Tensor> {
+    let n = indices.dims1()?;
+    let dev = indices.device();
+    let ones = Tensor::ones((n, 1), dtype, dev)?;
+    Tensor::zeros((n, cols), dtype, dev)?.scatter(&indices.reshape((n, 1))?.contiguous()?, &ones, 1)
+}
+
 /// Whether every value of `t` is finite (no NaN, no infinity; integer tensors always
 /// are). On the CPU one parallel pass over the values in their own dtype, without a copy
 /// when `t` is contiguous; on other devices `t - t` summed, which is 0 exactly when all
@@ -348,6 +361,31 @@ pub fn all_finite(t: &Tensor) -> Result<bool> {
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
+
+    #[test]
+    fn one_hot_rows_in_each_index_and_value_dtype() {
+        let cpu = &Device::Cpu;
+        for idx in [
+            Tensor::new(&[2u32, 0, 2, 4], cpu).unwrap(),
+            Tensor::new(&[2i64, 0, 2, 4], cpu).unwrap(),
+            Tensor::new(&[2u8, 0, 2, 4], cpu).unwrap(),
+        ] {
+            for dt in [DType::U8, DType::F32, DType::F64] {
+                let h = one_hot(&idx, 5, dt).unwrap();
+                assert_eq!((h.dims(), h.dtype()), (&[4usize, 5][..], dt));
+                let h: Vec<Vec<f64>> = h.to_dtype(DType::F64).unwrap().to_vec2().unwrap();
+                let want = [2usize, 0, 2, 4].map(|j| {
+                    let mut r = vec![0.0; 5];
+                    r[j] = 1.0;
+                    r
+                });
+                assert_eq!(h, want, "{:?} {dt:?}", idx.dtype());
+            }
+        }
+        // Out of range, and not a vector.
+        assert!(one_hot(&Tensor::new(&[5u32], cpu).unwrap(), 5, DType::F32).is_err());
+        assert!(one_hot(&Tensor::new(&[[1u32]], cpu).unwrap(), 5, DType::F32).is_err());
+    }
 
     #[test]
     fn unit_rows_and_zero_rows() {

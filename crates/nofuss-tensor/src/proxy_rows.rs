@@ -112,11 +112,8 @@ fn triplet_rows_composed(
     let labels = check_labels("triplet_rows_from_points", labels, n, &dist)?;
     let d_pos = dist.gather(&labels.unsqueeze(1)?, 1)?; // [N, 1]
     let hinge = (d_pos + margin)?.broadcast_sub(&dist)?.relu()?;
-    let columns = Tensor::arange(0u32, p as u32, dist.device())?.unsqueeze(0)?;
-    let negatives = labels
-        .unsqueeze(1)?
-        .broadcast_ne(&columns)?
-        .to_dtype(dist.dtype())?;
+    // Every proxy but the own one (the mask made on the device: nothing uploaded).
+    let negatives = (1.0 - crate::ops::one_hot(&labels, p, dist.dtype())?)?;
     (hinge * negatives)?.sum(1)? / (p - 1) as f64
 }
 
@@ -174,8 +171,7 @@ fn hardest_triplet_rows_composed(
     }
     let dist = crate::ops::pairwise_squared_distances(x, proxies)?;
     let labels = check_labels(what, labels, n, &dist)?;
-    let columns = Tensor::arange(0u32, p as u32, dist.device())?.unsqueeze(0)?;
-    let own = labels.unsqueeze(1)?.broadcast_eq(&columns)?;
+    let own = crate::ops::one_hot(&labels, p, DType::U8)?;
     let inf = Tensor::full(f32::INFINITY, (n, p), dist.device())?;
     let masked = own.where_cond(&inf, &dist.detach().to_dtype(DType::F32)?)?;
     let (_, picked) = crate::select::smallest_k(&masked, kk, None)?;

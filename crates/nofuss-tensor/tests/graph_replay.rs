@@ -1,7 +1,8 @@
 //! A training step captured into a CUDA graph and replayed takes the same steps as the
 //! same step run eagerly: a small two-branch network on the tape (cuDNN convolutions,
 //! batch norm with running statistics, pooling, concatenation), a loss in candle's graph
-//! above it (a squared error, or Proxy-Triplet's hardest negatives picked on the device),
+//! above it (a squared error, or Proxy-Triplet over 2,000 fixed proxies, with all
+//! negatives or the hardest two picked on the device),
 //! Adam with its per-step scalars on the device, unclipped and clipped. On a GPU
 //! (`NOFUSS_TEST_DEVICE=cuda`, as `xtask/scripts/gpu-check.sh` runs it) both runs are
 //! compared parameter by parameter; on the CPU the capture is refused, which is checked.
@@ -93,24 +94,33 @@ fn model(dev: &Device, clip: Option<f64>) -> (Net, Vec<(String, Var)>, Optimizer
 enum Loss {
     /// The mean squared distance of the outputs from 0.5.
     Mse,
-    /// Proxy-Triplet over each output's 2 hardest negatives among fixed proxies
-    /// (`hardest_triplet_rows_from_points`: picked on the device by `smallest_k`, so
-    /// nothing is read back and the capture holds it).
-    Hardest { proxies: Tensor, labels: Tensor },
+    /// Proxy-Triplet against fixed proxies, over every other proxy
+    /// (`triplet_rows_from_points`) or each output's `hardest` nearest negatives
+    /// (`hardest_triplet_rows_from_points`: picked on the device by `smallest_k`), the
+    /// masks made on the device: nothing is read back or uploaded, so the capture holds it.
+    Triplet {
+        proxies: Tensor,
+        labels: Tensor,
+        hardest: Option<usize>,
+    },
 }
 
 impl Loss {
     fn of(&self, out: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Mse => (out - 0.5)?.sqr()?.mean_all(),
-            Self::Hardest { proxies, labels } => {
-                nofuss_tensor::ops::hardest_triplet_rows_from_points(
-                    &out.flatten_from(1)?,
-                    proxies,
-                    labels,
-                    1.0,
-                    2,
-                )?
+            Self::Triplet {
+                proxies,
+                labels,
+                hardest,
+            } => {
+                let x = out.flatten_from(1)?;
+                match hardest {
+                    Some(k) => nofuss_tensor::ops::hardest_triplet_rows_from_points(
+                        &x, proxies, labels, 1.0, *k,
+                    )?,
+                    None => nofuss_tensor::ops::triplet_rows_from_points(&x, proxies, labels, 1.0)?,
+                }
                 .mean_all()
             }
         }
@@ -154,26 +164,40 @@ fn values(vars: &[(String, Var)]) -> Vec<(String, Vec<f64>)> {
 fn replayed_steps_match_eager_steps() {
     // Unclipped, and clipped to a bound every step's gradients exceed (on a GPU the
     // scale comes from the norm on the device, inside the captured step).
-    // And a loss that picks each output's hardest negatives on the device.
-    for (clip, hardest) in [(None, false), (Some(1e-3), false), (None, true)] {
-        replays_match(clip, hardest);
+    // And Proxy-Triplet losses, one of them picking each output's hardest negatives on
+    // the device.
+    for (clip, triplet) in [
+        (None, None),
+        (Some(1e-3), None),
+        (None, Some(None)),
+        (None, Some(Some(2))),
+    ] {
+        replays_match(clip, triplet);
     }
 }
 
-fn replays_match(clip: Option<f64>, hardest: bool) {
+/// Proxies of the triplet losses.
+const PROXIES: usize = 2000;
+
+/// `triplet`: `None` for the squared error, else Proxy-Triplet with these hardest negatives.
+fn replays_match(clip: Option<f64>, triplet: Option<Option<usize>>) {
     let dev = test_device().unwrap();
     let x = Tensor::randn(0f64, 1.0, (4, 3, 12, 12), &Device::Cpu)
         .unwrap()
         .to_device(&dev)
         .unwrap();
     // The network's outputs are [4, 10, 6, 6]: 360 values a row.
-    let what = if hardest {
-        Loss::Hardest {
-            proxies: Tensor::randn(0f64, 0.1, (5, 360), &Device::Cpu)
+    let what = if let Some(hardest) = triplet {
+        Loss::Triplet {
+            // More proxies than a 4 KiB upload holds as u32 (candle's cache for what a
+            // capture may find uploaded): SOP has 11,318; the masks must be made on the
+            // device.
+            proxies: Tensor::randn(0f64, 0.1, (PROXIES, 360), &Device::Cpu)
                 .unwrap()
                 .to_device(&dev)
                 .unwrap(),
-            labels: Tensor::new(&[0u32, 3, 1, 3], &dev).unwrap(),
+            labels: Tensor::new(&[0u32, PROXIES as u32 - 1, 1, 1500], &dev).unwrap(),
+            hardest,
         }
     } else {
         Loss::Mse
@@ -231,7 +255,7 @@ fn replays_match(clip: Option<f64>, hardest: bool) {
     for (i, (a, b)) in eager_losses.iter().zip(&graph_losses).enumerate() {
         assert!(
             close(*a, *b),
-            "clip {clip:?}, hardest {hardest}, loss of step {i}: eager {a}, replayed {b}"
+            "clip {clip:?}, triplet {triplet:?}, loss of step {i}: eager {a}, replayed {b}"
         );
     }
     // The losses moved: the replays did train (a replay of stale scalars or of nothing
@@ -244,7 +268,7 @@ fn replays_match(clip: Option<f64>, hardest: bool) {
         for (j, (p, q)) in a.iter().zip(&b).enumerate() {
             assert!(
                 close(*p, *q),
-                "clip {clip:?}, hardest {hardest}, {name}[{j}]: eager {p}, replayed {q}"
+                "clip {clip:?}, triplet {triplet:?}, {name}[{j}]: eager {p}, replayed {q}"
             );
         }
     }
