@@ -215,7 +215,7 @@ impl Eq for Hardness {}
 
 /// `(N, P)` of `[N,D]` embeddings and `[P,D]` proxies, checked, with at least
 /// `min_proxies` proxies (`what` names the loss in the error).
-fn checked_sizes(
+pub(crate) fn checked_sizes(
     embeddings: &Tensor,
     proxies: &Tensor,
     min_proxies: usize,

@@ -27,6 +27,7 @@ mod baselines;
 mod common;
 mod error;
 mod metric_loss;
+mod on_device;
 mod proxy_nca;
 mod proxy_triplet;
 mod reseed;

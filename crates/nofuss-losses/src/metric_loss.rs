@@ -57,20 +57,20 @@ impl LossSpec {
         matches!(self, Self::ProxyNca(_) | Self::ProxyTriplet(_))
     }
 
-    /// Whether each call reads the batch on the host (its labels, or distances to the
-    /// proxies) and uploads what it picked: dynamic assignment, and the in-batch triplet
-    /// and NCA baselines (static Proxy-Triplet's k hardest negatives are picked on the
-    /// device, up to `nofuss_tensor::select::MAX_K` of them). Such a loss waits for the device at
-    /// every call and sends small tensors that change from batch to batch; the static
-    /// proxy losses queue all their work on the device without waiting for it.
+    /// Whether each call off the CPU reads the batch on the host (its labels, or
+    /// distances to the proxies) and uploads what it picked: the in-batch triplet and NCA
+    /// baselines, and Proxy-Triplet with more hardest negatives than a device selection
+    /// takes (`nofuss_tensor::select::MAX_K`). Such a loss waits for the device at every
+    /// call and sends small tensors that change from batch to batch. The proxy losses
+    /// otherwise queue all their work on the device without waiting for it, dynamic
+    /// assignment included (its picks made as masks on the device); their finiteness
+    /// checks still wait, when on.
     pub fn selects_on_host(&self) -> bool {
         match self {
-            Self::ProxyNca(c) => c.assignment != Assignment::Static,
-            Self::ProxyTriplet(c) => {
-                c.assignment != Assignment::Static
-                    || c.hardest_negatives
-                        .is_some_and(|k| !crate::proxy_triplet::hardest_on_device(k))
-            }
+            Self::ProxyNca(_) => false,
+            Self::ProxyTriplet(c) => c
+                .hardest_negatives
+                .is_some_and(|k| !crate::proxy_triplet::hardest_on_device(k)),
             Self::Triplet(_) | Self::Nca(_) => true,
         }
     }
@@ -187,17 +187,24 @@ mod tests {
     }
 
     #[test]
-    fn only_static_proxy_losses_queue_without_host_selection() {
+    fn proxy_losses_queue_without_host_selection() {
         let dynamic = Assignment::Dynamic;
         let host = |s: LossSpec| s.selects_on_host();
         assert!(!host(LossSpec::ProxyNca(ProxyNcaConfig::default())));
         assert!(!host(LossSpec::ProxyTriplet(ProxyTripletConfig::default())));
-        assert!(host(LossSpec::ProxyNca(ProxyNcaConfig {
+        // Dynamic assignment picks on the device too.
+        assert!(!host(LossSpec::ProxyNca(ProxyNcaConfig {
             assignment: dynamic,
+            ..Default::default()
+        })));
+        assert!(!host(LossSpec::ProxyTriplet(ProxyTripletConfig {
+            assignment: dynamic,
+            hardest_negatives: Some(5),
             ..Default::default()
         })));
         assert!(host(LossSpec::ProxyTriplet(ProxyTripletConfig {
             assignment: dynamic,
+            hardest_negatives: Some(nofuss_tensor::select::MAX_K + 1),
             ..Default::default()
         })));
         // The k hardest static negatives are picked on the device while it can.

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::assignment::{proxy_distances, static_inputs, Assignment, Selection};
 use crate::common::{check_scale, keep_or_neg_inf, log_sum_exp_rows};
+use crate::on_device::{dynamic_selection, DeviceSelection};
 use crate::{LossError, Result};
 
 /// Which Proxy-NCA the loss computes.
@@ -166,17 +167,24 @@ pub fn proxy_nca(
     if cfg.assignment == Assignment::Static {
         return static_proxy_nca(embeddings, labels, proxies, cfg, min);
     }
+    let scales = (cfg.embedding_scale, cfg.proxy_scale);
+    let what = (min, "Proxy-NCA in the paper form");
+    if crate::on_device::picks_on_device(embeddings, None) {
+        let sel = dynamic_selection(
+            embeddings,
+            labels,
+            proxies,
+            (scales, cfg.check_finite, None),
+            what,
+        )?;
+        return nca_over_device_selection(&sel, cfg.form, cfg.label_smoothing);
+    }
     let (dist, sel) = proxy_distances(
         embeddings,
         labels,
         proxies,
-        (
-            (cfg.embedding_scale, cfg.proxy_scale),
-            cfg.check_finite,
-            cfg.assignment,
-            None,
-        ),
-        (min, "Proxy-NCA in the paper form"),
+        (scales, cfg.check_finite, cfg.assignment, None),
+        what,
     )?;
     nca_over_selection(&dist, &sel, cfg.form, cfg.label_smoothing)
 }
@@ -244,6 +252,36 @@ pub(crate) fn nca_over_selection(
         }
     };
     Ok(per_anchor.mean_all()?)
+}
+
+/// [`nca_over_selection`] over a selection made on the device
+/// ([`crate::on_device::dynamic_selection`]): the same objective per anchor, from masks.
+pub(crate) fn nca_over_device_selection(
+    sel: &DeviceSelection,
+    form: ProxyNcaForm,
+    smoothing: f64,
+) -> Result<Tensor> {
+    let dist = &sel.dist;
+    let d_pos = dist.gather(&sel.positive, 1)?.squeeze(1)?; // [N]
+    let mask = |m: &Tensor| -> Result<Tensor> { Ok(m.ne(&m.zeros_like()?)?) };
+    let per_anchor = match form {
+        ProxyNcaForm::Paper => {
+            let lse = log_sum_exp_rows(&keep_or_neg_inf(&mask(&sel.negatives)?, &dist.neg()?)?)?;
+            (d_pos + lse)?
+        }
+        ProxyNcaForm::Softmax => {
+            let cand = mask(&(&sel.negatives + &sel.positive_mask)?)?;
+            let lse = log_sum_exp_rows(&keep_or_neg_inf(&cand, &dist.neg()?)?)?;
+            if smoothing > 0.0 {
+                let neg = &sel.negatives;
+                let mean_neg = (dist * neg)?.sum(1)?.div(&neg.sum(1)?)?;
+                ((d_pos * (1.0 - smoothing))? + (mean_neg * smoothing)? + lse)?
+            } else {
+                (d_pos + lse)?
+            }
+        }
+    };
+    sel.mean_over_anchors(&per_anchor)
 }
 
 /// Creates `num_proxies` learned proxies of dimension `dim`, named `proxies` in `vb`

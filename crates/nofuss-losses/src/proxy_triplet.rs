@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::assignment::{proxy_distances, static_inputs, Assignment, Selection};
 use crate::common::check_scale;
+use crate::on_device::{dynamic_selection, DeviceSelection};
 use crate::{LossError, Result};
 
 /// Settings of [`proxy_triplet`].
@@ -94,8 +95,20 @@ pub fn proxy_triplet(
         };
         return Ok(rows.mean(0)?);
     }
-    // Dynamic assignment (or more hardest negatives than a device selection takes):
-    // distances to the proxies the anchors use, picked on the host.
+    if cfg.assignment == Assignment::Dynamic
+        && crate::on_device::picks_on_device(embeddings, cfg.hardest_negatives)
+    {
+        let sel = dynamic_selection(
+            embeddings,
+            labels,
+            proxies,
+            (scales, cfg.check_finite, cfg.hardest_negatives),
+            (2, what),
+        )?;
+        return triplet_over_device_selection(&sel, cfg.margin);
+    }
+    // On the CPU, or more hardest negatives than a device selection takes: distances to
+    // the proxies the anchors use, picked on the host.
     let (dist, sel) = proxy_distances(
         embeddings,
         labels,
@@ -145,6 +158,17 @@ pub(crate) fn triplet_over_selection(
     let hinge = (d_pos + margin)?.broadcast_sub(&dist)?.relu()?;
     let per_anchor = (hinge * &neg)?.sum(1)?.div(&neg.sum(1)?)?;
     Ok(per_anchor.mean_all()?)
+}
+
+/// [`triplet_over_selection`] over a selection made on the device
+/// ([`crate::on_device::dynamic_selection`]).
+pub(crate) fn triplet_over_device_selection(sel: &DeviceSelection, margin: f64) -> Result<Tensor> {
+    let dist = &sel.dist;
+    let d_pos = dist.gather(&sel.positive, 1)?; // [N, 1]
+    let hinge = (d_pos + margin)?.broadcast_sub(dist)?.relu()?;
+    let neg = &sel.negatives;
+    let per_anchor = (hinge * neg)?.sum(1)?.div(&neg.sum(1)?)?;
+    sel.mean_over_anchors(&per_anchor)
 }
 
 /// Proxy-Triplet owning its learned proxies.

@@ -342,8 +342,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub cudnn_benchmark: bool,
     /// On CUDA, capture the training step into a CUDA graph after the first step and
-    /// replay it for every full batch (static proxy losses; `compare` runs the other
-    /// losses eagerly and says so in its report).
+    /// replay it for every full batch (proxy losses, static or dynamic, without
+    /// --reseed-unused; `compare` runs the other losses eagerly and says so in its report).
     #[arg(long)]
     pub cuda_graph: bool,
     /// Parent folder of run directories.

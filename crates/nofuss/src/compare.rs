@@ -111,13 +111,14 @@ pub fn compare(base: &TrainConfig, losses: &[String], opts: &TrainOptions) -> Re
 }
 
 /// The configuration of `loss`'s run in `dir`: `base` with that loss, checked. Under
-/// `cuda_graph` a loss that picks on the host runs eagerly instead of being refused.
+/// `cuda_graph` a loss that picks on the host, or reseeds unused proxies, runs eagerly
+/// instead of being refused.
 fn run_config(base: &TrainConfig, loss: &str, dir: &std::path::Path) -> Result<TrainConfig> {
     let mut cfg = base.clone();
     cfg.loss.name = loss.to_string();
     cfg.run.out_dir = dir.to_path_buf();
     cfg.run.name = Some(loss.to_string());
-    if cfg.cuda_graph && cfg.loss.spec()?.selects_on_host() {
+    if cfg.cuda_graph && (cfg.loss.spec()?.selects_on_host() || cfg.loss.reseed_unused_after > 0) {
         cfg.cuda_graph = false;
     }
     cfg.check()?;
@@ -191,7 +192,8 @@ fn baseline(curves: &[LossCurve]) -> Option<&LossCurve> {
 }
 
 /// The report's note on a loss run eagerly while the others replay CUDA graphs.
-const EAGER_NOTE: &str = "run eagerly (it picks from each batch on the host, which a \
+const EAGER_NOTE: &str =
+    "run eagerly (it picks from each batch on the host, or reseeds proxies from it, which a \
      replayed CUDA graph cannot): its training seconds include the per-step host work the \
      replayed runs skip";
 

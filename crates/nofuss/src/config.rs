@@ -291,8 +291,9 @@ pub struct TrainConfig {
     pub cudnn_benchmark: bool,
     /// On CUDA, capture the training step into a CUDA graph after the run's first step
     /// and replay it for every full batch: one launch per step instead of a few thousand
-    /// (`nofuss_tensor::graph`). Static proxy losses only (no selection on the host);
-    /// gradient clipping replays too (its scale comes from the norm on the device).
+    /// (`nofuss_tensor::graph`). Proxy losses only (no selection on the host; dynamic
+    /// assignment picks on the device), without reseeding; gradient clipping replays too
+    /// (its scale comes from the norm on the device).
     pub cuda_graph: bool,
     /// Data.
     pub data: DataConfig,
@@ -385,11 +386,19 @@ impl TrainConfig {
             if spec.selects_on_host() {
                 return bad(format!(
                     "cuda_graph replays a captured step, which cannot read the batch on the \
-                     host as {} with these settings does (dynamic assignment, more than \
-                     4,096 hardest negatives and the in-batch baselines pick on the host); \
-                     use a static proxy loss or turn cuda_graph off",
+                     host as {} with these settings does (more than 4,096 hardest \
+                     negatives and the in-batch baselines pick on the host); use a proxy \
+                     loss or turn cuda_graph off",
                     spec.name()
                 ));
+            }
+            if self.loss.reseed_unused_after > 0 {
+                return bad(
+                    "cuda_graph replays a captured step, and reseeding unused proxies reads \
+                     each batch's assignments on the host between steps; turn one of them \
+                     off (reseed_unused_after = 0, or cuda_graph = false)"
+                        .into(),
+                );
             }
         }
         if self.loss.proxy_triplet.hardest_negatives.is_some() && self.loss.name != "proxy-triplet"
@@ -526,11 +535,17 @@ mod tests {
             c.loss.proxy_triplet.hardest_negatives = Some(3);
         })
         .unwrap();
+        // Dynamic assignment picks on the device.
+        let dynamic = |c: &mut TrainConfig| {
+            c.loss.proxy_nca.assignment = nofuss_losses::Assignment::Dynamic;
+        };
+        with(&dynamic).unwrap();
         for (what, f) in [
             (
-                "dynamic",
+                "reseeding",
                 &(|c: &mut TrainConfig| {
-                    c.loss.proxy_nca.assignment = nofuss_losses::Assignment::Dynamic;
+                    dynamic(c);
+                    c.loss.reseed_unused_after = 10;
                 }) as &dyn Fn(&mut TrainConfig),
             ),
             ("hardest", &|c: &mut TrainConfig| {
