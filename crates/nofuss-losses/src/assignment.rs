@@ -23,6 +23,15 @@ use crate::{LossError, Result};
 ///   of the examples of other classes, each proxy once, minus the positive. An anchor with
 ///   no negative (every other-class example shares its positive proxy, or the batch holds
 ///   one class) is left out of the average.
+///
+///   On the CPU the picks are made on the host from the distances read back. On other
+///   devices they are made there, as masks (the nearest proxy and the first same-class
+///   example by `nofuss_tensor::select::smallest_k`, the negatives by a product of the
+///   different-class matrix with the one-hot assignments): the same loss, nothing read
+///   back or uploaded, so the step does not wait for the device and a CUDA graph can
+///   replay it. There a batch in which no anchor has a negative gives a loss of 0 with
+///   zero gradients when the finiteness checks are off (telling would mean waiting), and
+///   [`LossError::NoPairs`] as on the CPU when they are on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Assignment {

@@ -4,9 +4,11 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use crate::proxy_nca::proxy_nca_counted;
+use crate::proxy_triplet::proxy_triplet_counted;
 use crate::{
-    create_proxies, nca_loss, proxy_nca, proxy_triplet, triplet_loss, Assignment, LossError,
-    NcaConfig, ProxyInit, ProxyNcaConfig, ProxyTripletConfig, Result, TripletConfig, TripletMining,
+    create_proxies, nca_loss, triplet_loss, Assignment, LossError, NcaConfig, ProxyInit,
+    ProxyNcaConfig, ProxyTripletConfig, Result, TripletConfig, TripletMining,
 };
 
 /// A loss with its settings.
@@ -133,16 +135,30 @@ impl MetricLoss {
 
     /// The loss of a batch of `embeddings` `[N,D]` with class `labels` `[N]`.
     pub fn loss(&self, embeddings: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        Ok(self.loss_with_anchors(embeddings, labels)?.0)
+    }
+
+    /// [`MetricLoss::loss`] and, where the loss picked its anchors on the device (dynamic
+    /// assignment off the CPU, see [`Assignment::Dynamic`]), the number of anchors that
+    /// took part as a scalar tensor on that device, to read with the loss: 0 means the
+    /// batch had nothing to learn from (the loss is then 0 with zero gradients, where the
+    /// host selection returns [`LossError::NoPairs`]). `None` for every other loss, which
+    /// reports such a batch as [`LossError::NoPairs`].
+    pub fn loss_with_anchors(
+        &self,
+        embeddings: &Tensor,
+        labels: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let proxies = || {
             self.proxies
                 .as_ref()
                 .ok_or_else(|| LossError::Config("proxy loss without proxies".into()))
         };
         match &self.spec {
-            LossSpec::ProxyNca(c) => proxy_nca(embeddings, labels, proxies()?, c),
-            LossSpec::ProxyTriplet(c) => proxy_triplet(embeddings, labels, proxies()?, c),
-            LossSpec::Triplet(c) => triplet_loss(embeddings, labels, c),
-            LossSpec::Nca(c) => nca_loss(embeddings, labels, c),
+            LossSpec::ProxyNca(c) => proxy_nca_counted(embeddings, labels, proxies()?, c),
+            LossSpec::ProxyTriplet(c) => proxy_triplet_counted(embeddings, labels, proxies()?, c),
+            LossSpec::Triplet(c) => Ok((triplet_loss(embeddings, labels, c)?, None)),
+            LossSpec::Nca(c) => Ok((nca_loss(embeddings, labels, c)?, None)),
         }
     }
 }

@@ -58,11 +58,16 @@ pub(crate) struct DeviceSelection {
 }
 
 impl DeviceSelection {
+    /// How many examples are anchors, a scalar tensor in the distances' dtype.
+    pub fn anchor_count(&self) -> Result<Tensor> {
+        Ok(self.anchors.sum_all()?)
+    }
+
     /// The mean of `per_anchor` (`[N]`) over the anchors: `Σ w l / max(Σ w, 1)`, so a
     /// batch without anchors gives 0, with zero gradients.
     pub fn mean_over_anchors(&self, per_anchor: &Tensor) -> Result<Tensor> {
         let total = (per_anchor * &self.anchors)?.sum_all()?;
-        let count = self.anchors.sum_all()?;
+        let count = self.anchor_count()?;
         Ok(total.div(&count.maximum(&count.ones_like()?)?)?)
     }
 }

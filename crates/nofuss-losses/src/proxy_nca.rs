@@ -157,6 +157,17 @@ pub fn proxy_nca(
     proxies: &Tensor,
     cfg: &ProxyNcaConfig,
 ) -> Result<Tensor> {
+    Ok(proxy_nca_counted(embeddings, labels, proxies, cfg)?.0)
+}
+
+/// [`proxy_nca`] and, when the anchors were picked on the device, how many took part
+/// (a scalar tensor there: 0 when none did and the loss is 0).
+pub(crate) fn proxy_nca_counted(
+    embeddings: &Tensor,
+    labels: &Tensor,
+    proxies: &Tensor,
+    cfg: &ProxyNcaConfig,
+) -> Result<(Tensor, Option<Tensor>)> {
     cfg.check()?;
     // The paper form leaves the positive out of the denominator: it needs a second proxy.
     let min = if cfg.form == ProxyNcaForm::Paper {
@@ -165,7 +176,10 @@ pub fn proxy_nca(
         1
     };
     if cfg.assignment == Assignment::Static {
-        return static_proxy_nca(embeddings, labels, proxies, cfg, min);
+        return Ok((
+            static_proxy_nca(embeddings, labels, proxies, cfg, min)?,
+            None,
+        ));
     }
     let scales = (cfg.embedding_scale, cfg.proxy_scale);
     let what = (min, "Proxy-NCA in the paper form");
@@ -177,7 +191,8 @@ pub fn proxy_nca(
             (scales, cfg.check_finite, None),
             what,
         )?;
-        return nca_over_device_selection(&sel, cfg.form, cfg.label_smoothing);
+        let loss = nca_over_device_selection(&sel, cfg.form, cfg.label_smoothing)?;
+        return Ok((loss, Some(sel.anchor_count()?)));
     }
     let (dist, sel) = proxy_distances(
         embeddings,
@@ -186,7 +201,10 @@ pub fn proxy_nca(
         (scales, cfg.check_finite, cfg.assignment, None),
         what,
     )?;
-    nca_over_selection(&dist, &sel, cfg.form, cfg.label_smoothing)
+    Ok((
+        nca_over_selection(&dist, &sel, cfg.form, cfg.label_smoothing)?,
+        None,
+    ))
 }
 
 /// Static assignment: every example is an anchor whose positive is its label's proxy, so

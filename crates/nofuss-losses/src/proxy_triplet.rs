@@ -73,6 +73,17 @@ pub fn proxy_triplet(
     proxies: &Tensor,
     cfg: &ProxyTripletConfig,
 ) -> Result<Tensor> {
+    Ok(proxy_triplet_counted(embeddings, labels, proxies, cfg)?.0)
+}
+
+/// [`proxy_triplet`] and, when the anchors were picked on the device, how many took part
+/// (a scalar tensor there: 0 when none did and the loss is 0).
+pub(crate) fn proxy_triplet_counted(
+    embeddings: &Tensor,
+    labels: &Tensor,
+    proxies: &Tensor,
+    cfg: &ProxyTripletConfig,
+) -> Result<(Tensor, Option<Tensor>)> {
     cfg.check()?;
     let scales = (cfg.embedding_scale, cfg.proxy_scale);
     let what = "a triplet of proxies";
@@ -93,7 +104,7 @@ pub fn proxy_triplet(
                 &x, &pr, &labels, cfg.margin, k,
             )?,
         };
-        return Ok(rows.mean(0)?);
+        return Ok((rows.mean(0)?, None));
     }
     if cfg.assignment == Assignment::Dynamic
         && crate::on_device::picks_on_device(embeddings, cfg.hardest_negatives)
@@ -105,7 +116,8 @@ pub fn proxy_triplet(
             (scales, cfg.check_finite, cfg.hardest_negatives),
             (2, what),
         )?;
-        return triplet_over_device_selection(&sel, cfg.margin);
+        let loss = triplet_over_device_selection(&sel, cfg.margin)?;
+        return Ok((loss, Some(sel.anchor_count()?)));
     }
     // On the CPU, or more hardest negatives than a device selection takes: distances to
     // the proxies the anchors use, picked on the host.
@@ -121,7 +133,7 @@ pub fn proxy_triplet(
         ),
         (2, what),
     )?;
-    triplet_over_selection(&dist, &sel, cfg.margin)
+    Ok((triplet_over_selection(&dist, &sel, cfg.margin)?, None))
 }
 
 /// Whether the device picks `k` hardest negatives ([`nofuss_tensor::select::smallest_k`]

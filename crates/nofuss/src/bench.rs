@@ -238,7 +238,7 @@ impl Steps<'_> {
         let (dev, model, x, y) = (self.dev, self.model, self.x, self.y);
         let opt = &mut self.opt;
         opt.use_device_scalars()?;
-        let loss_out = Tensor::zeros(1, DType::F32, dev)?;
+        let loss_out = Tensor::zeros(2, DType::F32, dev)?; // the step's report
         let read = |t: &Tensor, replay: usize| -> Result<f32> {
             let v = t.to_vec1::<f32>()?[0];
             if !v.is_finite() {

@@ -468,8 +468,8 @@ impl Replay {
     }
 
     /// One full batch's step at learning rate `lr`: copied into the captured step's
-    /// buffers and replayed (captured first, if not yet). Returns a copy of its loss,
-    /// read later.
+    /// buffers and replayed (captured first, if not yet). Returns a copy of its
+    /// [`step_report`], read later.
     fn step(
         &mut self,
         model: &Model,
@@ -486,7 +486,7 @@ impl Replay {
             return Ok(c.loss.copy()?);
         }
         let (images, labels) = (images.copy()?, labels.copy()?);
-        let loss_out = Tensor::zeros(1, DType::F32, images.device())?;
+        let loss_out = Tensor::zeros(2, DType::F32, images.device())?;
         opt.advance()?;
         let graph = capture_step(model, opt, (&images, &labels), &loss_out)?;
         // The capture ran nothing: its first replay is this step.
@@ -504,8 +504,9 @@ impl Replay {
 
 /// Captures a training step of `model` on `images` and `labels` into a CUDA graph:
 /// forward on the tape, loss, backward, `opt`'s step (its device scalars on and
-/// [`Optimizer::advance`] called), the loss written into `loss_out` (`[1]`, f32). The
-/// inputs and `loss_out` must outlive the graph; nothing runs until its first replay.
+/// [`Optimizer::advance`] called), the step's [`step_report`] written into `loss_out`
+/// (`[2]`, f32). The inputs and `loss_out` must outlive the graph; nothing runs until its
+/// first replay.
 pub(crate) fn capture_step(
     model: &Model,
     opt: &mut Optimizer,
@@ -514,17 +515,30 @@ pub(crate) fn capture_step(
 ) -> Result<nofuss_tensor::graph::StepGraph> {
     nofuss_tensor::graph::StepGraph::capture(images.device(), || -> Result<()> {
         let pass = model.embedder.forward_train(images)?;
-        let loss = model.loss.loss(&pass.embeddings, labels)?;
+        let (loss, anchors) = model.loss.loss_with_anchors(&pass.embeddings, labels)?;
         let grads = pass.backward(&loss)?;
         opt.step(&grads)?;
-        loss_out.slice_set(&loss.to_dtype(DType::F32)?.reshape(1)?, 0, 0)?;
+        loss_out.slice_set(&step_report(&loss, anchors.as_ref())?, 0, 0)?;
         Ok(())
     })
 }
 
+/// A step's loss and the number of anchors that took part, as one `[2]` f32 tensor on
+/// the loss's device, read in one go by [`LossQueue`]: the count where the loss picked
+/// its anchors on the device (`MetricLoss::loss_with_anchors`; 0: the batch had nothing
+/// to learn from), else -1.
+pub(crate) fn step_report(loss: &Tensor, anchors: Option<&Tensor>) -> Result<Tensor> {
+    let loss = loss.detach().to_dtype(DType::F32)?.reshape(1)?;
+    let count = match anchors {
+        Some(a) => a.detach().to_dtype(DType::F32)?.reshape(1)?,
+        None => Tensor::full(-1f32, 1, loss.device())?,
+    };
+    Ok(Tensor::cat(&[&loss, &count], 0)?)
+}
+
 /// What one training step did.
 enum StepOutcome {
-    /// Updated the model; the step's loss (not yet read).
+    /// Updated the model; the step's [`step_report`] (not yet read).
     Trained(Tensor),
     /// Skipped: the batch had nothing to learn from (why).
     Skipped(String),
@@ -998,11 +1012,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
                         Ok(())
                     };
                     let loss = if model.loss.spec().selects_on_host() {
-                        model.loss.loss(&emb, &batch_labels)
+                        model.loss.loss_with_anchors(&emb, &batch_labels)
                     } else {
-                        cached(&device, || model.loss.loss(&emb, &batch_labels))
+                        cached(&device, || {
+                            model.loss.loss_with_anchors(&emb, &batch_labels)
+                        })
                     };
-                    let loss = match loss {
+                    let (loss, anchors) = match loss {
                         Ok(l) => l,
                         Err(LossError::NonFinite(_)) => return Ok(StepOutcome::NonFinite),
                         // A batch without a usable pair or negative teaches nothing: skip the
@@ -1020,7 +1036,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
                     }
                     cached(&device, || opt.step(&grads))?;
                     reseed(&mut reseeder)?;
-                    Ok(StepOutcome::Trained(loss))
+                    Ok(StepOutcome::Trained(step_report(&loss, anchors.as_ref())?))
                 })?
             };
             if let Some(r) = replay.as_mut() {
@@ -1049,6 +1065,16 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         }
         if let Err(bad) = losses.flush()? {
             return Err(non_finite(bad, &dir));
+        }
+        if losses.without_anchors > 0 {
+            // Found on the device (dynamic assignment off the CPU): those steps ran, with
+            // zero gradients, and count as skipped.
+            steps -= losses.without_anchors;
+            skipped += losses.without_anchors;
+            skip_reason = "no anchor had a negative proxy: every example of the batch's \
+                           other classes was assigned to its positive proxy (found on the \
+                           device, after the step ran with zero gradients)"
+                .into();
         }
         pb.finish_and_clear();
         if steps == 0 && skipped > 0 {
@@ -1267,30 +1293,34 @@ pub fn summary_table(s: &RunSummary) -> String {
 /// runs the step before, instead of waiting for every step (reading a value waits for
 /// the device). A non-finite loss is still seen, one step later, and stops the run before
 /// anything of its epoch is saved: [`LossQueue::flush`] reads the last one before the
-/// epoch's evaluation.
+/// epoch's evaluation. Each step comes as its [`step_report`]; a step whose loss picked
+/// no anchor on the device is counted in [`LossQueue::without_anchors`], not in the mean.
 #[derive(Default)]
 struct LossQueue {
-    /// The step whose loss is not read yet, and that loss (detached from its graph).
+    /// The step whose report is not read yet, and that report (detached from its graph).
     pending: Option<(usize, Tensor)>,
     /// Sum of the losses read.
     sum: f64,
     /// How many were read.
     read: usize,
+    /// Steps whose loss reported no anchor (a batch with nothing to learn from, found on
+    /// the device after its step ran with zero gradients).
+    without_anchors: usize,
 }
 
 impl LossQueue {
-    /// Queues `step`'s loss and reads the one before: `Err((step, value))` for a
-    /// non-finite one.
+    /// Queues `step`'s report and reads the one before: `Err((step, value))` for a
+    /// non-finite loss.
     fn push(
         &mut self,
         step: usize,
-        loss: &Tensor,
+        report: &Tensor,
     ) -> Result<std::result::Result<(), (usize, f32)>> {
-        let before = self.pending.replace((step, loss.detach()));
+        let before = self.pending.replace((step, report.detach()));
         self.settle(before)
     }
 
-    /// Reads the last queued loss.
+    /// Reads the last queued report.
     fn flush(&mut self) -> Result<std::result::Result<(), (usize, f32)>> {
         let last = self.pending.take();
         self.settle(last)
@@ -1300,12 +1330,17 @@ impl LossQueue {
         &mut self,
         queued: Option<(usize, Tensor)>,
     ) -> Result<std::result::Result<(), (usize, f32)>> {
-        let Some((step, loss)) = queued else {
+        let Some((step, report)) = queued else {
             return Ok(Ok(()));
         };
-        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let v = report.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let (value, anchors) = (v[0], v.get(1).copied().unwrap_or(-1.0));
         if !value.is_finite() {
             return Ok(Err((step, value)));
+        }
+        if anchors == 0.0 {
+            self.without_anchors += 1;
+            return Ok(Ok(()));
         }
         self.sum += value as f64;
         self.read += 1;
@@ -1322,8 +1357,9 @@ impl LossQueue {
 mod tests {
     use super::*;
 
+    /// A step's report without an anchor count.
     fn scalar(v: f32) -> Tensor {
-        Tensor::new(v, &Device::Cpu).unwrap()
+        step_report(&Tensor::new(v, &Device::Cpu).unwrap(), None).unwrap()
     }
 
     #[test]
@@ -1348,11 +1384,31 @@ mod tests {
     }
 
     #[test]
+    fn steps_without_anchors_are_counted_apart_from_the_mean() {
+        let cpu = &Device::Cpu;
+        let report = |loss: f32, anchors: f32| {
+            let a = Tensor::new(anchors, cpu).unwrap();
+            step_report(&Tensor::new(loss, cpu).unwrap(), Some(&a)).unwrap()
+        };
+        let mut q = LossQueue::default();
+        q.push(1, &report(2.0, 5.0)).unwrap().unwrap();
+        q.push(2, &report(0.0, 0.0)).unwrap().unwrap();
+        q.push(3, &scalar(4.0)).unwrap().unwrap();
+        q.flush().unwrap().unwrap();
+        assert_eq!((q.read, q.without_anchors, q.mean()), (2, 1, 3.0));
+        // A non-finite loss stops the run whatever its count says.
+        q.push(4, &report(f32::NAN, 0.0)).unwrap().unwrap();
+        assert_eq!(q.flush().unwrap().unwrap_err().0, 4);
+    }
+
+    #[test]
     fn a_queued_loss_does_not_keep_its_graph() {
         let w = candle_core::Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
         let loss = w.as_tensor().sqr().unwrap().sum_all().unwrap();
         let mut q = LossQueue::default();
-        q.push(1, &loss).unwrap().unwrap();
+        q.push(1, &step_report(&loss, None).unwrap())
+            .unwrap()
+            .unwrap();
         let (_, queued) = q.pending.as_ref().unwrap();
         assert!(!queued.track_op());
     }
