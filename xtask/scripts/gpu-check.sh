@@ -119,6 +119,16 @@ for r in phases:
         name += " (no layout cache)"
     print(f"| {name} | {r.get('batch')} | {cell('forward')} | {cell('backward')} | {cell('optimizer')} |")
 PYEOF
+# Dynamic assignment, picked on the device, eager and replayed: on this from-scratch toy
+# it collapses onto one proxy in epoch 2 (docs/EXPERIMENTS.md, on the CPU), which the
+# trainer must see in the device's anchor counts and stop on ("nothing to learn").
+for how in eager --cuda-graph; do
+  dyn="--assignment dynamic --num-proxies 62 --proxy-init class-means"
+  echo "=== nofuss train --device cuda --epochs 2 $dyn $how" >> "$T"
+  ( time limited 90 .gpu/nofuss train --device cuda --epochs 2 --quiet --out-dir /tmp/gpu-runs \
+      --name "dynamic-${how#--}" $dyn ${how#eager} ) >> "$T" 2>&1
+  echo "rc=$?" >> "$T"
+done
 cat "$OUT/summary.md"; grep -h "test result\|rc=\|=== nofuss train\|Recall@1\|^real" "$OUT/parity.txt"
 if [ "$PROFILE" = 1 ]; then
   GPU_CHECK_SECONDS=$((DEADLINE - SECONDS)) "$(dirname "$0")/gpu-profile.sh" > /dev/null
