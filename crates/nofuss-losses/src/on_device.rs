@@ -17,7 +17,8 @@
 //! - the negatives: the proxies some example of another class is assigned to (the
 //!   different-class matrix times the one-hot assignments, `[N, N] x [N, P]`), minus the
 //!   positive; with `k` hardest, the `k` nearest of them (`smallest_k` again, ties to the
-//!   lower proxy index, as on the host);
+//!   lower proxy index, as on the host; distances compared in f32, so f64 distances
+//!   closer than f32 resolves may rank differently than on the host);
 //! - the anchors: the examples with at least one negative. The loss averages over them;
 //!   the rows of the others are all-ones masks (finite values) weighted by 0.
 //!

@@ -203,7 +203,7 @@ fn dynamic_assignment_replays_from_a_cuda_graph() {
     let mut eager = Vec::new();
     for seed in 1..=3 {
         load(seed);
-        nofuss_tensor::with_cached_layouts(&dev, &step).unwrap();
+        nofuss_tensor::with_cached_layouts(&dev, step).unwrap();
         eager.push(read());
     }
     // Different batches, different picks: the losses differ.
@@ -213,7 +213,7 @@ fn dynamic_assignment_replays_from_a_cuda_graph() {
         eager.iter().map(|e| e.0).collect::<Vec<_>>()
     );
     if !graphs_available(&dev) {
-        assert!(StepGraph::capture(&dev, || step()).is_err());
+        assert!(StepGraph::capture(&dev, step).is_err());
         eprintln!(
             "dynamic_assignment_replays_from_a_cuda_graph: capture needs a CUDA device; skipped"
         );
@@ -221,7 +221,7 @@ fn dynamic_assignment_replays_from_a_cuda_graph() {
     }
     load(1);
     let graph =
-        nofuss_tensor::with_cached_layouts(&dev, || StepGraph::capture(&dev, &step)).unwrap();
+        nofuss_tensor::with_cached_layouts(&dev, || StepGraph::capture(&dev, step)).unwrap();
     for (seed, (loss, grad)) in (1..=3).zip(&eager) {
         load(seed);
         graph.replay().unwrap();
