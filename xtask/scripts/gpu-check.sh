@@ -43,6 +43,10 @@ for cfg in "32 f32" "128 f32" "128 bf16" "32 bf16"; do
   run $PY crates/nofuss/benches/torch_train_step.py "$1" "$STEPS" --backbone bn-inception --device cuda --classes 100 --precision "$2"
 done
 run .gpu/nofuss bench train-step --batch-size 256 --steps "$STEPS" --device cuda
+# Dynamic assignment (its proxies picked on the device), against the static rows above.
+for how in "" --cuda-graph; do
+  run .gpu/nofuss bench train-step --backbone bn-inception --batch-size 32 --steps "$STEPS" --device cuda --assignment dynamic $how
+done
 run $PY crates/nofuss/benches/torch_train_step.py 256 "$STEPS" --device cuda --classes 100
 # Where a step's time goes: forward, backward and optimiser each waited for, queueing
 # time against completion time (host-bound where they are about equal); nofuss's backward
@@ -86,7 +90,8 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 phases = [json.loads(l) for l in open(sys.argv[2]) if l.startswith("{")]
 knn = [r for r in rows if "seconds" in r]
-rows = [r for r in rows if "images_per_sec" in r]
+dynamic = [r for r in rows if r.get("assignment") == "dynamic"]
+rows = [r for r in rows if "images_per_sec" in r and r.get("assignment") != "dynamic"]
 key = lambda r: (r.get("backbone"), r.get("batch"), r.get("precision", "f32"))
 nofuss = lambda r: str(r.get("impl", "")).startswith("nofuss")
 timed = lambda r: r.get("cudnn_algorithms") == "benchmark"
@@ -104,6 +109,13 @@ for k in sorted(set(ours) | set(ref), key=str):
     ratio = lambda x: f"{x / b:.2f}x" if x and b else "-"
     cell = lambda m, x: (x or "failed") if k in m or k[0] == "bn-inception" else "-"
     print(f"| {k[0]} | {k[1]} | {k[2]} | {a or 'failed'} | {b or 'failed'} | {ratio(a)} | {cell(graph, g)} | {ratio(g)} | {cell(graph_timed, gt)} | {ratio(gt)} |")
+print()
+print("| dynamic assignment (BN-Inception, Proxy-NCA) | batch | img/s | static, same mode |")
+print("| --- | --- | --- | --- |")
+for r in dynamic:
+    mode = ours if not r.get("cuda_graph") else graph
+    s = mode.get(key(r), {}).get("images_per_sec")
+    print(f"| nofuss{' CUDA graph' if r.get('cuda_graph') else ''} | {r.get('batch')} | {r.get('images_per_sec')} | {s or '-'} |")
 print()
 print("| kNN at SOP scale (60,502 x 64, K = 1000) | seconds | Recall@1 |")
 print("| --- | --- | --- |")

@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
+use nofuss_losses::Assignment;
 use nofuss_tensor::{DeviceSpec, Precision};
 use serde_json::{json, Value};
 
@@ -50,6 +51,11 @@ pub struct TrainStepBench {
     /// the optimiser's per-step scalars on the device) and time `steps` replays of it,
     /// each followed by reading its loss, instead of eager steps. CUDA only.
     pub cuda_graph: bool,
+    /// The loss, by its `train --loss` name (`proxy-nca` by default).
+    pub loss: String,
+    /// The proxy losses' assignment: static, or dynamic (nearest of `classes` proxies,
+    /// picked on the device off the CPU).
+    pub assignment: Assignment,
 }
 
 impl Default for TrainStepBench {
@@ -68,6 +74,8 @@ impl Default for TrainStepBench {
             profile_ops: false,
             graph_backward: false,
             cuda_graph: false,
+            loss: "proxy-nca".into(),
+            assignment: Assignment::Static,
         }
     }
 }
@@ -95,8 +103,12 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         b.classes,
         b.precision,
         b.cudnn_benchmark,
+        (&b.loss, b.assignment),
     )?;
     model.embedder.set_tape(!b.graph_backward);
+    if b.assignment == Assignment::Dynamic {
+        proxies_on_batch(&model, &x)?;
+    }
     let opt = model.optimizer(&cfg.optim)?;
     let size = cfg.data.image_size;
     let labels: Vec<u32> = (0..b.batch_size as u32)
@@ -131,6 +143,8 @@ pub fn train_step(b: &TrainStepBench) -> Result<Value> {
         "cudnn_algorithms": if b.cudnn_benchmark { "benchmark" } else { "heuristic" },
         "backward": if b.graph_backward { "candle graph" } else { "tape" },
         "cuda_graph": b.cuda_graph,
+        "loss": b.loss,
+        "assignment": if b.assignment == Assignment::Dynamic { "dynamic" } else { "static" },
         "layout_cache": nofuss_tensor::caches_layouts(&dev),
         "batch": b.batch_size,
         "image_size": size,
@@ -320,7 +334,8 @@ fn time_phases(b: &TrainStepBench, run: &mut Steps<'_>) -> Result<Value> {
 
 /// The configuration, device (with its description), a fresh model and a synthetic
 /// device-resident input batch of a benchmark: BN-Inception at 224x224 RGB unless
-/// `image_size` says otherwise.
+/// `image_size` says otherwise; the loss by name, with its assignment.
+#[allow(clippy::too_many_arguments)]
 fn setup(
     backbone: &str,
     image_size: Option<usize>,
@@ -329,11 +344,15 @@ fn setup(
     classes: usize,
     precision: Precision,
     cudnn_benchmark: bool,
+    (loss, assignment): (&str, Assignment),
 ) -> Result<(TrainConfig, String, candle_core::Device, Model, Tensor)> {
     let mut cfg = TrainConfig {
         cudnn_benchmark,
         ..Default::default()
     };
+    cfg.loss.name = loss.to_string();
+    cfg.loss.proxy_nca.assignment = assignment;
+    cfg.loss.proxy_triplet.assignment = assignment;
     cfg.model.backbone = backbone.to_string();
     if backbone == "bn-inception" {
         cfg.data.channels = 3;
@@ -356,6 +375,22 @@ fn setup(
         &picked.device,
     )?;
     Ok((cfg, picked.description, picked.device, model, x))
+}
+
+/// For dynamic assignment from a fresh model: an untrained network maps every synthetic
+/// image to about the same point, so every example would share one nearest proxy and no
+/// step have an anchor (on the CPU an error, elsewhere zero losses). Puts proxy `i` on
+/// example `i`'s embedding (the first `min(N, P)`), so that each starts nearest its own.
+fn proxies_on_batch(model: &Model, x: &Tensor) -> Result<()> {
+    // Training mode, as the steps see them (batch statistics).
+    let emb = model.embedder.forward_train(x)?.embeddings.detach();
+    for (name, var) in model.proxy_params.named_vars() {
+        if name == "proxies" {
+            let rows = emb.dim(0)?.min(var.dim(0)?);
+            var.slice_set(&emb.narrow(0, 0, rows)?.to_dtype(var.dtype())?, 0, 0)?;
+        }
+    }
+    Ok(())
 }
 
 /// The median of `times` (not empty).
@@ -401,6 +436,7 @@ pub fn backbone(b: &BackboneBench) -> Result<Value> {
         2,
         b.precision,
         false,
+        ("proxy-nca", Assignment::Static),
     )?;
     let size = cfg.data.image_size;
     let embedder = &model.embedder;
@@ -478,6 +514,24 @@ mod tests {
         })
         .unwrap();
         assert_eq!(v["backward"], "candle graph");
+        // Dynamic assignment, both proxy losses: the proxies start on the batch, so the
+        // steps have anchors (on the CPU a step without any is an error).
+        for loss in ["proxy-nca", "proxy-triplet"] {
+            let v = train_step(&TrainStepBench {
+                batch_size: 8,
+                steps: 2,
+                warmup: 1,
+                device: "cpu".into(),
+                loss: loss.into(),
+                assignment: Assignment::Dynamic,
+                ..Default::default()
+            })
+            .unwrap();
+            assert_eq!(
+                (&v["loss"], &v["assignment"]),
+                (&json!(loss), &json!("dynamic"))
+            );
+        }
         let v = train_step(&TrainStepBench {
             batch_size: 4,
             steps: 2,

@@ -156,6 +156,13 @@ pub enum BenchCommand {
         /// (one launch per step; CUDA only).
         #[arg(long)]
         cuda_graph: bool,
+        /// Loss, as `train --loss` names it.
+        #[arg(long, default_value = "proxy-nca", value_name = "NAME")]
+        loss: String,
+        /// Proxy assignment: static, or dynamic over --classes proxies (picked on the
+        /// device off the CPU).
+        #[arg(long, value_enum, default_value = "static")]
+        assignment: AssignmentArg,
     },
 }
 
@@ -377,6 +384,15 @@ pub enum AssignmentArg {
     Dynamic,
 }
 
+impl From<AssignmentArg> for Assignment {
+    fn from(a: AssignmentArg) -> Self {
+        match a {
+            AssignmentArg::Static => Assignment::Static,
+            AssignmentArg::Dynamic => Assignment::Dynamic,
+        }
+    }
+}
+
 /// Batch-norm mode on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BnArg {
@@ -551,10 +567,7 @@ impl TrainArgs {
         }
         set!(c.loss.name, self.loss);
         if let Some(a) = self.assignment {
-            let a = match a {
-                AssignmentArg::Static => Assignment::Static,
-                AssignmentArg::Dynamic => Assignment::Dynamic,
-            };
+            let a = Assignment::from(a);
             c.loss.proxy_nca.assignment = a;
             c.loss.proxy_triplet.assignment = a;
         }
@@ -727,6 +740,8 @@ pub fn run(cli: Cli) -> Result<()> {
             profile_ops,
             graph_backward,
             cuda_graph,
+            loss,
+            assignment,
         }) => {
             let b = crate::bench::TrainStepBench {
                 backbone,
@@ -742,6 +757,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 profile_ops,
                 graph_backward,
                 cuda_graph,
+                loss,
+                assignment: assignment.into(),
             };
             println!("{}", crate::bench::train_step(&b)?);
             Ok(())
