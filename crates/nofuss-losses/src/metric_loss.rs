@@ -15,9 +15,9 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LossSpec {
-    /// Proxy-NCA ([`proxy_nca`]).
+    /// Proxy-NCA ([`proxy_nca`](crate::proxy_nca)).
     ProxyNca(ProxyNcaConfig),
-    /// Proxy-Triplet ([`proxy_triplet`]).
+    /// Proxy-Triplet ([`proxy_triplet`](crate::proxy_triplet)).
     ProxyTriplet(ProxyTripletConfig),
     /// The in-batch triplet loss ([`triplet_loss`]).
     Triplet(TripletConfig),
