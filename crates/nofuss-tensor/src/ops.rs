@@ -310,9 +310,15 @@ impl CustomOp2 for SqDistBwd {
 /// would be, `cols` values every call, and a CUDA graph capture refuses uploads of more
 /// than candle's 4 KiB cache takes: SOP's 11,318 proxies as u32 are 45 KB). An index out of
 /// range is an error on the CPU and undefined on other devices, as candle's scatter.
+/// (u8 indices are widened first: candle's scatter skips an index equal to its type's
+/// largest value, which for u8 is the valid index 255.)
 pub fn one_hot(indices: &Tensor, cols: usize, dtype: candle_core::DType) -> Result<Tensor> {
     let n = indices.dims1()?;
     let dev = indices.device();
+    let indices = match indices.dtype() {
+        candle_core::DType::U8 => indices.to_dtype(candle_core::DType::U32)?,
+        _ => indices.clone(),
+    };
     let ones = Tensor::ones((n, 1), dtype, dev)?;
     Tensor::zeros((n, cols), dtype, dev)?.scatter(&indices.reshape((n, 1))?.contiguous()?, &ones, 1)
 }
@@ -382,6 +388,10 @@ mod tests {
                 assert_eq!(h, want, "{:?} {dt:?}", idx.dtype());
             }
         }
+        // The largest u8 is an index like any other.
+        let h = one_hot(&Tensor::new(&[255u8, 1], cpu).unwrap(), 256, DType::F32).unwrap();
+        let h = h.sum(1).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(h, [1.0, 1.0]);
         // Out of range, and not a vector.
         assert!(one_hot(&Tensor::new(&[5u32], cpu).unwrap(), 5, DType::F32).is_err());
         assert!(one_hot(&Tensor::new(&[[1u32]], cpu).unwrap(), 5, DType::F32).is_err());
