@@ -5,7 +5,8 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    embedding_dims, host_classes, host_labels, pairwise_squared_distances, prepare, proxy_count,
+    check_label_tensor, embedding_dims, host_classes, host_labels, pairwise_squared_distances,
+    prepare, proxy_count,
 };
 use crate::{LossError, Result};
 
@@ -333,16 +334,9 @@ pub(crate) fn static_inputs(
     (min_proxies, what): (usize, &str),
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (n, p) = checked_sizes(embeddings, proxies, min_proxies, what)?;
-    if !matches!(labels.dtype(), DType::U8 | DType::U32 | DType::I64) {
-        return Err(LossError::LabelDtype(labels.dtype()));
-    }
+    check_label_tensor(labels, n)?;
     if labels.device().is_cpu() || check {
         host_labels(labels, n, p)?;
-    } else if labels.dims() != [n] {
-        return Err(LossError::Shape(format!(
-            "labels have shape {:?}, expected [{n}]",
-            labels.dims()
-        )));
     }
     let (x, pr) = prepare(embeddings, proxies, scales, check)?;
     let labels = labels.to_device(x.device())?;

@@ -55,6 +55,21 @@ pub(crate) fn proxy_count(proxies: &Tensor, d: usize) -> Result<usize> {
     Ok(p)
 }
 
+/// Checks what can be checked of class labels without reading them: an integer dtype
+/// (u8, u32 or i64), then the shape `[n]`.
+pub(crate) fn check_label_tensor(labels: &Tensor, n: usize) -> Result<()> {
+    if !matches!(labels.dtype(), DType::U8 | DType::U32 | DType::I64) {
+        return Err(LossError::LabelDtype(labels.dtype()));
+    }
+    if labels.dims() != [n] {
+        return Err(LossError::Shape(format!(
+            "labels have shape {:?}, expected [{n}]",
+            labels.dims()
+        )));
+    }
+    Ok(())
+}
+
 /// Reads class labels `[N]` (u8, u32 or i64, non-negative) to the host.
 pub(crate) fn host_classes(labels: &Tensor, n: usize) -> Result<Vec<i64>> {
     if labels.dims() != [n] {

@@ -30,7 +30,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::common::{host_classes, pairwise_squared_distances, prepare};
+use crate::common::{check_label_tensor, host_classes, pairwise_squared_distances, prepare};
 use crate::{LossError, Result};
 use nofuss_tensor::ops::one_hot;
 use nofuss_tensor::select::smallest_k;
@@ -86,15 +86,9 @@ pub(crate) fn dynamic_selection(
     (min_proxies, what): (usize, &str),
 ) -> Result<DeviceSelection> {
     let (n, p) = crate::assignment::checked_sizes(embeddings, proxies, min_proxies, what)?;
+    check_label_tensor(labels, n)?;
     if check {
         host_classes(labels, n)?;
-    } else if labels.dims() != [n] {
-        return Err(LossError::Shape(format!(
-            "labels have shape {:?}, expected [{n}]",
-            labels.dims()
-        )));
-    } else if !matches!(labels.dtype(), DType::U8 | DType::U32 | DType::I64) {
-        return Err(LossError::LabelDtype(labels.dtype()));
     }
     if n < 2 {
         // Known without reading anything: a lone example has no other class to take
