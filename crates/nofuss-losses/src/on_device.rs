@@ -32,7 +32,7 @@ use candle_core::{DType, Tensor};
 
 use crate::common::{check_label_tensor, host_classes, pairwise_squared_distances, prepare};
 use crate::{LossError, Result};
-use nofuss_tensor::ops::one_hot;
+use nofuss_tensor::ops::{k_hot, one_hot};
 use nofuss_tensor::select::smallest_k;
 
 /// Whether dynamic assignment (with `hardest` negatives, if given) is picked on the
@@ -132,12 +132,7 @@ pub(crate) fn dynamic_selection(
             .where_cond(&all.to_dtype(DType::F32)?, &inf)?;
         let kk = k.min(p);
         let (_, picked) = smallest_k(&masked, kk, None)?;
-        let picked = Tensor::zeros((n, p), dt, dev)?.scatter(
-            &picked.contiguous()?,
-            &Tensor::ones((n, kk), dt, dev)?,
-            1,
-        )?;
-        negatives = (negatives * picked)?;
+        negatives = (negatives * k_hot(&picked, p, dt)?)?;
     }
     let count = negatives.sum_keepdim(1)?;
     let anchors = count.gt(&count.zeros_like()?)?.to_dtype(dt)?; // [N, 1]

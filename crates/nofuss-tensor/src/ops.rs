@@ -314,13 +314,20 @@ impl CustomOp2 for SqDistBwd {
 /// largest value, which for u8 is the valid index 255.)
 pub fn one_hot(indices: &Tensor, cols: usize, dtype: candle_core::DType) -> Result<Tensor> {
     let n = indices.dims1()?;
+    k_hot(&indices.reshape((n, 1))?, cols, dtype)
+}
+
+/// [`one_hot`] with `k` indices a row: `indices` `[N, k]`, and a 1 at each of a row's
+/// indices (an index given twice gives one 1).
+pub fn k_hot(indices: &Tensor, cols: usize, dtype: candle_core::DType) -> Result<Tensor> {
+    let (n, k) = indices.dims2()?;
     let dev = indices.device();
     let indices = match indices.dtype() {
         candle_core::DType::U8 => indices.to_dtype(candle_core::DType::U32)?,
-        _ => indices.clone(),
+        _ => indices.contiguous()?,
     };
-    let ones = Tensor::ones((n, 1), dtype, dev)?;
-    Tensor::zeros((n, cols), dtype, dev)?.scatter(&indices.reshape((n, 1))?.contiguous()?, &ones, 1)
+    let ones = Tensor::ones((n, k), dtype, dev)?;
+    Tensor::zeros((n, cols), dtype, dev)?.scatter(&indices, &ones, 1)
 }
 
 /// Whether every value of `t` is finite (no NaN, no infinity; integer tensors always
@@ -392,6 +399,17 @@ mod tests {
         let h = one_hot(&Tensor::new(&[255u8, 1], cpu).unwrap(), 256, DType::F32).unwrap();
         let h = h.sum(1).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(h, [1.0, 1.0]);
+        // Several a row, one of them twice.
+        let h = k_hot(
+            &Tensor::new(&[[0u32, 3], [2, 2]], cpu).unwrap(),
+            4,
+            DType::F32,
+        )
+        .unwrap();
+        assert_eq!(
+            h.to_vec2::<f32>().unwrap(),
+            [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]]
+        );
         // Out of range, and not a vector.
         assert!(one_hot(&Tensor::new(&[5u32], cpu).unwrap(), 5, DType::F32).is_err());
         assert!(one_hot(&Tensor::new(&[[1u32]], cpu).unwrap(), 5, DType::F32).is_err());
