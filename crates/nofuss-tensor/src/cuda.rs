@@ -15,7 +15,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
-use candle_core::{CudaStorage, DType, Layout, Result, Storage, StorageRef, Tensor};
+use candle_core::{CudaStorage, DType, Device, Layout, Result, Storage, StorageRef, Tensor};
 
 use crate::fast_div::fast_div_params;
 
@@ -165,7 +165,7 @@ macro_rules! kernels {
 /// The typed launchers of `kernels/*.cu`.
 pub(crate) mod launch {
     use super::*;
-    use crate::fused_step::StepArgs;
+    use crate::fused_step::{OptimTable, StepArgs};
     use crate::sumsq::SumsqTable;
 
     kernels! { "pool.cu", "nofuss_pool", POOL_PTX;
@@ -244,8 +244,7 @@ pub(crate) mod launch {
     }
 
     kernels! { "optim.cu", "nofuss_optim", OPTIM_PTX;
-        fn optim_state<T>(st: &mut CudaViewMut<T>, grad: &CudaView<T>, param: &CudaView<T>, n: &i64, s: &StepArgs);
-        fn optim_param<T>(param: &mut CudaViewMut<T>, grad: &CudaView<T>, st: &CudaView<T>, n: &i64, s: &StepArgs);
+        fn optim_step<T>(t: &OptimTable, s: &StepArgs);
         fn sumsq_partial<T>(t: &SumsqTable, partial: &mut CudaViewMut<f64>);
         fn sumsq_total<A>(partial: &CudaView<A>, n: &i64, out: &mut CudaViewMut<A>);
     }
@@ -1335,10 +1334,11 @@ fn device_address<T: CudaDType>(t: &Tensor) -> Result<u64> {
 unsafe impl DeviceRepr for crate::sumsq::SumsqTable {}
 
 /// The summed squares of `tensors` (f32 or f64, on `dev`) as a scalar f64 on `dev`:
-/// `sumsq_partial` over tables of up to `SUMSQ_TENSORS` tensors of one dtype, then
+/// `sumsq_partial` over tables of up to `TABLE_TENSORS` tensors of one dtype, then
 /// `sumsq_total` (`crate::sumsq`).
 pub(crate) fn sum_of_squares(dev: &CudaDevice, tensors: &[&Tensor]) -> Result<Tensor> {
-    use crate::sumsq::{plan, SumsqTable, SUMSQ_TENSORS};
+    use crate::sumsq::SumsqTable;
+    use crate::tables::{plan, TABLE_TENSORS};
     // Contiguous copies, where needed, live until the launches are queued (a buffer
     // freed after that is reused in stream order).
     let tensors = tensors
@@ -1365,9 +1365,9 @@ pub(crate) fn sum_of_squares(dev: &CudaDevice, tensors: &[&Tensor]) -> Result<Te
         end = next;
         for l in planned {
             let mut table = SumsqTable {
-                data: [0; SUMSQ_TENSORS],
-                len: [0; SUMSQ_TENSORS],
-                first_block: [0; SUMSQ_TENSORS],
+                data: [0; TABLE_TENSORS],
+                len: [0; TABLE_TENSORS],
+                first_block: [0; TABLE_TENSORS],
                 count: l.tensors.len() as u32,
                 blocks: l.blocks,
                 base: l.base,
@@ -1412,36 +1412,69 @@ pub(crate) fn sum_of_squares(dev: &CudaDevice, tensors: &[&Tensor]) -> Result<Te
     ))
 }
 
-/// One in-place pass of an optimiser step: the state `[3, n]` (`state_pass`) or the
-/// parameter, from the two read-only inputs (`grad` and the other of the two).
-pub(crate) fn optim_update(
-    state_pass: bool,
-    (ds, dl): (&mut CudaStorage, &Layout),
-    (gs, gl): (&CudaStorage, &Layout),
-    (os, ol): (&CudaStorage, &Layout),
+/// One optimiser step of `params` (each a contiguous f32 or f64 parameter, its gradient
+/// and its `[3, numel]` state, all of one dtype) with the same `args`, in place:
+/// `optim_step` over tables of up to `TABLE_TENSORS` of them (`crate::tables`).
+pub(crate) fn optim_step(
+    params: &[(&Tensor, &Tensor, &Tensor)],
     args: &crate::fused_step::StepArgs,
 ) -> Result<()> {
-    let Some((a, b)) = dl.contiguous_offsets() else {
-        candle_core::bail!("optimiser tensors must be contiguous");
+    use crate::fused_step::OptimTable;
+    use crate::tables::{plan, TABLE_TENSORS};
+    let Some(&(first, _, _)) = params.first() else {
+        return Ok(());
     };
-    let dt = ds.dtype();
-    if !matches!(dt, DType::F32 | DType::F64) || gs.dtype() != dt || os.dtype() != dt {
-        candle_core::bail!("optimiser tensors must all be f32 or all f64");
-    }
-    let dev = ds.device.clone();
-    let n = gl.shape().elem_count() as i64;
-    with_cuda_dtype!(dt, T, A, {
-        let grad = view::<T>(gs, gl)?;
-        let other = view::<T>(os, ol)?;
-        let mut dst = ds.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
-        let cfg = grid_1d(n as usize);
-        if state_pass {
-            launch::optim_state::<T>(&dev, cfg, &mut dst, &grad, &other, &n, args)?;
-        } else {
-            launch::optim_param::<T>(&dev, cfg, &mut dst, &grad, &other, &n, args)?;
+    let dt = first.dtype();
+    let Device::Cuda(dev) = first.device() else {
+        candle_core::bail!("the fused optimiser step runs on CUDA tensors");
+    };
+    for &(p, g, s) in params {
+        let n = p.elem_count();
+        if [p.dtype(), g.dtype(), s.dtype()] != [dt; 3] || !matches!(dt, DType::F32 | DType::F64) {
+            candle_core::bail!("optimiser tensors must all be f32 or all f64 in one step");
         }
-        Ok(())
-    })
+        if g.elem_count() != n || s.elem_count() != 3 * n {
+            candle_core::bail!(
+                "optimiser step: a parameter of {n} values with a gradient of {} and a state of {}",
+                g.elem_count(),
+                s.elem_count()
+            );
+        }
+        if !p.device().same_device(first.device()) {
+            candle_core::bail!("optimiser step: parameters on more than one device");
+        }
+    }
+    let lens: Vec<usize> = params.iter().map(|(p, _, _)| p.elem_count()).collect();
+    let (launches, _) = plan(&lens, 0).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    for l in launches {
+        let mut table = OptimTable {
+            param: [0; TABLE_TENSORS],
+            grad: [0; TABLE_TENSORS],
+            state: [0; TABLE_TENSORS],
+            len: [0; TABLE_TENSORS],
+            first_block: [0; TABLE_TENSORS],
+            count: l.tensors.len() as u32,
+            blocks: l.blocks,
+        };
+        for (k, (&i, &first_block)) in l.tensors.iter().zip(&l.first_block).enumerate() {
+            let (p, g, s) = params[i];
+            let address = |t: &Tensor| match dt {
+                DType::F32 => device_address::<f32>(t),
+                _ => device_address::<f64>(t),
+            };
+            table.param[k] = address(p)?;
+            table.grad[k] = address(g)?;
+            table.state[k] = address(s)?;
+            table.len[k] = lens[i] as i64;
+            table.first_block[k] = first_block;
+        }
+        let cfg = rows_grid(table.blocks as usize, THREADS)?;
+        match dt {
+            DType::F32 => launch::optim_step::<f32>(dev, cfg, &table, args)?,
+            _ => launch::optim_step::<f64>(dev, cfg, &table, args)?,
+        }
+    }
+    Ok(())
 }
 
 /// The fused NCA rows: `[N, 2]` (loss, log-sum-exp) from `dist` `[N, P]` and u32 labels.

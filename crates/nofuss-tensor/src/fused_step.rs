@@ -1,22 +1,29 @@
-//! One optimiser step of one parameter in two in-place passes: the state (`[3, numel]`:
-//! rows a, b, c) from the gradient and the parameter, then the parameter from the gradient
-//! and the state. candle operations would take a dozen launches and allocations per
-//! parameter (BN-Inception has about 280 parameter tensors); this is two on CUDA
-//! (`kernels/optim.cu`) and one on the CPU ([`UpdateBoth`]), with the formulas of
-//! `torch.optim`.
+//! One optimiser step in place, with the formulas of `torch.optim`: per element the
+//! state (`[3, numel]`: rows a, b, c) from the gradient and the parameter, then the
+//! parameter from the gradient and the state. candle operations would take a dozen
+//! launches and allocations per parameter (BN-Inception has about 280 parameter
+//! tensors). On the CPU a parameter's step is one pass ([`UpdateBoth`]); on CUDA one
+//! launch of `kernels/optim.cu`'s `optim_step` takes up to `TABLE_TENSORS` parameters of
+//! a group ([`OptimTable`], `crate::cuda::optim_step`), as PyTorch's fused and foreach
+//! optimisers do. `UpdateState` then `UpdateParam`, the same arithmetic in two passes, is
+//! the tests' reference.
 
 use candle_core::backend::BackendStorage;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
-use candle_core::{CpuStorage, InplaceOp3, Layout, Result};
+#[cfg(test)]
+use candle_core::InplaceOp3;
+use candle_core::{CpuStorage, Layout, Result};
 use rayon::prelude::*;
 
 use crate::cpu::slice;
+#[cfg(feature = "cuda")]
+use crate::tables::TABLE_TENSORS;
 
 /// Which update, with its constants (every field used by the kernels, `#[repr(C)]` for
 /// CUDA).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct StepArgs {
     /// 0 SGD, 1 RMSprop, 2 Adam / AdamW.
     pub kind: i32,
@@ -145,9 +152,31 @@ impl StepArgs {
     }
 }
 
-/// `state[3, n] <- f(grad, param, state)`, in place.
+/// The parameters of one launch of `optim_step`, laid out as `OptimTable` in
+/// `kernels/optim.cu`: each parameter's, gradient's and state's device address, its
+/// length and its first block (`crate::tables`); the entries used and the grid.
+#[cfg(feature = "cuda")]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OptimTable {
+    pub param: [u64; TABLE_TENSORS],
+    pub grad: [u64; TABLE_TENSORS],
+    pub state: [u64; TABLE_TENSORS],
+    pub len: [i64; TABLE_TENSORS],
+    pub first_block: [u32; TABLE_TENSORS],
+    pub count: u32,
+    pub blocks: u32,
+}
+
+// SAFETY: plain old data with the C layout the kernel declares.
+#[cfg(feature = "cuda")]
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for OptimTable {}
+
+/// `state[3, n] <- f(grad, param, state)`, in place (CPU; the tests' two-pass reference).
+#[cfg(test)]
 pub(crate) struct UpdateState(pub StepArgs);
-/// `param[n] <- f(grad, state, param)`, in place.
+/// `param[n] <- f(grad, state, param)`, in place (CPU; the tests' two-pass reference).
+#[cfg(test)]
 pub(crate) struct UpdateParam(pub StepArgs);
 
 fn offsets(l: &Layout, what: &str) -> Result<(usize, usize)> {
@@ -155,6 +184,7 @@ fn offsets(l: &Layout, what: &str) -> Result<(usize, usize)> {
         .ok_or_else(|| candle_core::Error::Msg(format!("optimiser {what} must be contiguous")))
 }
 
+#[cfg(test)]
 macro_rules! cpu_step {
     ($dst:expr, $range:expr, |$d:ident, $T:ident| $body:block) => {
         match $dst {
@@ -174,6 +204,7 @@ macro_rules! cpu_step {
 }
 
 // The loops serve f32 and f64 storage alike: for f64 the casts are no-ops.
+#[cfg(test)]
 #[allow(clippy::unnecessary_cast)]
 impl InplaceOp3 for UpdateState {
     fn name(&self) -> &'static str {
@@ -210,21 +241,9 @@ impl InplaceOp3 for UpdateState {
         });
         Ok(())
     }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &mut CudaStorage,
-        l: &Layout,
-        gs: &CudaStorage,
-        gl: &Layout,
-        ps: &CudaStorage,
-        pl: &Layout,
-    ) -> Result<()> {
-        crate::cuda::optim_update(true, (s, l), (gs, gl), (ps, pl), &self.0)
-    }
 }
 
+#[cfg(test)]
 #[allow(clippy::unnecessary_cast)]
 impl InplaceOp3 for UpdateParam {
     fn name(&self) -> &'static str {
@@ -259,27 +278,14 @@ impl InplaceOp3 for UpdateParam {
         });
         Ok(())
     }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        p: &mut CudaStorage,
-        l: &Layout,
-        gs: &CudaStorage,
-        gl: &Layout,
-        ss: &CudaStorage,
-        sl: &Layout,
-    ) -> Result<()> {
-        crate::cuda::optim_update(false, (p, l), (gs, gl), (ss, sl), &self.0)
-    }
 }
 
 /// The CPU's step in one pass: `param[n]` and `state[3, n]` together, in place (the
 /// parameter is this op's target, the state is updated through a nested in-place op on
 /// its own tensor). The same arithmetic as [`UpdateState`] then [`UpdateParam`], to the
 /// bit (the parameter's update reads the state as stored, rounded to its type), with
-/// each element's gradient, parameter and state read once instead of twice. CUDA keeps
-/// the two kernels.
+/// each element's gradient, parameter and state read once instead of twice, as
+/// `optim_step` on CUDA.
 pub(crate) struct UpdateBoth {
     /// The parameter's `[3, numel]` state (contiguous, the parameter's type).
     pub state: candle_core::Tensor,
@@ -329,7 +335,7 @@ impl candle_core::InplaceOp2 for UpdateBoth {
         _gs: &CudaStorage,
         _gl: &Layout,
     ) -> Result<()> {
-        candle_core::bail!("the one-pass optimiser step is the CPU's; CUDA runs two kernels")
+        candle_core::bail!("the one-pass optimiser step is the CPU's; CUDA runs optim_step")
     }
 }
 

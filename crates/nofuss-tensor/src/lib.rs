@@ -71,6 +71,7 @@ pub mod profile;
 mod proxy_rows;
 pub mod select;
 mod sumsq;
+mod tables;
 pub mod tape;
 pub mod upload;
 

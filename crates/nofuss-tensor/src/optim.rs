@@ -24,7 +24,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::fused_step::{StepArgs, UpdateBoth, UpdateParam, UpdateState};
+use crate::fused_step::{StepArgs, UpdateBoth};
 use crate::{Error, Result};
 
 /// The update rule and its hyper-parameters.
@@ -290,6 +290,56 @@ struct DeviceScalars {
     advanced: bool,
 }
 
+/// Parameters waiting for their device step, all with the same arguments: `(parameter,
+/// gradient, state)`, stepped together by [`DeviceBatch::flush`].
+#[derive(Default)]
+struct DeviceBatch {
+    params: Vec<(Tensor, Tensor, Tensor)>,
+    args: Option<StepArgs>,
+}
+
+impl DeviceBatch {
+    /// Adds a parameter; a change of arguments or of dtype steps the ones before first.
+    fn push(&mut self, p: Tensor, grad: Tensor, state: Tensor, args: StepArgs) -> Result<()> {
+        let same_dtype = self
+            .params
+            .first()
+            .is_none_or(|(q, _, _)| q.dtype() == p.dtype());
+        if self.args != Some(args) || !same_dtype {
+            self.flush()?;
+        }
+        self.args = Some(args);
+        self.params.push((p, grad, state));
+        Ok(())
+    }
+
+    /// Steps the parameters added so far.
+    fn flush(&mut self) -> Result<()> {
+        let params = std::mem::take(&mut self.params);
+        let Some(args) = self.args.take() else {
+            return Ok(());
+        };
+        if params.is_empty() {
+            return Ok(());
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let refs: Vec<_> = params.iter().map(|(p, g, s)| (p, g, s)).collect();
+            crate::cuda::optim_step(&refs, &args)?;
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = args;
+            Err(Error::Optim(format!(
+                "the optimiser steps on the CPU or, built with the `cuda` feature, on CUDA; \
+                 not on {:?}",
+                params[0].0.device().location()
+            )))
+        }
+    }
+}
+
 impl Optimizer {
     /// An optimiser with base learning rate `lr`.
     pub fn new(kind: OptimizerKind, lr: f64, groups: Vec<ParamGroup>) -> Result<Self> {
@@ -494,6 +544,9 @@ impl Optimizer {
             Clip::Off | Clip::Device { .. } => (1.0, None),
         };
         let t = self.steps as i32;
+        // Off the CPU: runs of parameters with the same arguments, each stepped by one
+        // launch per `TABLE_TENSORS` of them (`crate::cuda::optim_step`).
+        let mut batch = DeviceBatch::default();
         for (gi, (g, slots)) in self.groups.iter().zip(&mut self.slots).enumerate() {
             let lr = self.lr * g.lr_scale;
             for (vi, (v, s)) in g.vars.iter().zip(slots.iter_mut()).enumerate() {
@@ -519,6 +572,12 @@ impl Optimizer {
                         t
                     }
                 };
+                if p.elem_count() == 0 {
+                    // Nothing to update (and candle refuses in-place writes to a state
+                    // of no elements).
+                    s.started = true;
+                    continue;
+                }
                 let mut args = self.kind.args(lr, g.weight_decay, scale, t, !s.started);
                 match &live {
                     None => {}
@@ -540,12 +599,12 @@ impl Optimizer {
                         },
                     )?;
                 } else {
-                    packed.inplace_op3(&grad, p, &UpdateState(args))?;
-                    p.inplace_op3(&grad, &packed, &UpdateParam(args))?;
+                    batch.push(p.clone(), grad, packed, args)?;
                 }
                 s.started = true;
             }
         }
+        batch.flush()?;
         Ok(norm)
     }
 
@@ -700,6 +759,7 @@ pub fn warmup_factor(step: u64, steps: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused_step::{UpdateParam, UpdateState};
     use candle_core::{DType, Device};
 
     #[test]

@@ -496,6 +496,82 @@ fn cuda_kernels_match_the_cpu_operations() {
             }
             close(name, &p_k, &host(var.as_tensor()), dt);
         }
+
+        // Many parameters in one step, as the GPU's optimiser launches them: 70 tensors
+        // (two tables of up to 64), some crossing chunk boundaries, laid end to end,
+        // two AdamW steps against the CPU optimiser's per-parameter steps.
+        let lens: Vec<usize> = (0..70)
+            .map(|i| match i {
+                3 => 4095,
+                10 => 4096,
+                20 => 4097,
+                64 => 9000,
+                65 => 1,
+                _ => 1 + (i * 37) % 300,
+            })
+            .collect();
+        let total: usize = lens.iter().sum();
+        let pv = values(total, 81);
+        let mut at = 0;
+        let vars: Vec<Var> = lens
+            .iter()
+            .map(|&n| {
+                at += n;
+                Var::from_tensor(&tensor(&pv[at - n..at], &[n], dt)).unwrap()
+            })
+            .collect();
+        let mut opt = Optimizer::new(
+            OptimizerKind::adamw(),
+            0.01,
+            vec![ParamGroup::new("p", vars.clone()).weight_decay(0.1)],
+        )
+        .unwrap();
+        let (mut p_k, mut state) = (pv.clone(), vec![0f64; 3 * total]);
+        h.write_u32("lens", &lens.iter().map(|&n| n as u32).collect::<Vec<_>>());
+        for t in 1..=2i32 {
+            let gv = values(total, 90 + t as usize);
+            let mut at = 0;
+            let mut loss = Tensor::zeros((), dt, &Device::Cpu).unwrap();
+            for (v, &n) in vars.iter().zip(&lens) {
+                let g = tensor(&gv[at..at + n], &[n], dt);
+                loss = (loss + (v.as_tensor() * g).unwrap().sum_all().unwrap()).unwrap();
+                at += n;
+            }
+            opt.step(&loss.backward().unwrap()).unwrap();
+            h.write("p", &p_k, dt);
+            h.write("grad", &gv, dt);
+            h.write("state", &state, dt);
+            let (b1, b2) = (0.9f64, 0.999f64);
+            let args: Vec<String> = ["2", "0", "0", "0", "0"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(
+                    [
+                        1.0,
+                        0.0,
+                        0.1,
+                        0.01,
+                        0.0,
+                        0.0,
+                        0.0,
+                        1e-8,
+                        b1,
+                        b2,
+                        1.0 - b1.powi(t),
+                        1.0 - b2.powi(t),
+                    ]
+                    .iter()
+                    .map(|v| format!("{v:e}")),
+                )
+                .chain(["lens".to_string()])
+                .collect();
+            h.run("optim", dt, &args);
+            p_k = h.read("p", dt);
+            state = h.read("state", dt);
+        }
+        let want: Vec<f64> = vars.iter().flat_map(|v| host(v.as_tensor())).collect();
+        close("adamw, 70 parameters in tables", &p_k, &want, dt);
+        assert_ne!(p_k, pv, "the parameters moved");
     }
 
     // Scaled row normalisation, a zero row included, forward and backward.

@@ -307,6 +307,7 @@ fn launchers_match_the_kernels() {
         ("BnGeom", "kernels/batch_norm.cu", &cuda_rs),
         ("StepArgs", "kernels/optim.cu", &fused),
         ("SumsqTable", "kernels/optim.cu", &sumsq),
+        ("OptimTable", "kernels/optim.cu", &fused),
     ] {
         assert_eq!(
             rust_struct(rs, name),
@@ -326,10 +327,11 @@ fn launchers_match_the_kernels() {
     }
     // The table's arrays and chunks.
     let optim = read("kernels/optim.cu");
-    for name in ["SUMSQ_TENSORS", "SUMSQ_CHUNK"] {
+    let tables = read("src/tables.rs");
+    for name in ["TABLE_TENSORS", "TABLE_CHUNK"] {
         assert_eq!(
             define(&optim, name),
-            Some(rust_const(&sumsq, name)),
+            Some(rust_const(&tables, name)),
             "{name}"
         );
     }

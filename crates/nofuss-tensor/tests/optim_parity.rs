@@ -182,3 +182,73 @@ fn gradient_norms_of_many_tensors_match_the_cpu() {
         "gradient norm on {dev:?} {got}, CPU {want}"
     );
 }
+
+/// One step of many parameters at once (on a GPU, a launch per table of up to 64 of a
+/// group: empty ones, lengths around a block's chunk and more than a table among them)
+/// moves every parameter as the CPU's per-parameter steps do: three steps of AdamW and
+/// of SGD with momentum (whose first step differs), two groups.
+#[test]
+fn steps_of_many_parameters_match_the_cpu() {
+    let run = |dev: &candle_core::Device, kind: OptimizerKind| {
+        let vars: Vec<Var> = (0..150usize)
+            .map(|i| {
+                let n = match i {
+                    0 => 0,
+                    1 => 4096,
+                    2 => 4097,
+                    3 => 20_003,
+                    _ => (i * 613) % 3001,
+                };
+                let v: Vec<f32> = (0..n)
+                    .map(|j| (((j * 31 + i * 17) % 199) as f32 - 99.0) / 37.0)
+                    .collect();
+                Var::from_tensor(&Tensor::from_vec(v, n, dev).unwrap()).unwrap()
+            })
+            .collect();
+        let (a, b): (Vec<_>, Vec<_>) = vars
+            .iter()
+            .cloned()
+            .enumerate()
+            .partition(|(i, _)| i % 3 != 0);
+        let strip = |v: Vec<(usize, Var)>| v.into_iter().map(|(_, v)| v).collect::<Vec<_>>();
+        let mut opt = Optimizer::new(
+            kind,
+            0.01,
+            vec![
+                ParamGroup::new("a", strip(a)).weight_decay(0.05),
+                ParamGroup::new("b", strip(b)).lr_scale(0.5),
+            ],
+        )
+        .unwrap();
+        for step in 0..3 {
+            let loss = vars
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let w = 0.5 + ((i + step) % 7) as f64 / 3.0;
+                    (v.as_tensor().sqr().unwrap().sum_all().unwrap() * w).unwrap()
+                })
+                .reduce(|a, b| (a + b).unwrap())
+                .unwrap();
+            opt.step(&loss.backward().unwrap()).unwrap();
+        }
+        vars.iter()
+            .map(|v| v.as_tensor().to_vec1::<f32>().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let dev = nofuss_tensor::test_device().unwrap();
+    for kind in [OptimizerKind::adamw(), OptimizerKind::sgd(0.9, false)] {
+        let (got, want) = (run(&dev, kind), run(&candle_core::Device::Cpu, kind));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.len(), w.len());
+            for (j, (x, y)) in g.iter().zip(w).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-6 * y.abs().max(1.0),
+                    "{kind:?}: parameter {i}[{j}] on {dev:?} {x}, CPU {y}"
+                );
+            }
+        }
+        let start = run(&candle_core::Device::Cpu, OptimizerKind::sgd(0.0, false));
+        assert_ne!(want, start, "{kind:?} moved the parameters");
+    }
+}

@@ -201,8 +201,9 @@ void bn(char** a) {
 template <typename T>
 void optim(char** a) {
     // kind first nesterov centered tf scale wd_l2 wd_dec lr momentum dampening alpha eps
-    // beta1 beta2 bc1 bc2 [live] [clip] ; files p grad state [live: lr bc1 bc2 as f64]
-    // [clip: the gradients' summed squares and max_norm as f64] -> p state
+    // beta1 beta2 bc1 bc2 [lens] [live] [clip] ; files p grad state [lens: u32 lengths]
+    // [live: lr bc1 bc2 as f64] [clip: the gradients' summed squares and max_norm as f64]
+    // -> p state
     StepArgs s{};
     s.kind = std::atoi(a[0]);
     s.first = std::atoi(a[1]);
@@ -215,8 +216,12 @@ void optim(char** a) {
     auto grad = load<T>("grad");
     auto st = load<T>("state");
     std::vector<double> live, clip;
+    // Tensors laid end to end (file lens, u32; without it one tensor of all of p), each
+    // with its [3, len] state, in tables of TABLE_TENSORS as src/tables.rs plans them.
+    std::vector<uint32_t> lens{(uint32_t)p.size()};
     for (int i = 17; a[i]; ++i) {
-        if (std::string(a[i]) == "live") {
+        if (std::string(a[i]) == "lens") lens = load<uint32_t>("lens");
+        else if (std::string(a[i]) == "live") {
             live = load<double>("live");
             s.live = (uint64_t)live.data();
         } else if (std::string(a[i]) == "clip") {
@@ -225,9 +230,21 @@ void optim(char** a) {
             s.max_norm = clip[1];
         }
     }
-    int64_t n = p.size();
-    EMU1(update_state<T>(st.data(), grad.data(), p.data(), n, s));
-    EMU1(update_param<T>(p.data(), grad.data(), st.data(), n, s));
+    std::vector<OptimTable> tables;
+    size_t off = 0;
+    for (size_t i = 0; i < lens.size(); off += lens[i], ++i) {
+        if (lens[i] == 0) continue;
+        if (tables.empty() || tables.back().count == TABLE_TENSORS) tables.push_back(OptimTable{});
+        OptimTable& t = tables.back();
+        t.param[t.count] = (uint64_t)(p.data() + off);
+        t.grad[t.count] = (uint64_t)(grad.data() + off);
+        t.state[t.count] = (uint64_t)(st.data() + 3 * off);
+        t.len[t.count] = lens[i];
+        t.first_block[t.count] = t.blocks;
+        t.blocks += (lens[i] + TABLE_CHUNK - 1) / TABLE_CHUNK;
+        t.count++;
+    }
+    for (auto& t : tables) emu_launch(t.blocks, 1, THREADS, [&] { optim_step<T>(t, s); });
     save("p", p);
     save("state", st);
 }
@@ -278,8 +295,8 @@ void sqdist(char** a) {
 }
 
 // Appends the launch tables of tensors of lengths `lens`, laid end to end in `x`, to
-// `tables`, as src/sumsq.rs plans them: empty tensors left out, SUMSQ_TENSORS a table,
-// ceil(len / SUMSQ_CHUNK) blocks a tensor, partial sums numbered on from `next`.
+// `tables`, as src/tables.rs plans them: empty tensors left out, TABLE_TENSORS a table,
+// ceil(len / TABLE_CHUNK) blocks a tensor, partial sums numbered on from `next`.
 template <typename T>
 void sumsq_tables(const std::vector<uint32_t>& lens, const std::vector<T>& x,
                   std::vector<std::pair<bool, SumsqTable>>& tables, uint32_t& next) {
@@ -288,14 +305,14 @@ void sumsq_tables(const std::vector<uint32_t>& lens, const std::vector<T>& x,
     size_t off = 0;
     for (size_t i = 0; i < lens.size(); off += lens[i], ++i) {
         if (lens[i] == 0) continue;
-        if (!open || tables.back().second.count == SUMSQ_TENSORS) {
+        if (!open || tables.back().second.count == TABLE_TENSORS) {
             SumsqTable t{};
             t.base = next;
             tables.push_back({is_f32, t});
             open = true;
         }
         SumsqTable& t = tables.back().second;
-        uint32_t blocks = (lens[i] + SUMSQ_CHUNK - 1) / SUMSQ_CHUNK;
+        uint32_t blocks = (lens[i] + TABLE_CHUNK - 1) / TABLE_CHUNK;
         t.data[t.count] = (uint64_t)(x.data() + off);
         t.len[t.count] = lens[i];
         t.first_block[t.count] = t.blocks;
