@@ -136,27 +136,33 @@ fn clipped_steps_match_the_cpu() {
     }
 }
 
+/// 150 f32 parameters on `dev`: one empty, two around a block's chunk (4,096 elements),
+/// one of `big`, the rest below `modulo`.
+fn many_vars(dev: &candle_core::Device, big: usize, modulo: usize) -> Vec<Var> {
+    (0..150usize)
+        .map(|i| {
+            let n = match i {
+                0 => 0,
+                1 => 4096,
+                2 => 4097,
+                3 => big,
+                _ => (i * 613) % modulo,
+            };
+            let v: Vec<f32> = (0..n)
+                .map(|j| (((j * 31 + i * 17) % 199) as f32 - 99.0) / 37.0)
+                .collect();
+            Var::from_tensor(&Tensor::from_vec(v, n, dev).unwrap()).unwrap()
+        })
+        .collect()
+}
+
 /// The global gradient norm over many tensors (more than one launch's table on a GPU;
 /// empty ones and lengths around a block's chunk among them) is the CPU's, and the same
 /// to the bit when summed again.
 #[test]
 fn gradient_norms_of_many_tensors_match_the_cpu() {
     let norms = |dev: &candle_core::Device| {
-        let vars: Vec<Var> = (0..150usize)
-            .map(|i| {
-                let n = match i {
-                    0 => 0,
-                    1 => 4096,
-                    2 => 4097,
-                    3 => 100_003,
-                    _ => (i * 613) % 9001,
-                };
-                let v: Vec<f32> = (0..n)
-                    .map(|j| (((j * 31 + i * 17) % 199) as f32 - 99.0) / 37.0)
-                    .collect();
-                Var::from_tensor(&Tensor::from_vec(v, n, dev).unwrap()).unwrap()
-            })
-            .collect();
+        let vars = many_vars(dev, 100_003, 9001);
         let loss = vars
             .iter()
             .map(|v| (v.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap())
@@ -190,21 +196,7 @@ fn gradient_norms_of_many_tensors_match_the_cpu() {
 #[test]
 fn steps_of_many_parameters_match_the_cpu() {
     let run = |dev: &candle_core::Device, kind: OptimizerKind| {
-        let vars: Vec<Var> = (0..150usize)
-            .map(|i| {
-                let n = match i {
-                    0 => 0,
-                    1 => 4096,
-                    2 => 4097,
-                    3 => 20_003,
-                    _ => (i * 613) % 3001,
-                };
-                let v: Vec<f32> = (0..n)
-                    .map(|j| (((j * 31 + i * 17) % 199) as f32 - 99.0) / 37.0)
-                    .collect();
-                Var::from_tensor(&Tensor::from_vec(v, n, dev).unwrap()).unwrap()
-            })
-            .collect();
+        let vars = many_vars(dev, 20_003, 3001);
         let (a, b): (Vec<_>, Vec<_>) = vars
             .iter()
             .cloned()
