@@ -116,7 +116,8 @@ __device__ __forceinline__ unsigned entry_of(const uint32_t* first_block, unsign
 
 // One optimiser step of every tensor of the table, a block per TABLE_CHUNK elements of
 // one of them: per element the state, stored in its type, then the parameter from the
-// state as stored (the CPU's one-pass step, UpdateBoth, to the bit). One launch for up
+// state as stored (the arithmetic of the CPU's one-pass step, UpdateBoth, in the same
+// order). One launch for up
 // to TABLE_TENSORS parameters of a group (torch.optim's fused/foreach steps), instead of
 // two per parameter: BN-Inception's ~280 parameters took ~560 launches.
 template <typename T>

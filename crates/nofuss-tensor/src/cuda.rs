@@ -1330,6 +1330,16 @@ fn device_address<T: CudaDType>(t: &Tensor) -> Result<u64> {
     Ok(address)
 }
 
+/// [`device_address`] of a contiguous f32 or f64 CUDA tensor, by its dtype (the
+/// many-tensor kernels' tables).
+fn float_address(t: &Tensor) -> Result<u64> {
+    match t.dtype() {
+        DType::F32 => device_address::<f32>(t),
+        DType::F64 => device_address::<f64>(t),
+        dt => candle_core::bail!("device address: an f32 or f64 tensor is needed, not {dt:?}"),
+    }
+}
+
 // SAFETY: plain old data with the C layout `kernels/optim.cu` declares.
 unsafe impl DeviceRepr for crate::sumsq::SumsqTable {}
 
@@ -1375,10 +1385,7 @@ pub(crate) fn sum_of_squares(dev: &CudaDevice, tensors: &[&Tensor]) -> Result<Te
             };
             for (k, (&i, &first)) in l.tensors.iter().zip(&l.first_block).enumerate() {
                 let t = of_dt[i];
-                table.data[k] = match dt {
-                    DType::F32 => device_address::<f32>(t)?,
-                    _ => device_address::<f64>(t)?,
-                };
+                table.data[k] = float_address(t)?;
                 table.len[k] = t.elem_count() as i64;
                 table.first_block[k] = first;
             }
@@ -1428,9 +1435,12 @@ pub(crate) fn optim_step(
     let Device::Cuda(dev) = first.device() else {
         candle_core::bail!("the fused optimiser step runs on CUDA tensors");
     };
+    if !matches!(dt, DType::F32 | DType::F64) {
+        candle_core::bail!("optimiser tensors must all be f32 or all f64 in one step");
+    }
     for &(p, g, s) in params {
         let n = p.elem_count();
-        if [p.dtype(), g.dtype(), s.dtype()] != [dt; 3] || !matches!(dt, DType::F32 | DType::F64) {
+        if [p.dtype(), g.dtype(), s.dtype()] != [dt; 3] {
             candle_core::bail!("optimiser tensors must all be f32 or all f64 in one step");
         }
         if g.elem_count() != n || s.elem_count() != 3 * n {
@@ -1458,13 +1468,9 @@ pub(crate) fn optim_step(
         };
         for (k, (&i, &first_block)) in l.tensors.iter().zip(&l.first_block).enumerate() {
             let (p, g, s) = params[i];
-            let address = |t: &Tensor| match dt {
-                DType::F32 => device_address::<f32>(t),
-                _ => device_address::<f64>(t),
-            };
-            table.param[k] = address(p)?;
-            table.grad[k] = address(g)?;
-            table.state[k] = address(s)?;
+            table.param[k] = float_address(p)?;
+            table.grad[k] = float_address(g)?;
+            table.state[k] = float_address(s)?;
             table.len[k] = lens[i] as i64;
             table.first_block[k] = first_block;
         }

@@ -316,12 +316,10 @@ impl DeviceBatch {
     /// Steps the parameters added so far.
     fn flush(&mut self) -> Result<()> {
         let params = std::mem::take(&mut self.params);
+        // `args` is set exactly while parameters wait.
         let Some(args) = self.args.take() else {
             return Ok(());
         };
-        if params.is_empty() {
-            return Ok(());
-        }
         #[cfg(feature = "cuda")]
         {
             let refs: Vec<_> = params.iter().map(|(p, g, s)| (p, g, s)).collect();
