@@ -493,6 +493,23 @@ fn bench_pipeline(repeats: usize, python: &str) -> Result<()> {
         ours["loader_images_per_s"],
         ours["loader_threads"],
     );
+    // Where a single thread's time per image goes, on both sides.
+    println!();
+    println!("| ms per image (1 thread) | nofuss | reference | ratio |");
+    println!("| --- | --- | --- | --- |");
+    for (what, key) in [
+        ("decode to RGB", "decode_ms"),
+        (
+            "transform (crop, resample, flip, normalise)",
+            "transform_ms",
+        ),
+    ] {
+        let (o, t) = (
+            ours[key].as_f64().unwrap_or(f64::NAN),
+            theirs[key].as_f64().unwrap_or(f64::NAN),
+        );
+        println!("| {what} | {o:.3} | {t:.3} | {:.2}x |", t / o);
+    }
     Ok(())
 }
 

@@ -3,13 +3,15 @@
 //!
 //! `cargo bench -p nofuss-data --bench pipeline -- DIR [ROUNDS]` prints one JSON line:
 //! median images/s over ROUNDS passes on one thread (per core, as the reference), and
-//! the rate of the full loader (parallel decoding, all cores).
+//! the rate of the full loader (parallel decoding, all cores), and the single thread's
+//! time per image split into decoding alone and the transform alone (on images decoded
+//! beforehand), medians over the rounds.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use nofuss_data::pipeline::{BadImages, Loader, LoaderConfig, Sampler};
-use nofuss_data::transform::{load_transformed, Transform};
+use nofuss_data::transform::{decode_rgb, load_transformed, resample_into, Transform};
 use nofuss_data::{ImageDataset, ImageRecord, Subset};
 use nofuss_tensor::Normalization;
 use rand::SeedableRng;
@@ -48,6 +50,37 @@ fn main() -> Result<(), String> {
             Ok(files.len() as f64 / start.elapsed().as_secs_f64())
         })
         .collect::<Result<_, String>>()?;
+
+    // The two halves of a single thread's time per image (ms): decoding, and the
+    // transform (crop, resample, flip, normalise) on images decoded beforehand.
+    let decoded = files
+        .iter()
+        .map(|f| decode_rgb(f).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, String>>()?;
+    let per_image = |f: &mut dyn FnMut() -> Result<(), String>| -> Result<f64, String> {
+        let start = Instant::now();
+        f()?;
+        Ok(start.elapsed().as_secs_f64() * 1e3 / files.len() as f64)
+    };
+    let mut decode_ms = Vec::new();
+    let mut transform_ms = Vec::new();
+    for _ in 0..rounds.max(1) {
+        decode_ms.push(per_image(&mut || {
+            for f in &files {
+                std::hint::black_box(decode_rgb(f).map_err(|e| e.to_string())?);
+            }
+            Ok(())
+        })?);
+        transform_ms.push(per_image(&mut || {
+            for img in &decoded {
+                let region = t.region(img.width(), img.height(), &mut rng);
+                resample_into(img, &region, t.size(), &norm, &mut out)
+                    .map_err(|e| e.to_string())?;
+                std::hint::black_box(&out);
+            }
+            Ok(())
+        })?);
+    }
 
     // The whole loader: all cores, batches of 32 behind the prefetch queue.
     let ds = ImageDataset {
@@ -99,6 +132,8 @@ fn main() -> Result<(), String> {
             "images_per_s": (median(single) * 10.0).round() / 10.0,
             "loader_threads": rayon::current_num_threads(),
             "loader_images_per_s": (median(parallel) * 10.0).round() / 10.0,
+            "decode_ms": (median(decode_ms) * 1e3).round() / 1e3,
+            "transform_ms": (median(transform_ms) * 1e3).round() / 1e3,
         })
     );
     Ok(())

@@ -7,7 +7,8 @@ decode + RandomResizedCrop(224) + RandomHorizontalFlip + ToTensor + Normalize.
 Writes IMAGES seeded 500x375 JPEGs (quality 90, smooth shapes plus texture and noise, so
 they compress like photos) into OUT_DIR if absent, then times the transform chain over
 all of them ROUNDS times in one process with one thread (per-core throughput), and prints
-one JSON line with the median images/s over the rounds.
+one JSON line with the median images/s over the rounds, and the time per image split
+into decoding alone and the transform chain alone (on images decoded beforehand).
 """
 import json
 import pathlib
@@ -58,6 +59,18 @@ for _ in range(rounds):
         x = chain(Image.open(f).convert("RGB"))
     rates.append(len(files) / (time.perf_counter() - t))
 rates.sort()
+decode_ms, transform_ms = [], []
+for _ in range(rounds):
+    t = time.perf_counter()
+    images = [Image.open(f).convert("RGB") for f in files]
+    decode_ms.append((time.perf_counter() - t) * 1e3 / len(files))
+    t = time.perf_counter()
+    for img in images:
+        x = chain(img)
+    transform_ms.append((time.perf_counter() - t) * 1e3 / len(files))
+    del images
+median = lambda v: sorted(v)[len(v) // 2]
 print(json.dumps({"impl": f"torchvision {torchvision.__version__} + Pillow {PIL.__version__}",
                   "threads": 1, "images": len(files), "images_per_s": round(rates[len(rates) // 2], 1),
-                  "shape": list(x.shape)}))
+                  "shape": list(x.shape), "decode_ms": round(median(decode_ms), 3),
+                  "transform_ms": round(median(transform_ms), 3)}))
