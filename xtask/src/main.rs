@@ -498,7 +498,7 @@ fn bench_pipeline(repeats: usize, python: &str) -> Result<()> {
     println!("| ms per image (1 thread) | nofuss | reference | ratio |");
     println!("| --- | --- | --- | --- |");
     for (what, key) in [
-        ("decode to RGB", "decode_ms"),
+        ("decode the whole image to RGB", "decode_ms"),
         (
             "transform (crop, resample, flip, normalise)",
             "transform_ms",

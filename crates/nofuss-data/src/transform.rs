@@ -8,6 +8,12 @@
 //! pass from the decoded image straight into the `[3, S, S]` output: normalised f32, or
 //! the 8-bit values in the network's channel order (a [`Texel`] of either kind), which
 //! [`Normalization::normalize_bytes`] turns into the same f32 values on a device.
+//!
+//! [`load_transformed`] decodes a sequential JPEG (baseline or extended, all components in
+//! one scan: what cameras and libjpeg write) only down to the rows its crop reads, with
+//! the same output as decoding it whole: the crop is drawn from the frame header's size,
+//! and a smaller height written into the header stops the decoder there. Other files
+//! (progressive JPEGs, PNG) are decoded whole.
 
 use std::path::Path;
 
@@ -165,12 +171,17 @@ pub struct Region {
 /// Decodes an image file by its content (JPEG, PNG; so SOP's `.JPG` works); errors name
 /// the file.
 pub(crate) fn open_image(path: &Path) -> Result<image::DynamicImage> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    decode_bytes(path, &bytes)
+}
+
+/// Decodes the bytes of the image file `path` by their content; errors name the file.
+fn decode_bytes(path: &Path, bytes: &[u8]) -> Result<image::DynamicImage> {
     let bad = |message: String| DataError::Image {
         path: path.to_path_buf(),
         message,
     };
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| DataError::io(path, e))?
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| DataError::io(path, e))?;
     let img = reader.decode().map_err(|e| bad(e.to_string()))?;
@@ -178,6 +189,77 @@ pub(crate) fn open_image(path: &Path) -> Result<image::DynamicImage> {
         return Err(bad("the image is empty".into()));
     }
     Ok(img)
+}
+
+/// The frame of a sequential JPEG whose first rows can be decoded alone: where its height
+/// is written, its size, and the height of a row of its blocks (MCUs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct JpegFrame {
+    /// Byte offset of the frame header's 16-bit height.
+    height_at: usize,
+    width: u32,
+    height: u32,
+    /// Rows of pixels in a row of MCUs: 8 times the largest vertical sampling factor.
+    mcu_height: u32,
+}
+
+/// The frame of `bytes` if they are a whole 8-bit sequential Huffman-coded JPEG (baseline or
+/// extended: SOF0, SOF1) with all its components in one scan, ending in EOI: then the
+/// scan's MCUs run in rows from the top, and writing a smaller height into the frame
+/// header makes the decoder stop after that many rows, the rows above unchanged. `None`
+/// for anything else (progressive, arithmetic-coded or lossless frames, a scan per
+/// component, a height left for a DNL marker, bytes after EOI, not a JPEG, a damaged
+/// header); those are decoded whole.
+fn sequential_jpeg(bytes: &[u8]) -> Option<JpegFrame> {
+    if bytes.len() < 4 || bytes[..2] != [0xFF, 0xD8] || bytes[bytes.len() - 2..] != [0xFF, 0xD9] {
+        return None;
+    }
+    let mut frame: Option<(JpegFrame, u8)> = None;
+    let mut i = 2;
+    loop {
+        if *bytes.get(i)? != 0xFF {
+            return None;
+        }
+        let code = *bytes.get(i + 1)?;
+        if code == 0xFF {
+            i += 1; // a fill byte
+            continue;
+        }
+        let len = u16::from_be_bytes([*bytes.get(i + 2)?, *bytes.get(i + 3)?]) as usize;
+        let segment = bytes.get(i + 4..(i + 2 + len).max(i + 4))?;
+        match code {
+            0xC0 | 0xC1 if frame.is_none() => {
+                // Precision, height, width, component count, then 3 bytes a component
+                // (id, sampling factors H << 4 | V, quantisation table).
+                let [precision, h1, h0, w1, w0, n, ..] = *segment else {
+                    return None;
+                };
+                let components = segment.get(6..6 + 3 * n as usize)?;
+                let v_max = components.chunks_exact(3).map(|c| c[1] & 0x0F).max()?;
+                let (height, width) = (u16::from_be_bytes([h1, h0]), u16::from_be_bytes([w1, w0]));
+                if precision != 8 || height == 0 || width == 0 || !(1..=4).contains(&v_max) {
+                    return None;
+                }
+                let f = JpegFrame {
+                    height_at: i + 5,
+                    width: width.into(),
+                    height: height.into(),
+                    mcu_height: 8 * u32::from(v_max),
+                };
+                frame = Some((f, n));
+            }
+            // Define-table and application segments, comments, restart interval.
+            0xC4 | 0xCC | 0xDB | 0xDD | 0xE0..=0xEF | 0xFE => {}
+            // The first scan: every component in it, or no single-scan frame.
+            0xDA => {
+                let (f, n) = frame?;
+                return (segment.first() == Some(&n)).then_some(f);
+            }
+            // Any other frame type, a second frame, DNL, EOI before a scan, the rest.
+            _ => return None,
+        }
+        i += 2 + len;
+    }
 }
 
 /// Decodes an image file (JPEG, PNG; by content, so SOP's `.JPG` works) to 8-bit RGB.
@@ -513,7 +595,8 @@ fn hpass_any(src: &[f32], starts: &[usize], weights: &[f32], k: usize, dst: &mut
     }
 }
 
-/// Decodes `path` and applies `transform` with randomness from `rng`.
+/// Decodes `path` and applies `transform` with randomness from `rng` (a sequential JPEG
+/// only down to the rows the crop reads: the same output as decoding it whole).
 pub fn load_transformed<P: Texel>(
     path: &Path,
     transform: &Transform,
@@ -534,15 +617,75 @@ pub fn load_transformed_within<P: Texel>(
     within: Option<BBox>,
     out: &mut [P],
 ) -> Result<()> {
-    let img = decode_rgb(path)?;
-    let (x0, y0, w, h) = match within {
-        Some(b) => b.clip(img.width(), img.height()),
-        None => (0, 0, img.width(), img.height()),
+    let mut bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let draw = |width: u32, height: u32, rng: &mut _| {
+        let (x0, y0, w, h) = match within {
+            Some(b) => b.clip(width, height),
+            None => (0, 0, width, height),
+        };
+        let mut region = transform.region(w, h, rng);
+        region.x += x0 as f64;
+        region.y += y0 as f64;
+        region
     };
-    let mut region = transform.region(w, h, rng);
-    region.x += x0 as f64;
-    region.y += y0 as f64;
+    // A sequential JPEG is decoded only down to the rows the crop reads: the region is
+    // drawn from the frame header's size, then a smaller height written into the header.
+    if let Some(frame) = sequential_jpeg(&bytes) {
+        let region = draw(frame.width, frame.height, rng);
+        let rows = rows_to_decode(&region, transform.size(), &frame);
+        let img = decode_top_rows(path, &mut bytes, &frame, rows)?;
+        return resample_into(&img, &region, transform.size(), norm, out);
+    }
+    let img = decode_bytes(path, &bytes)?.into_rgb8();
+    let region = draw(img.width(), img.height(), rng);
     resample_into(&img, &region, transform.size(), norm, out)
+}
+
+/// The top `rows` of the sequential JPEG `bytes` (of the file `path`, whose frame is
+/// `frame`), decoded by writing that height into its frame header.
+fn decode_top_rows(
+    path: &Path,
+    bytes: &mut [u8],
+    frame: &JpegFrame,
+    rows: u32,
+) -> Result<RgbImage> {
+    let at = frame.height_at;
+    let height = u16::try_from(rows.min(frame.height)).unwrap_or(u16::MAX);
+    bytes[at..at + 2].copy_from_slice(&height.to_be_bytes());
+    let img = decode_bytes(path, bytes)?.into_rgb8();
+    if (img.width(), img.height()) != (frame.width, height.into()) {
+        return Err(DataError::Image {
+            path: path.to_path_buf(),
+            message: format!(
+                "decoded {}x{} pixels where the JPEG frame header gave {}x{} (of {} rows)",
+                img.width(),
+                img.height(),
+                frame.width,
+                height,
+                frame.height
+            ),
+        });
+    }
+    Ok(img)
+}
+
+/// How many rows from the top of a sequential JPEG to decode for resampling `region` to
+/// `size`: every row a vertical tap can read (the region widened by the filter's
+/// support) and at least one more, since the decoder's chroma upsampling reads the next
+/// row's chroma and treats the last row decoded as the image's edge; rounded up to whole
+/// rows of MCUs (the decoder decodes those whole anyway). At most the image's height.
+fn rows_to_decode(region: &Region, size: usize, frame: &JpegFrame) -> u32 {
+    let support = (region.h / size as f64).max(1.0);
+    // The taps end before `y + h + support + 0.5`, so the row after the last tap row is
+    // below this bound.
+    let bottom = region.y + region.h + support + 2.0;
+    let mcu = f64::from(frame.mcu_height);
+    let rows = (bottom / mcu).ceil() * mcu;
+    if rows.is_finite() && rows < f64::from(frame.height) {
+        rows as u32
+    } else {
+        frame.height
+    }
 }
 
 #[cfg(test)]
@@ -805,6 +948,134 @@ mod tests {
             .clip(40, 20),
             (0, 0, 40, 20)
         );
+    }
+
+    fn jpeg_fixture(name: &str) -> Vec<u8> {
+        let dir = nofuss_tensor::fixtures_dir(env!("CARGO_MANIFEST_DIR")).join("jpeg");
+        std::fs::read(dir.join(name)).unwrap()
+    }
+
+    #[test]
+    fn sequential_jpegs_are_told_from_the_rest() {
+        for (name, mcu) in [
+            ("s420.jpg", 16),
+            ("s420_optimized.jpg", 16),
+            ("s420_restart_blocks.jpg", 16),
+            ("s422.jpg", 8),
+            ("s444.jpg", 8),
+            ("gray.jpg", 8),
+        ] {
+            let bytes = jpeg_fixture(name);
+            let f = sequential_jpeg(&bytes).unwrap_or_else(|| panic!("{name}"));
+            assert_eq!((f.width, f.height, f.mcu_height), (157, 119, mcu), "{name}");
+            assert_eq!(bytes[f.height_at..f.height_at + 2], 119u16.to_be_bytes());
+        }
+        let tall = sequential_jpeg(&jpeg_fixture("s420_tall.jpg")).unwrap();
+        assert_eq!((tall.width, tall.height), (119, 301));
+        assert_eq!(sequential_jpeg(&jpeg_fixture("progressive.jpg")), None);
+
+        let good = jpeg_fixture("s444.jpg");
+        let f = sequential_jpeg(&good).unwrap();
+        let mut trailing = good.clone();
+        trailing.push(0);
+        let mut dnl = good.clone(); // height 0: given later by a DNL marker
+        dnl[f.height_at..f.height_at + 2].copy_from_slice(&[0, 0]);
+        // The first scan with one of the three components: a scan per component.
+        let sos = (0..good.len() - 1)
+            .find(|&i| good[i..i + 2] == [0xFF, 0xDA])
+            .unwrap();
+        let mut per_component = good.clone();
+        per_component[sos + 4] = 1;
+        let png = {
+            let mut v = Vec::new();
+            let img = RgbImage::from_pixel(4, 4, image::Rgb([1, 2, 3]));
+            img.write_to(&mut std::io::Cursor::new(&mut v), image::ImageFormat::Png)
+                .unwrap();
+            v
+        };
+        let headless = [&good[..2], &good[good.len() - 2..]].concat();
+        for (what, bytes) in [
+            ("trailing bytes", trailing),
+            ("DNL height", dnl),
+            ("a scan per component", per_component),
+            ("PNG", png),
+            ("no segments", headless),
+            ("cut short", good[..good.len() / 2].to_vec()),
+            (
+                "header cut",
+                [&good[..30], &good[good.len() - 2..]].concat(),
+            ),
+        ] {
+            assert_eq!(sequential_jpeg(&bytes), None, "{what}");
+        }
+    }
+
+    #[test]
+    fn rows_to_decode_cover_the_taps_and_the_row_after() {
+        let f = JpegFrame {
+            height_at: 0,
+            width: 500,
+            height: 375,
+            mcu_height: 16,
+        };
+        let at = |y: f64, h: f64, inside: bool| Region {
+            x: 0.0,
+            y,
+            w: 100.0,
+            h,
+            flip: false,
+            inside,
+        };
+        // Rows [10, 110) to 224 rows (enlarged: support 1): taps and the row after them
+        // below row 113, so 128 rows (8 rows of blocks).
+        assert_eq!(rows_to_decode(&at(10.0, 100.0, true), 224, &f), 128);
+        // Shrunk by 2 (support 2): below 10 + 200 + 2 + 2.
+        assert_eq!(rows_to_decode(&at(10.0, 200.0, false), 100, &f), 224);
+        // 363 rows: 23 rows of blocks; 373 rows: into the last, so the whole image.
+        assert_eq!(rows_to_decode(&at(300.0, 60.0, true), 224, &f), 368);
+        assert_eq!(rows_to_decode(&at(310.0, 60.0, true), 224, &f), 375);
+        assert_eq!(rows_to_decode(&at(0.0, 375.0, true), 224, &f), 375);
+    }
+
+    #[test]
+    fn cuts_at_rows_to_decode_change_no_output() {
+        // Regions swept down a 4:2:0 image (its last row decoded differs from the whole
+        // image's: chroma upsampling), enlarged and shrunk, taps inside the region and
+        // around it: each cut image resamples as the whole one.
+        let path = Path::new("s420.jpg");
+        let bytes = jpeg_fixture("s420.jpg");
+        let frame = sequential_jpeg(&bytes).unwrap();
+        let whole = decode_bytes(path, &bytes).unwrap().into_rgb8();
+        let mut cuts = std::collections::HashMap::new();
+        let norm = Normalization::imagenet_rgb();
+        let mut checked = 0;
+        for (size, h) in [(64, 20.0), (24, 37.5), (7, 60.0), (5, 45.25)] {
+            for inside in [true, false] {
+                let mut y = 0.0;
+                while y + h <= 119.0 {
+                    let region = Region {
+                        x: 3.0,
+                        y,
+                        w: 90.0,
+                        h,
+                        flip: false,
+                        inside,
+                    };
+                    let rows = rows_to_decode(&region, size, &frame);
+                    let cut = cuts.entry(rows).or_insert_with(|| {
+                        decode_top_rows(path, &mut bytes.clone(), &frame, rows).unwrap()
+                    });
+                    let (mut a, mut b) = (vec![0u8; 3 * size * size], vec![0u8; 3 * size * size]);
+                    resample_into(cut, &region, size, &norm, &mut a).unwrap();
+                    resample_into(&whole, &region, size, &norm, &mut b).unwrap();
+                    assert_eq!(a, b, "{region:?} to {size}: {rows} rows");
+                    checked += usize::from(rows < 119);
+                    y += 0.25;
+                }
+            }
+        }
+        assert!(checked > 1000, "{checked}");
+        assert!(cuts.len() >= 6, "{:?}", cuts.keys());
     }
 
     #[test]
