@@ -181,6 +181,11 @@ fn decode_bytes(path: &Path, bytes: &[u8]) -> Result<image::DynamicImage> {
         path: path.to_path_buf(),
         message,
     };
+    if jpeg_cut_short(bytes) {
+        return Err(bad(
+            "the JPEG stops before its end-of-image marker (the file is cut short)".into(),
+        ));
+    }
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| DataError::io(path, e))?;
@@ -211,10 +216,44 @@ struct JpegFrame {
 /// component, a height left for a DNL marker, bytes after EOI, not a JPEG, a damaged
 /// header); those are decoded whole.
 fn sequential_jpeg(bytes: &[u8]) -> Option<JpegFrame> {
-    if bytes.len() < 4 || bytes[..2] != [0xFF, 0xD8] || bytes[bytes.len() - 2..] != [0xFF, 0xD9] {
+    if !bytes.ends_with(&[0xFF, 0xD9]) {
         return None;
     }
-    let mut frame: Option<(JpegFrame, u8)> = None;
+    let header = jpeg_header(bytes)?;
+    let (frame, components) = header.sequential?;
+    (header.scan_components == components).then_some(frame)
+}
+
+/// Whether `bytes`, a JPEG by its header, stop before their end-of-image marker: no EOI
+/// after the first scan's header (inside entropy-coded data a 0xFF byte is followed by 0
+/// or a restart marker, so any EOI there is the image's). The decoder itself fills in
+/// what is missing without a word.
+fn jpeg_cut_short(bytes: &[u8]) -> bool {
+    if bytes.ends_with(&[0xFF, 0xD9]) {
+        return false;
+    }
+    jpeg_header(bytes).is_some_and(|h| !bytes[h.scan_data..].windows(2).any(|w| w == [0xFF, 0xD9]))
+}
+
+/// What the marker segments of a JPEG before its first scan say.
+struct JpegHeader {
+    /// The frame and its component count, if the frame is 8-bit sequential Huffman-coded
+    /// (SOF0, SOF1) with a height, and every segment before the scan one this module knows.
+    sequential: Option<(JpegFrame, u8)>,
+    /// Components in the first scan.
+    scan_components: u8,
+    /// Offset of the first scan's entropy-coded data.
+    scan_data: usize,
+}
+
+/// Walks the marker segments of `bytes` from SOI to the first scan's header. `None` if
+/// they do not start as a JPEG or a segment runs past the end before a scan.
+fn jpeg_header(bytes: &[u8]) -> Option<JpegHeader> {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return None;
+    }
+    // `Some(None)`: a frame seen that is not decoded by rows, or an unknown segment.
+    let mut sequential: Option<Option<(JpegFrame, u8)>> = None;
     let mut i = 2;
     loop {
         if *bytes.get(i)? != 0xFF {
@@ -228,38 +267,47 @@ fn sequential_jpeg(bytes: &[u8]) -> Option<JpegFrame> {
         let len = u16::from_be_bytes([*bytes.get(i + 2)?, *bytes.get(i + 3)?]) as usize;
         let segment = bytes.get(i + 4..(i + 2 + len).max(i + 4))?;
         match code {
-            0xC0 | 0xC1 if frame.is_none() => {
-                // Precision, height, width, component count, then 3 bytes a component
-                // (id, sampling factors H << 4 | V, quantisation table).
-                let [precision, h1, h0, w1, w0, n, ..] = *segment else {
-                    return None;
-                };
-                let components = segment.get(6..6 + 3 * n as usize)?;
-                let v_max = components.chunks_exact(3).map(|c| c[1] & 0x0F).max()?;
-                let (height, width) = (u16::from_be_bytes([h1, h0]), u16::from_be_bytes([w1, w0]));
-                if precision != 8 || height == 0 || width == 0 || !(1..=4).contains(&v_max) {
-                    return None;
-                }
-                let f = JpegFrame {
-                    height_at: i + 5,
-                    width: width.into(),
-                    height: height.into(),
-                    mcu_height: 8 * u32::from(v_max),
-                };
-                frame = Some((f, n));
-            }
+            0xC0 | 0xC1 if sequential.is_none() => sequential = Some(sof_frame(segment, i + 5)),
             // Define-table and application segments, comments, restart interval.
             0xC4 | 0xCC | 0xDB | 0xDD | 0xE0..=0xEF | 0xFE => {}
-            // The first scan: every component in it, or no single-scan frame.
             0xDA => {
-                let (f, n) = frame?;
-                return (segment.first() == Some(&n)).then_some(f);
+                return Some(JpegHeader {
+                    sequential: sequential.flatten(),
+                    scan_components: *segment.first()?,
+                    scan_data: i + 2 + len,
+                })
             }
-            // Any other frame type, a second frame, DNL, EOI before a scan, the rest.
-            _ => return None,
+            // A second image or its end before any scan.
+            0xD8 | 0xD9 => return None,
+            // Other frame types, a second frame, anything else.
+            _ => sequential = Some(None),
         }
         i += 2 + len;
     }
+}
+
+/// A SOF0/SOF1 segment (after its length; its height at `height_at` in the file) as a
+/// frame decoded by rows, with its component count: 8-bit samples, a height, and
+/// vertical sampling factors of 1 to 4.
+fn sof_frame(segment: &[u8], height_at: usize) -> Option<(JpegFrame, u8)> {
+    // Precision, height, width, component count, then 3 bytes a component (id, sampling
+    // factors H << 4 | V, quantisation table).
+    let [precision, h1, h0, w1, w0, n, ..] = *segment else {
+        return None;
+    };
+    let components = segment.get(6..6 + 3 * n as usize)?;
+    let v_max = components.chunks_exact(3).map(|c| c[1] & 0x0F).max()?;
+    let (height, width) = (u16::from_be_bytes([h1, h0]), u16::from_be_bytes([w1, w0]));
+    if precision != 8 || height == 0 || width == 0 || !(1..=4).contains(&v_max) {
+        return None;
+    }
+    let frame = JpegFrame {
+        height_at,
+        width: width.into(),
+        height: height.into(),
+        mcu_height: 8 * u32::from(v_max),
+    };
+    Some((frame, n))
 }
 
 /// Decodes an image file (JPEG, PNG; by content, so SOP's `.JPG` works) to 8-bit RGB.
@@ -1043,6 +1091,30 @@ mod tests {
         ] {
             assert_eq!(sequential_jpeg(&bytes), None, "{what}");
         }
+    }
+
+    #[test]
+    fn jpegs_cut_short_are_told_from_whole_ones() {
+        for name in [
+            "s420.jpg",
+            "progressive.jpg",
+            "s420_restart_rows.jpg",
+            "gray.jpg",
+        ] {
+            let bytes = jpeg_fixture(name);
+            assert!(!jpeg_cut_short(&bytes), "{name}");
+            assert!(
+                !jpeg_cut_short(&[&bytes[..], &[0, 0, 0]].concat()),
+                "{name}"
+            );
+            let scan = jpeg_header(&bytes).unwrap().scan_data;
+            for keep in [scan, scan + 1, (scan + bytes.len()) / 2, bytes.len() - 1] {
+                assert!(jpeg_cut_short(&bytes[..keep]), "{name} cut to {keep}");
+            }
+            // Cut inside the header: left to the decoder (which fails on it).
+            assert!(!jpeg_cut_short(&bytes[..scan - 3]), "{name}");
+        }
+        assert!(!jpeg_cut_short(b"not a jpeg"));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! whole decoded image, to the bit: every layout of `tests/reference/jpeg_layouts.py`
 //! (4:2:0, 4:2:2, 4:4:4, grayscale, restart markers, optimised tables, a tall image, and
 //! a progressive file, which is decoded whole), through random resized crops, the
-//! evaluation crop and crops inside a bounding box, both outputs.
+//! evaluation crop and crops inside a bounding box, both outputs. And damaged files are
+//! errors that name them.
 
 use std::path::{Path, PathBuf};
 
@@ -106,14 +107,32 @@ fn damaged_jpegs_are_errors_that_name_the_file() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("gone.JPG"), "{e}");
-    // Cut short, without its end-of-image marker: decoded whole, as before rows were
-    // skipped (the decoder fills in what is missing).
-    let p = dir.path().join("short.jpg");
-    std::fs::write(&p, &bytes[..bytes.len() / 3]).unwrap();
+    // Cut short (as an interrupted download leaves it), here and a few bytes before the
+    // end: an error, where the decoder would fill in the rest; bytes after a whole
+    // image's EOI are no damage.
+    for keep in [bytes.len() / 3, bytes.len() - 5] {
+        let p = dir.path().join("short.jpg");
+        std::fs::write(&p, &bytes[..keep]).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let e = load_transformed_within(&p, &t, &norm, &mut rng, None, &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("short.jpg") && e.contains("cut short"), "{e}");
+        assert!(decode_rgb(&p).is_err());
+    }
+    let p = dir.path().join("trailing.jpg");
+    std::fs::write(&p, [&bytes[..], b"trailing bytes"].concat()).unwrap();
     let mut want = vec![0f32; out.len()];
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     load_transformed_within(&p, &t, &norm, &mut rng, None, &mut out).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-    whole(&p, &t, &norm, &mut rng, None, &mut want);
+    whole(
+        &fixtures().join("s420.jpg"),
+        &t,
+        &norm,
+        &mut rng,
+        None,
+        &mut want,
+    );
     assert_eq!(out, want);
 }
