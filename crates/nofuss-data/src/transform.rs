@@ -874,15 +874,9 @@ mod tests {
             let weights: Vec<f32> = (0..9 * k).map(|i| ((i * 13) % 17) as f32 / 17.0).collect();
             let mut any = vec![0f32; 27];
             hpass_any(&src, &starts, &weights, k, &mut any);
+            // The row loop's dispatch: `hpass::<K>` for k up to 8, `hpass_any` above.
             let mut fixed = vec![0f32; 27];
-            match k {
-                1 => hpass::<1>(&src, &starts, &weights, &mut fixed),
-                2 => hpass::<2>(&src, &starts, &weights, &mut fixed),
-                3 => hpass::<3>(&src, &starts, &weights, &mut fixed),
-                4 => hpass::<4>(&src, &starts, &weights, &mut fixed),
-                8 => hpass::<8>(&src, &starts, &weights, &mut fixed),
-                _ => fixed.clone_from(&any),
-            }
+            hpass_row(&src, &starts, &weights, k, &mut fixed);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&any), bits(&fixed), "k {k}");
             // Against the sums written out: red of output 0.
