@@ -3,8 +3,20 @@
 //! A [`Backbone`] maps `[N,C,H,W]` images to a feature map; the [`EmbeddingHead`]
 //! pools it globally (average, max, or both summed), projects it linearly to `D`
 //! dimensions (64 in the paper) and optionally L2-normalises; an [`Embedder`] chains
-//! both. [`SmallCnn`] is a compact VGG-style network fast enough to train on two CPU
-//! cores. Every model is built from a candle `VarBuilder`, so weights load by name.
+//! both. Every model is built from a candle `VarBuilder`, so weights load by name.
+//!
+//! - [`BnInception`]: Inception with batch normalisation, the paper's backbone, in the
+//!   layer plan of the public `pretrainedmodels` port; [`BnInception::load`] reads its
+//!   ImageNet checkpoint (`bn_inception-52deb4733.pth`, a pickled state dict, or
+//!   safetensors; [`weights`] names a missing or mis-shaped tensor and the file). Its
+//!   features, logits, training-mode statistics and gradients match the PyTorch port on
+//!   committed fixtures (`tests/bn_inception_parity.rs`). Batch norm trains or stays
+//!   frozen ([`BatchNormMode`]).
+//! - [`SmallCnn`]: a compact VGG-style network fast enough to train on two CPU cores.
+//! - [`Embedder::forward_train`]: a training pass whose backbone runs on
+//!   `nofuss_tensor`'s tape (its own backward pass, faster than candle's graph) and whose
+//!   [`TrainingPass::backward`] gives the gradients of any loss on the embeddings;
+//!   [`Embedder::with_precision`] runs the backbone in bf16 with f32 parameters.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -474,3 +486,8 @@ mod tests {
         assert!(err.contains("40x40"), "{err}");
     }
 }
+
+/// The README's example, compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctest;

@@ -43,3 +43,8 @@ pub use dataset::{BBox, ImageDataset, ImageRecord, Subset, ZeroShotSplit};
 pub use error::{DataError, Result};
 pub use images::{ImageBank, ImageSpec, Skipped};
 pub use loader::{Augment, Batch, Batches};
+
+/// The README's example, compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctest;

@@ -20,8 +20,9 @@
 //! - [`select::smallest_k`]: the k smallest entries of every row, sorted (the selection
 //!   of an exact kNN search; one kernel per row block on CUDA);
 //! - [`optim`]: the optimisers (PyTorch's update rules, parameter groups, schedules,
-//!   clipping), each step two fused in-place kernels per parameter on CUDA, one pass on
-//!   the CPU;
+//!   clipping), each step one fused in-place pass per parameter on the CPU and, on CUDA,
+//!   a few launches for a whole group (up to 64 parameters each, the clipping norm summed
+//!   on the device);
 //! - [`tape`]: a reverse-mode tape over those layers, beside candle's autograd, for the
 //!   training step of a convolutional backbone (no zero-filled gradient buffers);
 //! - [`graph`]: a training step captured once into a CUDA graph and replayed (one launch
@@ -88,3 +89,8 @@ pub use precision::Precision;
 pub fn cuda_compiled() -> bool {
     cfg!(feature = "cuda")
 }
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctest;
