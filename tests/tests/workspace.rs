@@ -81,6 +81,17 @@ fn every_library_crate_has_docs_examples_and_tests() {
         if name != "nofuss" {
             let examples = walk(&dir.join("examples"));
             assert!(!examples.is_empty(), "{name}: no examples/");
+            // What crates.io shows: a README whose example compiles (a doctest of lib.rs).
+            let readme = std::fs::read_to_string(dir.join("README.md"))
+                .unwrap_or_else(|_| panic!("{name}: no README.md"));
+            assert!(
+                readme.starts_with(&format!("# {name}\n")) && readme.contains("```rust"),
+                "{name}: README.md should open with the crate's name and show a Rust example"
+            );
+            assert!(
+                lib.contains("#[cfg(doctest)]") && lib.contains("include_str!(\"../README.md\")"),
+                "{name}: src/lib.rs should compile the README's example as a doctest"
+            );
         }
         let m = manifest(&dir);
         assert!(
