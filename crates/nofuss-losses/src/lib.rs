@@ -28,8 +28,9 @@
 //! - [`proxy_triplet`] / [`ProxyTriplet`]: Proxy-Triplet over all negative proxies or the
 //!   `k` hardest ([`ProxyTripletConfig::hardest_negatives`]).
 //! - [`Assignment`]: static (one proxy per class: label `y` uses proxy row `y`) or dynamic
-//!   (each example's nearest proxy, any number of proxies) for both proxy losses; [`ProxyReseeder`] optionally moves proxies no example has
-//!   picked for a while (an option of this project's, not the paper's).
+//!   (each example's nearest proxy, any number of proxies) for both proxy losses;
+//!   [`ProxyReseeder`] optionally moves proxies no example has picked for a while (an
+//!   option of this project's, not the paper's).
 //! - The paper's baselines on in-batch pairs: [`triplet_loss`] (all triplets or FaceNet's
 //!   semi-hard negatives, [`TripletMining`]) and [`nca_loss`].
 //! - [`MetricLoss`] and [`LossSpec`]: any of the above by name, owning its proxies, for a
