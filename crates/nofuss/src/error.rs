@@ -71,12 +71,13 @@ pub enum TrainError {
         finished: usize,
     },
     /// File output.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The path.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause, part of the message (not also returned by `source()`, so that a
+        /// report of the whole chain does not print it twice).
+        error: std::io::Error,
     },
     /// From the data layer.
     #[error(transparent)]
@@ -99,10 +100,10 @@ pub enum TrainError {
 }
 
 impl TrainError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 }

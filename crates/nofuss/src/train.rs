@@ -716,6 +716,13 @@ pub fn embed_split(
     out: &Path,
     device: Option<&str>,
 ) -> Result<usize> {
+    if !checkpoint.exists() {
+        let missing = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no such run directory or checkpoint file",
+        );
+        return Err(TrainError::io(checkpoint, missing));
+    }
     let (dir, file) = if checkpoint.is_dir() {
         let f = [run_dir::FINAL_CHECKPOINT, run_dir::LAST_CHECKPOINT]
             .iter()

@@ -14,6 +14,23 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// The stderr of a run that failed with exit code 1, after checking that its error line
+/// says each part once (a cause printed both inside its error's message and again as
+/// the next link of the chain reads "f: No such file: No such file").
+fn said_once(out: &Output) -> String {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line in {err}"));
+    let parts: Vec<&str> = line.split(": ").collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(!parts[i + 1..].contains(p), "'{p}' twice in {line}");
+    }
+    err
+}
+
 /// The arguments of a quick run on 8 glyph classes (4 train, 4 unseen), 2 renders per
 /// font, into `tmp/runs/<name>`.
 fn tiny_args(tmp: &Path, name: &str, seed: &str) -> Vec<String> {
@@ -234,8 +251,10 @@ fn unreadable_images_are_named() {
     let err = text(&out.stderr);
     assert!(err.contains("b/2.png"), "{err}");
     let missing = train_cub(&tmp.path().join("nowhere"), tmp.path());
-    assert!(text(&missing.stderr).contains("nowhere"));
-    assert!(!missing.status.success());
+    assert!(said_once(&missing).contains("nowhere"));
+    std::fs::remove_file(root.join("classes.txt")).unwrap();
+    let err = said_once(&train_cub(&root, tmp.path()));
+    assert!(err.contains("classes.txt: "), "{err}");
 }
 
 #[test]
@@ -418,7 +437,7 @@ fn eval_rejects_bad_inputs_with_the_file_named() {
         "--embeddings",
         tmp.path().join("none.safetensors").to_str().unwrap(),
     ]);
-    assert!(text(&missing.stderr).contains("none.safetensors") && !missing.status.success());
+    assert!(said_once(&missing).contains("none.safetensors"));
 }
 
 fn stem_pth() -> std::path::PathBuf {
@@ -1095,6 +1114,20 @@ fn embed_then_eval_reproduces_the_runs_recall() {
     ]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("holds no final.safetensors"));
+    // A path that is not there is named as given, not as its parent's config.toml.
+    let gone = tmp.path().join("runs/gone");
+    let out = nofuss(&[
+        "embed",
+        "--checkpoint",
+        gone.to_str().unwrap(),
+        "--out",
+        emb.to_str().unwrap(),
+    ]);
+    let err = said_once(&out);
+    assert!(
+        err.contains(&format!("{}: no such run directory", gone.display())),
+        "{err}"
+    );
 }
 
 #[test]

@@ -78,20 +78,21 @@ pub enum FetchError {
         message: String,
     },
     /// File system error.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The path.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause, part of the message (not also returned by `source()`, so that a
+        /// report of the whole chain does not print it twice).
+        error: std::io::Error,
     },
 }
 
 impl FetchError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 }
