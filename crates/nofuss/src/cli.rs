@@ -658,6 +658,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => {
             let (cfg, resume) = match &args.resume {
                 Some(dir) => {
+                    if !dir.is_dir() {
+                        return Err(TrainError::Input {
+                            path: dir.clone(),
+                            message: "no such run directory to resume".into(),
+                        });
+                    }
                     let path = dir.join(crate::run_dir::CONFIG);
                     let mut cfg = TrainConfig::from_file(&path)?;
                     if let Some(e) = args.epochs {

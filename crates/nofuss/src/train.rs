@@ -358,8 +358,9 @@ impl Model {
         epoch: usize,
         device: &Device,
     ) -> Result<HashMap<String, Tensor>> {
-        let bad = |message: String| {
-            TrainError::Config(format!("cannot resume from {}: {message}", path.display()))
+        let bad = |message: String| TrainError::Input {
+            path: path.to_path_buf(),
+            message: format!("cannot resume from this checkpoint: {message}"),
         };
         let mut tensors = candle_core::safetensors::load(path, device)
             .map_err(|e| bad(format!("{e} (the run's last finished epoch is {epoch})")))?;

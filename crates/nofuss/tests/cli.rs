@@ -1075,6 +1075,37 @@ fn a_killed_run_resumes_to_the_same_metrics() {
 }
 
 #[test]
+fn resuming_a_missing_run_or_a_cut_short_state_names_it_and_keeps_the_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nowhere = tmp.path().join("runs/nowhere");
+    let out = nofuss(&["train", "--resume", nowhere.to_str().unwrap(), "--quiet"]);
+    let err = said_once(&out);
+    assert!(err.contains("nowhere: no such run directory"), "{err}");
+
+    let out = tiny_run(tmp.path(), "cut", "0", &["--epochs", "1"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let dir = tmp.path().join("runs/cut");
+    let before = std::fs::read(dir.join("metrics.jsonl")).unwrap();
+    let state = dir.join("resume-1.safetensors");
+    let bytes = std::fs::read(&state).unwrap();
+    std::fs::write(&state, &bytes[..bytes.len() / 2]).unwrap();
+    let out = nofuss(&[
+        "train",
+        "--resume",
+        dir.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--quiet",
+    ]);
+    let err = said_once(&out);
+    assert!(
+        err.contains("resume-1.safetensors: cannot resume from this checkpoint"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(dir.join("metrics.jsonl")).unwrap(), before);
+}
+
+#[test]
 fn embed_then_eval_reproduces_the_runs_recall() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tiny_run(tmp.path(), "e", "4", &[]);

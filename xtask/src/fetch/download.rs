@@ -110,7 +110,12 @@ fn attempt_once(
                 status: code,
             });
         }
-        Err(ureq::Error::Transport(t)) => return Ok(Attempt::Retry(t.to_string())),
+        Err(ureq::Error::Transport(t)) => {
+            // ureq starts its message with the URL, which the errors here already name.
+            let why = t.to_string();
+            let why = why.strip_prefix(&format!("{url}: ")).unwrap_or(&why);
+            return Ok(Attempt::Retry(why.to_string()));
+        }
     };
     let resumed =
         resp.status() == 206 && content_range_start(resp.header("Content-Range")) == Some(have);
@@ -199,5 +204,31 @@ mod tests {
         assert_eq!(content_range_start(Some("bytes 100-199/200")), Some(100));
         assert_eq!(content_range_start(Some("bytes */200")), None);
         assert_eq!(content_range_start(None), None);
+    }
+
+    #[test]
+    fn a_refused_connection_gives_up_naming_the_url_once() {
+        // A port that was just free: nothing listens on it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}/x.tgz");
+        let dir = tempfile::tempdir().unwrap();
+        let opts = DownloadOptions {
+            retries: 1,
+            backoff: Duration::from_millis(1),
+            timeout: Duration::from_secs(2),
+            progress: false,
+        };
+        let err = download(&url, &dir.path().join("x.part"), None, &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("{url}: giving up after 2 attempt(s): ")),
+            "{err}"
+        );
+        assert_eq!(err.matches(&url).count(), 1, "{err}");
     }
 }
