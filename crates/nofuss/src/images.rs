@@ -16,6 +16,14 @@ pub type ModelBatch = (Tensor, Tensor, usize);
 /// Batches in order, each possibly an error naming the image at fault.
 pub type BatchIter<'a> = Box<dyn Iterator<Item = Result<ModelBatch>> + 'a>;
 
+/// An evaluation batch: images `[B, C, H, W]` and each one's position in the subset.
+/// The positions are consecutive unless the photo pipeline skipped unreadable images
+/// (`skip_bad_images`), which the embeddings of a whole subset then leave out.
+pub type EvalBatch = (Tensor, Vec<usize>);
+
+/// Evaluation batches in order, each possibly an error naming the image at fault.
+pub type EvalIter<'a> = Box<dyn Iterator<Item = Result<EvalBatch>> + 'a>;
+
 /// The images of one subset (training or test).
 pub enum Images {
     /// Decoded into memory (build with [`Images::memory`]).
@@ -116,19 +124,30 @@ impl Images {
         }
     }
 
-    /// All images in order, in evaluation form, batch by batch (labels are zeros).
+    /// All images in order, in evaluation form, batch by batch, with their positions in
+    /// the subset (an image the photo pipeline skipped has none).
     pub fn eval_batches<'a>(
         &'a self,
         norm: &'a Normalization,
         device: &Device,
-    ) -> Result<BatchIter<'a>> {
+    ) -> Result<EvalIter<'a>> {
         match self {
             Self::Memory { bank, zeros } => {
-                Ok(bank_batches(Batches::eval(bank, zeros, 256, norm, device)?))
+                let b = Batches::eval(bank, zeros, 256, norm, device)?;
+                Ok(Box::new(b.map(|r| {
+                    let b = r?;
+                    Ok((b.images, b.indices))
+                })))
             }
             Self::Photos(p) => {
                 let loader = p.loader(64, Sampler::Sequential, Transform::eval(p.size), norm, 0)?;
-                Ok(photo_batches(loader, 0, device.clone()))
+                let mut up = nofuss_tensor::upload::Uploader::default();
+                let device = device.clone();
+                Ok(Box::new(loader.epoch(0).map(move |r| {
+                    let b = r?;
+                    let (images, _) = b.to_tensors_with(&mut up, &device)?;
+                    Ok((images, b.positions))
+                })))
             }
         }
     }

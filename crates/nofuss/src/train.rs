@@ -337,8 +337,8 @@ impl Model {
         // eval-mode embeddings of an untrained network lie elsewhere. (This moves the
         // running statistics as a warm-up pass would.)
         let emb = self.embed_mode(images, device, true)?;
-        let emb = Tensor::from_vec(emb, (labels.len(), dim), device)?;
-        let classes: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+        let classes: Vec<i64> = emb.kept.iter().map(|&i| labels[i] as i64).collect();
+        let emb = Tensor::from_vec(emb.values, (classes.len(), dim), device)?;
         let means = nofuss_losses::class_mean_proxies(&emb, &classes, num)?;
         for (name, var) in self.proxy_params.named_vars() {
             if name == "proxies" {
@@ -415,22 +415,26 @@ impl Model {
         Ok(())
     }
 
-    /// Embeddings `[N, D]` of every image of `images`, in order (evaluation mode).
-    pub fn embed(&self, images: &Images, device: &Device) -> Result<Vec<f32>> {
+    /// Embeddings of every image of `images`, in order (evaluation mode), with the
+    /// positions of the images embedded: all of them, unless the photo pipeline skipped
+    /// unreadable ones (`skip_bad_images`).
+    pub fn embed(&self, images: &Images, device: &Device) -> Result<Embedded> {
         self.embed_mode(images, device, false)
     }
 
-    fn embed_mode(&self, images: &Images, device: &Device, train: bool) -> Result<Vec<f32>> {
+    fn embed_mode(&self, images: &Images, device: &Device, train: bool) -> Result<Embedded> {
         let norm = self.embedder.backbone().input().normalization;
-        let mut out = Vec::with_capacity(images.len() * self.embedder.head().config().dim);
+        let mut values = Vec::with_capacity(images.len() * self.embedder.head().config().dim);
+        let mut kept = Vec::with_capacity(images.len());
         for batch in images.eval_batches(&norm, device)? {
-            let (x, _, _) = batch?;
+            let (x, positions) = batch?;
             let e = nofuss_tensor::on_pool(device, || {
                 nofuss_tensor::with_cached_layouts(device, || self.embedder.forward(&x, train))
             })?;
-            out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+            values.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+            kept.extend(positions);
         }
-        Ok(out)
+        Ok(Embedded { values, kept })
     }
 }
 
@@ -558,6 +562,22 @@ fn say(opts: &TrainOptions, s: impl AsRef<str>) {
     }
 }
 
+/// Embeddings `[N, D]` (row-major) of the images at `kept` of a subset, in that order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    /// The embeddings, `kept.len() * D` values.
+    pub values: Vec<f32>,
+    /// Each row's position in the subset (ascending).
+    pub kept: Vec<usize>,
+}
+
+impl Embedded {
+    /// The labels of the embedded images, from the subset's `labels`.
+    pub fn labels(&self, labels: &[u32]) -> Vec<u32> {
+        self.kept.iter().map(|&i| labels[i]).collect()
+    }
+}
+
 fn evaluate(
     model: &Model,
     bank: &Images,
@@ -566,6 +586,9 @@ fn evaluate(
     device: &Device,
 ) -> Result<EvalReport> {
     let emb = model.embed(bank, device)?;
+    // Unreadable images the photo pipeline skipped have no embedding, and no label here.
+    let labels = emb.labels(labels);
+    let emb = emb.values;
     let eval_cfg = EvalConfig {
         kmeans: KMeansConfig {
             seed: cfg.seed,
@@ -578,7 +601,7 @@ fn evaluate(
         device,
         &emb,
         cfg.model.head.dim,
-        labels,
+        &labels,
         &eval_cfg,
     )?)
 }
@@ -759,16 +782,18 @@ pub fn embed_split(
         _ => (&data.test_images, &data.test_set),
     };
     let emb = model.embed(images, &picked.device)?;
-    let n = subset.len();
-    let d = emb.len() / n.max(1);
+    report_skipped("skipped", &images.skipped());
+    let labels = emb.labels(&subset.labels);
+    let n = labels.len();
+    let d = cfg.model.head.dim;
     let mut state = HashMap::new();
     state.insert(
         "embeddings".to_string(),
-        Tensor::from_vec(emb, (n, d), &Device::Cpu)?,
+        Tensor::from_vec(emb.values, (n, d), &Device::Cpu)?,
     );
     state.insert(
         "labels".to_string(),
-        Tensor::from_vec(subset.labels.clone(), n, &Device::Cpu)?,
+        Tensor::from_vec(labels, n, &Device::Cpu)?,
     );
     save_checkpoint(out, &state)?;
     Ok(n)
@@ -1147,9 +1172,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         run_dir: dir,
         device: picked.description,
         train_classes: train_set.num_classes(),
-        train_images: train_bank.len(),
+        // Less the images the photo pipeline skipped (each counted once).
+        train_images: train_bank.len() - train_bank.skipped().len(),
         test_classes: test_set.num_classes(),
-        test_images: test_bank.len(),
+        test_images: test_bank.len() - test_bank.skipped().len(),
         val_classes: val.as_ref().map(|(s, _)| s.num_classes()).unwrap_or(0),
         selected_epoch: selected_epoch(&history),
         history,

@@ -811,6 +811,65 @@ fn folder_and_sop_layouts_train() {
 }
 
 #[test]
+fn an_unreadable_unseen_class_image_is_left_out_of_evaluation_and_embeddings() {
+    // The photo pipeline drops an image it cannot decode from its batch; the labels
+    // evaluated and written must drop the same one.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("folders");
+    write_folder_dataset(&data, 6, 8);
+    // Classes 3-5 are the unseen half: the first image of the last class.
+    std::fs::write(data.join("class_05/0.png"), b"not a png").unwrap();
+    let mut args = quick_args(tmp.path(), &data, "folder", "skip");
+    args.retain(|a| a != "--quiet");
+    args.extend(
+        [
+            "--pipeline",
+            "photo",
+            "--channels",
+            "3",
+            "--skip-bad-images",
+        ]
+        .map(String::from),
+    );
+    let out = nofuss(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("on 3 unseen classes (23 images)"),
+        "{}",
+        text(&out.stdout)
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains("skipped 1 unreadable image(s)"), "{err}");
+    assert!(err.contains("class_05/0.png"), "{err}");
+    let dir = tmp.path().join("runs/skip");
+    let last = metrics(&dir).pop().unwrap();
+    assert!(last["recall@1"].as_f64().is_some(), "{last}");
+
+    let emb = tmp.path().join("emb.safetensors");
+    let out = nofuss(&[
+        "embed",
+        "--checkpoint",
+        dir.to_str().unwrap(),
+        "--out",
+        emb.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("23 embeddings written"));
+    assert!(text(&out.stderr).contains("class_05/0.png"));
+    let out = nofuss(&[
+        "eval",
+        "--embeddings",
+        emb.to_str().unwrap(),
+        "--k",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let got: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(got["recall@1"], last["recall@1"]);
+}
+
+#[test]
 fn cars_layout_trains_from_its_mat_file() {
     // The scipy-written Cars196-style annotations (7 images, 6 classes) with tiny JPEGs.
     let tmp = tempfile::tempdir().unwrap();
