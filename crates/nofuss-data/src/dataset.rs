@@ -89,6 +89,12 @@ impl Subset {
         self.classes.len()
     }
 
+    /// Every image of `ds`, labels its classes.
+    pub fn all(ds: &ImageDataset) -> Self {
+        let classes: Vec<u32> = (0..ds.num_classes() as u32).collect();
+        Self::of_classes(ds, &classes)
+    }
+
     /// The images of the given original classes (in the given order), relabelled.
     pub fn of_classes(ds: &ImageDataset, classes: &[u32]) -> Self {
         let mut new_label = vec![u32::MAX; ds.num_classes()];

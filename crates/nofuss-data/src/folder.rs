@@ -75,9 +75,115 @@ pub fn load(root: impl AsRef<Path>) -> Result<ImageDataset> {
     })
 }
 
+/// Every image under `root` (`.jpg`, `.jpeg`, `.png`, in sub-folders at any depth), for
+/// embedding images that are not a training dataset. Records are in path order; each
+/// image's class is its folder (relative to `root`), classes in path order, named by
+/// the relative folder (`.` for `root` itself): `root/<class>/<image>` gives the classes
+/// of [`load`], a flat folder one class. No image at all is an error.
+pub fn load_tree(root: impl AsRef<Path>) -> Result<ImageDataset> {
+    let root = root.as_ref();
+    let mut files = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in sorted_entries(&dir)? {
+            if entry.is_dir() {
+                pending.push(entry);
+            } else if entry.is_file() && is_image(&entry) {
+                files.push(entry.strip_prefix(root).unwrap_or(&entry).to_path_buf());
+            }
+        }
+    }
+    if files.is_empty() {
+        return Err(DataError::Inconsistent {
+            path: root.to_path_buf(),
+            message: "no .jpg/.jpeg/.png image in it or its sub-folders".into(),
+        });
+    }
+    files.sort();
+    let folder_of = |f: &Path| f.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut folders: Vec<PathBuf> = files.iter().map(|f| folder_of(f)).collect();
+    folders.sort();
+    folders.dedup();
+    let records = files
+        .into_iter()
+        .enumerate()
+        .map(|(i, path)| {
+            let class = folders.binary_search(&folder_of(&path)).unwrap_or(0) as u32;
+            ImageRecord {
+                id: i as u32 + 1,
+                path,
+                class,
+            }
+        })
+        .collect();
+    let class_names = folders
+        .iter()
+        .map(|f| match f.as_os_str().is_empty() {
+            true => ".".to_string(),
+            false => f.to_string_lossy().replace('\\', "/"),
+        })
+        .collect();
+    Ok(ImageDataset {
+        root: root.to_path_buf(),
+        images_dir: root.to_path_buf(),
+        records,
+        class_names,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tree_of_images_in_path_order_with_a_class_per_folder() {
+        let d = tempfile::tempdir().unwrap();
+        for f in [
+            "z.png",
+            "b/2.jpg",
+            "b/1.JPEG",
+            "b/deep/er/x.png",
+            "a/notes.txt",
+            "a/q.png",
+            "c/README",
+        ] {
+            let p = d.path().join(f);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, b"").unwrap();
+        }
+        let ds = load_tree(d.path()).unwrap();
+        let paths: Vec<String> = ds
+            .records
+            .iter()
+            .map(|r| r.path.display().to_string())
+            .collect();
+        assert_eq!(
+            paths,
+            vec!["a/q.png", "b/1.JPEG", "b/2.jpg", "b/deep/er/x.png", "z.png"]
+        );
+        assert_eq!(ds.class_names, vec![".", "a", "b", "b/deep/er"]);
+        let classes: Vec<u32> = ds.records.iter().map(|r| r.class).collect();
+        assert_eq!(classes, vec![1, 2, 2, 3, 0]);
+        assert_eq!(
+            ds.records.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
+        // A class-folder layout gets the classes `load` gives it.
+        let f = tempfile::tempdir().unwrap();
+        for c in ["dog", "cat"] {
+            fs::create_dir(f.path().join(c)).unwrap();
+            fs::write(f.path().join(c).join("1.png"), b"").unwrap();
+        }
+        let (tree, classes) = (load_tree(f.path()).unwrap(), load(f.path()).unwrap());
+        assert_eq!(tree.class_names, classes.class_names);
+        assert_eq!(tree.records, classes.records);
+
+        let empty = tempfile::tempdir().unwrap();
+        fs::create_dir(empty.path().join("sub")).unwrap();
+        let e = load_tree(empty.path()).unwrap_err().to_string();
+        assert!(e.contains("no .jpg/.jpeg/.png image"), "{e}");
+        assert!(load_tree(empty.path().join("missing")).is_err());
+    }
 
     #[test]
     fn classes_and_images_in_name_order() {

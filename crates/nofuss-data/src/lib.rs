@@ -5,7 +5,8 @@
 //!   `classes.txt`, `images/`), which real datasets and the embedded default share.
 //! - [`cars`]: Cars196 (`cars_annos.mat`, read by the MAT-file reader in [`mat`]).
 //! - [`sop`]: Stanford Online Products (`Ebay_train.txt` / `Ebay_test.txt`, the files'
-//!   own split); [`folder`]: a folder per class, for your own data.
+//!   own split); [`folder`]: a folder per class, for your own data, or any images
+//!   under a folder ([`folder::load_tree`], to embed them).
 //! - [`glyphs`]: the embedded default dataset, generated offline from the fonts under
 //!   `data/fonts/` (one class per character, several fonts, random affine distortions),
 //!   written in the CUB layout.

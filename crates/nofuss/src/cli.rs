@@ -42,19 +42,26 @@ pub enum Command {
     Compare(Box<CompareArgs>),
     /// Print the default configuration as TOML (a starting point for --config).
     DefaultConfig,
-    /// Embed a split of a run's dataset with its trained model and write the embeddings
-    /// for `nofuss eval` (or any tool): `embeddings` (f32 [N,D]) and `labels` (u32 [N]).
+    /// Embed a split of a run's dataset, or a folder of any images, with its trained model
+    /// and write the embeddings for `nofuss eval` (or any tool): `embeddings` (f32 [N,D])
+    /// and `labels` (u32 [N]).
     Embed {
         /// The run directory (its config.toml and final.safetensors, else
         /// last.safetensors), or a checkpoint file inside one.
         #[arg(long, value_name = "RUN|FILE")]
         checkpoint: PathBuf,
         /// Dataset root, if it moved since training.
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", conflicts_with = "images")]
         data_dir: Option<PathBuf>,
         /// Which side of the zero-shot split: test (unseen classes) or train.
         #[arg(long, default_value = "test", value_parser = ["test", "train"])]
         split: String,
+        /// Embed every .jpg/.jpeg/.png under DIR (sub-folders too, in path order) instead
+        /// of a split, read as the run reads its evaluation images. Labels number the
+        /// folders (DIR/<class>/<image> gives class labels); the file's metadata `paths`
+        /// lists each row's image and `folders` each label's folder, one per line.
+        #[arg(long, value_name = "DIR", conflicts_with = "split")]
+        images: Option<PathBuf>,
         /// The .safetensors file to write.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
@@ -785,16 +792,22 @@ pub fn run(cli: Cli) -> Result<()> {
             checkpoint,
             data_dir,
             split,
+            images,
             out,
             device,
         } => {
-            let n = crate::train::embed_split(
-                &checkpoint,
-                data_dir.as_deref(),
-                &split,
-                &out,
-                device.as_deref(),
-            )?;
+            let n = match images {
+                Some(dir) => {
+                    crate::train::embed_images(&checkpoint, &dir, &out, device.as_deref())?
+                }
+                None => crate::train::embed_split(
+                    &checkpoint,
+                    data_dir.as_deref(),
+                    &split,
+                    &out,
+                    device.as_deref(),
+                )?,
+            };
             println!("{n} embeddings written to {}", out.display());
             Ok(())
         }

@@ -8,7 +8,9 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use nofuss_backbone::{Backbone, BnInception, Embedder, EmbeddingHead, SmallCnn, SmallCnnConfig};
-use nofuss_data::{cars, cub, folder, glyphs, sop, Augment, ImageBank, ImageSpec, ZeroShotSplit};
+use nofuss_data::{
+    cars, cub, folder, glyphs, sop, Augment, ImageBank, ImageDataset, ImageSpec, ZeroShotSplit,
+};
 use nofuss_eval::{EvalConfig, EvalReport, KMeansConfig};
 use nofuss_losses::{LossError, MetricLoss, ProxyInit, ProxyReseeder};
 use nofuss_tensor::optim::{warmup_factor, Optimizer, ParamGroup};
@@ -386,16 +388,19 @@ impl Model {
     /// Loads a checkpoint of this model (`last.safetensors`, `final.safetensors`, or a
     /// resumable state): every parameter, BN statistic and proxy.
     pub fn load_checkpoint(&self, path: &Path, device: &Device) -> Result<()> {
-        let mut tensors = candle_core::safetensors::load(path, device).map_err(|e| {
-            TrainError::Config(format!("cannot read checkpoint {}: {e}", path.display()))
-        })?;
+        let mut tensors =
+            candle_core::safetensors::load(path, device).map_err(|e| TrainError::Input {
+                path: path.to_path_buf(),
+                message: format!("cannot read this checkpoint: {e}"),
+            })?;
         self.set_vars(&mut tensors, path)
     }
 
     /// Sets every variable from `tensors` (taking them out), by name and shape.
     fn set_vars(&self, tensors: &mut HashMap<String, Tensor>, path: &Path) -> Result<()> {
-        let bad = |message: String| {
-            TrainError::Config(format!("checkpoint {}: {message}", path.display()))
+        let bad = |message: String| TrainError::Input {
+            path: path.to_path_buf(),
+            message: format!("checkpoint does not fit the run's model: {message}"),
         };
         let mut vars = self.params.named_vars();
         vars.extend(self.proxy_params.named_vars());
@@ -620,9 +625,23 @@ pub struct PreparedData {
     pub val: Option<(nofuss_data::Subset, Images)>,
 }
 
-/// Loads the dataset of `cfg` (generating the glyphs if needed), splits it, and sets up
-/// the image sources of both sides (in memory or the photo pipeline).
-pub fn prepare_data(cfg: &TrainConfig, opts: &TrainOptions) -> Result<PreparedData> {
+/// A run's dataset and its zero-shot split, before any image is read.
+pub struct SplitData {
+    /// The dataset.
+    pub dataset: ImageDataset,
+    /// Bounding boxes of its records, where the run crops to them (`crop_to_boxes`).
+    pub boxes: Option<Vec<nofuss_data::BBox>>,
+    /// Training subset (labels `0..train classes`), validation classes held out.
+    pub train_set: nofuss_data::Subset,
+    /// Test subset (unseen classes).
+    pub test_set: nofuss_data::Subset,
+    /// Validation classes held out of training, when configured.
+    pub val_set: Option<nofuss_data::Subset>,
+}
+
+/// Loads the dataset of `cfg` (generating the glyphs if needed) and splits it; reads
+/// annotations only, no image.
+pub fn load_split(cfg: &TrainConfig, opts: &TrainOptions) -> Result<SplitData> {
     if cfg.data.dataset == DatasetKind::Glyphs {
         let p = glyphs::prepare(&cfg.data.dir, &cfg.data.glyphs)?;
         say(
@@ -675,47 +694,68 @@ pub fn prepare_data(cfg: &TrainConfig, opts: &TrainOptions) -> Result<PreparedDa
             (fit, Some(val))
         }
     };
-    let spec = ImageSpec {
-        channels: cfg.data.channels,
-        height: cfg.data.image_size,
-        width: cfg.data.image_size,
-    };
     if cfg.data.pipeline == PipelineKind::Photo && cfg.data.crop_to_boxes && boxes.is_none() {
         return Err(TrainError::Config(
             "--crop-to-boxes needs a dataset with bounding boxes (cars)".into(),
         ));
     }
-    let boxes = if cfg.data.crop_to_boxes { boxes } else { None };
-    let mut skipped = Vec::new();
-    // The images of one subset, and the subset itself (fewer images when some are
-    // skipped as unreadable).
-    let mut images_of = |subset: nofuss_data::Subset| -> Result<(Images, nofuss_data::Subset)> {
-        Ok(match cfg.data.pipeline {
-            PipelineKind::Photo => (
-                Images::Photos(Box::new(PhotoSource {
-                    dataset: ds.clone(),
-                    subset: subset.clone(),
-                    size: cfg.data.image_size,
-                    m_per_class: cfg.data.m_per_class,
-                    boxes: boxes.clone(),
-                    skip_bad_images: cfg.data.skip_bad_images,
-                    skipped: Default::default(),
-                })),
-                subset,
-            ),
-            PipelineKind::Memory if cfg.data.skip_bad_images => {
-                let (bank, kept, more) = ImageBank::load_skipping(&ds, &subset, spec)?;
-                skipped.extend(more);
-                (Images::memory(bank), kept)
-            }
-            PipelineKind::Memory => (Images::memory(ImageBank::load(&ds, &subset, spec)?), subset),
-        })
+    Ok(SplitData {
+        dataset: ds,
+        boxes: if cfg.data.crop_to_boxes { boxes } else { None },
+        train_set,
+        test_set,
+        val_set,
+    })
+}
+
+/// The image source of `subset` of `ds` as `cfg` reads images (decoded into memory, or
+/// the photo pipeline), and the subset itself: fewer images when the in-memory
+/// pipeline left unreadable ones out (`skip_bad_images`; they are added to `skipped`).
+pub fn images_of(
+    cfg: &TrainConfig,
+    ds: &ImageDataset,
+    boxes: Option<&[nofuss_data::BBox]>,
+    subset: nofuss_data::Subset,
+    skipped: &mut Vec<nofuss_data::Skipped>,
+) -> Result<(Images, nofuss_data::Subset)> {
+    let spec = ImageSpec {
+        channels: cfg.data.channels,
+        height: cfg.data.image_size,
+        width: cfg.data.image_size,
     };
-    let (train_bank, train_set) = images_of(train_set)?;
-    let (test_bank, test_set) = images_of(test_set)?;
-    let val = match val_set {
+    Ok(match cfg.data.pipeline {
+        PipelineKind::Photo => (
+            Images::Photos(Box::new(PhotoSource {
+                dataset: ds.clone(),
+                subset: subset.clone(),
+                size: cfg.data.image_size,
+                m_per_class: cfg.data.m_per_class,
+                boxes: boxes.map(<[_]>::to_vec),
+                skip_bad_images: cfg.data.skip_bad_images,
+                skipped: Default::default(),
+            })),
+            subset,
+        ),
+        PipelineKind::Memory if cfg.data.skip_bad_images => {
+            let (bank, kept, more) = ImageBank::load_skipping(ds, &subset, spec)?;
+            skipped.extend(more);
+            (Images::memory(bank), kept)
+        }
+        PipelineKind::Memory => (Images::memory(ImageBank::load(ds, &subset, spec)?), subset),
+    })
+}
+
+/// Loads the dataset of `cfg` (generating the glyphs if needed), splits it, and sets up
+/// the image sources of both sides (in memory or the photo pipeline).
+pub fn prepare_data(cfg: &TrainConfig, opts: &TrainOptions) -> Result<PreparedData> {
+    let s = load_split(cfg, opts)?;
+    let (ds, boxes) = (&s.dataset, s.boxes.as_deref());
+    let mut skipped = Vec::new();
+    let (train_bank, train_set) = images_of(cfg, ds, boxes, s.train_set, &mut skipped)?;
+    let (test_bank, test_set) = images_of(cfg, ds, boxes, s.test_set, &mut skipped)?;
+    let val = match s.val_set {
         Some(v) => {
-            let (images, subset) = images_of(v)?;
+            let (images, subset) = images_of(cfg, ds, boxes, v, &mut skipped)?;
             Some((subset, images))
         }
         None => None,
@@ -730,9 +770,93 @@ pub fn prepare_data(cfg: &TrainConfig, opts: &TrainOptions) -> Result<PreparedDa
     })
 }
 
+/// A trained run opened for embedding: its configuration and checkpoint file.
+struct TrainedRun {
+    cfg: TrainConfig,
+    file: PathBuf,
+}
+
+impl TrainedRun {
+    /// The run at `checkpoint` (its directory, or a checkpoint file in one).
+    fn open(checkpoint: &Path, device: Option<&str>) -> Result<Self> {
+        if !checkpoint.exists() {
+            let missing = std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such run directory or checkpoint file",
+            );
+            return Err(TrainError::io(checkpoint, missing));
+        }
+        let (dir, file) = if checkpoint.is_dir() {
+            let f = [run_dir::FINAL_CHECKPOINT, run_dir::LAST_CHECKPOINT]
+                .iter()
+                .map(|n| checkpoint.join(n))
+                .find(|p| p.exists())
+                .ok_or_else(|| {
+                    TrainError::Config(format!(
+                        "{} holds no {} or {}",
+                        checkpoint.display(),
+                        run_dir::FINAL_CHECKPOINT,
+                        run_dir::LAST_CHECKPOINT
+                    ))
+                })?;
+            (checkpoint.to_path_buf(), f)
+        } else {
+            let parent = checkpoint.parent().unwrap_or(Path::new("."));
+            (parent.to_path_buf(), checkpoint.to_path_buf())
+        };
+        let mut cfg = TrainConfig::from_file(&dir.join(run_dir::CONFIG))?;
+        // The checkpoint sets every weight: the run's starting weights are not read (they
+        // may not be on this machine).
+        cfg.model.weights = None;
+        if let Some(d) = device {
+            cfg.device = d.to_string();
+        }
+        Ok(Self { cfg, file })
+    }
+
+    /// The trained model on `device`. The number of proxies comes from the checkpoint,
+    /// so the training classes need not be at hand.
+    fn model(&self, device: &Device) -> Result<Model> {
+        let mut tensors =
+            candle_core::safetensors::load(&self.file, device).map_err(|e| TrainError::Input {
+                path: self.file.clone(),
+                message: format!("cannot read this checkpoint: {e}"),
+            })?;
+        let proxies = match tensors.get("proxies") {
+            Some(p) => p.dim(0)?,
+            None => 1,
+        };
+        let model = Model::new(&self.cfg, proxies, device)?;
+        model.set_vars(&mut tensors, &self.file)?;
+        Ok(model)
+    }
+}
+
+/// Writes embeddings `[N, D]` (f32), their labels `[N]` (u32) and string `metadata` to
+/// the safetensors file `out`.
+fn write_embeddings(
+    out: &Path,
+    emb: Vec<f32>,
+    labels: Vec<u32>,
+    dim: usize,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let n = labels.len();
+    let emb = Tensor::from_vec(emb, (n, dim), &Device::Cpu)?;
+    let labels = Tensor::from_vec(labels, n, &Device::Cpu)?;
+    let tensors = [("embeddings", &emb), ("labels", &labels)];
+    run_dir::write_atomic_with(out, |tmp| {
+        safetensors::serialize_to_file(tensors, metadata, tmp).map_err(|e| TrainError::Input {
+            path: out.to_path_buf(),
+            message: format!("cannot write embeddings: {e}"),
+        })
+    })
+}
+
 /// `nofuss embed`: embeds one side (`test` or `train`) of the split of the run at
 /// `checkpoint` (a run directory or a checkpoint file in one) with its trained model,
-/// and writes `embeddings` (f32 `[N, D]`) and `labels` (u32 `[N]`) to `out`. Returns N.
+/// and writes `embeddings` (f32 `[N, D]`) and `labels` (u32 `[N]`) to `out`. Only that
+/// side's images are read. Returns N.
 pub fn embed_split(
     checkpoint: &Path,
     data_dir: Option<&Path>,
@@ -740,62 +864,75 @@ pub fn embed_split(
     out: &Path,
     device: Option<&str>,
 ) -> Result<usize> {
-    if !checkpoint.exists() {
-        let missing = std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "no such run directory or checkpoint file",
-        );
-        return Err(TrainError::io(checkpoint, missing));
-    }
-    let (dir, file) = if checkpoint.is_dir() {
-        let f = [run_dir::FINAL_CHECKPOINT, run_dir::LAST_CHECKPOINT]
-            .iter()
-            .map(|n| checkpoint.join(n))
-            .find(|p| p.exists())
-            .ok_or_else(|| {
-                TrainError::Config(format!(
-                    "{} holds no {} or {}",
-                    checkpoint.display(),
-                    run_dir::FINAL_CHECKPOINT,
-                    run_dir::LAST_CHECKPOINT
-                ))
-            })?;
-        (checkpoint.to_path_buf(), f)
-    } else {
-        let parent = checkpoint.parent().unwrap_or(Path::new("."));
-        (parent.to_path_buf(), checkpoint.to_path_buf())
-    };
-    let mut cfg = TrainConfig::from_file(&dir.join(run_dir::CONFIG))?;
+    let mut run = TrainedRun::open(checkpoint, device)?;
     if let Some(d) = data_dir {
-        cfg.data.dir = d.to_path_buf();
+        run.cfg.data.dir = d.to_path_buf();
     }
-    if let Some(d) = device {
-        cfg.device = d.to_string();
-    }
+    let cfg = &run.cfg;
     let picked = cfg.device.parse::<DeviceSpec>()?.select()?;
-    let quiet = TrainOptions::default();
-    let data = prepare_data(&cfg, &quiet)?;
-    let model = Model::new(&cfg, data.train_set.num_classes(), &picked.device)?;
-    model.load_checkpoint(&file, &picked.device)?;
-    let (images, subset) = match split {
-        "train" => (&data.train_images, &data.train_set),
-        _ => (&data.test_images, &data.test_set),
+    let data = load_split(cfg, &TrainOptions::default())?;
+    let subset = match split {
+        "train" => data.train_set,
+        _ => data.test_set,
     };
-    let emb = model.embed(images, &picked.device)?;
-    report_skipped("skipped", &images.skipped());
+    let mut skipped = Vec::new();
+    let (images, subset) = images_of(
+        cfg,
+        &data.dataset,
+        data.boxes.as_deref(),
+        subset,
+        &mut skipped,
+    )?;
+    let model = run.model(&picked.device)?;
+    let emb = model.embed(&images, &picked.device)?;
+    skipped.extend(images.skipped());
+    report_skipped("skipped", &skipped);
     let labels = emb.labels(&subset.labels);
     let n = labels.len();
-    let d = cfg.model.head.dim;
-    let mut state = HashMap::new();
-    state.insert(
-        "embeddings".to_string(),
-        Tensor::from_vec(emb.values, (n, d), &Device::Cpu)?,
-    );
-    state.insert(
-        "labels".to_string(),
-        Tensor::from_vec(labels, n, &Device::Cpu)?,
-    );
-    save_checkpoint(out, &state)?;
+    write_embeddings(out, emb.values, labels, cfg.model.head.dim, None)?;
+    Ok(n)
+}
+
+/// `nofuss embed --images`: embeds every image under `images_dir` (`.jpg`, `.jpeg`,
+/// `.png`, in subfolders too, in path order) with the trained model of the run at
+/// `checkpoint`, read as the run reads its evaluation images (no bounding boxes). Writes
+/// `embeddings` (f32 `[N, D]`) and `labels` (u32 `[N]`: the index of each image's folder
+/// among the folders, so `dir/<class>/<image>` gives class labels and a flat folder all
+/// 0) to `out`, with the metadata `paths` (each row's path relative to `images_dir`, one
+/// per line) and `folders` (the folder of each label, one per line, `.` for
+/// `images_dir` itself). Returns N.
+pub fn embed_images(
+    checkpoint: &Path,
+    images_dir: &Path,
+    out: &Path,
+    device: Option<&str>,
+) -> Result<usize> {
+    let mut run = TrainedRun::open(checkpoint, device)?;
+    run.cfg.data.crop_to_boxes = false;
+    let cfg = &run.cfg;
+    let ds = folder::load_tree(images_dir)?;
+    let picked = cfg.device.parse::<DeviceSpec>()?.select()?;
+    let mut skipped = Vec::new();
+    let (images, subset) = images_of(cfg, &ds, None, nofuss_data::Subset::all(&ds), &mut skipped)?;
+    let model = run.model(&picked.device)?;
+    let emb = model.embed(&images, &picked.device)?;
+    skipped.extend(images.skipped());
+    report_skipped("skipped", &skipped);
+    let labels = emb.labels(&subset.labels);
+    let paths: Vec<String> = emb
+        .kept
+        .iter()
+        .map(|&i| {
+            let path = &ds.records[subset.indices[i]].path;
+            path.to_string_lossy().replace('\\', "/")
+        })
+        .collect();
+    let metadata = HashMap::from([
+        ("paths".to_string(), paths.join("\n")),
+        ("folders".to_string(), ds.class_names.join("\n")),
+    ]);
+    let n = labels.len();
+    write_embeddings(out, emb.values, labels, cfg.model.head.dim, Some(metadata))?;
     Ok(n)
 }
 

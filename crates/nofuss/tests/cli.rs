@@ -466,7 +466,8 @@ fn bn_inception_trains_and_its_checkpoint_loads_as_weights() {
     assert!(cfg.contains("batch_norm = \"frozen\""), "{cfg}");
     assert_eq!(metrics(&dir).len(), 3);
     // A whole nofuss checkpoint (names prefixed `backbone.`) is accepted as weights.
-    let ckpt = dir.join("final.safetensors");
+    let ckpt = tmp.path().join("weights.safetensors");
+    std::fs::copy(dir.join("final.safetensors"), &ckpt).unwrap();
     let mut with_weights = bn.to_vec();
     with_weights.extend_from_slice(&["--weights", ckpt.to_str().unwrap()]);
     let out = tiny_run(tmp.path(), "bn2", "1", &with_weights);
@@ -474,6 +475,19 @@ fn bn_inception_trains_and_its_checkpoint_loads_as_weights() {
     // Starting from trained weights changes the epoch-0 evaluation.
     let (a, b) = (scores(&dir), scores(&tmp.path().join("runs/bn2")));
     assert_ne!(a[0], b[0]);
+    // The trained run's checkpoint holds every weight: embedding it needs no starting
+    // weights (here gone, as on another machine).
+    std::fs::remove_file(&ckpt).unwrap();
+    let emb = tmp.path().join("emb.safetensors");
+    let bn2 = tmp.path().join("runs/bn2");
+    let out = nofuss(&[
+        "embed",
+        "--checkpoint",
+        bn2.to_str().unwrap(),
+        "--out",
+        emb.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
 }
 
 #[test]
@@ -1218,6 +1232,101 @@ fn embed_then_eval_reproduces_the_runs_recall() {
         err.contains(&format!("{}: no such run directory", gone.display())),
         "{err}"
     );
+}
+
+/// A safetensors file's header (JSON) and the bytes of its tensors.
+fn read_safetensors(path: &Path) -> (serde_json::Value, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    (header, bytes[8 + n..].to_vec())
+}
+
+/// The bytes of tensor `name` of a safetensors file read by [`read_safetensors`].
+fn tensor_bytes<'a>(file: &'a (serde_json::Value, Vec<u8>), name: &str) -> &'a [u8] {
+    let offsets = &file.0[name]["data_offsets"];
+    let (a, b) = (offsets[0].as_u64().unwrap(), offsets[1].as_u64().unwrap());
+    &file.1[a as usize..b as usize]
+}
+
+#[test]
+fn embed_images_gives_each_file_the_embedding_of_its_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_run(tmp.path(), "i", "2", &["--epochs", "1"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let dir = tmp.path().join("runs/i");
+    let embed = |extra: &[&str], out: &Path| {
+        let mut args = vec!["embed", "--checkpoint", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+        nofuss(&args)
+    };
+    let split = tmp.path().join("split.safetensors");
+    let out = embed(&[], &split);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    // Every image of the glyph dataset: its class folders, the unseen ones last.
+    let images = tmp.path().join("glyphs/images");
+    let all = tmp.path().join("all.safetensors");
+    let out = embed(&["--images", images.to_str().unwrap()], &all);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let (split, all) = (read_safetensors(&split), read_safetensors(&all));
+    let n_split = split.0["labels"]["shape"][0].as_u64().unwrap() as usize;
+    let n_all = all.0["labels"]["shape"][0].as_u64().unwrap() as usize;
+    assert_eq!(
+        all.0["embeddings"]["shape"][1],
+        split.0["embeddings"]["shape"][1]
+    );
+    assert!(n_all > n_split, "{n_all} {n_split}");
+    // The unseen classes' rows are the split's, in the same order (to rounding: the
+    // images sit at other rows of their batch).
+    let floats = |b: &[u8]| -> Vec<f32> {
+        b.chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let e_split = floats(tensor_bytes(&split, "embeddings"));
+    let e_all = floats(tensor_bytes(&all, "embeddings"));
+    assert!(e_split.iter().any(|&v| v != 0.0));
+    for (i, (a, b)) in e_all[e_all.len() - e_split.len()..]
+        .iter()
+        .zip(&e_split)
+        .enumerate()
+    {
+        assert!((a - b).abs() < 1e-5, "value {i}: {a} against {b}");
+    }
+    let meta = &all.0["__metadata__"];
+    let paths: Vec<&str> = meta["paths"].as_str().unwrap().lines().collect();
+    let folders: Vec<&str> = meta["folders"].as_str().unwrap().lines().collect();
+    assert_eq!(paths.len(), n_all);
+    assert_eq!(folders.len(), 8);
+    // Labels number the folders; each row's path lies in its label's folder.
+    let labels: Vec<u32> = tensor_bytes(&all, "labels")
+        .chunks(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    for (p, &l) in paths.iter().zip(&labels) {
+        assert!(
+            p.starts_with(&format!("{}/", folders[l as usize])),
+            "{p} {l}"
+        );
+        assert!(images.join(p).is_file(), "{p}");
+    }
+    let split_labels: Vec<u32> = tensor_bytes(&split, "labels")
+        .chunks(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()) + 4)
+        .collect();
+    assert_eq!(&labels[n_all - n_split..], &split_labels[..]);
+    // `--images` and `--split` are either-or; a folder without images is named.
+    let both = ["--images", images.to_str().unwrap(), "--split", "train"];
+    let out = embed(&both, &tmp.path().join("x.st"));
+    assert_eq!(out.status.code(), Some(2));
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let err = said_once(&embed(
+        &["--images", empty.to_str().unwrap()],
+        &tmp.path().join("e.st"),
+    ));
+    assert!(err.contains("empty: no .jpg/.jpeg/.png image"), "{err}");
 }
 
 #[test]
