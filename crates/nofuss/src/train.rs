@@ -940,6 +940,24 @@ pub fn embed_images(
 /// epoch, and writes the run directory.
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     let start = Instant::now();
+    // A resumed run with a finished epoch restores every weight and proxy from its saved
+    // state: neither the starting weights (which may have moved since) nor the class
+    // means are needed.
+    let restoring = match &opts.resume {
+        Some(dir) => run_dir::read_metrics(dir)?
+            .iter()
+            .any(|m| m["epoch"].as_u64().is_some_and(|e| e >= 1)),
+        None => false,
+    };
+    let restored_cfg;
+    let cfg = if restoring {
+        let mut c = cfg.clone();
+        c.model.weights = None;
+        restored_cfg = c;
+        &restored_cfg
+    } else {
+        cfg
+    };
     cfg.check()?;
     let picked = cfg.device.parse::<DeviceSpec>()?.select()?;
     let device = picked.device.clone();
@@ -995,7 +1013,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     say(opts, format!("run directory: {}", dir.display()));
 
     let model = Model::new(cfg, train_set.num_classes(), &device)?;
-    if cfg.loss.proxy_init == ProxyInit::ClassMeans {
+    if cfg.loss.proxy_init == ProxyInit::ClassMeans && !restoring {
         model.proxies_at_class_means(&train_bank, &train_set.labels, &device)?;
     }
     let mut opt = model.optimizer(&cfg.optim)?;

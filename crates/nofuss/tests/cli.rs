@@ -488,6 +488,17 @@ fn bn_inception_trains_and_its_checkpoint_loads_as_weights() {
         emb.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    // Nor does training it further: its saved state holds them.
+    let out = nofuss(&[
+        "train",
+        "--resume",
+        bn2.to_str().unwrap(),
+        "--epochs",
+        "3",
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(metrics(&bn2).len(), 4);
 }
 
 #[test]
