@@ -76,10 +76,20 @@ pub fn compare(base: &TrainConfig, losses: &[String], opts: &TrainOptions) -> Re
         .clone()
         .unwrap_or_else(|| format!("compare-{}", run_dir::utc_stamp()));
     let dir = base.run.out_dir.join(&name);
+    // Every loss's settings and run directory are checked before the first trains.
+    let mut configs = Vec::with_capacity(losses.len());
+    for (i, loss) in losses.iter().enumerate() {
+        if losses[..i].contains(loss) {
+            return Err(TrainError::Config(format!(
+                "loss '{loss}' is listed twice in --losses"
+            )));
+        }
+        configs.push(run_config(base, loss, &dir)?);
+        run_dir::check_free(&dir.join(loss))?;
+    }
     std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
     let mut curves = Vec::new();
-    for loss in losses {
-        let cfg = run_config(base, loss, &dir)?;
+    for (loss, cfg) in losses.iter().zip(configs) {
         if opts.verbose {
             println!("== {loss} ==");
         }
@@ -285,6 +295,32 @@ mod tests {
             stopped: None,
             cuda_graph: false,
         }
+    }
+
+    #[test]
+    fn every_loss_is_checked_before_the_first_trains() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut base = TrainConfig::default();
+        base.run.out_dir = tmp.path().to_path_buf();
+        base.run.name = Some("c".into());
+        let quiet = TrainOptions::default();
+        let losses = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let twice = compare(&base, &losses(&["nca", "proxy-nca", "nca"]), &quiet);
+        let e = twice.err().unwrap().to_string();
+        assert!(e.contains("'nca' is listed twice"), "{e}");
+        let unknown = compare(&base, &losses(&["proxy-nca", "nonsense"]), &quiet);
+        let e = unknown.err().unwrap().to_string();
+        assert!(e.contains("unknown loss 'nonsense'"), "{e}");
+        // A finished run of a later loss is refused before the earlier one trains.
+        let nca = tmp.path().join("c/nca");
+        std::fs::create_dir_all(&nca).unwrap();
+        std::fs::write(nca.join(run_dir::METRICS), "{\"epoch\":1}\n").unwrap();
+        let taken = compare(&base, &losses(&["proxy-nca", "nca"]), &quiet);
+        assert!(matches!(
+            taken,
+            Err(TrainError::RunExists { epochs: 1, .. })
+        ));
+        assert!(!tmp.path().join("c/proxy-nca").exists());
     }
 
     #[test]

@@ -76,6 +76,20 @@ pub fn finished_epochs(dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// Refuses a run directory `dir` that holds finished work (a finished epoch or a
+/// checkpoint): [`TrainError::RunExists`].
+pub fn check_free(dir: &Path) -> Result<()> {
+    let epochs = finished_epochs(dir);
+    let has_checkpoint = dir.join(LAST_CHECKPOINT).exists() || dir.join(FINAL_CHECKPOINT).exists();
+    if epochs > 0 || has_checkpoint {
+        return Err(TrainError::RunExists {
+            path: dir.to_path_buf(),
+            epochs,
+        });
+    }
+    Ok(())
+}
+
 /// Creates the run directory. With an explicit `name`, an existing directory is
 /// reused only if it holds no finished epoch; without one, a fresh
 /// `<prefix>-<UTC timestamp>` name is picked (with a numeric suffix if taken).
@@ -84,12 +98,7 @@ pub fn create(out_dir: &Path, name: Option<&str>, prefix: &str) -> Result<PathBu
     let dir = match name {
         Some(n) => {
             let dir = out_dir.join(n);
-            let epochs = finished_epochs(&dir);
-            let has_checkpoint =
-                dir.join(LAST_CHECKPOINT).exists() || dir.join(FINAL_CHECKPOINT).exists();
-            if epochs > 0 || has_checkpoint {
-                return Err(TrainError::RunExists { path: dir, epochs });
-            }
+            check_free(&dir)?;
             dir
         }
         None => {

@@ -943,12 +943,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     // A resumed run with a finished epoch restores every weight and proxy from its saved
     // state: neither the starting weights (which may have moved since) nor the class
     // means are needed.
-    let restoring = match &opts.resume {
-        Some(dir) => run_dir::read_metrics(dir)?
-            .iter()
-            .any(|m| m["epoch"].as_u64().is_some_and(|e| e >= 1)),
-        None => false,
-    };
+    let restoring = opts
+        .resume
+        .as_deref()
+        .is_some_and(|dir| run_dir::finished_epochs(dir) > 0);
     let restored_cfg;
     let cfg = if restoring {
         let mut c = cfg.clone();
