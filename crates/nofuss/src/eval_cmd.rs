@@ -45,8 +45,15 @@ pub fn load(embeddings: &Path, labels: Option<&Path>) -> Result<LoadedEmbeddings
                 "--labels is only for .npy embeddings; a safetensors file holds `labels` itself",
             ));
         }
-        let mut t = candle_core::safetensors::load(embeddings, &Device::Cpu)
-            .map_err(|e| input_err(embeddings, e.to_string()))?;
+        let mut t =
+            candle_core::safetensors::load(embeddings, &Device::Cpu).map_err(|e| match e {
+                // A missing or unreadable file says so as it is.
+                candle_core::Error::Io(_) => input_err(embeddings, e.to_string()),
+                _ => input_err(
+                    embeddings,
+                    format!("not a readable safetensors file (or .npy with --labels): {e}"),
+                ),
+            })?;
         let mut take = |name: &str| {
             t.remove(name).ok_or_else(|| {
                 input_err(

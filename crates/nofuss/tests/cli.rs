@@ -438,6 +438,15 @@ fn eval_rejects_bad_inputs_with_the_file_named() {
         tmp.path().join("none.safetensors").to_str().unwrap(),
     ]);
     assert!(said_once(&missing).contains("none.safetensors"));
+    // A file of another kind says what was expected.
+    let other = tmp.path().join("notes.txt");
+    std::fs::write(&other, "these are not embeddings").unwrap();
+    let out = nofuss(&["eval", "--embeddings", other.to_str().unwrap()]);
+    let err = said_once(&out);
+    assert!(
+        err.contains("notes.txt: not a readable safetensors file"),
+        "{err}"
+    );
 }
 
 fn stem_pth() -> std::path::PathBuf {
