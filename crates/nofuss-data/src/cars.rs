@@ -77,6 +77,7 @@ impl Loaded {
 /// when it is decoded.
 pub fn load(root: impl AsRef<Path>) -> Result<Loaded> {
     let root = root.as_ref();
+    crate::dataset::check_layout(root, ANNOTATIONS, "Cars196", "cars_annos.mat, car_ims/")?;
     let path = root.join(ANNOTATIONS);
     let file = mat::read(&path)?;
     let bad = |message: String| DataError::Inconsistent {

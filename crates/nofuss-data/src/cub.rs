@@ -125,12 +125,12 @@ pub fn load_boxes(root: impl AsRef<Path>, ds: &ImageDataset) -> Result<Vec<BBox>
 /// the image folder. Image files themselves are opened when decoded.
 pub fn load(root: impl AsRef<Path>) -> Result<ImageDataset> {
     let root = root.as_ref();
-    if !root.is_dir() {
-        return Err(DataError::io(
-            root,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "dataset directory not found"),
-        ));
-    }
+    crate::dataset::check_layout(
+        root,
+        CLASSES,
+        "CUB-200-2011",
+        "classes.txt, images.txt, image_class_labels.txt, images/<class>/<image>",
+    )?;
     let classes_path = root.join(CLASSES);
     let mut class_names = Vec::new();
     for (line, id, name) in read_pairs(&classes_path)? {

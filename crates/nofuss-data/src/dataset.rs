@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::{DataError, Result};
 
@@ -255,5 +255,65 @@ mod tests {
                 .classes,
             vec![1, 2]
         );
+    }
+}
+
+/// Checks that `root` is a dataset directory of the layout `layout` (described as
+/// `expects`), recognised by its file `key`: a missing directory is an I/O error, and a
+/// directory without `key` is named with what it lacks, and with the sub-folder that has
+/// it where one does (the archives unpack into one, e.g. `CUB_200_2011/`).
+pub(crate) fn check_layout(root: &Path, key: &str, layout: &str, expects: &str) -> Result<()> {
+    if !root.is_dir() {
+        return Err(DataError::io(
+            root,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "dataset directory not found"),
+        ));
+    }
+    if root.join(key).is_file() {
+        return Ok(());
+    }
+    let mut subs: Vec<PathBuf> = std::fs::read_dir(root)
+        .map_err(|e| DataError::io(root, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join(key).is_file())
+        .collect();
+    subs.sort();
+    let message = match subs.first() {
+        Some(sub) => format!(
+            "no {key} here, but {} has one: pass that folder as the dataset root (--data-dir)",
+            sub.display()
+        ),
+        None => format!("no {key}: not the {layout} layout ({expects})"),
+    };
+    Err(DataError::Inconsistent {
+        path: root.to_path_buf(),
+        message,
+    })
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_key_file_is_named_with_the_folder_that_has_it() {
+        let d = tempfile::tempdir().unwrap();
+        let ok = |p: &Path| check_layout(p, "k.txt", "test", "k.txt, images/");
+        let e = ok(&d.path().join("missing")).unwrap_err().to_string();
+        assert!(e.ends_with("missing: dataset directory not found"), "{e}");
+        let e = ok(d.path()).unwrap_err().to_string();
+        assert!(
+            e.ends_with("no k.txt: not the test layout (k.txt, images/)"),
+            "{e}"
+        );
+        let sub = d.path().join("Unpacked");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("k.txt"), "").unwrap();
+        let e = ok(d.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("no k.txt here, but {} has one", sub.display())),
+            "{e}"
+        );
+        assert!(ok(&sub).is_ok());
     }
 }

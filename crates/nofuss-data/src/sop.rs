@@ -145,6 +145,12 @@ fn read_list(path: &Path) -> Result<Vec<Row>> {
 /// first). Image files are opened when decoded.
 pub fn load(root: impl AsRef<Path>) -> Result<Loaded> {
     let root = root.as_ref();
+    crate::dataset::check_layout(
+        root,
+        TRAIN_LIST,
+        "Stanford Online Products",
+        "Ebay_train.txt, Ebay_test.txt and the image folders they list",
+    )?;
     let train_path = root.join(TRAIN_LIST);
     let test_path = root.join(TEST_LIST);
     let train = read_list(&train_path)?;
