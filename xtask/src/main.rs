@@ -7,7 +7,8 @@
 //! - `cargo xtask fetch-data [--dataset cub|cars|sop|all] ...`: downloads the benchmarks,
 //!   verified and resumable (see `xtask::fetch`).
 //! - `cargo xtask fetch-weights bn-inception`: the ImageNet BN-Inception weights.
-//! - `cargo xtask bench train-step`: nofuss and PyTorch training steps side by side.
+//! - `cargo xtask bench train-step`: nofuss and PyTorch training steps side by side
+//!   (every benchmark runs from the workspace root, wherever it is started).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -553,7 +554,24 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// The workspace root (the benchmarks' scripts and outputs are paths inside it).
+fn workspace_root() -> PathBuf {
+    let xtask = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    xtask.parent().unwrap_or(xtask).to_path_buf()
+}
+
+fn run(mut cli: Cli) -> Result<()> {
+    // The benchmarks run from the workspace root wherever they are started; a --python
+    // given as a relative path stays the one meant.
+    if let Task::Bench { python, .. } = &mut cli.task {
+        if python.contains('/') && std::path::Path::new(python.as_str()).is_relative() {
+            let abs = std::env::current_dir()?.join(python.as_str());
+            *python = abs.to_string_lossy().into_owned();
+        }
+        let root = workspace_root();
+        std::env::set_current_dir(&root)
+            .with_context(|| format!("cannot enter the workspace root {}", root.display()))?;
+    }
     match cli.task {
         Task::Ci => {
             cargo(&["fmt", "--all", "--check"])?;
