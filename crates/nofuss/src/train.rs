@@ -791,13 +791,13 @@ impl TrainedRun {
                 .iter()
                 .map(|n| checkpoint.join(n))
                 .find(|p| p.exists())
-                .ok_or_else(|| {
-                    TrainError::Config(format!(
-                        "{} holds no {} or {}",
-                        checkpoint.display(),
+                .ok_or_else(|| TrainError::Input {
+                    path: checkpoint.to_path_buf(),
+                    message: format!(
+                        "holds no {} or {} (a run writes them when its first epoch ends)",
                         run_dir::FINAL_CHECKPOINT,
                         run_dir::LAST_CHECKPOINT
-                    ))
+                    ),
                 })?;
             (checkpoint.to_path_buf(), f)
         } else {
