@@ -388,12 +388,7 @@ impl Model {
     /// Loads a checkpoint of this model (`last.safetensors`, `final.safetensors`, or a
     /// resumable state): every parameter, BN statistic and proxy.
     pub fn load_checkpoint(&self, path: &Path, device: &Device) -> Result<()> {
-        let mut tensors =
-            candle_core::safetensors::load(path, device).map_err(|e| TrainError::Input {
-                path: path.to_path_buf(),
-                message: format!("cannot read this checkpoint: {e}"),
-            })?;
-        self.set_vars(&mut tensors, path)
+        self.set_vars(&mut read_checkpoint(path, device)?, path)
     }
 
     /// Sets every variable from `tensors` (taking them out), by name and shape.
@@ -817,11 +812,7 @@ impl TrainedRun {
     /// The trained model on `device`. The number of proxies comes from the checkpoint,
     /// so the training classes need not be at hand.
     fn model(&self, device: &Device) -> Result<Model> {
-        let mut tensors =
-            candle_core::safetensors::load(&self.file, device).map_err(|e| TrainError::Input {
-                path: self.file.clone(),
-                message: format!("cannot read this checkpoint: {e}"),
-            })?;
+        let mut tensors = read_checkpoint(&self.file, device)?;
         let proxies = match tensors.get("proxies") {
             Some(p) => p.dim(0)?,
             None => 1,
@@ -830,6 +821,32 @@ impl TrainedRun {
         model.set_vars(&mut tensors, &self.file)?;
         Ok(model)
     }
+
+    /// Embeds `subset` of `ds` with the trained model, its images read as the run reads
+    /// its evaluation images, and reports the unreadable ones left out (`skip_bad_images`).
+    /// Returns the embeddings and the subset as read (its `kept` positions index it).
+    fn embed_subset(
+        &self,
+        ds: &ImageDataset,
+        boxes: Option<&[nofuss_data::BBox]>,
+        subset: nofuss_data::Subset,
+    ) -> Result<(Embedded, nofuss_data::Subset)> {
+        let picked = self.cfg.device.parse::<DeviceSpec>()?.select()?;
+        let mut skipped = Vec::new();
+        let (images, subset) = images_of(&self.cfg, ds, boxes, subset, &mut skipped)?;
+        let emb = self.model(&picked.device)?.embed(&images, &picked.device)?;
+        skipped.extend(images.skipped());
+        report_skipped("skipped", &skipped);
+        Ok((emb, subset))
+    }
+}
+
+/// The tensors of the checkpoint file `path`, on `device`.
+fn read_checkpoint(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, device).map_err(|e| TrainError::Input {
+        path: path.to_path_buf(),
+        message: format!("cannot read this checkpoint: {e}"),
+    })
 }
 
 /// Writes embeddings `[N, D]` (f32), their labels `[N]` (u32) and string `metadata` to
@@ -868,28 +885,15 @@ pub fn embed_split(
     if let Some(d) = data_dir {
         run.cfg.data.dir = d.to_path_buf();
     }
-    let cfg = &run.cfg;
-    let picked = cfg.device.parse::<DeviceSpec>()?.select()?;
-    let data = load_split(cfg, &TrainOptions::default())?;
+    let data = load_split(&run.cfg, &TrainOptions::default())?;
     let subset = match split {
         "train" => data.train_set,
         _ => data.test_set,
     };
-    let mut skipped = Vec::new();
-    let (images, subset) = images_of(
-        cfg,
-        &data.dataset,
-        data.boxes.as_deref(),
-        subset,
-        &mut skipped,
-    )?;
-    let model = run.model(&picked.device)?;
-    let emb = model.embed(&images, &picked.device)?;
-    skipped.extend(images.skipped());
-    report_skipped("skipped", &skipped);
+    let (emb, subset) = run.embed_subset(&data.dataset, data.boxes.as_deref(), subset)?;
     let labels = emb.labels(&subset.labels);
     let n = labels.len();
-    write_embeddings(out, emb.values, labels, cfg.model.head.dim, None)?;
+    write_embeddings(out, emb.values, labels, run.cfg.model.head.dim, None)?;
     Ok(n)
 }
 
@@ -909,15 +913,8 @@ pub fn embed_images(
 ) -> Result<usize> {
     let mut run = TrainedRun::open(checkpoint, device)?;
     run.cfg.data.crop_to_boxes = false;
-    let cfg = &run.cfg;
     let ds = folder::load_tree(images_dir)?;
-    let picked = cfg.device.parse::<DeviceSpec>()?.select()?;
-    let mut skipped = Vec::new();
-    let (images, subset) = images_of(cfg, &ds, None, nofuss_data::Subset::all(&ds), &mut skipped)?;
-    let model = run.model(&picked.device)?;
-    let emb = model.embed(&images, &picked.device)?;
-    skipped.extend(images.skipped());
-    report_skipped("skipped", &skipped);
+    let (emb, subset) = run.embed_subset(&ds, None, nofuss_data::Subset::all(&ds))?;
     let labels = emb.labels(&subset.labels);
     let paths: Vec<String> = emb
         .kept
@@ -932,7 +929,13 @@ pub fn embed_images(
         ("folders".to_string(), ds.class_names.join("\n")),
     ]);
     let n = labels.len();
-    write_embeddings(out, emb.values, labels, cfg.model.head.dim, Some(metadata))?;
+    write_embeddings(
+        out,
+        emb.values,
+        labels,
+        run.cfg.model.head.dim,
+        Some(metadata),
+    )?;
     Ok(n)
 }
 
