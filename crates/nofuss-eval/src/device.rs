@@ -41,38 +41,89 @@ pub fn knn_on(
     if device.is_cpu() || k > MAX_K {
         return crate::knn(embeddings, dim, k, metric);
     }
-    knn_blocks(device, embeddings, dim, k, metric, TILE_ELEMENTS)
+    knn_blocks(device, embeddings, None, dim, k, metric, TILE_ELEMENTS)
 }
 
-/// [`knn_on`] in query blocks of about `tile / N` rows, on any device (the tests run it
-/// on the CPU with small tiles).
+/// Exact K nearest gallery rows of every query, computed on `device`. Same contract as
+/// [`crate::knn_between`] (nothing excluded, nearest first, ties by gallery index; see
+/// the module notes on rounding).
+///
+/// K above [`MAX_K`] (4,096), and every search on the CPU device, run
+/// [`crate::knn_between`] instead.
+pub fn knn_between_on(
+    device: &Device,
+    queries: &[f32],
+    gallery: &[f32],
+    dim: usize,
+    k: usize,
+    metric: Metric,
+) -> Result<Neighbors> {
+    if device.is_cpu() || k > MAX_K {
+        return crate::knn_between(queries, gallery, dim, k, metric);
+    }
+    knn_blocks(
+        device,
+        gallery,
+        Some(queries),
+        dim,
+        k,
+        metric,
+        TILE_ELEMENTS,
+    )
+}
+
+/// [`knn_on`] (no `queries`: every point against the others) or [`knn_between_on`]
+/// (`queries` against `points`), in query blocks of about `tile / N` rows, on any
+/// device (the tests run it on the CPU with small tiles).
 fn knn_blocks(
     device: &Device,
-    embeddings: &[f32],
+    points: &[f32],
+    queries: Option<&[f32]>,
     dim: usize,
     k: usize,
     metric: Metric,
     tile: usize,
 ) -> Result<Neighbors> {
-    let n = check_embeddings(embeddings, dim, None)?;
-    if k == 0 {
-        return Err(EvalError::Config("K must be at least 1".into()));
-    }
-    if k >= n {
-        return Err(EvalError::KTooLarge { k, n });
-    }
+    let (n, nq_all) = match queries {
+        None => {
+            let n = check_embeddings(points, dim, None)?;
+            crate::knn::check_k(k)?;
+            if k >= n {
+                return Err(EvalError::KTooLarge { k, n });
+            }
+            (n, n)
+        }
+        Some(q) => {
+            let nq = check_embeddings(q, dim, None)?;
+            let n = crate::knn::check_gallery(points, dim)?;
+            crate::knn::check_k(k)?;
+            if k > n {
+                return Err(EvalError::GalleryTooSmall { k, n });
+            }
+            (n, nq)
+        }
+    };
     if k > MAX_K {
         return Err(EvalError::Config(format!(
             "K = {k} is above the device search's {MAX_K}"
         )));
     }
-    let block = (tile / n).clamp(1, n);
-    let mut indices = Vec::with_capacity(n * k);
-    let mut distances = Vec::with_capacity(n * k);
-    let prepared = Prepared::new(device, embeddings, n, dim, metric).map_err(dev_err)?;
-    for q0 in (0..n).step_by(block) {
-        let nq = block.min(n - q0);
-        let (vals, ids) = prepared.block(q0, nq, k).map_err(dev_err)?;
+    let block = (tile / n).clamp(1, nq_all.max(1));
+    let mut indices = Vec::with_capacity(nq_all * k);
+    let mut distances = Vec::with_capacity(nq_all * k);
+    let prepared = Prepared::new(device, points, n, dim, metric).map_err(dev_err)?;
+    let asked = match queries {
+        Some(q) => Some(Prepared::new(device, q, nq_all, dim, metric).map_err(dev_err)?),
+        None => None,
+    };
+    for q0 in (0..nq_all).step_by(block) {
+        let nq = block.min(nq_all - q0);
+        let (vals, ids) = match &asked {
+            // Row r is query q0 + r: its own column is left out.
+            None => prepared.block(&prepared, q0, nq, k, Some(q0)),
+            Some(q) => prepared.block(q, q0, nq, k, None),
+        }
+        .map_err(dev_err)?;
         distances.extend(
             vals.flatten_all()
                 .and_then(|t| t.to_vec1::<f32>())
@@ -91,7 +142,7 @@ fn knn_blocks(
     })
 }
 
-/// The points on the device, ready for blocks of queries.
+/// Rows on the device, ready to be searched or to search with.
 struct Prepared {
     /// `[N, dim]` (L2-normalised rows for cosine).
     x: Tensor,
@@ -125,19 +176,26 @@ impl Prepared {
         })
     }
 
-    /// The `k` nearest of queries `q0..q0 + nq`, sorted: distances and indices, each
-    /// `[nq, k]`.
-    fn block(&self, q0: usize, nq: usize, k: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        let dots = self.x.narrow(0, q0, nq)?.matmul(&self.xt)?; // [nq, N]
+    /// The `k` nearest of these rows for rows `q0..q0 + nq` of `queries`, sorted:
+    /// distances and indices, each `[nq, k]`; `skip` is the column of the block's first
+    /// row left out (row r leaves out column `skip + r`).
+    fn block(
+        &self,
+        queries: &Prepared,
+        q0: usize,
+        nq: usize,
+        k: usize,
+        skip: Option<usize>,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let dots = queries.x.narrow(0, q0, nq)?.matmul(&self.xt)?; // [nq, N]
         let dist = match self.metric {
             // One fused pass over the tile: `max((|q|² + |x|²) - 2 q·x, 0)`.
             Metric::Euclidean => {
-                squared_distances_from_parts(&dots, &self.norms.narrow(0, q0, nq)?, &self.norms)?
+                squared_distances_from_parts(&dots, &queries.norms.narrow(0, q0, nq)?, &self.norms)?
             }
             Metric::Cosine => dots.affine(-1.0, 1.0)?,
         };
-        // Row r is query q0 + r: its own column is left out.
-        smallest_k(&dist, k, Some(q0))
+        smallest_k(&dist, k, skip)
     }
 }
 
@@ -163,7 +221,7 @@ mod tests {
             (29, Metric::Euclidean),
         ] {
             let cpu = crate::knn(&emb, dim, k, metric).unwrap();
-            let dev = knn_blocks(&Device::Cpu, &emb, dim, k, metric, tile).unwrap();
+            let dev = knn_blocks(&Device::Cpu, &emb, None, dim, k, metric, tile).unwrap();
             let mut mismatches = 0;
             for (pos, (a, b)) in dev.indices.iter().zip(&cpu.indices).enumerate() {
                 let (da, db) = (dev.distances[pos], cpu.distances[pos]);
@@ -181,21 +239,85 @@ mod tests {
                 "{metric:?} k {k}: {mismatches} differ"
             );
         }
-        assert!(knn_blocks(&Device::Cpu, &emb, dim, MAX_K + 1, Metric::Euclidean, tile).is_err());
+        assert!(knn_blocks(
+            &Device::Cpu,
+            &emb,
+            None,
+            dim,
+            MAX_K + 1,
+            Metric::Euclidean,
+            tile
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn between_agrees_with_the_cpu_search_across_query_blocks() {
+        let (nq, n, dim, tile) = (230, 700, 6, 64 * 700 + 5);
+        let (queries, gallery) = (data(nq, dim, 2), data(n, dim, 3));
+        for (k, metric) in [
+            (1, Metric::Euclidean),
+            (17, Metric::Cosine),
+            (700, Metric::Euclidean),
+        ] {
+            let cpu = crate::knn_between(&queries, &gallery, dim, k, metric).unwrap();
+            let dev =
+                knn_blocks(&Device::Cpu, &gallery, Some(&queries), dim, k, metric, tile).unwrap();
+            assert_eq!(dev.indices.len(), nq * k);
+            let mut mismatches = 0;
+            for (pos, (a, b)) in dev.indices.iter().zip(&cpu.indices).enumerate() {
+                let (da, db) = (dev.distances[pos], cpu.distances[pos]);
+                assert!(
+                    (da - db).abs() < 1e-5,
+                    "{metric:?} k {k} at {pos}: {da} vs {db}"
+                );
+                mismatches += usize::from(a != b);
+            }
+            assert!(
+                mismatches <= nq * k / 1000,
+                "{metric:?} k {k}: {mismatches} differ"
+            );
+        }
+        assert!(matches!(
+            knn_blocks(
+                &Device::Cpu,
+                &gallery,
+                Some(&queries),
+                dim,
+                n + 1,
+                Metric::Euclidean,
+                tile
+            ),
+            Err(EvalError::GalleryTooSmall { .. })
+        ));
+        let cpu_device =
+            knn_between_on(&Device::Cpu, &queries, &gallery, dim, 3, Metric::Euclidean);
+        assert_eq!(
+            cpu_device.unwrap(),
+            crate::knn_between(&queries, &gallery, dim, 3, Metric::Euclidean).unwrap()
+        );
     }
 
     #[test]
     fn small_cases_and_errors() {
         let emb = [0.0f32, 1.0, 3.0, 7.0];
-        let nb = knn_blocks(&Device::Cpu, &emb, 1, 2, Metric::Euclidean, 4).unwrap();
+        let nb = knn_blocks(&Device::Cpu, &emb, None, 1, 2, Metric::Euclidean, 4).unwrap();
         assert_eq!(nb.indices, vec![1, 2, 0, 2, 1, 0, 2, 1]);
         assert_eq!(nb.distances[..2], [1.0, 9.0]);
         assert!(matches!(
-            knn_blocks(&Device::Cpu, &emb, 1, 4, Metric::Euclidean, 8),
+            knn_blocks(&Device::Cpu, &emb, None, 1, 4, Metric::Euclidean, 8),
             Err(EvalError::KTooLarge { k: 4, n: 4 })
         ));
         assert!(matches!(
-            knn_blocks(&Device::Cpu, &[0.0, f32::NAN], 1, 1, Metric::Euclidean, 4),
+            knn_blocks(
+                &Device::Cpu,
+                &[0.0, f32::NAN],
+                None,
+                1,
+                1,
+                Metric::Euclidean,
+                4
+            ),
             Err(EvalError::NonFinite { row: 1 })
         ));
     }

@@ -18,6 +18,20 @@ pub enum EvalError {
         /// Number of points.
         n: usize,
     },
+    /// K above the number of gallery rows a query/gallery search has.
+    #[error("K = {k} needs at least {k} gallery embeddings, got {n}")]
+    GalleryTooSmall {
+        /// Requested K.
+        k: usize,
+        /// Number of gallery rows.
+        n: usize,
+    },
+    /// NaN or infinity in a gallery embedding.
+    #[error("gallery embedding row {row} holds a NaN or infinite value")]
+    NonFiniteGallery {
+        /// First offending row.
+        row: usize,
+    },
     /// A failure of the candle device (out of memory, driver error).
     #[error("device: {0}")]
     Device(String),

@@ -35,9 +35,6 @@ impl Neighbors {
     }
 }
 
-const QUERY_BLOCK: usize = 256;
-const DB_TILE: usize = 1024;
-
 /// Exact K nearest neighbours of every row of `embeddings` (`[N, dim]`) among the others.
 ///
 /// Works tile by tile: a block of queries times a tile of the database is one matrix
@@ -49,30 +46,127 @@ const DB_TILE: usize = 1024;
 /// A point never counts as its own neighbour, but an exact duplicate of it does.
 pub fn knn(embeddings: &[f32], dim: usize, k: usize, metric: Metric) -> Result<Neighbors> {
     let n = check_embeddings(embeddings, dim, None)?;
-    if k == 0 {
-        return Err(EvalError::Config("K must be at least 1".into()));
-    }
+    check_k(k)?;
     if k >= n {
         return Err(EvalError::KTooLarge { k, n });
     }
-    let normalised;
-    let data: &[f32] = match metric {
-        Metric::Euclidean => embeddings,
-        Metric::Cosine => {
-            normalised = embeddings
-                .chunks_exact(dim)
-                .flat_map(|r| {
-                    let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt();
-                    let s = if norm > 0.0 { 1.0 / norm } else { 0.0 };
-                    r.iter().map(move |v| v * s)
-                })
-                .collect::<Vec<f32>>();
-            &normalised
-        }
-    };
-    let sq_norms = sq_norms(data, dim);
-    let mut indices = vec![0u32; n * k];
-    let mut distances = vec![0f32; n * k];
+    let data = for_metric(embeddings, dim, metric);
+    let norms = sq_norms(&data, dim);
+    Ok(search(
+        Side {
+            data: &data,
+            norms: &norms,
+        },
+        Side {
+            data: &data,
+            norms: &norms,
+        },
+        dim,
+        k,
+        metric,
+        true,
+    ))
+}
+
+/// Exact K nearest rows of `gallery` (`[G, dim]`) for every row of `queries`
+/// (`[Q, dim]`), nearest first; the indices are gallery rows.
+///
+/// The query/gallery protocol of retrieval benchmarks such as In-Shop Clothes (Liu et al.
+/// 2016), and the search of one's own collection: the two sets are apart, so nothing is
+/// excluded (a query that is also in the gallery finds itself at distance 0). Same
+/// tiles, heap and tie rule (lower gallery index first) as [`knn`].
+pub fn knn_between(
+    queries: &[f32],
+    gallery: &[f32],
+    dim: usize,
+    k: usize,
+    metric: Metric,
+) -> Result<Neighbors> {
+    check_embeddings(queries, dim, None)?;
+    let g = check_gallery(gallery, dim)?;
+    check_k(k)?;
+    if k > g {
+        return Err(EvalError::GalleryTooSmall { k, n: g });
+    }
+    let (q, x) = (
+        for_metric(queries, dim, metric),
+        for_metric(gallery, dim, metric),
+    );
+    let (qn, xn) = (sq_norms(&q, dim), sq_norms(&x, dim));
+    Ok(search(
+        Side {
+            data: &q,
+            norms: &qn,
+        },
+        Side {
+            data: &x,
+            norms: &xn,
+        },
+        dim,
+        k,
+        metric,
+        false,
+    ))
+}
+
+/// K must be at least 1.
+pub(crate) fn check_k(k: usize) -> Result<()> {
+    if k == 0 {
+        return Err(EvalError::Config("K must be at least 1".into()));
+    }
+    Ok(())
+}
+
+/// The gallery's shape and values, its rows counted; errors name the gallery.
+pub(crate) fn check_gallery(gallery: &[f32], dim: usize) -> Result<usize> {
+    check_embeddings(gallery, dim, None).map_err(|e| match e {
+        EvalError::NonFinite { row } => EvalError::NonFiniteGallery { row },
+        EvalError::Shape(m) => EvalError::Shape(format!("gallery: {m}")),
+        e => e,
+    })
+}
+
+/// The rows as the metric compares them: as given for Euclidean, L2-normalised for
+/// cosine (a zero row stays zero).
+fn for_metric(embeddings: &[f32], dim: usize, metric: Metric) -> std::borrow::Cow<'_, [f32]> {
+    match metric {
+        Metric::Euclidean => embeddings.into(),
+        Metric::Cosine => embeddings
+            .chunks_exact(dim)
+            .flat_map(|r| {
+                let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+                let s = if norm > 0.0 { 1.0 / norm } else { 0.0 };
+                r.iter().map(move |v| v * s)
+            })
+            .collect::<Vec<f32>>()
+            .into(),
+    }
+}
+
+/// Rows (`[N, dim]`) and their squared norms.
+#[derive(Clone, Copy)]
+struct Side<'a> {
+    data: &'a [f32],
+    norms: &'a [f32],
+}
+
+const QUERY_BLOCK: usize = 256;
+const DB_TILE: usize = 1024;
+
+/// The search of [`knn`] (`exclude_self`: query `q` is gallery row `q` and is left out)
+/// and [`knn_between`]: one copy of the loop for both.
+#[inline(never)]
+fn search(
+    queries: Side<'_>,
+    gallery: Side<'_>,
+    dim: usize,
+    k: usize,
+    metric: Metric,
+    exclude_self: bool,
+) -> Neighbors {
+    let (nq_all, n) = (queries.norms.len(), gallery.norms.len());
+    let mut indices = vec![0u32; nq_all * k];
+    let mut distances = vec![0f32; nq_all * k];
     indices
         .par_chunks_mut(QUERY_BLOCK * k)
         .zip(distances.par_chunks_mut(QUERY_BLOCK * k))
@@ -85,20 +179,23 @@ pub fn knn(embeddings: &[f32], dim: usize, k: usize, metric: Metric) -> Result<N
             for t0 in (0..n).step_by(DB_TILE) {
                 let nt = DB_TILE.min(n - t0);
                 dot_tile(
-                    &data[q0 * dim..(q0 + nq) * dim],
-                    &data[t0 * dim..(t0 + nt) * dim],
+                    &queries.data[q0 * dim..(q0 + nq) * dim],
+                    &gallery.data[t0 * dim..(t0 + nt) * dim],
                     dim,
                     &mut tile[..nq * nt],
                 );
                 for (qi, top) in tops.iter_mut().enumerate() {
                     let q = q0 + qi;
+                    let skip = if exclude_self { q } else { usize::MAX };
                     for (jj, &d) in tile[qi * nt..(qi + 1) * nt].iter().enumerate() {
                         let j = t0 + jj;
-                        if j == q {
+                        if j == skip {
                             continue;
                         }
                         let dist = match metric {
-                            Metric::Euclidean => (sq_norms[q] + sq_norms[j] - 2.0 * d).max(0.0),
+                            Metric::Euclidean => {
+                                (queries.norms[q] + gallery.norms[j] - 2.0 * d).max(0.0)
+                            }
                             Metric::Cosine => 1.0 - d,
                         };
                         top.push(dist, j as u32);
@@ -112,11 +209,11 @@ pub fn knn(embeddings: &[f32], dim: usize, k: usize, metric: Metric) -> Result<N
                 }
             }
         });
-    Ok(Neighbors {
+    Neighbors {
         k,
         indices,
         distances,
-    })
+    }
 }
 
 /// Recall@K: the fraction of queries with at least one same-class point among their K
@@ -139,13 +236,53 @@ pub fn recall_at_k(
     recall_from_neighbors(&nb, labels, ks)
 }
 
+/// Recall@K with queries and gallery apart: the fraction of queries with at least one
+/// gallery row of their class among their K nearest gallery rows ([`knn_between`]), the
+/// In-Shop protocol. Returns `(K, recall)` in the order of `ks`.
+pub fn recall_at_k_between(
+    queries: &[f32],
+    query_labels: &[u32],
+    gallery: &[f32],
+    gallery_labels: &[u32],
+    dim: usize,
+    ks: &[usize],
+    metric: Metric,
+) -> Result<Vec<(usize, f64)>> {
+    check_embeddings(queries, dim, Some(query_labels.len()))?;
+    let g = check_gallery(gallery, dim)?;
+    if g != gallery_labels.len() {
+        return Err(EvalError::Shape(format!(
+            "gallery: {g} embeddings but {} labels",
+            gallery_labels.len()
+        )));
+    }
+    let kmax = ks
+        .iter()
+        .copied()
+        .max()
+        .ok_or_else(|| EvalError::Config("no K given".into()))?;
+    let nb = knn_between(queries, gallery, dim, kmax, metric)?;
+    recall_from_gallery_neighbors(&nb, query_labels, gallery_labels, ks)
+}
+
 /// Recall@K from precomputed neighbours (each `K <= neighbors.k`).
 pub fn recall_from_neighbors(
     nb: &Neighbors,
     labels: &[u32],
     ks: &[usize],
 ) -> Result<Vec<(usize, f64)>> {
-    let n = labels.len();
+    recall_from_gallery_neighbors(nb, labels, labels, ks)
+}
+
+/// Recall@K from precomputed neighbours of queries among a gallery ([`knn_between`]):
+/// `query_labels` one per query, `gallery_labels` indexed by the neighbours.
+pub fn recall_from_gallery_neighbors(
+    nb: &Neighbors,
+    query_labels: &[u32],
+    gallery_labels: &[u32],
+    ks: &[usize],
+) -> Result<Vec<(usize, f64)>> {
+    let n = query_labels.len();
     if nb.indices.len() != n * nb.k {
         return Err(EvalError::Shape(format!(
             "{} labels for neighbours of {} points",
@@ -157,12 +294,21 @@ pub fn recall_from_neighbors(
     let first_hit: Vec<usize> = (0..n)
         .into_par_iter()
         .map(|i| {
-            nb.of(i)
-                .iter()
-                .position(|&j| labels[j as usize] == labels[i])
-                .unwrap_or(nb.k)
+            for (rank, &j) in nb.of(i).iter().enumerate() {
+                match gallery_labels.get(j as usize) {
+                    Some(&l) if l == query_labels[i] => return Ok(rank),
+                    Some(_) => {}
+                    None => {
+                        return Err(EvalError::Shape(format!(
+                            "neighbour {j} of query {i} is outside the {} gallery labels",
+                            gallery_labels.len()
+                        )))
+                    }
+                }
+            }
+            Ok(nb.k)
         })
-        .collect();
+        .collect::<Result<_>>()?;
     ks.iter()
         .map(|&k| {
             if k == 0 || k > nb.k {
@@ -197,9 +343,14 @@ impl Ord for Candidate {
 
 /// The best K (distance, index) pairs seen: a max-heap whose top is the worst kept, so
 /// a candidate that cannot enter is rejected with one comparison.
+///
+/// Its own heap rather than `std`'s `BinaryHeap`: with the standard one, whether LLVM
+/// inlined the sift-down into the search loop changed with unrelated edits around it,
+/// and out of line the SOP-scale search took about 10% longer.
 struct TopK {
     k: usize,
-    heap: std::collections::BinaryHeap<Candidate>,
+    /// A binary max-heap by (distance, index): `heap[i] >= heap[2i + 1], heap[2i + 2]`.
+    heap: Vec<Candidate>,
     /// Distance of the worst kept candidate (infinite until K are kept): anything
     /// farther is rejected without touching the heap.
     worst: f32,
@@ -209,36 +360,79 @@ impl TopK {
     fn new(k: usize) -> Self {
         Self {
             k,
-            heap: std::collections::BinaryHeap::with_capacity(k + 1),
+            heap: Vec::with_capacity(k),
             worst: f32::INFINITY,
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn push(&mut self, d: f32, i: u32) {
         if d > self.worst {
             return;
         }
         let c = Candidate(d, i);
         if self.heap.len() < self.k {
-            self.heap.push(c);
-        } else if let Some(mut worst) = self.heap.peek_mut() {
-            if c < *worst {
-                *worst = c;
+            self.sift_up(c);
+            if self.heap.len() == self.k {
+                self.worst = self.heap[0].0;
             }
-        }
-        if self.heap.len() == self.k {
-            self.worst = self.heap.peek().map_or(f32::INFINITY, |w| w.0);
+        } else if c < self.heap[0] {
+            self.replace_top(c);
+            self.worst = self.heap[0].0;
         }
     }
 
+    /// Adds `c` (the heap not full).
+    fn sift_up(&mut self, c: Candidate) {
+        let h = &mut self.heap;
+        let mut pos = h.len();
+        h.push(c);
+        while pos > 0 {
+            let parent = (pos - 1) / 2;
+            if h[parent] >= c {
+                break;
+            }
+            h[pos] = h[parent];
+            pos = parent;
+        }
+        h[pos] = c;
+    }
+
+    /// Puts `c` in place of the top (the worst kept) and restores the heap order.
+    #[inline(always)]
+    fn replace_top(&mut self, c: Candidate) {
+        let h = self.heap.as_mut_slice();
+        let len = h.len();
+        let mut pos = 0;
+        let mut child = 1;
+        // Both children present: step to the larger without a branch (which of the two
+        // is larger is a coin flip the predictor cannot learn).
+        while child + 1 < len {
+            // SAFETY: `child + 1 < len`, and `pos` is 0 or a former `child`.
+            unsafe {
+                child += usize::from(*h.get_unchecked(child) <= *h.get_unchecked(child + 1));
+                let larger = *h.get_unchecked(child);
+                if larger <= c {
+                    *h.get_unchecked_mut(pos) = c;
+                    return;
+                }
+                *h.get_unchecked_mut(pos) = larger;
+            }
+            pos = child;
+            child = 2 * pos + 1;
+        }
+        // A last node with a left child only.
+        if child + 1 == len && h[child] > c {
+            h[pos] = h[child];
+            pos = child;
+        }
+        h[pos] = c;
+    }
+
     /// The kept pairs, nearest first.
-    fn into_sorted(self) -> Vec<(f32, u32)> {
-        self.heap
-            .into_sorted_vec()
-            .into_iter()
-            .map(|c| (c.0, c.1))
-            .collect()
+    fn into_sorted(mut self) -> Vec<(f32, u32)> {
+        self.heap.sort_unstable();
+        self.heap.into_iter().map(|c| (c.0, c.1)).collect()
     }
 }
 
@@ -341,6 +535,131 @@ mod tests {
         ));
         let nb = knn(&emb, 1, 1, Metric::Euclidean).unwrap();
         assert!(recall_from_neighbors(&nb, &[0, 0, 0], &[2]).is_err());
+    }
+
+    #[test]
+    fn top_k_keeps_the_k_smallest_in_order() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for k in [1, 2, 3, 7, 64] {
+            // Few distinct distances, so ties by index are exercised.
+            let items: Vec<(f32, u32)> = (0..500)
+                .map(|i| (rng.gen_range(0..40) as f32, i as u32))
+                .collect();
+            let mut top = TopK::new(k);
+            for &(d, i) in &items {
+                top.push(d, i);
+            }
+            let mut want = items.clone();
+            want.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            want.truncate(k);
+            assert_eq!(top.into_sorted(), want, "k {k}");
+        }
+    }
+
+    #[test]
+    fn between_matches_brute_force_across_tiles() {
+        // 300 queries (a ragged second block) among 2,100 gallery rows (three tiles, the
+        // last ragged); query 7 is gallery row 11 and must find it at distance 0.
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let (nq, ng, dim) = (300, 2100, 5);
+        let gallery: Vec<f32> = (0..ng * dim).map(|_| rng.gen::<f32>()).collect();
+        let mut queries: Vec<f32> = (0..nq * dim).map(|_| rng.gen::<f32>()).collect();
+        queries[7 * dim..8 * dim].copy_from_slice(&gallery[11 * dim..12 * dim]);
+        for k in [6, 150] {
+            let nb = knn_between(&queries, &gallery, dim, k, Metric::Euclidean).unwrap();
+            assert_eq!(nb.indices.len(), nq * k);
+            assert_eq!((nb.of(7)[0], nb.distances[7 * k]), (11, 0.0));
+            for i in (0..nq).step_by(5) {
+                let q = &queries[i * dim..(i + 1) * dim];
+                let mut want: Vec<f32> = gallery
+                    .chunks_exact(dim)
+                    .map(|g| q.iter().zip(g).map(|(a, b)| (a - b).powi(2)).sum())
+                    .collect();
+                want.sort_by(f32::total_cmp);
+                for (slot, &j) in nb.of(i).iter().enumerate() {
+                    let g = &gallery[j as usize * dim..(j as usize + 1) * dim];
+                    let d: f32 = q.iter().zip(g).map(|(a, b)| (a - b).powi(2)).sum();
+                    assert!((d - want[slot]).abs() < 1e-5, "k {k} query {i} slot {slot}");
+                    assert!((nb.distances[i * k + slot] - d).abs() < 1e-5);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn between_a_set_and_itself_is_knn_with_the_query_first() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let (n, dim, k) = (500, 4, 9);
+        let x: Vec<f32> = (0..n * dim).map(|_| rng.gen::<f32>()).collect();
+        for metric in [Metric::Euclidean, Metric::Cosine] {
+            let own = knn(&x, dim, k, metric).unwrap();
+            let all = knn_between(&x, &x, dim, k + 1, metric).unwrap();
+            for i in 0..n {
+                assert_eq!(all.of(i)[0] as usize, i, "{metric:?} row {i}");
+                assert_eq!(&all.of(i)[1..], own.of(i), "{metric:?} row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn hand_computed_recall_between() {
+        // Gallery 1-D: 0(a) 4(b) 10(a); queries 1(a) 5(a) 9(b).
+        let gallery = [0.0f32, 4.0, 10.0];
+        let g_labels = [0u32, 1, 0];
+        let queries = [1.0f32, 5.0, 9.0];
+        let q_labels = [0u32, 0, 1];
+        // 1 -> {0, 4}: hit at rank 0; 5 -> {4, 0 or 10}: hit at rank 1; 9 -> {10, 4}: rank 1.
+        let r = recall_at_k_between(
+            &queries,
+            &q_labels,
+            &gallery,
+            &g_labels,
+            1,
+            &[1, 2],
+            Metric::Euclidean,
+        )
+        .unwrap();
+        assert_eq!(r, vec![(1, 1.0 / 3.0), (2, 1.0)]);
+        // 5 is 4 from 1 and 5 from 0 and 10: ties go to the lower gallery index.
+        let nb = knn_between(&queries, &gallery, 1, 3, Metric::Euclidean).unwrap();
+        assert_eq!(nb.of(1), &[1, 0, 2]);
+    }
+
+    #[test]
+    fn between_errors_name_the_gallery() {
+        let (q, g) = ([0.0f32, 1.0], [0.0f32, 1.0, 2.0, 3.0]);
+        assert!(matches!(
+            knn_between(&q, &g, 2, 3, Metric::Euclidean),
+            Err(EvalError::GalleryTooSmall { k: 3, n: 2 })
+        ));
+        assert!(knn_between(&q, &g, 2, 2, Metric::Euclidean).is_ok());
+        assert!(matches!(
+            knn_between(&q, &g, 2, 0, Metric::Euclidean),
+            Err(EvalError::Config(_))
+        ));
+        assert!(matches!(
+            knn_between(&q, &[0.0, 1.0, f32::NAN, 3.0], 2, 1, Metric::Euclidean),
+            Err(EvalError::NonFiniteGallery { row: 1 })
+        ));
+        assert!(matches!(
+            knn_between(&q, &[0.0, 1.0, 2.0], 2, 1, Metric::Euclidean),
+            Err(EvalError::Shape(m)) if m.starts_with("gallery")
+        ));
+        assert!(matches!(
+            recall_at_k_between(&q, &[0, 1], &g, &[0, 1], 2, &[1], Metric::Euclidean),
+            Err(EvalError::Shape(_))
+        ));
+        assert!(matches!(
+            recall_at_k_between(&q, &[0], &g, &[0], 2, &[1], Metric::Euclidean),
+            Err(EvalError::Shape(m)) if m.starts_with("gallery")
+        ));
+        let nb = knn_between(&[2.0, 3.0], &g, 2, 1, Metric::Euclidean).unwrap();
+        assert_eq!(nb.of(0), &[1]);
+        // Neighbours indexing past the gallery labels given.
+        assert!(recall_from_gallery_neighbors(&nb, &[0], &[0], &[1]).is_err());
     }
 
     #[test]

@@ -8,6 +8,10 @@
 //! with rayon. With the `candle` feature, `device::knn_on` runs the same search on a
 //! candle device (the GPU with the `cuda` feature) and `evaluate_on` uses it.
 //!
+//! Besides every point against the others (CUB, Cars196, SOP), queries can be searched
+//! among a separate gallery (`knn_between`, `recall_at_k_between`, `evaluate_between`):
+//! the In-Shop Clothes protocol, and the search of one's own collection.
+//!
 //! ```
 //! use nofuss_eval::{recall_at_k, Metric};
 //! // Four 2-D points, two classes; each point's nearest neighbour shares its class.
@@ -29,8 +33,14 @@ mod tiles;
 
 pub use error::{EvalError, Result};
 pub use kmeans::{kmeans, KMeans, KMeansConfig};
-pub use knn::{knn, recall_at_k, recall_from_neighbors, Metric, Neighbors};
-pub use map_at_r::{map_at_r, map_at_r_from_neighbors, max_r, MapAtR};
+pub use knn::{
+    knn, knn_between, recall_at_k, recall_at_k_between, recall_from_gallery_neighbors,
+    recall_from_neighbors, Metric, Neighbors,
+};
+pub use map_at_r::{
+    map_at_r, map_at_r_from_gallery_neighbors, map_at_r_from_neighbors, max_r, max_r_between,
+    MapAtR,
+};
 pub use nmi::{nmi, NmiNormalization};
 
 /// What [`evaluate`] computes.
@@ -158,6 +168,109 @@ fn evaluate_with(
     })
 }
 
+/// Recall@K (and MAP@R, if configured) of `queries` (`[Q, dim]`) searched among
+/// `gallery` (`[G, dim]`): the query/gallery protocol (In-Shop Clothes), a hit being a
+/// gallery row of the query's class ([`knn_between`]). NMI clusters one set of
+/// embeddings, so `cfg.nmi` must be off (evaluate the gallery alone for it).
+pub fn evaluate_between(
+    queries: &[f32],
+    query_labels: &[u32],
+    gallery: &[f32],
+    gallery_labels: &[u32],
+    dim: usize,
+    cfg: &EvalConfig,
+) -> Result<EvalReport> {
+    let sets = Sets {
+        queries,
+        query_labels,
+        gallery,
+        gallery_labels,
+    };
+    evaluate_between_with(sets, dim, cfg, knn_between)
+}
+
+/// [`evaluate_between`] with the neighbour search on a candle `device`
+/// ([`device::knn_between_on`]; on the GPU with the `cuda` feature).
+#[cfg(feature = "candle")]
+pub fn evaluate_between_on(
+    device: &candle_core::Device,
+    queries: &[f32],
+    query_labels: &[u32],
+    gallery: &[f32],
+    gallery_labels: &[u32],
+    dim: usize,
+    cfg: &EvalConfig,
+) -> Result<EvalReport> {
+    let sets = Sets {
+        queries,
+        query_labels,
+        gallery,
+        gallery_labels,
+    };
+    evaluate_between_with(sets, dim, cfg, |q, g, d, k, m| {
+        device::knn_between_on(device, q, g, d, k, m)
+    })
+}
+
+/// Queries and gallery with their labels.
+#[derive(Clone, Copy)]
+struct Sets<'a> {
+    queries: &'a [f32],
+    query_labels: &'a [u32],
+    gallery: &'a [f32],
+    gallery_labels: &'a [u32],
+}
+
+fn evaluate_between_with(
+    s: Sets<'_>,
+    dim: usize,
+    cfg: &EvalConfig,
+    search: impl Fn(&[f32], &[f32], usize, usize, Metric) -> Result<Neighbors>,
+) -> Result<EvalReport> {
+    if cfg.nmi {
+        return Err(EvalError::Config(
+            "NMI clusters one set of embeddings, not queries against a gallery: turn `nmi` \
+             off (or evaluate the gallery alone for it)"
+                .into(),
+        ));
+    }
+    check_embeddings(s.queries, dim, Some(s.query_labels.len()))?;
+    let g = knn::check_gallery(s.gallery, dim)?;
+    if g != s.gallery_labels.len() {
+        return Err(EvalError::Shape(format!(
+            "gallery: {g} embeddings but {} labels",
+            s.gallery_labels.len()
+        )));
+    }
+    let kmax = cfg
+        .ks
+        .iter()
+        .copied()
+        .max()
+        .ok_or_else(|| EvalError::Config("no K given".into()))?;
+    let k = if cfg.map_at_r {
+        kmax.max(max_r_between(s.query_labels, s.gallery_labels))
+    } else {
+        kmax
+    };
+    let nb = search(s.queries, s.gallery, dim, k, cfg.metric)?;
+    let recall = recall_from_gallery_neighbors(&nb, s.query_labels, s.gallery_labels, &cfg.ks)?;
+    let map_at_r = if cfg.map_at_r {
+        Some(map_at_r_from_gallery_neighbors(
+            &nb,
+            s.query_labels,
+            s.gallery_labels,
+        )?)
+    } else {
+        None
+    };
+    Ok(EvalReport {
+        recall,
+        nmi: None,
+        map_at_r,
+    })
+}
+
 /// Checks the common shape contract: `embeddings.len() == labels.len() * dim`, finite values.
 pub(crate) fn check_embeddings(
     embeddings: &[f32],
@@ -227,6 +340,41 @@ mod tests {
         assert_eq!(r.nmi, None);
         // Only point 0 has a same-class nearest neighbour (point 1).
         assert_eq!(r.recall, vec![(1, 0.2)]);
+    }
+
+    #[test]
+    fn evaluate_between_reports_recall_and_map_at_r_and_refuses_nmi() {
+        // Gallery 1-D: 0(a) 1(a) 2(b) 9(b); queries 0.4(a) 8(b).
+        let (gallery, g_labels) = ([0.0f32, 1.0, 2.0, 9.0], [0u32, 0, 1, 1]);
+        let (queries, q_labels) = ([0.4f32, 8.0], [0u32, 1]);
+        let cfg = EvalConfig {
+            ks: vec![1, 3],
+            nmi: false,
+            map_at_r: true,
+            ..Default::default()
+        };
+        let r = evaluate_between(&queries, &q_labels, &gallery, &g_labels, 1, &cfg).unwrap();
+        assert_eq!(r.recall, vec![(1, 1.0), (3, 1.0)]);
+        assert_eq!(r.nmi, None);
+        let m = r.map_at_r.unwrap();
+        assert_eq!((m.map_at_r, m.r_precision, m.queries), (1.0, 1.0, 2));
+        let with_nmi = EvalConfig {
+            nmi: true,
+            ..cfg.clone()
+        };
+        assert!(matches!(
+            evaluate_between(&queries, &q_labels, &gallery, &g_labels, 1, &with_nmi),
+            Err(EvalError::Config(m)) if m.contains("NMI")
+        ));
+        assert!(matches!(
+            evaluate_between(&queries, &q_labels, &gallery, &g_labels[..3], 1, &cfg),
+            Err(EvalError::Shape(_))
+        ));
+        let far = EvalConfig { ks: vec![5], ..cfg };
+        assert!(matches!(
+            evaluate_between(&queries, &q_labels, &gallery, &g_labels, 1, &far),
+            Err(EvalError::GalleryTooSmall { k: 5, n: 4 })
+        ));
     }
 
     #[test]

@@ -18,18 +18,42 @@ pub struct MapAtR {
     pub queries: usize,
 }
 
-/// `R` of every point: the number of *other* points of its class.
-pub(crate) fn r_per_point(labels: &[u32]) -> Vec<usize> {
+/// How many rows of each label `labels` holds.
+fn label_counts(labels: &[u32]) -> HashMap<u32, usize> {
     let mut counts: HashMap<u32, usize> = HashMap::new();
     for &l in labels {
         *counts.entry(l).or_default() += 1;
     }
+    counts
+}
+
+/// `R` of every point: the number of *other* points of its class.
+pub(crate) fn r_per_point(labels: &[u32]) -> Vec<usize> {
+    let counts = label_counts(labels);
     labels.iter().map(|l| counts[l] - 1).collect()
+}
+
+/// `R` of every query: the number of gallery rows of its class.
+fn r_per_query(query_labels: &[u32], gallery_labels: &[u32]) -> Vec<usize> {
+    let counts = label_counts(gallery_labels);
+    query_labels
+        .iter()
+        .map(|l| counts.get(l).copied().unwrap_or(0))
+        .collect()
 }
 
 /// The largest `R`: how many neighbours [`map_at_r_from_neighbors`] needs.
 pub fn max_r(labels: &[u32]) -> usize {
     r_per_point(labels).into_iter().max().unwrap_or(0)
+}
+
+/// The largest `R` of queries against a gallery: how many neighbours
+/// [`map_at_r_from_gallery_neighbors`] needs.
+pub fn max_r_between(query_labels: &[u32], gallery_labels: &[u32]) -> usize {
+    r_per_query(query_labels, gallery_labels)
+        .into_iter()
+        .max()
+        .unwrap_or(0)
 }
 
 /// MAP@R and R-Precision from precomputed neighbours (`neighbors.k >= max_r(labels)`).
@@ -40,7 +64,28 @@ pub fn max_r(labels: &[u32]) -> usize {
 /// Queries with `R = 0` (the only point of their class) have no relevant point and are
 /// left out of both means; it is an error when no query remains.
 pub fn map_at_r_from_neighbors(nb: &Neighbors, labels: &[u32]) -> Result<MapAtR> {
-    let n = labels.len();
+    from_neighbors(nb, labels, labels, &r_per_point(labels))
+}
+
+/// MAP@R and R-Precision of queries against a gallery, from [`crate::knn_between`]'s
+/// neighbours (`neighbors.k >= max_r_between(...)`): a query's `R` is the number of
+/// gallery rows of its class; queries whose class is not in the gallery are left out.
+pub fn map_at_r_from_gallery_neighbors(
+    nb: &Neighbors,
+    query_labels: &[u32],
+    gallery_labels: &[u32],
+) -> Result<MapAtR> {
+    let rs = r_per_query(query_labels, gallery_labels);
+    from_neighbors(nb, query_labels, gallery_labels, &rs)
+}
+
+fn from_neighbors(
+    nb: &Neighbors,
+    query_labels: &[u32],
+    gallery_labels: &[u32],
+    rs: &[usize],
+) -> Result<MapAtR> {
+    let n = query_labels.len();
     if nb.indices.len() != n * nb.k {
         return Err(EvalError::Shape(format!(
             "{} labels for neighbours of {} points",
@@ -48,7 +93,6 @@ pub fn map_at_r_from_neighbors(nb: &Neighbors, labels: &[u32]) -> Result<MapAtR>
             nb.indices.len() / nb.k.max(1)
         )));
     }
-    let rs = r_per_point(labels);
     let needed = rs.iter().copied().max().unwrap_or(0);
     if nb.k < needed {
         return Err(EvalError::Config(format!(
@@ -63,7 +107,13 @@ pub fn map_at_r_from_neighbors(nb: &Neighbors, labels: &[u32]) -> Result<MapAtR>
         }
         let (mut hits, mut ap) = (0usize, 0.0f64);
         for (rank, &j) in nb.of(i)[..r].iter().enumerate() {
-            if labels[j as usize] == labels[i] {
+            let l = gallery_labels.get(j as usize).ok_or_else(|| {
+                EvalError::Shape(format!(
+                    "neighbour {j} of query {i} is outside the {} gallery labels",
+                    gallery_labels.len()
+                ))
+            })?;
+            if *l == query_labels[i] {
                 hits += 1;
                 ap += hits as f64 / (rank + 1) as f64;
             }
@@ -74,7 +124,7 @@ pub fn map_at_r_from_neighbors(nb: &Neighbors, labels: &[u32]) -> Result<MapAtR>
     }
     if queries == 0 {
         return Err(EvalError::Config(
-            "MAP@R is undefined: every class has a single point".into(),
+            "MAP@R is undefined: no query has another point of its class to find".into(),
         ));
     }
     Ok(MapAtR {
@@ -126,5 +176,27 @@ mod tests {
         assert!(map_at_r(&[0.0f32, 1.0], 1, &[0, 1], Metric::Euclidean).is_err());
         let nb = knn(&emb, 1, 1, Metric::Euclidean).unwrap();
         assert!(map_at_r_from_neighbors(&nb, &labels).is_err());
+    }
+
+    #[test]
+    fn hand_computed_between() {
+        // Gallery 1-D: 0(a) 1(a) 2(b) 9(b); queries 0.4(a) 8(b) 20(c).
+        let gallery = [0.0f32, 1.0, 2.0, 9.0];
+        let g_labels = [0u32, 0, 1, 1];
+        let (queries, q_labels) = ([0.4f32, 8.0, 20.0], [0u32, 1, 2]);
+        assert_eq!(max_r_between(&q_labels, &g_labels), 2);
+        let nb = crate::knn_between(&queries, &gallery, 1, 2, Metric::Euclidean).unwrap();
+        // 0.4 (R=2): 0(a) 1(a)  -> AP 1, RP 1
+        // 8 (R=2):   9(b) 2(b)  -> AP 1, RP 1
+        // 20 (R=0, class c not in the gallery): left out
+        let m = map_at_r_from_gallery_neighbors(&nb, &q_labels, &g_labels).unwrap();
+        assert_eq!((m.map_at_r, m.r_precision, m.queries), (1.0, 1.0, 2));
+        // 8 (R=2) with 1(a) moved to 8.5: 8.5(a) 9(b) -> AP (1/2)/2, RP 1/2.
+        let gallery = [0.0f32, 8.5, 2.0, 9.0];
+        let nb = crate::knn_between(&queries[1..2], &gallery, 1, 2, Metric::Euclidean).unwrap();
+        assert_eq!(nb.of(0), &[1, 3]);
+        let m = map_at_r_from_gallery_neighbors(&nb, &[1], &g_labels).unwrap();
+        assert_eq!((m.map_at_r, m.r_precision), (0.25, 0.5));
+        assert!(map_at_r_from_gallery_neighbors(&nb, &[2], &g_labels).is_err());
     }
 }
