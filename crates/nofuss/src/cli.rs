@@ -73,8 +73,34 @@ pub enum Command {
     ///
     /// Reads a safetensors file holding `embeddings` (float [N,D]) and `labels` (integer
     /// [N]), or EMBEDDINGS.npy with --labels LABELS.npy. Every point is a query against all
-    /// the others.
+    /// the others, or, with --gallery, against the gallery's points.
     Eval(EvalArgs),
+    /// Find the nearest gallery images of query images by their embeddings (files
+    /// written by `nofuss embed`, or any safetensors file with `embeddings` [N,D], or
+    /// .npy): for each query, its K nearest gallery rows, nearest first, named by the
+    /// file's `paths` metadata (`embed --images` writes it) or by row number.
+    Search {
+        /// The embeddings to search among.
+        #[arg(long, value_name = "FILE")]
+        gallery: PathBuf,
+        /// The embeddings to search with; without it, every gallery row is searched
+        /// among the others (itself left out: near-duplicates in a collection).
+        #[arg(long, value_name = "FILE")]
+        queries: Option<PathBuf>,
+        /// Neighbours per query.
+        #[arg(long, default_value_t = 5)]
+        k: usize,
+        /// Distance: euclidean or cosine.
+        #[arg(long, default_value = "euclidean", value_parser = parse_metric)]
+        metric: nofuss_eval::Metric,
+        /// Print one JSON object per query (`query`, `neighbours` with `rank`, `row`,
+        /// `name`, `distance`) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Where the search runs: auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Convert a PyTorch checkpoint (.pth: a pickled state dict) to .safetensors,
     /// tensor names unchanged.
     ConvertWeights {
@@ -418,6 +444,14 @@ pub struct EvalArgs {
     /// Labels as .npy (only with .npy embeddings).
     #[arg(long, value_name = "FILE")]
     pub labels: Option<PathBuf>,
+    /// Search the embeddings as queries among this gallery (same formats as
+    /// --embeddings): the In-Shop Clothes protocol, a hit being a gallery row of the
+    /// query's class. Recall@K and MAP@R; NMI clusters one set, so not with --nmi.
+    #[arg(long, value_name = "FILE", conflicts_with = "nmi")]
+    pub gallery: Option<PathBuf>,
+    /// The gallery's labels as .npy (only with a .npy gallery).
+    #[arg(long, value_name = "FILE", requires = "gallery")]
+    pub gallery_labels: Option<PathBuf>,
     /// The K of Recall@K.
     #[arg(
         long,
@@ -704,12 +738,89 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let picked = a.device.parse::<nofuss_tensor::DeviceSpec>()?.select()?;
             eprintln!("device: {}", picked.description);
-            let report = nofuss_eval::evaluate_on(&picked.device, &e.data, e.dim, &e.labels, &cfg)?;
+            let (report, heading) = match &a.gallery {
+                None => (
+                    nofuss_eval::evaluate_on(&picked.device, &e.data, e.dim, &e.labels, &cfg)?,
+                    format!("{} embeddings of dimension {}", e.labels.len(), e.dim),
+                ),
+                Some(g) => {
+                    let gallery = crate::eval_cmd::load(g, a.gallery_labels.as_deref())?;
+                    crate::eval_cmd::check_same_dim(&a.embeddings, &e, g, &gallery)?;
+                    let report = nofuss_eval::evaluate_between_on(
+                        &picked.device,
+                        &e.data,
+                        &e.labels,
+                        &gallery.data,
+                        &gallery.labels,
+                        e.dim,
+                        &cfg,
+                    )?;
+                    let heading = format!(
+                        "{} queries among {} gallery embeddings of dimension {}",
+                        e.labels.len(),
+                        gallery.labels.len(),
+                        e.dim
+                    );
+                    (report, heading)
+                }
+            };
             if a.json {
                 println!("{}", crate::eval_cmd::report_json(&report));
             } else {
-                println!("{} embeddings of dimension {}", e.labels.len(), e.dim);
+                println!("{heading}");
                 print!("{}", crate::eval_cmd::report_table(&report));
+            }
+            Ok(())
+        }
+        Command::Search {
+            gallery,
+            queries,
+            k,
+            metric,
+            json,
+            device,
+        } => {
+            let g = crate::search::load_named(&gallery)?;
+            let q = match &queries {
+                Some(path) => {
+                    let q = crate::search::load_named(path)?;
+                    if q.dim != g.dim {
+                        return Err(TrainError::Input {
+                            path: path.clone(),
+                            message: format!(
+                                "query embeddings have dimension {}, the gallery ({}) {}",
+                                q.dim,
+                                gallery.display(),
+                                g.dim
+                            ),
+                        });
+                    }
+                    Some(q)
+                }
+                None => None,
+            };
+            let picked = device.parse::<nofuss_tensor::DeviceSpec>()?.select()?;
+            eprintln!("device: {}", picked.description);
+            let nb = crate::search::search(&picked.device, q.as_ref(), &g, k, metric)?;
+            let names = q.as_ref().map_or(&g.names, |q| &q.names);
+            let mut out = std::io::stdout().lock();
+            for (i, name) in names.iter().enumerate() {
+                let line = if json {
+                    format!("{}\n", crate::search::result_json(name, &nb, i, &g))
+                } else {
+                    crate::search::result_text(name, &nb, i, &g)
+                };
+                match std::io::Write::write_all(&mut out, line.as_bytes()) {
+                    Ok(()) => {}
+                    // `nofuss search ... | head`: the reader has what it wanted.
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+                    Err(error) => {
+                        return Err(TrainError::Io {
+                            path: "<stdout>".into(),
+                            error,
+                        })
+                    }
+                }
             }
             Ok(())
         }

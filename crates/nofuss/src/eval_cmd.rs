@@ -70,23 +70,7 @@ pub fn load(embeddings: &Path, labels: Option<&Path>) -> Result<LoadedEmbeddings
             embeddings.to_path_buf(),
         )
     };
-    let (n, dim) = emb.dims2().map_err(|_| {
-        input_err(
-            embeddings,
-            format!("embeddings have shape {:?}, expected [N, D]", emb.dims()),
-        )
-    })?;
-    let data = match emb.dtype() {
-        DType::F32 | DType::F16 | DType::BF16 | DType::F64 => {
-            emb.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?
-        }
-        d => {
-            return Err(input_err(
-                embeddings,
-                format!("embeddings must be floating point, got {d:?}"),
-            ))
-        }
-    };
+    let (data, n, dim) = rows_of(embeddings, &emb)?;
     let lab = if lab.rank() == 2 && lab.dim(1)? == 1 {
         lab.squeeze(1)?
     } else {
@@ -120,6 +104,49 @@ pub fn load(embeddings: &Path, labels: Option<&Path>) -> Result<LoadedEmbeddings
         })
         .collect::<Result<Vec<u32>>>()?;
     Ok(LoadedEmbeddings { data, dim, labels })
+}
+
+/// The `[N, D]` float rows of `emb` as f32, with N and D.
+pub(crate) fn rows_of(path: &Path, emb: &Tensor) -> Result<(Vec<f32>, usize, usize)> {
+    let (n, dim) = emb.dims2().map_err(|_| {
+        input_err(
+            path,
+            format!("embeddings have shape {:?}, expected [N, D]", emb.dims()),
+        )
+    })?;
+    let data = match emb.dtype() {
+        DType::F32 | DType::F16 | DType::BF16 | DType::F64 => {
+            emb.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?
+        }
+        d => {
+            return Err(input_err(
+                path,
+                format!("embeddings must be floating point, got {d:?}"),
+            ))
+        }
+    };
+    Ok((data, n, dim))
+}
+
+/// Refuses queries and a gallery of different dimensions, naming both files.
+pub fn check_same_dim(
+    queries_path: &Path,
+    queries: &LoadedEmbeddings,
+    gallery_path: &Path,
+    gallery: &LoadedEmbeddings,
+) -> Result<()> {
+    if queries.dim != gallery.dim {
+        return Err(input_err(
+            gallery_path,
+            format!(
+                "gallery embeddings have dimension {}, the queries ({}) {}",
+                gallery.dim,
+                queries_path.display(),
+                queries.dim
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The report as JSON: `recall@K`, `nmi`, `map@r`, `r_precision` (null when not computed).

@@ -25,6 +25,7 @@ pub mod eval_cmd;
 pub mod images;
 pub mod plot;
 pub mod run_dir;
+pub mod search;
 pub mod threads;
 pub mod train;
 

@@ -395,6 +395,111 @@ fn eval_scores_embeddings_from_safetensors_and_npy() {
     );
 }
 
+/// Writes `embeddings` (`[rows, dim]`) and `labels` to a safetensors file.
+fn save_embeddings(path: &Path, emb: &[f32], dim: usize, labels: &[u32]) {
+    use candle_core::{Device, Tensor};
+    let e = Tensor::from_slice(emb, (emb.len() / dim, dim), &Device::Cpu).unwrap();
+    let l = Tensor::from_slice(labels, labels.len(), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("embeddings", e), ("labels", l)]),
+        path,
+    )
+    .unwrap();
+}
+
+#[test]
+fn eval_searches_queries_among_a_gallery() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Gallery: two classes and one no query has; queries of the first two.
+    let gallery = [0.0f32, 0.0, 0.2, 0.0, 5.0, 5.0, 5.2, 5.0, 8.0, 8.0];
+    let g_labels = [0u32, 0, 1, 1, 2];
+    let queries = [0.1f32, 0.1, 4.0, 4.5, 7.5, 7.5];
+    let q_labels = [0u32, 1, 1];
+    let (qp, gp) = (
+        tmp.path().join("q.safetensors"),
+        tmp.path().join("g.safetensors"),
+    );
+    save_embeddings(&qp, &queries, 2, &q_labels);
+    save_embeddings(&gp, &gallery, 2, &g_labels);
+    let (q, g) = (qp.to_str().unwrap(), gp.to_str().unwrap());
+    let out = nofuss(&[
+        "eval",
+        "--embeddings",
+        q,
+        "--gallery",
+        g,
+        "--k",
+        "1,2",
+        "--map-at-r",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    let cfg = nofuss_eval::EvalConfig {
+        ks: vec![1, 2],
+        nmi: false,
+        map_at_r: true,
+        ..Default::default()
+    };
+    let want =
+        nofuss_eval::evaluate_between(&queries, &q_labels, &gallery, &g_labels, 2, &cfg).unwrap();
+    assert_eq!(got, nofuss::eval_cmd::report_json(&want));
+    // The third query's nearest is class 2's point, then class 1's: a hit at rank 2 only.
+    assert_eq!(got["recall@1"].as_f64(), Some(2.0 / 3.0), "{got}");
+    assert_eq!(got["recall@2"].as_f64(), Some(1.0), "{got}");
+    let table = nofuss(&["eval", "--embeddings", q, "--gallery", g, "--k", "1"]);
+    assert!(
+        text(&table.stdout).contains("3 queries among 5 gallery embeddings of dimension 2"),
+        "{}",
+        text(&table.stdout)
+    );
+    // NMI is not defined for a query/gallery pair: refused before anything is read.
+    let out = nofuss(&["eval", "--embeddings", q, "--gallery", g, "--nmi"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--nmi"), "{}", text(&out.stderr));
+    // Another dimension names both files; a NaN says it is in the gallery.
+    let wide = tmp.path().join("wide.safetensors");
+    save_embeddings(&wide, &[0.0; 6], 3, &[0, 1]);
+    let err = said_once(&nofuss(&[
+        "eval",
+        "--embeddings",
+        q,
+        "--gallery",
+        wide.to_str().unwrap(),
+        "--k",
+        "1",
+    ]));
+    assert!(
+        err.contains("wide.safetensors")
+            && err.contains("q.safetensors")
+            && err.contains("dimension 3"),
+        "{err}"
+    );
+    let nan = tmp.path().join("nan.safetensors");
+    save_embeddings(&nan, &[0.0, 0.0, f32::NAN, 1.0], 2, &[0, 1]);
+    let err = said_once(&nofuss(&[
+        "eval",
+        "--embeddings",
+        q,
+        "--gallery",
+        nan.to_str().unwrap(),
+        "--k",
+        "1",
+    ]));
+    assert!(err.contains("gallery embedding row 1"), "{err}");
+    // More neighbours than the gallery holds.
+    let err = said_once(&nofuss(&[
+        "eval",
+        "--embeddings",
+        q,
+        "--gallery",
+        g,
+        "--k",
+        "6",
+    ]));
+    assert!(err.contains("K = 6") && err.contains("got 5"), "{err}");
+}
+
 #[test]
 fn eval_rejects_bad_inputs_with_the_file_named() {
     use candle_core::{Device, Tensor};
@@ -1336,6 +1441,50 @@ fn embed_images_gives_each_file_the_embedding_of_its_split() {
         .map(|c| u32::from_le_bytes(c.try_into().unwrap()) + 4)
         .collect();
     assert_eq!(&labels[n_all - n_split..], &split_labels[..]);
+    // `nofuss search`: each image of the split finds itself in the whole collection,
+    // named by its path; the collection alone leaves each image out of its own search.
+    let (all_p, split_p) = (
+        tmp.path().join("all.safetensors"),
+        tmp.path().join("split.safetensors"),
+    );
+    let out = nofuss(&[
+        "search",
+        "--gallery",
+        all_p.to_str().unwrap(),
+        "--queries",
+        split_p.to_str().unwrap(),
+        "--k",
+        "2",
+        "--json",
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let results: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), n_split);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["query"], format!("row {i}"));
+        let first = &r["neighbours"][0];
+        assert_eq!(first["name"], paths[n_all - n_split + i], "{r}");
+        assert!(first["distance"].as_f64().unwrap() < 1e-4, "{r}");
+        assert_eq!(r["neighbours"][1]["rank"], 2);
+    }
+    let out = nofuss(&["search", "--gallery", all_p.to_str().unwrap(), "--k", "1"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let listing = text(&out.stdout);
+    let lines: Vec<&str> = listing.lines().collect();
+    assert_eq!(lines.len(), 2 * n_all);
+    assert_eq!(lines[0], paths[0]);
+    assert!(!lines[1].ends_with(paths[0]), "{}", lines[1]);
+    let err = said_once(&nofuss(&[
+        "search",
+        "--gallery",
+        all_p.to_str().unwrap(),
+        "--k",
+        &n_all.to_string(),
+    ]));
+    assert!(err.contains(&format!("K = {n_all}")), "{err}");
     // `--images` and `--split` are either-or; a folder without images is named.
     let both = ["--images", images.to_str().unwrap(), "--split", "train"];
     let out = embed(&both, &tmp.path().join("x.st"));
