@@ -94,7 +94,7 @@ fn knn_blocks(
             (n, n)
         }
         Some(q) => {
-            let nq = check_embeddings(q, dim, None)?;
+            let nq = crate::knn::check_queries(q, dim)?;
             let n = crate::knn::check_gallery(points, dim)?;
             crate::knn::check_k(k)?;
             if k > n {

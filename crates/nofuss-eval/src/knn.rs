@@ -82,7 +82,7 @@ pub fn knn_between(
     k: usize,
     metric: Metric,
 ) -> Result<Neighbors> {
-    check_embeddings(queries, dim, None)?;
+    check_queries(queries, dim)?;
     let g = check_gallery(gallery, dim)?;
     check_k(k)?;
     if k > g {
@@ -115,6 +115,14 @@ pub(crate) fn check_k(k: usize) -> Result<()> {
         return Err(EvalError::Config("K must be at least 1".into()));
     }
     Ok(())
+}
+
+/// The queries' shape and values, their rows counted (at least one).
+pub(crate) fn check_queries(queries: &[f32], dim: usize) -> Result<usize> {
+    match check_embeddings(queries, dim, None)? {
+        0 => Err(EvalError::Shape("no query embeddings".into())),
+        n => Ok(n),
+    }
 }
 
 /// The gallery's shape and values, its rows counted; errors name the gallery.
@@ -283,6 +291,9 @@ pub fn recall_from_gallery_neighbors(
     ks: &[usize],
 ) -> Result<Vec<(usize, f64)>> {
     let n = query_labels.len();
+    if n == 0 {
+        return Err(EvalError::Shape("Recall@K of no queries".into()));
+    }
     if nb.indices.len() != n * nb.k {
         return Err(EvalError::Shape(format!(
             "{} labels for neighbours of {} points",
@@ -636,6 +647,10 @@ mod tests {
             Err(EvalError::GalleryTooSmall { k: 3, n: 2 })
         ));
         assert!(knn_between(&q, &g, 2, 2, Metric::Euclidean).is_ok());
+        assert!(matches!(
+            knn_between(&[], &g, 2, 1, Metric::Euclidean),
+            Err(EvalError::Shape(m)) if m == "no query embeddings"
+        ));
         assert!(matches!(
             knn_between(&q, &g, 2, 0, Metric::Euclidean),
             Err(EvalError::Config(_))

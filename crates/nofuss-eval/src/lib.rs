@@ -235,6 +235,7 @@ fn evaluate_between_with(
         ));
     }
     check_embeddings(s.queries, dim, Some(s.query_labels.len()))?;
+    knn::check_queries(s.queries, dim)?;
     let g = knn::check_gallery(s.gallery, dim)?;
     if g != s.gallery_labels.len() {
         return Err(EvalError::Shape(format!(
