@@ -47,7 +47,8 @@ pub enum Command {
     /// and `labels` (u32 [N]).
     Embed {
         /// The run directory (its config.toml and final.safetensors, else
-        /// last.safetensors), or a checkpoint file inside one.
+        /// last.safetensors), or a checkpoint file inside one: RUN/best.safetensors for
+        /// the epoch its validation classes chose, when it had some.
         #[arg(long, value_name = "RUN|FILE")]
         checkpoint: PathBuf,
         /// Dataset root, if it moved since training.
@@ -65,7 +66,7 @@ pub enum Command {
         /// The .safetensors file to write.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
-        /// Device: cpu, cuda, cuda:N or auto.
+        /// Device: cpu, cuda (or gpu: the first GPU), cuda:N or auto.
         #[arg(long)]
         device: Option<String>,
     },
