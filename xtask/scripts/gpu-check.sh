@@ -84,6 +84,16 @@ np.save(f"{sys.argv[1]}/labels.npy", classes.astype("<i8"))
 PYEOF
 run .gpu/knn_bench "$K/emb.npy" "$K/labels.npy" 3 cuda
 run $PY crates/nofuss-eval/benches/torch_knn.py "$K/emb.npy" "$K/labels.npy" 3 cuda
+# Queries against a gallery (`nofuss eval --gallery`, the In-Shop protocol) on the GPU and
+# on the CPU: the same metrics expected (the set against itself: each query finds itself
+# first, so Recall@1 is 1).
+for d in cuda cpu; do
+  echo "=== nofuss eval --gallery --device $d" >> "$T"
+  ( time limited 60 .gpu/nofuss eval --embeddings "$K/emb.npy" --labels "$K/labels.npy" \
+      --gallery "$K/emb.npy" --gallery-labels "$K/labels.npy" --k 1,10,100 --map-at-r \
+      --json --device $d ) >> "$T" 2>&1
+  echo "rc=$?" >> "$T"
+done
 rm -f "$K"/*.npy
 $PY - "$B" "$P" > "$OUT/summary.md" <<'PYEOF'
 import json, sys
