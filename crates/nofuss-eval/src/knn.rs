@@ -256,21 +256,14 @@ pub fn recall_at_k_between(
     ks: &[usize],
     metric: Metric,
 ) -> Result<Vec<(usize, f64)>> {
-    check_embeddings(queries, dim, Some(query_labels.len()))?;
-    let g = check_gallery(gallery, dim)?;
-    if g != gallery_labels.len() {
-        return Err(EvalError::Shape(format!(
-            "gallery: {g} embeddings but {} labels",
-            gallery_labels.len()
-        )));
-    }
-    let kmax = ks
-        .iter()
-        .copied()
-        .max()
-        .ok_or_else(|| EvalError::Config("no K given".into()))?;
-    let nb = knn_between(queries, gallery, dim, kmax, metric)?;
-    recall_from_gallery_neighbors(&nb, query_labels, gallery_labels, ks)
+    let cfg = crate::EvalConfig {
+        ks: ks.to_vec(),
+        metric,
+        nmi: false,
+        map_at_r: false,
+        kmeans: Default::default(),
+    };
+    Ok(crate::evaluate_between(queries, query_labels, gallery, gallery_labels, dim, &cfg)?.recall)
 }
 
 /// Recall@K from precomputed neighbours (each `K <= neighbors.k`).
