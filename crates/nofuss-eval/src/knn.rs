@@ -39,8 +39,10 @@ impl Neighbors {
 ///
 /// Works tile by tile: a block of queries times a tile of the database is one matrix
 /// product (the `gemm` crate), distances follow as `|q|² + |x|² - 2 q·x`, and each query
-/// keeps a bounded max-heap of its best K. Memory is `O(N·K)` plus one tile per thread;
-/// the `N×N` matrix never exists. Query blocks run in parallel (rayon).
+/// keeps its best K (a buffer of up to 4K cut back by selection, a distance bound
+/// skipping most of each tile). Memory is `O(N·K)` plus, per thread, one tile and its
+/// block's buffers (8 MB at K = 1,000); the `N×N` matrix never exists. Query blocks run
+/// in parallel (rayon).
 ///
 /// Ties are broken deterministically: among equal distances the lower index comes first.
 /// A point never counts as its own neighbour, but an exact duplicate of it does.
@@ -74,7 +76,7 @@ pub fn knn(embeddings: &[f32], dim: usize, k: usize, metric: Metric) -> Result<N
 /// The query/gallery protocol of retrieval benchmarks such as In-Shop Clothes (Liu et al.
 /// 2016), and the search of one's own collection: the two sets are apart, so nothing is
 /// excluded (a query that is also in the gallery finds itself at distance 0). Same
-/// tiles, heap and tie rule (lower gallery index first) as [`knn`].
+/// tiles, top-K and tie rule (lower gallery index first) as [`knn`].
 pub fn knn_between(
     queries: &[f32],
     gallery: &[f32],
