@@ -14,6 +14,13 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Runs nofuss, which must succeed, and parses its standard output as one JSON value.
+fn json_of(args: &[&str]) -> serde_json::Value {
+    let out = nofuss(args);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    serde_json::from_str(text(&out.stdout).trim()).unwrap()
+}
+
 /// The stderr of a run that failed with exit code 1, after checking that its error line
 /// says each part once (a cause printed both inside its error's message and again as
 /// the next link of the chain reads "f: No such file: No such file").
@@ -347,7 +354,7 @@ fn eval_scores_embeddings_from_safetensors_and_npy() {
         &st,
     )
     .unwrap();
-    let out = nofuss(&[
+    let got = json_of(&[
         "eval",
         "--embeddings",
         st.to_str().unwrap(),
@@ -357,8 +364,6 @@ fn eval_scores_embeddings_from_safetensors_and_npy() {
         "--map-at-r",
         "--json",
     ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let got: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
     let cfg = nofuss_eval::EvalConfig {
         ks: vec![1, 2],
         nmi: true,
@@ -422,7 +427,7 @@ fn eval_searches_queries_among_a_gallery() {
     save_embeddings(&qp, &queries, 2, &q_labels);
     save_embeddings(&gp, &gallery, 2, &g_labels);
     let (q, g) = (qp.to_str().unwrap(), gp.to_str().unwrap());
-    let out = nofuss(&[
+    let got = json_of(&[
         "eval",
         "--embeddings",
         q,
@@ -433,8 +438,6 @@ fn eval_searches_queries_among_a_gallery() {
         "--map-at-r",
         "--json",
     ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let got: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
     let cfg = nofuss_eval::EvalConfig {
         ks: vec![1, 2],
         nmi: false,
@@ -680,7 +683,7 @@ fn convert_weights_writes_safetensors() {
 
 #[test]
 fn bench_train_step_prints_json() {
-    let out = nofuss(&[
+    let v = json_of(&[
         "bench",
         "train-step",
         "--batch-size",
@@ -692,8 +695,6 @@ fn bench_train_step_prints_json() {
         "--device",
         "cpu",
     ]);
-    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
     assert!(v["images_per_sec"].as_f64().unwrap() > 0.0);
 }
 
@@ -995,7 +996,7 @@ fn an_unreadable_unseen_class_image_is_left_out_of_evaluation_and_embeddings() {
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     assert!(text(&out.stdout).contains("23 embeddings written"));
     assert!(text(&out.stderr).contains("class_05/0.png"));
-    let out = nofuss(&[
+    let got = json_of(&[
         "eval",
         "--embeddings",
         emb.to_str().unwrap(),
@@ -1003,8 +1004,6 @@ fn an_unreadable_unseen_class_image_is_left_out_of_evaluation_and_embeddings() {
         "1",
         "--json",
     ]);
-    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
-    let got: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
     assert_eq!(got["recall@1"], last["recall@1"]);
 }
 
@@ -1320,7 +1319,7 @@ fn embed_then_eval_reproduces_the_runs_recall() {
         emb.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
-    let out = nofuss(&[
+    let got = json_of(&[
         "eval",
         "--embeddings",
         emb.to_str().unwrap(),
@@ -1328,8 +1327,6 @@ fn embed_then_eval_reproduces_the_runs_recall() {
         "1,2",
         "--json",
     ]);
-    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
-    let got: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
     let last = metrics(&dir).pop().unwrap();
     assert_eq!(got["recall@1"], last["recall@1"]);
     assert_eq!(got["recall@2"], last["recall@2"]);
