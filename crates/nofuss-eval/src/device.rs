@@ -16,7 +16,7 @@ use nofuss_tensor::ops::squared_distances_from_parts;
 use nofuss_tensor::select::{smallest_k, MAX_K};
 
 use crate::knn::{Metric, Neighbors};
-use crate::{check_embeddings, EvalError, Result};
+use crate::{EvalError, Result};
 
 /// Elements of one query block's distance tile (`block x N`): 128 Mi floats, 512 MiB.
 const TILE_ELEMENTS: usize = 1 << 27;
@@ -84,24 +84,12 @@ fn knn_blocks(
     metric: Metric,
     tile: usize,
 ) -> Result<Neighbors> {
-    let (n, nq_all) = match queries {
+    let (nq_all, n) = match queries {
         None => {
-            let n = check_embeddings(points, dim, None)?;
-            crate::knn::check_k(k)?;
-            if k >= n {
-                return Err(EvalError::KTooLarge { k, n });
-            }
+            let n = crate::knn::check_knn(points, dim, k)?;
             (n, n)
         }
-        Some(q) => {
-            let nq = crate::knn::check_queries(q, dim)?;
-            let n = crate::knn::check_gallery(points, dim)?;
-            crate::knn::check_k(k)?;
-            if k > n {
-                return Err(EvalError::GalleryTooSmall { k, n });
-            }
-            (n, nq)
-        }
+        Some(q) => crate::knn::check_knn_between(q, points, dim, k)?,
     };
     if k > MAX_K {
         return Err(EvalError::Config(format!(
@@ -111,17 +99,17 @@ fn knn_blocks(
     let block = (tile / n).clamp(1, nq_all.max(1));
     let mut indices = Vec::with_capacity(nq_all * k);
     let mut distances = Vec::with_capacity(nq_all * k);
-    let prepared = Prepared::new(device, points, n, dim, metric).map_err(dev_err)?;
+    let gallery = Gallery::new(device, points, n, dim, metric).map_err(dev_err)?;
     let asked = match queries {
-        Some(q) => Some(Prepared::new(device, q, nq_all, dim, metric).map_err(dev_err)?),
+        Some(q) => Some(Rows::new(device, q, nq_all, dim, metric).map_err(dev_err)?),
         None => None,
     };
     for q0 in (0..nq_all).step_by(block) {
         let nq = block.min(nq_all - q0);
         let (vals, ids) = match &asked {
             // Row r is query q0 + r: its own column is left out.
-            None => prepared.block(&prepared, q0, nq, k, Some(q0)),
-            Some(q) => prepared.block(q, q0, nq, k, None),
+            None => gallery.block(&gallery.rows, q0, nq, k, Some(q0)),
+            Some(q) => gallery.block(q, q0, nq, k, None),
         }
         .map_err(dev_err)?;
         distances.extend(
@@ -142,18 +130,15 @@ fn knn_blocks(
     })
 }
 
-/// Rows on the device, ready to be searched or to search with.
-struct Prepared {
+/// Rows on the device as the metric compares them.
+struct Rows {
     /// `[N, dim]` (L2-normalised rows for cosine).
     x: Tensor,
-    /// `[dim, N]`.
-    xt: Tensor,
     /// `[N]` squared norms.
     norms: Tensor,
-    metric: Metric,
 }
 
-impl Prepared {
+impl Rows {
     fn new(
         device: &Device,
         embeddings: &[f32],
@@ -170,18 +155,41 @@ impl Prepared {
         }
         Ok(Self {
             norms: x.sqr()?.sum(1)?,
-            xt: x.t()?.contiguous()?,
             x,
+        })
+    }
+}
+
+/// The rows searched, ready for blocks of queries.
+struct Gallery {
+    rows: Rows,
+    /// `[dim, N]`: the rows transposed for the matrix products.
+    xt: Tensor,
+    metric: Metric,
+}
+
+impl Gallery {
+    fn new(
+        device: &Device,
+        embeddings: &[f32],
+        n: usize,
+        dim: usize,
+        metric: Metric,
+    ) -> candle_core::Result<Self> {
+        let rows = Rows::new(device, embeddings, n, dim, metric)?;
+        Ok(Self {
+            xt: rows.x.t()?.contiguous()?,
+            rows,
             metric,
         })
     }
 
-    /// The `k` nearest of these rows for rows `q0..q0 + nq` of `queries`, sorted:
+    /// The `k` nearest gallery rows of rows `q0..q0 + nq` of `queries`, sorted:
     /// distances and indices, each `[nq, k]`; `skip` is the column of the block's first
     /// row left out (row r leaves out column `skip + r`).
     fn block(
         &self,
-        queries: &Prepared,
+        queries: &Rows,
         q0: usize,
         nq: usize,
         k: usize,
@@ -190,9 +198,11 @@ impl Prepared {
         let dots = queries.x.narrow(0, q0, nq)?.matmul(&self.xt)?; // [nq, N]
         let dist = match self.metric {
             // One fused pass over the tile: `max((|q|² + |x|²) - 2 q·x, 0)`.
-            Metric::Euclidean => {
-                squared_distances_from_parts(&dots, &queries.norms.narrow(0, q0, nq)?, &self.norms)?
-            }
+            Metric::Euclidean => squared_distances_from_parts(
+                &dots,
+                &queries.norms.narrow(0, q0, nq)?,
+                &self.rows.norms,
+            )?,
             Metric::Cosine => dots.affine(-1.0, 1.0)?,
         };
         smallest_k(&dist, k, skip)

@@ -47,11 +47,7 @@ impl Neighbors {
 /// Ties are broken deterministically: among equal distances the lower index comes first.
 /// A point never counts as its own neighbour, but an exact duplicate of it does.
 pub fn knn(embeddings: &[f32], dim: usize, k: usize, metric: Metric) -> Result<Neighbors> {
-    let n = check_embeddings(embeddings, dim, None)?;
-    check_k(k)?;
-    if k >= n {
-        return Err(EvalError::KTooLarge { k, n });
-    }
+    check_knn(embeddings, dim, k)?;
     let data = for_metric(embeddings, dim, metric);
     let norms = sq_norms(&data, dim);
     Ok(search(
@@ -84,12 +80,7 @@ pub fn knn_between(
     k: usize,
     metric: Metric,
 ) -> Result<Neighbors> {
-    check_queries(queries, dim)?;
-    let g = check_gallery(gallery, dim)?;
-    check_k(k)?;
-    if k > g {
-        return Err(EvalError::GalleryTooSmall { k, n: g });
-    }
+    check_knn_between(queries, gallery, dim, k)?;
     let (q, x) = (
         for_metric(queries, dim, metric),
         for_metric(gallery, dim, metric),
@@ -111,25 +102,56 @@ pub fn knn_between(
     ))
 }
 
+/// The arguments of [`knn`] (and the device search's): the rows' shape and values, and
+/// `1 <= K < N` (the query is excluded). Returns N.
+pub(crate) fn check_knn(embeddings: &[f32], dim: usize, k: usize) -> Result<usize> {
+    let n = check_embeddings(embeddings, dim, None)?;
+    check_k(k)?;
+    if k >= n {
+        return Err(EvalError::KTooLarge { k, n });
+    }
+    Ok(n)
+}
+
+/// The arguments of [`knn_between`] (and the device search's): at least one query, the
+/// two sets' shapes and values (errors about the gallery say so), and `1 <= K <= G`.
+/// Returns the numbers of queries and gallery rows.
+pub(crate) fn check_knn_between(
+    queries: &[f32],
+    gallery: &[f32],
+    dim: usize,
+    k: usize,
+) -> Result<(usize, usize)> {
+    let nq = check_queries(queries, dim, None)?;
+    let g = check_gallery(gallery, dim, None)?;
+    check_k(k)?;
+    if k > g {
+        return Err(EvalError::GalleryTooSmall { k, n: g });
+    }
+    Ok((nq, g))
+}
+
 /// K must be at least 1.
-pub(crate) fn check_k(k: usize) -> Result<()> {
+fn check_k(k: usize) -> Result<()> {
     if k == 0 {
         return Err(EvalError::Config("K must be at least 1".into()));
     }
     Ok(())
 }
 
-/// The queries' shape and values, their rows counted (at least one).
-pub(crate) fn check_queries(queries: &[f32], dim: usize) -> Result<usize> {
-    match check_embeddings(queries, dim, None)? {
+/// The queries' shape, values and, if given, number of labels; their rows counted (at
+/// least one).
+pub(crate) fn check_queries(queries: &[f32], dim: usize, labels: Option<usize>) -> Result<usize> {
+    match check_embeddings(queries, dim, labels)? {
         0 => Err(EvalError::Shape("no query embeddings".into())),
         n => Ok(n),
     }
 }
 
-/// The gallery's shape and values, its rows counted; errors name the gallery.
-pub(crate) fn check_gallery(gallery: &[f32], dim: usize) -> Result<usize> {
-    check_embeddings(gallery, dim, None).map_err(|e| match e {
+/// The gallery's shape, values and, if given, number of labels, its rows counted; errors
+/// name the gallery.
+pub(crate) fn check_gallery(gallery: &[f32], dim: usize, labels: Option<usize>) -> Result<usize> {
+    check_embeddings(gallery, dim, labels).map_err(|e| match e {
         EvalError::NonFinite { row } => EvalError::NonFiniteGallery { row },
         EvalError::Shape(m) => EvalError::Shape(format!("gallery: {m}")),
         e => e,

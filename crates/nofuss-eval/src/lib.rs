@@ -180,13 +180,15 @@ pub fn evaluate_between(
     dim: usize,
     cfg: &EvalConfig,
 ) -> Result<EvalReport> {
-    let sets = Sets {
+    evaluate_between_with(
         queries,
         query_labels,
         gallery,
         gallery_labels,
-    };
-    evaluate_between_with(sets, dim, cfg, knn_between)
+        dim,
+        cfg,
+        knn_between,
+    )
 }
 
 /// [`evaluate_between`] with the neighbour search on a candle `device`
@@ -201,28 +203,22 @@ pub fn evaluate_between_on(
     dim: usize,
     cfg: &EvalConfig,
 ) -> Result<EvalReport> {
-    let sets = Sets {
+    evaluate_between_with(
         queries,
         query_labels,
         gallery,
         gallery_labels,
-    };
-    evaluate_between_with(sets, dim, cfg, |q, g, d, k, m| {
-        device::knn_between_on(device, q, g, d, k, m)
-    })
-}
-
-/// Queries and gallery with their labels.
-#[derive(Clone, Copy)]
-struct Sets<'a> {
-    queries: &'a [f32],
-    query_labels: &'a [u32],
-    gallery: &'a [f32],
-    gallery_labels: &'a [u32],
+        dim,
+        cfg,
+        |q, g, d, k, m| device::knn_between_on(device, q, g, d, k, m),
+    )
 }
 
 fn evaluate_between_with(
-    s: Sets<'_>,
+    queries: &[f32],
+    query_labels: &[u32],
+    gallery: &[f32],
+    gallery_labels: &[u32],
     dim: usize,
     cfg: &EvalConfig,
     search: impl Fn(&[f32], &[f32], usize, usize, Metric) -> Result<Neighbors>,
@@ -234,15 +230,8 @@ fn evaluate_between_with(
                 .into(),
         ));
     }
-    check_embeddings(s.queries, dim, Some(s.query_labels.len()))?;
-    knn::check_queries(s.queries, dim)?;
-    let g = knn::check_gallery(s.gallery, dim)?;
-    if g != s.gallery_labels.len() {
-        return Err(EvalError::Shape(format!(
-            "gallery: {g} embeddings but {} labels",
-            s.gallery_labels.len()
-        )));
-    }
+    knn::check_queries(queries, dim, Some(query_labels.len()))?;
+    knn::check_gallery(gallery, dim, Some(gallery_labels.len()))?;
     let kmax = cfg
         .ks
         .iter()
@@ -250,17 +239,17 @@ fn evaluate_between_with(
         .max()
         .ok_or_else(|| EvalError::Config("no K given".into()))?;
     let k = if cfg.map_at_r {
-        kmax.max(max_r_between(s.query_labels, s.gallery_labels))
+        kmax.max(max_r_between(query_labels, gallery_labels))
     } else {
         kmax
     };
-    let nb = search(s.queries, s.gallery, dim, k, cfg.metric)?;
-    let recall = recall_from_gallery_neighbors(&nb, s.query_labels, s.gallery_labels, &cfg.ks)?;
+    let nb = search(queries, gallery, dim, k, cfg.metric)?;
+    let recall = recall_from_gallery_neighbors(&nb, query_labels, gallery_labels, &cfg.ks)?;
     let map_at_r = if cfg.map_at_r {
         Some(map_at_r_from_gallery_neighbors(
             &nb,
-            s.query_labels,
-            s.gallery_labels,
+            query_labels,
+            gallery_labels,
         )?)
     } else {
         None
