@@ -746,7 +746,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 ),
                 Some(g) => {
                     let gallery = crate::eval_cmd::load(g, a.gallery_labels.as_deref())?;
-                    crate::eval_cmd::check_same_dim(&a.embeddings, &e, g, &gallery)?;
+                    crate::eval_cmd::check_same_dim(&a.embeddings, e.dim, g, gallery.dim)?;
                     let report = nofuss_eval::evaluate_between_on(
                         &picked.device,
                         &e.data,
@@ -785,17 +785,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let q = match &queries {
                 Some(path) => {
                     let q = crate::search::load_named(path)?;
-                    if q.dim != g.dim {
-                        return Err(TrainError::Input {
-                            path: path.clone(),
-                            message: format!(
-                                "query embeddings have dimension {}, the gallery ({}) {}",
-                                q.dim,
-                                gallery.display(),
-                                g.dim
-                            ),
-                        });
-                    }
+                    crate::eval_cmd::check_same_dim(path, q.dim, &gallery, g.dim)?;
                     Some(q)
                 }
                 None => None,

@@ -18,7 +18,8 @@ pub struct LoadedEmbeddings {
     pub labels: Vec<u32>,
 }
 
-fn input_err(path: &Path, message: impl Into<String>) -> TrainError {
+/// An input error about the file `path`.
+pub(crate) fn input_err(path: &Path, message: impl Into<String>) -> TrainError {
     TrainError::Input {
         path: path.to_path_buf(),
         message: message.into(),
@@ -128,21 +129,20 @@ pub(crate) fn rows_of(path: &Path, emb: &Tensor) -> Result<(Vec<f32>, usize, usi
     Ok((data, n, dim))
 }
 
-/// Refuses queries and a gallery of different dimensions, naming both files.
+/// Refuses queries (`queries_dim` wide, read from `queries_path`) and a gallery of
+/// another dimension, naming both files (`eval --gallery`, `search --queries`).
 pub fn check_same_dim(
     queries_path: &Path,
-    queries: &LoadedEmbeddings,
+    queries_dim: usize,
     gallery_path: &Path,
-    gallery: &LoadedEmbeddings,
+    gallery_dim: usize,
 ) -> Result<()> {
-    if queries.dim != gallery.dim {
+    if queries_dim != gallery_dim {
         return Err(input_err(
             gallery_path,
             format!(
-                "gallery embeddings have dimension {}, the queries ({}) {}",
-                gallery.dim,
+                "gallery embeddings have dimension {gallery_dim}, the queries ({}) {queries_dim}",
                 queries_path.display(),
-                queries.dim
             ),
         ));
     }

@@ -9,7 +9,8 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use nofuss_eval::{Metric, Neighbors};
 
-use crate::{Result, TrainError};
+use crate::eval_cmd::input_err;
+use crate::Result;
 
 /// Embeddings with a name for each row.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,13 +21,6 @@ pub struct NamedRows {
     pub dim: usize,
     /// Each row's image path (from the file's `paths` metadata), or `row <i>`.
     pub names: Vec<String>,
-}
-
-fn input_err(path: &Path, message: impl Into<String>) -> TrainError {
-    TrainError::Input {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
 }
 
 /// Reads the `embeddings` of a safetensors file (and its `paths` metadata, when it has

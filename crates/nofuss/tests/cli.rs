@@ -478,6 +478,20 @@ fn eval_searches_queries_among_a_gallery() {
             && err.contains("dimension 3"),
         "{err}"
     );
+    // `search` refuses them the same way.
+    let err = said_once(&nofuss(&[
+        "search",
+        "--gallery",
+        wide.to_str().unwrap(),
+        "--queries",
+        q,
+    ]));
+    assert!(
+        err.contains("wide.safetensors")
+            && err.contains("q.safetensors")
+            && err.contains("dimension 3"),
+        "{err}"
+    );
     let nan = tmp.path().join("nan.safetensors");
     save_embeddings(&nan, &[0.0, 0.0, f32::NAN, 1.0], 2, &[0, 1]);
     let err = said_once(&nofuss(&[
