@@ -29,6 +29,7 @@ mod kmeans;
 pub(crate) mod knn;
 mod map_at_r;
 mod nmi;
+mod panels;
 mod tiles;
 
 pub use error::{EvalError, Result};
