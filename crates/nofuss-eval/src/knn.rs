@@ -224,11 +224,9 @@ fn search(
                     match metric {
                         Metric::Euclidean => {
                             let qn = queries.norms[q];
-                            scan_row(top, row, norms, t0, skip, |d, n| {
-                                (qn + n - 2.0 * d).max(0.0)
-                            })
+                            scan_row(top, row, norms, t0, skip, Squared(qn))
                         }
-                        Metric::Cosine => scan_row(top, row, norms, t0, skip, |d, _| 1.0 - d),
+                        Metric::Cosine => scan_row(top, row, norms, t0, skip, OneMinus),
                     }
                 }
             }
@@ -352,11 +350,118 @@ pub fn recall_from_gallery_neighbors(
 /// Lanes of [`scan_row`]'s chunks.
 const LANES: usize = 16;
 
-/// Offers one query's distances to a tile (`dist(dot, gallery norm)` of each product in
+/// A distance from a product `d` with a gallery row and that row's squared norm `n`.
+trait Distance: Copy {
+    fn one(self, d: f32, n: f32) -> f32;
+
+    /// [`Distance::one`] on four lanes, the same operations (so the same values).
+    #[cfg(target_arch = "x86_64")]
+    fn four(
+        self,
+        d: std::arch::x86_64::__m128,
+        n: std::arch::x86_64::__m128,
+    ) -> std::arch::x86_64::__m128;
+}
+
+/// Squared Euclidean: `max(|q|² + n - 2d, 0)`, with `|q|²` the query's squared norm.
+#[derive(Clone, Copy)]
+struct Squared(f32);
+
+impl Distance for Squared {
+    #[inline(always)]
+    fn one(self, d: f32, n: f32) -> f32 {
+        (self.0 + n - 2.0 * d).max(0.0)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn four(
+        self,
+        d: std::arch::x86_64::__m128,
+        n: std::arch::x86_64::__m128,
+    ) -> std::arch::x86_64::__m128 {
+        use std::arch::x86_64::*;
+        // SAFETY: SSE2 is part of x86-64 itself. 2d as d + d: exact, as the product by 2.
+        unsafe {
+            let v = _mm_sub_ps(_mm_add_ps(_mm_set1_ps(self.0), n), _mm_add_ps(d, d));
+            _mm_max_ps(v, _mm_setzero_ps())
+        }
+    }
+}
+
+/// Cosine on normalised rows: `1 - d`.
+#[derive(Clone, Copy)]
+struct OneMinus;
+
+impl Distance for OneMinus {
+    #[inline(always)]
+    fn one(self, d: f32, _: f32) -> f32 {
+        1.0 - d
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn four(
+        self,
+        d: std::arch::x86_64::__m128,
+        _: std::arch::x86_64::__m128,
+    ) -> std::arch::x86_64::__m128 {
+        use std::arch::x86_64::*;
+        // SAFETY: SSE2 is part of x86-64 itself.
+        unsafe { _mm_sub_ps(_mm_set1_ps(1.0), d) }
+    }
+}
+
+/// A chunk's distances into `out` and the mask of those below `bound` (bit `l` for lane
+/// `l`): on x86-64 in SSE2 (always there), four lanes per instruction and one `movmskps`
+/// per four, since the compiler's own vectorisation of the plain loop went through the
+/// stack in pieces that the processor could not forward.
+#[inline(always)]
+fn chunk_below(
+    dist: impl Distance,
+    dc: &[f32],
+    nc: &[f32],
+    bound: f32,
+    out: &mut [f32; LANES],
+) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        assert!(dc.len() == LANES && nc.len() == LANES);
+        let mut mask = 0u32;
+        for q in 0..LANES / 4 {
+            // SAFETY: SSE2 is part of x86-64 itself; the three slices hold LANES values
+            // (checked above for `dc` and `nc`).
+            unsafe {
+                let b = _mm_set1_ps(bound);
+                let v = dist.four(
+                    _mm_loadu_ps(dc.as_ptr().add(4 * q)),
+                    _mm_loadu_ps(nc.as_ptr().add(4 * q)),
+                );
+                _mm_storeu_ps(out.as_mut_ptr().add(4 * q), v);
+                mask |= (_mm_movemask_ps(_mm_cmplt_ps(v, b)) as u32) << (4 * q);
+            }
+        }
+        mask
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        for l in 0..LANES {
+            out[l] = dist.one(dc[l], nc[l]);
+        }
+        out.iter()
+            .enumerate()
+            .fold(0u32, |m, (l, &v)| m | (u32::from(v < bound) << l))
+    }
+}
+
+/// Offers one query's distances to a tile (`dist` of each product in
 /// `row`, gallery rows from `t0`) to its top-K, leaving out row `skip`. In chunks of
 /// [`LANES`]: the chunk's distances and whether any is below the bound are computed
-/// without a branch (vectorised), and only a chunk with a candidate goes element by
-/// element; once the bound is tight, nearly every chunk is passed over.
+/// without a branch (vectorised) as a bit mask, and only the lanes set in it are offered
+/// to the top-K. At SOP scale (K = 1,000) about a sixth of a query's 60,502 distances are
+/// below the bound when seen, three in a chunk that has any: visiting all 16 of its lanes
+/// with a branch on the bound mispredicted often (the mask made the search 1.26x faster).
 #[inline(always)]
 fn scan_row(
     top: &mut TopK,
@@ -364,30 +469,28 @@ fn scan_row(
     norms: &[f32],
     t0: usize,
     skip: usize,
-    dist: impl Fn(f32, f32) -> f32,
+    dist: impl Distance,
 ) {
     let (rows, norm_chunks) = (row.chunks_exact(LANES), norms.chunks_exact(LANES));
     let (row_tail, norm_tail) = (rows.remainder(), norm_chunks.remainder());
+    let mut d = [0f32; LANES];
     for (c, (dc, nc)) in rows.zip(norm_chunks).enumerate() {
-        let mut d = [0f32; LANES];
-        for l in 0..LANES {
-            d[l] = dist(dc[l], nc[l]);
-        }
-        let worst = top.worst;
-        let any = d.iter().fold(0u32, |a, &v| a | u32::from(v < worst));
-        if any != 0 {
-            let j0 = t0 + c * LANES;
-            for (l, &v) in d.iter().enumerate() {
-                if j0 + l != skip {
-                    top.push(v, (j0 + l) as u32);
-                }
+        let mut below = chunk_below(dist, dc, nc, top.worst, &mut d);
+        // Only the lanes below the bound, lowest first (a cut on the way may tighten
+        // the bound for the rest, which `push` checks).
+        let j0 = t0 + c * LANES;
+        while below != 0 {
+            let l = below.trailing_zeros() as usize;
+            below &= below - 1;
+            if j0 + l != skip {
+                top.push(d[l], (j0 + l) as u32);
             }
         }
     }
     let j0 = t0 + row.len() - row_tail.len();
     for (l, (&dd, &n)) in row_tail.iter().zip(norm_tail).enumerate() {
         if j0 + l != skip {
-            top.push(dist(dd, n), (j0 + l) as u32);
+            top.push(dist.one(dd, n), (j0 + l) as u32);
         }
     }
 }
