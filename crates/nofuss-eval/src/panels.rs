@@ -136,6 +136,7 @@ struct Job<'a> {
 /// Panels between flushes of the `f32` lane sums into the `f64` totals (64 points).
 const FLUSH: usize = 4;
 
+#[cfg(target_arch = "x86_64")]
 /// Runs `$f::<g>(job, g0, dists, pot)` over the candidates in groups of `g <= $max` (at
 /// most 16) starting at `g0`.
 macro_rules! in_groups {
@@ -191,6 +192,7 @@ fn block_portable(job: &Job, dists: &mut [f32], pot: &mut [f64]) {
 }
 
 /// Candidates `g0..g0 + G` dimension by dimension: `[dim]` arrays of their G values.
+#[cfg(target_arch = "x86_64")]
 fn transposed<const G: usize>(job: &Job, g0: usize) -> Vec<[f32; G]> {
     let dim = job.dim;
     (0..dim)
