@@ -8,8 +8,8 @@
 //!
 //! [`StepGraph::capture`] records, without running it, everything a closure queues on a
 //! CUDA device's stream. What it records is replayed as it was, on the same buffers, so
-//! the closure must follow these rules (a break of the first two is an error at capture
-//! time; of the others, wrong numbers):
+//! the closure must follow these rules (a break of the first two, or a free of memory
+//! made before the capture, is an error at capture time; of the others, wrong numbers):
 //!
 //! - no copies between host and device: nothing read back (turn the losses' finiteness
 //!   checks off, use no loss that picks on the host:
@@ -23,7 +23,10 @@
 //! - inputs and outputs in buffers made before the capture (copy each new batch into the
 //!   input before a replay, and have the closure write its results, say the loss, into
 //!   outputs with `slice_set`); everything the closure allocates must be dropped before
-//!   it returns (graph memory still in use when a replay starts is freed by it);
+//!   it returns (graph memory still in use when a replay starts is freed by it), and
+//!   nothing made before the capture may be dropped inside it (a free during a capture
+//!   must be of memory the capture allocated: replace no tensor kept from earlier steps,
+//!   write into it);
 //! - what the step updates in place (parameters, running statistics, the optimiser's
 //!   state) stays in the same tensors between the capture and the replays: loading a
 //!   checkpoint replaces the optimiser's state, so capture again after it.
@@ -106,9 +109,17 @@ fn capture_cuda<E: From<Error>>(
     impl Drop for Capturing<'_> {
         fn drop(&mut self) {
             if let Some(stream) = self.0.take() {
+                drop(recorded_error(stream));
                 drop(stream.end_capture(sys::CUgraphInstantiate_flags(0)));
             }
         }
+    }
+    /// Takes an error cudarc recorded while capturing (from a call that returns
+    /// nothing, such as a buffer's free when it is dropped). Taken before the capture
+    /// ends: cudarc's `end_capture` returns such an error before it ends the capture,
+    /// and would leave the stream capturing.
+    fn recorded_error(stream: &CudaStream) -> std::result::Result<(), String> {
+        stream.context().check_err().map_err(|e| e.to_string())
     }
 
     let stream = d.cuda_stream();
@@ -126,6 +137,7 @@ fn capture_cuda<E: From<Error>>(
     let mut capturing = Capturing(Some(&stream));
     let run = f();
     capturing.0 = None;
+    let recorded = recorded_error(&stream);
     // Always end the capture, so the stream is usable again whatever happened. Graph
     // memory still allocated when a replay starts is freed by it.
     let ended = stream.end_capture(
@@ -133,6 +145,13 @@ fn capture_cuda<E: From<Error>>(
     );
     drop(cache);
     run?;
+    recorded.map_err(|e| {
+        err(
+            "a CUDA call failed while capturing (a free of memory made before the \
+             capture, say: a capture may free only what it allocated)",
+            &e,
+        )
+    })?;
     let graph = ended
         .map_err(|e| {
             err(

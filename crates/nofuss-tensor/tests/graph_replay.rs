@@ -5,7 +5,8 @@
 //! negatives or the hardest two picked on the device),
 //! Adam with its per-step scalars on the device, unclipped and clipped. On a GPU
 //! (`NOFUSS_TEST_DEVICE=cuda`, as `xtask/scripts/gpu-check.sh` runs it) both runs are
-//! compared parameter by parameter; on the CPU the capture is refused, which is checked.
+//! compared parameter by parameter, and failed captures leave the stream usable; on the
+//! CPU the capture is refused, which is checked.
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -272,4 +273,64 @@ fn replays_match(clip: Option<f64>, triplet: Option<Option<usize>>) {
             );
         }
     }
+}
+
+/// A capture that fails, by the closure's error or by the driver's refusal of what it
+/// queued (here: freeing a buffer made before the capture, which a capture cannot hold),
+/// is an error, and the stream works afterwards: eager work runs, and a later capture
+/// replays correctly.
+#[test]
+fn a_failed_capture_leaves_the_stream_usable() {
+    let dev = test_device().unwrap();
+    if !graphs_available(&dev) {
+        let e = StepGraph::capture(&dev, || -> nofuss_tensor::Result<()> { Ok(()) });
+        assert!(e.is_err(), "no graphs on {dev:?}");
+        eprintln!("graph_replay: capture needs a CUDA device (NOFUSS_TEST_DEVICE=cuda); skipped");
+        return;
+    }
+    let x = Tensor::new(&[1f32, 2.0, 3.0, 4.0], &dev).unwrap();
+    let usable = |after: &str| {
+        let y = (&x * 2.0).unwrap().to_vec1::<f32>();
+        assert_eq!(
+            y.as_ref().ok(),
+            Some(&vec![2f32, 4.0, 6.0, 8.0]),
+            "eager work after {after}: {y:?}"
+        );
+    };
+    let out = Tensor::zeros(4, DType::F32, &dev).unwrap();
+    // What the captures below queue, run once eagerly: their layouts are then cached.
+    nofuss_tensor::with_cached_layouts(&dev, || -> candle_core::Result<()> {
+        let _ = (&x + 1.0)?;
+        out.slice_set(&(&x * 3.0)?, 0, 0)?;
+        out.zero_set()
+    })
+    .unwrap();
+    // The closure's own error, after it queued work.
+    let e = StepGraph::capture(&dev, || -> nofuss_tensor::Result<()> {
+        let _ = (&x + 1.0)?;
+        Err(nofuss_tensor::Error::Graph("the closure's error".into()))
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("the closure's error"), "{e}");
+    usable("the closure's error");
+    // A buffer made before the capture, freed inside it (cudarc records the driver's
+    // refusal of the free instead of returning it).
+    let before = Tensor::ones(1 << 16, DType::F32, &dev).unwrap();
+    let e = StepGraph::capture(&dev, move || -> nofuss_tensor::Result<()> {
+        drop(before);
+        Ok(())
+    });
+    assert!(
+        e.is_err(),
+        "a capture that freed memory made before it was accepted"
+    );
+    usable("a refused free");
+    // A correct capture still records and replays.
+    let graph = StepGraph::capture(&dev, || -> nofuss_tensor::Result<()> {
+        out.slice_set(&(&x * 3.0)?, 0, 0)?;
+        Ok(())
+    })
+    .unwrap();
+    graph.replay().unwrap();
+    assert_eq!(out.to_vec1::<f32>().unwrap(), vec![3f32, 6.0, 9.0, 12.0]);
 }
