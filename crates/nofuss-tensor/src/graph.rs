@@ -101,7 +101,7 @@ fn capture_cuda<E: From<Error>>(
     d: &candle_core::CudaDevice,
     f: impl FnOnce() -> std::result::Result<(), E>,
 ) -> std::result::Result<StepGraph, E> {
-    use candle_core::cuda_backend::cudarc::driver::{sys, CudaStream};
+    use candle_core::cuda_backend::cudarc::driver::{sys, CudaStream, DriverError};
     use std::sync::Arc;
 
     /// Ends a capture that `f` left by panicking, so the stream works again.
@@ -109,7 +109,7 @@ fn capture_cuda<E: From<Error>>(
     impl Drop for Capturing<'_> {
         fn drop(&mut self) {
             if let Some(stream) = self.0.take() {
-                drop(recorded_error(stream));
+                let _ = recorded_error(stream);
                 drop(stream.end_capture(sys::CUgraphInstantiate_flags(0)));
             }
         }
@@ -118,8 +118,8 @@ fn capture_cuda<E: From<Error>>(
     /// nothing, such as a buffer's free when it is dropped). Taken before the capture
     /// ends: cudarc's `end_capture` returns such an error before it ends the capture,
     /// and would leave the stream capturing.
-    fn recorded_error(stream: &CudaStream) -> std::result::Result<(), String> {
-        stream.context().check_err().map_err(|e| e.to_string())
+    fn recorded_error(stream: &CudaStream) -> std::result::Result<(), DriverError> {
+        stream.context().check_err()
     }
 
     let stream = d.cuda_stream();

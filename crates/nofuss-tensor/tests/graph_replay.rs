@@ -177,6 +177,18 @@ fn replayed_steps_match_eager_steps() {
     }
 }
 
+/// Where `dev` has no CUDA graphs: checks that a capture is refused there, says the GPU
+/// part is skipped, and returns true.
+fn refused_without_graphs(dev: &Device) -> bool {
+    if graphs_available(dev) {
+        return false;
+    }
+    let e = StepGraph::capture(dev, || -> nofuss_tensor::Result<()> { Ok(()) });
+    assert!(e.is_err(), "no graphs on {dev:?}");
+    eprintln!("graph_replay: capture needs a CUDA device (NOFUSS_TEST_DEVICE=cuda); skipped");
+    true
+}
+
 /// Proxies of the triplet losses.
 const PROXIES: usize = 2000;
 
@@ -203,16 +215,13 @@ fn replays_match(clip: Option<f64>, triplet: Option<Option<usize>>) {
     } else {
         Loss::Mse
     };
-    if !graphs_available(&dev) {
-        let e = StepGraph::capture(&dev, || -> nofuss_tensor::Result<()> { Ok(()) });
-        assert!(e.is_err(), "no graphs on {dev:?}");
+    if refused_without_graphs(&dev) {
         // The step itself runs anywhere.
         let (net, _, mut opt) = model(&dev, clip);
         let loss = Tensor::zeros(1, DType::F64, &dev).unwrap();
         step(&net, &mut opt, (&x, &what), &loss).unwrap();
         let l = loss.to_vec1::<f64>().unwrap()[0];
         assert!(l.is_finite() && l > 0.0, "loss {l}");
-        eprintln!("graph_replay: capture needs a CUDA device (NOFUSS_TEST_DEVICE=cuda); skipped");
         return;
     }
     const STEPS: usize = 4;
@@ -282,10 +291,7 @@ fn replays_match(clip: Option<f64>, triplet: Option<Option<usize>>) {
 #[test]
 fn a_failed_capture_leaves_the_stream_usable() {
     let dev = test_device().unwrap();
-    if !graphs_available(&dev) {
-        let e = StepGraph::capture(&dev, || -> nofuss_tensor::Result<()> { Ok(()) });
-        assert!(e.is_err(), "no graphs on {dev:?}");
-        eprintln!("graph_replay: capture needs a CUDA device (NOFUSS_TEST_DEVICE=cuda); skipped");
+    if refused_without_graphs(&dev) {
         return;
     }
     let x = Tensor::new(&[1f32, 2.0, 3.0, 4.0], &dev).unwrap();
