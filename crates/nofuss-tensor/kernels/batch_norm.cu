@@ -4,7 +4,8 @@
 // (gamma, beta, mean, 1/sigma, sums) are in the accumulator type. `g` in the backward
 // pass is the output gradient, zeroed where the rectified output is not positive.
 // Reductions run on a (slices, channels) grid writing per-block partials that one thread
-// per channel merges in order: no atomics, the same result every run.
+// per channel merges in order: no atomics, the same result every run. Channels take
+// grid.y, folded into grid.z past its 65,535 rows (`channel`).
 #include "common.cuh"
 
 struct BnGeom {
@@ -17,6 +18,13 @@ struct BnGeom {
 };
 
 #define THREADS 256
+
+// The channel of a reduction's block: its grid.y row in grid.z planes of gridDim.y rows
+// (the launcher folds the channels into planes when there are more than the 65,535 rows
+// a grid can have). Blocks past the last channel, in the last plane, return at once.
+__device__ __forceinline__ int64_t channel() {
+    return (int64_t)blockIdx.z * gridDim.y + blockIdx.y;
+}
 
 // Element `e` (0 <= e < n*hw) of channel `ch`.
 __device__ __forceinline__ int64_t at(const BnGeom& g, int64_t ch, int64_t e) {
@@ -61,7 +69,8 @@ template <typename T>
 __device__ void bn_stats_partial(const T* x, typename Acc<T>::type* partial, BnGeom g) {
     typedef typename Acc<T>::type A;
     __shared__ A sn[THREADS], smean[THREADS], sm2[THREADS];
-    int64_t ch = blockIdx.y, s = blockIdx.x, m = g.n * g.hw;
+    int64_t ch = channel(), s = blockIdx.x, m = g.n * g.hw;
+    if (ch >= g.c) return;
     int64_t chunk = (m + g.slices - 1) / g.slices;
     int64_t lo = s * chunk, hi = min(lo + chunk, m);
     A n = 0, mean = 0, m2 = 0;
@@ -126,9 +135,11 @@ __device__ void bn_stats_final(const A* partial, A* out, BnGeom g, double eps) {
 template <typename T>
 __device__ void bn_stats(const T* x, typename Acc<T>::type* partial, typename Acc<T>::type* out,
                          unsigned* done, BnGeom g, double eps) {
+    const int64_t ch = channel();
+    if (ch >= g.c) return;
     bn_stats_partial<T>(x, partial, g);
-    if (last_block(done + blockIdx.y, (unsigned)g.slices) && threadIdx.x == 0)
-        bn_stats_merge<typename Acc<T>::type>(partial, out, g, eps, blockIdx.y);
+    if (last_block(done + ch, (unsigned)g.slices) && threadIdx.x == 0)
+        bn_stats_merge<typename Acc<T>::type>(partial, out, g, eps, ch);
 }
 
 template <typename T>
@@ -164,7 +175,8 @@ __device__ void bn_bwd_partial(const T* x, const T* dy, const T* y,
                                typename Acc<T>::type* partial, BnGeom g, int relu) {
     typedef typename Acc<T>::type A;
     __shared__ A s0[THREADS], s1[THREADS];
-    int64_t ch = blockIdx.y, s = blockIdx.x, m = g.n * g.hw;
+    int64_t ch = channel(), s = blockIdx.x, m = g.n * g.hw;
+    if (ch >= g.c) return;
     int64_t chunk = (m + g.slices - 1) / g.slices;
     int64_t lo = s * chunk, hi = min(lo + chunk, m);
     A a = 0, b = 0;
@@ -227,9 +239,11 @@ __device__ void bn_bwd_sums(const T* x, const T* dy, const T* y,
                             const typename Acc<T>::type* invstd,
                             typename Acc<T>::type* partial, typename Acc<T>::type* out,
                             unsigned* done, BnGeom g, int relu) {
+    const int64_t ch = channel();
+    if (ch >= g.c) return;
     bn_bwd_partial<T>(x, dy, y, mean, invstd, partial, g, relu);
-    if (last_block(done + blockIdx.y, (unsigned)g.slices) && threadIdx.x == 0)
-        bn_bwd_merge<typename Acc<T>::type>(partial, out, g, blockIdx.y);
+    if (last_block(done + ch, (unsigned)g.slices) && threadIdx.x == 0)
+        bn_bwd_merge<typename Acc<T>::type>(partial, out, g, ch);
 }
 
 // dx = gamma * invstd * (g - [batch statistics] (sum g + xhat * sum g xhat) / M).

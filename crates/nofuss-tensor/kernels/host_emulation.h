@@ -89,24 +89,31 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
     return {(uint16_t)(u >> 16)};
 }
 
-// Runs a kernel over a (gx, gy) grid of `threads`-thread blocks: blocks one after another,
-// the threads of a block concurrently.
+// Runs a kernel over a (gx, gy, gz) grid of `threads`-thread blocks: blocks one after
+// another, the threads of a block concurrently.
+template <typename F>
+inline void emu_launch3(unsigned gx, unsigned gy, unsigned gz, unsigned threads, F kernel) {
+    gridDim = {gx, gy, gz};
+    blockDim = {threads, 1, 1};
+    for (unsigned bz = 0; bz < gz; ++bz)
+        for (unsigned by = 0; by < gy; ++by)
+            for (unsigned bx = 0; bx < gx; ++bx) {
+                blockIdx = {bx, by, bz};
+                std::barrier<> bar(threads);
+                emu_barrier = &bar;
+                std::vector<std::thread> pool;
+                for (unsigned t = 0; t < threads; ++t)
+                    pool.emplace_back([&, t] {
+                        threadIdx = {t, 0, 0};
+                        kernel();
+                    });
+                for (auto& th : pool) th.join();
+                emu_barrier = nullptr;
+            }
+}
+
+// The same over a (gx, gy) grid.
 template <typename F>
 inline void emu_launch(unsigned gx, unsigned gy, unsigned threads, F kernel) {
-    gridDim = {gx, gy, 1};
-    blockDim = {threads, 1, 1};
-    for (unsigned by = 0; by < gy; ++by)
-        for (unsigned bx = 0; bx < gx; ++bx) {
-            blockIdx = {bx, by, 0};
-            std::barrier<> bar(threads);
-            emu_barrier = &bar;
-            std::vector<std::thread> pool;
-            for (unsigned t = 0; t < threads; ++t)
-                pool.emplace_back([&, t] {
-                    threadIdx = {t, 0, 0};
-                    kernel();
-                });
-            for (auto& th : pool) th.join();
-            emu_barrier = nullptr;
-        }
+    emu_launch3(gx, gy, 1, threads, kernel);
 }

@@ -542,12 +542,21 @@ impl BnGeom {
         (self.n * self.c * self.hw) as usize
     }
 
-    fn reduce_grid(&self) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (self.slices as u32, self.c as u32, 1),
+    /// `slices` blocks per channel, the channels in grid.y rows, folded into grid.z planes
+    /// past the 65,535 rows a grid can have (`grid::fold_rows`, and `channel` in
+    /// `kernels/batch_norm.cu`).
+    fn reduce_grid(&self) -> Result<LaunchConfig> {
+        let Some((rows, planes)) = crate::grid::fold_rows(self.c as u64) else {
+            candle_core::bail!(
+                "a batch norm over {} channels exceeds one launch's grid",
+                self.c
+            )
+        };
+        Ok(LaunchConfig {
+            grid_dim: (self.slices as u32, rows, planes),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
-        }
+        })
     }
 
     fn channel_grid(&self) -> LaunchConfig {
@@ -604,17 +613,18 @@ pub(crate) fn bn_stats(s: &CudaStorage, l: &Layout, g: BnGeom, eps: f64) -> Resu
     let dev = s.device();
     with_cuda_dtype!(s.dtype(), T, A, {
         let x = view::<T>(s, l)?;
+        let cfg = g.reduce_grid()?;
         // SAFETY: every block writes its own partials before any merge reads them.
         let mut partial = unsafe { dev.alloc::<A>((3 * g.c * g.slices) as usize)? };
         if !bn_two_pass() {
             return filled::<A>(dev, (3 * g.c) as usize, |out| {
                 with_counters(dev, g.c as usize, |done| {
                     let p = &mut partial.as_view_mut();
-                    launch::bn_stats::<T, A>(dev, g.reduce_grid(), &x, p, out, done, &g, &eps)
+                    launch::bn_stats::<T, A>(dev, cfg, &x, p, out, done, &g, &eps)
                 })
             });
         }
-        launch::bn_stats_partial::<T, A>(dev, g.reduce_grid(), &x, &mut partial.as_view_mut(), &g)?;
+        launch::bn_stats_partial::<T, A>(dev, cfg, &x, &mut partial.as_view_mut(), &g)?;
         filled::<A>(dev, (3 * g.c) as usize, |out| {
             launch::bn_stats_final::<A>(dev, g.channel_grid(), &partial.as_view(), out, &g, &eps)
         })
@@ -659,7 +669,7 @@ pub(crate) fn bn_grad_sums(
     with_cuda_dtype!(xs.dtype(), T, A, {
         let (x, dy, y) = (view::<T>(xs, xl)?, view::<T>(ds, dl)?, view::<T>(ys, yl)?);
         let (mv, iv) = (view::<A>(cuda_of(&mg)?, ml)?, view::<A>(cuda_of(&ig)?, il)?);
-        let cfg = g.reduce_grid();
+        let cfg = g.reduce_grid()?;
         // SAFETY: every block writes its own partials before any merge reads them.
         let mut partial = unsafe { dev.alloc::<A>((2 * g.c * g.slices) as usize)? };
         if !bn_two_pass() {

@@ -62,6 +62,7 @@ mod error;
 mod fast_div;
 mod fused_step;
 pub mod graph;
+mod grid;
 mod init;
 mod normalization;
 pub mod ops;

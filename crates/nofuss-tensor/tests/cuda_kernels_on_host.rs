@@ -192,8 +192,13 @@ fn cuda_kernels_match_the_cpu_operations() {
         // Batch norm + ReLU in training mode, several reduction slices per channel: short
         // slices (under one element per thread), and long ones (the reductions' four-loads
         // loop and its remainder).
-        for (n, c, hh, ww, slices) in [(4usize, 5usize, 6usize, 7usize, 3usize), (2, 2, 40, 53, 2)]
-        {
+        // `rows`: channels per grid.z plane of the reductions (the launcher folds channels
+        // into planes past 65,535): 5 channels as 2 + 2 + 1 (the last plane's second row
+        // idle), and 2 in one plane.
+        for (n, c, hh, ww, slices, rows) in [
+            (4usize, 5usize, 6usize, 7usize, 3usize, 2usize),
+            (2, 2, 40, 53, 2, 2),
+        ] {
             let hw = hh * ww;
             let pdt = if dt == DType::F64 {
                 DType::F64
@@ -251,6 +256,7 @@ fn cuda_kernels_match_the_cpu_operations() {
                     .map(|v| v.to_string())
                     .into_iter()
                     .chain(["1", "1", "1e-5"].map(String::from))
+                    .chain([rows.to_string()])
                     .collect::<Vec<_>>(),
             );
             close("bn y", &h.read("y", dt), &host(&out.y), dt);

@@ -412,3 +412,49 @@ fn squared_distances_match_the_cpu() {
         }
     }
 }
+
+/// A batch norm over more channels than a CUDA grid has rows (65,535; the reductions fold
+/// the channels into grid planes there) on the test device against the CPU: statistics,
+/// output and all three gradients.
+#[test]
+fn batch_norm_over_more_channels_than_a_grid_row_matches_the_cpu() {
+    let dev = nofuss_tensor::test_device().unwrap();
+    let (n, c) = (3usize, 65_535 * 2 + 7);
+    let x: Vec<f32> = (0..n * c)
+        .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
+        .collect();
+    let dy: Vec<f32> = (0..n * c)
+        .map(|i| ((i * 31 % 17) as f32 - 8.0) / 3.0)
+        .collect();
+    let gamma: Vec<f32> = (0..c).map(|i| 0.5 + (i % 7) as f32 / 4.0).collect();
+    let beta: Vec<f32> = (0..c).map(|i| (i % 5) as f32 / 8.0 - 0.25).collect();
+    let run = |dev: &Device| {
+        let xv = Var::from_vec(x.clone(), (n, c, 1, 1), dev).unwrap();
+        let gv = Var::from_vec(gamma.clone(), c, dev).unwrap();
+        let bv = Var::from_vec(beta.clone(), c, dev).unwrap();
+        let out =
+            batch_norm_train(xv.as_tensor(), gv.as_tensor(), bv.as_tensor(), 1e-5, true).unwrap();
+        let g = Tensor::from_vec(dy.clone(), (n, c, 1, 1), dev).unwrap();
+        let grads = (&out.y * g).unwrap().sum_all().unwrap().backward().unwrap();
+        let grad = |v: &Var| host_f32(grads.get(v.as_tensor()).unwrap());
+        [
+            ("mean", host_f32(&out.mean)),
+            ("var", host_f32(&out.var)),
+            ("y", host_f32(&out.y)),
+            ("dx", grad(&xv)),
+            ("dgamma", grad(&gv)),
+            ("dbeta", grad(&bv)),
+        ]
+    };
+    let want = run(&Device::Cpu);
+    for ((what, got), (_, want)) in run(&dev).iter().zip(&want) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                "{what}[{i}] (channel {}): {a} vs {b}",
+                i % c
+            );
+        }
+    }
+}

@@ -96,7 +96,9 @@ void pool(char** a, const char* sfx) {
 
 template <typename T>
 void bn(char** a) {
-    // n c hw slices relu batch_stats eps ; files x dy gamma beta [mean var for fixed]
+    // n c hw slices relu batch_stats eps [rows] ; files x dy gamma beta [mean var for fixed]
+    // The reductions run on (slices, rows, planes) grids: the channels `rows` to a grid.z
+    // plane (all in one plane without `rows`), as the launcher folds them past 65,535.
     typedef typename Acc<T>::type A;
     // The launcher's geometry (multiply-high indexing) and the same dividing, run again
     // at the end: the two must agree to the bit.
@@ -106,6 +108,9 @@ void bn(char** a) {
     fast_div_params(g.c, g.n * g.c * g.hw, g.c_mul, g.c_shift);
     int relu = std::atoi(a[4]), batch = std::atoi(a[5]);
     double eps = std::atof(a[6]);
+    unsigned rows = a[7] ? (unsigned)std::atoi(a[7]) : (unsigned)g.c;
+    unsigned planes = (unsigned)((g.c + rows - 1) / rows);
+    auto reduce = [&](auto kernel) { emu_launch3(g.slices, rows, planes, THREADS, kernel); };
     auto x = load<T>("x");
     auto dy = load<T>("dy");
     auto gamma = load<A>("gamma");
@@ -115,7 +120,7 @@ void bn(char** a) {
     std::vector<unsigned> done(g.c, 0);
     if (batch) {
         // Two launches (partials, then a thread per channel), kept as "stats_two_pass".
-        emu_launch(g.slices, g.c, THREADS, [&] { bn_stats_partial<T>(x.data(), partial.data(), g); });
+        reduce([&] { bn_stats_partial<T>(x.data(), partial.data(), g); });
         std::vector<A> two(3 * g.c);
         for (int64_t c = 0; c < g.c; ++c) {
             blockIdx = {0, 0, 0};
@@ -125,8 +130,7 @@ void bn(char** a) {
         }
         save("stats_two_pass", two);
         // One launch: each channel's last block merges.
-        emu_launch(g.slices, g.c, THREADS,
-                   [&] { bn_stats<T>(x.data(), partial.data(), stats.data(), done.data(), g, eps); });
+        reduce([&] { bn_stats<T>(x.data(), partial.data(), stats.data(), done.data(), g, eps); });
     } else {
         auto mean = load<A>("mean");
         auto var = load<A>("var");
@@ -141,7 +145,7 @@ void bn(char** a) {
     std::vector<T> y(x.size()), dx(x.size());
     EMU1(bn_apply<T>(x.data(), gamma.data(), beta.data(), mean, invstd, y.data(), g, relu));
     std::vector<A> bpartial(2 * g.c * g.slices), sums(2 * g.c), sums_two(2 * g.c);
-    emu_launch(g.slices, g.c, THREADS, [&] {
+    reduce([&] {
         bn_bwd_partial<T>(x.data(), dy.data(), y.data(), mean, invstd, bpartial.data(), g, relu);
     });
     for (int64_t c = 0; c < g.c; ++c) {
@@ -151,7 +155,7 @@ void bn(char** a) {
         bn_bwd_final<A>(bpartial.data(), sums_two.data(), g);
     }
     save("sums_two_pass", sums_two);
-    emu_launch(g.slices, g.c, THREADS, [&] {
+    reduce([&] {
         bn_bwd_sums<T>(x.data(), dy.data(), y.data(), mean, invstd, bpartial.data(), sums.data(),
                        done.data(), g, relu);
     });
@@ -163,13 +167,12 @@ void bn(char** a) {
         std::vector<T> y2(x.size()), dx2(x.size());
         std::vector<A> p2(partial.size()), bp2(bpartial.size());
         if (batch) {
-            emu_launch(g.slices, g.c, THREADS,
-                       [&] { bn_stats_partial<T>(x.data(), p2.data(), slow); });
+            reduce([&] { bn_stats_partial<T>(x.data(), p2.data(), slow); });
             same_bits(partial, p2, "bn statistics partials");
         }
         EMU1(bn_apply<T>(x.data(), gamma.data(), beta.data(), mean, invstd, y2.data(), slow, relu));
         same_bits(y, y2, "bn apply");
-        emu_launch(g.slices, g.c, THREADS, [&] {
+        reduce([&] {
             bn_bwd_partial<T>(x.data(), dy.data(), y.data(), mean, invstd, bp2.data(), slow, relu);
         });
         same_bits(bpartial, bp2, "bn backward partials");
