@@ -362,12 +362,19 @@ fn row_normalisation_matches_the_cpu() {
     let (cy, cg) = run(&Device::Cpu);
     let (dy, dg) = run(&dev);
     for (what, a, b) in [("y", &dy, &cy), ("dx", &dg, &cg)] {
-        for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
-            assert!(
-                (x - y).abs() <= 1e-5 * y.abs().max(1.0),
-                "{what}[{i}]: {x} vs {y}"
-            );
-        }
+        assert_near(what, a, b, 1e-5);
+    }
+}
+
+/// `got` element by element within `tol` of `want`, relative to each value's magnitude
+/// (absolute below 1).
+fn assert_near(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * b.abs().max(1.0),
+            "{what}[{i}]: {a} vs {b}"
+        );
     }
 }
 
@@ -447,14 +454,8 @@ fn batch_norm_over_more_channels_than_a_grid_row_matches_the_cpu() {
         ]
     };
     let want = run(&Device::Cpu);
+    // hw is 1: element i of y and dx is channel i % c.
     for ((what, got), (_, want)) in run(&dev).iter().zip(&want) {
-        assert_eq!(got.len(), want.len(), "{what}");
-        for (i, (a, b)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
-                "{what}[{i}] (channel {}): {a} vs {b}",
-                i % c
-            );
-        }
+        assert_near(what, got, want, 1e-4);
     }
 }
